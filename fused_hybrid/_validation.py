@@ -1,0 +1,141 @@
+"""Argument checks shared by every public entry point.
+
+Each check raises before any kernel launches and names the offending argument and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_head_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    temperature: float,
+    softcap: float | None,
+) -> None:
+    """Validate `(hidden [..., D], weight [V, D], targets [...], bias [V])` and the logit transform."""
+    for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., D] (at least 1 dimension), got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, D] (2 dimensions), got shape {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden's last dimension ({hidden.shape[-1]}) must equal weight's D = weight.shape[1] "
+            f"({weight.shape[1]}); hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight must have V > 0 and D > 0, got shape {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(targets.shape)}"
+        )
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor (int64 or int32), got {targets.dtype}")
+
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"weight dtype ({weight.dtype}) must match hidden dtype ({hidden.dtype}); cast one of them"
+        )
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}"
+            )
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype ({bias.dtype}) must match hidden dtype ({hidden.dtype})")
+
+    devices = {("hidden", hidden.device), ("weight", weight.device), ("targets", targets.device)}
+    if bias is not None:
+        devices.add(("bias", bias.device))
+    if len({device for _, device in devices}) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in sorted(devices, key=str))
+        raise ValueError(f"hidden, weight, targets and bias must be on one device, got {listed}")
+
+    check_positive("temperature", temperature)
+    if softcap is not None:
+        check_positive("softcap", softcap)
+
+
+def check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def check_non_negative(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
+    """Map `backend` to one of "triton", "torch", "reference", checking it can run on `hidden`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        on_cuda = hidden.device.type == "cuda" and hidden.dtype in TRITON_DTYPES
+        return "triton" if on_cuda and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package, which is not installed")
+        if hidden.device.type != "cuda" and not triton_interpreter_enabled():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got {hidden.device}), or TRITON_INTERPRET=1 "
+                "to run the kernels on the CPU through the Triton interpreter"
+            )
+        if hidden.dtype not in TRITON_DTYPES:
+            raise TypeError(
+                f"backend='triton' takes float16, bfloat16 or float32 hidden/weight, got {hidden.dtype}; "
+                "use backend='torch' for float64"
+            )
+    return backend
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_targets_in_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Fail clearly on a target outside [0, V) that is not `ignore_index`.
+
+    On the CPU this is an eager `ValueError`. On an accelerator it is an asynchronous device-side assertion, so
+    the check costs no host-device synchronisation (the kernels never index memory by a target, so a bad target
+    cannot read out of bounds before the assertion fires).
+    """
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    message = f"targets must lie in [0, V) = [0, {vocab_size}) or equal ignore_index ({ignore_index})"
+    if targets.device.type == "cpu":
+        if bool(bad.any()):
+            first = targets[bad][0].item()
+            raise ValueError(f"{message}; found {first}")
+    else:
+        torch._assert_async(~bad.any(), message)

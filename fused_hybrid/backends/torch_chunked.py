@@ -1,0 +1,90 @@
+"""Chunked PyTorch backend: same semantics as the Triton kernels, any device, O(chunk x V) memory.
+
+Tokens are processed in chunks whose logits fit in `CHUNK_ELEMENTS`; backward recomputes each chunk's logits
+and accumulates dhidden / dweight / dbias (dweight and dbias in fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..head_stats import HeadStats, LogitTransform, TokenGradCoefficients, stats_dtype, transform_logits
+
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32
+
+
+def _chunks(num_tokens: int, vocab_size: int):
+    rows = max(1, min(num_tokens, CHUNK_ELEMENTS // vocab_size))
+    for start in range(0, num_tokens, rows):
+        yield slice(start, min(start + rows, num_tokens))
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    transform: LogitTransform,
+) -> HeadStats:
+    num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+    out = torch.zeros(4, num_tokens, dtype=stats_dtype(hidden.dtype), device=hidden.device)
+    logp, entropy, lse, sum_z = out
+    valid = targets != transform.ignore_index
+    safe_targets = torch.where(valid, targets, 0)
+    for rows in _chunks(num_tokens, vocab_size):
+        z = transform_logits(hidden[rows] @ weight.T, bias, transform)
+        lse[rows] = torch.logsumexp(z, dim=-1)
+        probs = torch.exp(z - lse[rows, None])
+        entropy[rows] = lse[rows] - (probs * z).sum(-1)
+        sum_z[rows] = z.sum(-1)
+        logp[rows] = z.gather(1, safe_targets[rows, None]).squeeze(1) - lse[rows]
+    out.mul_(valid)
+    return HeadStats(logp, entropy, lse, sum_z)
+
+
+def backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    coefs: TokenGradCoefficients,
+    transform: LogitTransform,
+    needs: tuple[bool, bool, bool],
+):
+    needs_hidden, needs_weight, needs_bias = needs
+    num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+    acc_dtype = stats_dtype(hidden.dtype)
+    d_hidden = torch.empty_like(hidden) if needs_hidden else None
+    d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if needs_weight else None
+    d_bias = torch.zeros(vocab_size, dtype=acc_dtype, device=weight.device) if needs_bias else None
+    safe_targets = torch.where(targets != transform.ignore_index, targets, 0)
+
+    for rows in _chunks(num_tokens, vocab_size):
+        z = transform_logits(hidden[rows] @ weight.T, bias, transform)
+        d_z = torch.exp(z - lse[rows, None])
+        prob_coef = coefs.prob_coef[rows, None]
+        if coefs.logit_coef is not None:
+            prob_coef = prob_coef - coefs.logit_coef[rows, None] * z
+        d_z.mul_(prob_coef)
+        if coefs.uniform_coef is not None:
+            d_z.add_(coefs.uniform_coef[rows, None])
+        d_z.scatter_add_(1, safe_targets[rows, None], coefs.onehot_coef[rows, None].to(d_z.dtype))
+        if transform.softcap is not None:  # d softcap(u)/du = 1 - tanh^2(u / s) = 1 - (z / s)^2
+            d_z.mul_(1.0 - (z / transform.softcap) ** 2)
+        if transform.temperature != 1.0:
+            d_z.div_(transform.temperature)
+
+        if d_bias is not None:
+            d_bias += d_z.sum(0)
+        d_z = d_z.to(hidden.dtype)
+        if d_hidden is not None:
+            d_hidden[rows] = d_z @ weight
+        if d_weight is not None:
+            d_weight += (d_z.T @ hidden[rows]).to(acc_dtype)
+
+    return (
+        d_hidden,
+        None if d_weight is None else d_weight.to(weight.dtype),
+        None if d_bias is None else d_bias.to(bias.dtype),
+    )

@@ -1,0 +1,125 @@
+"""Drop-in fused linear cross-entropy, matching ``F.cross_entropy(hidden @ weight.T + bias, targets, ...)``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._validation import check_non_negative
+from .head_stats import linear_head_stats
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    num_items: int | torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of the LM head ``softcap((hidden @ weight.T + bias) / temperature)`` (LOSSES.md section 1).
+
+    Per token: ``(1 - eps) * (-logp) + eps * (lse - mean_v z_v) + z_loss * lse**2`` (eps = ``label_smoothing``),
+    0 at ignored tokens. ``reduction="mean"`` divides the sum by the number of non-ignored tokens, or by
+    ``num_items`` when given (a global count for gradient accumulation across micro-batches and ranks); an
+    all-ignored batch gives 0 with zero gradients. ``reduction="none"`` returns the per-token losses with the
+    shape of ``targets``.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_non_negative("label_smoothing", label_smoothing)
+    if label_smoothing > 1:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    check_non_negative("z_loss", z_loss)
+    if num_items is not None:
+        if reduction != "mean":
+            raise ValueError(f"num_items is the denominator of reduction='mean'; got reduction={reduction!r}")
+        if isinstance(num_items, torch.Tensor):
+            if num_items.numel() != 1:
+                raise ValueError(f"num_items must be a scalar, got shape {tuple(num_items.shape)}")
+        elif isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 0:
+            raise ValueError(f"num_items must be a non-negative int or a scalar tensor, got {num_items!r}")
+
+    stats = linear_head_stats(
+        hidden, weight, targets, bias,
+        temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
+    )
+    per_token = -stats.logp
+    if label_smoothing > 0:
+        vocab_size = weight.shape[0]
+        per_token = (1.0 - label_smoothing) * per_token + label_smoothing * (stats.lse - stats.sum_z / vocab_size)
+    if z_loss > 0:
+        per_token = per_token + z_loss * stats.lse.square()  # stats are 0 at ignored tokens
+
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    if reduction == "sum":
+        return total
+    if num_items is None:
+        num_items = (targets != ignore_index).sum()
+    denominator = torch.as_tensor(num_items, device=total.device).to(total.dtype).clamp(min=1)
+    return total / denominator
+
+
+class FusedLinearCrossEntropyLoss(nn.Module):
+    """Module form of :func:`linear_cross_entropy`; call it as ``loss_fn(hidden, weight, targets, bias=None)``."""
+
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        temperature: float = 1.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.temperature = temperature
+        self.backend = backend
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        num_items: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return linear_cross_entropy(
+            hidden, weight, targets, bias,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            temperature=self.temperature,
+            num_items=num_items,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
+            f"temperature={self.temperature}, backend={self.backend!r}"
+        )

@@ -1,0 +1,51 @@
+"""`linear_logprobs`: target log-probs (and entropy) of an LM head without materialising the logits."""
+
+from __future__ import annotations
+
+import torch
+
+from .head_stats import linear_head_stats
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each target token (and the entropy of each token's distribution).
+
+    The logits are ``softcap((hidden @ weight.T + bias) / temperature)`` with ``softcap(u) = s * tanh(u / s)``;
+    they are computed tile by tile and never stored as an N x V tensor.
+
+    Args:
+        hidden: ``[..., D]`` hidden states (float16, bfloat16, float32; float64 on the torch backends).
+        weight: ``[V, D]`` LM-head weight, same dtype as ``hidden``.
+        targets: ``[...]`` integer token ids in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]`` head bias.
+        temperature: logits are divided by it (> 0).
+        softcap: optional tanh logit cap (> 0), as in Gemma 2.
+        ignore_index: target value whose positions yield 0 and receive no gradient.
+        return_entropy: also return the entropy of each token's distribution.
+        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch elsewhere), ``"triton"``, ``"torch"`` or
+            ``"reference"`` (full logits; for tests and baselines).
+
+    Returns:
+        ``logp`` of shape ``targets.shape`` in float32 (float64 for float64 inputs), 0 at ignored positions; with
+        ``return_entropy=True`` the tuple ``(logp, entropy)``, entropy also 0 at ignored positions. Both are
+        differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; inputs that do not require grad cost no
+        backward work (a frozen ``weight`` skips the dweight pass).
+    """
+    stats = linear_head_stats(
+        hidden, weight, targets, bias,
+        temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
+    )
+    if return_entropy:
+        return stats.logp, stats.entropy
+    return stats.logp

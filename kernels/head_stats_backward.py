@@ -1,0 +1,112 @@
+"""Backward pass: recompute a logit tile, form dz from per-token coefficients, accumulate the gradients.
+
+Grid (token blocks, vocabulary blocks). Per tile, with p = exp(z - lse):
+
+    dz = onehot_coef * 1[v = y] + p * (prob_coef - logit_coef * z) + uniform_coef
+    dz *= (1 - (z / softcap)^2) / temperature          (chain through softcap and temperature)
+
+then dhidden[n, :] += dz @ weight[v, :] and dweight[v, :] += dz.T @ hidden[n, :] (and dbias[v] += sum_n dz) are
+added atomically into fp32 buffers. A block of ignored tokens returns at once.
+"""
+
+import triton
+import triton.language as tl
+
+from .logit_tile import logit_tile
+
+
+@triton.jit
+def head_stats_backward_kernel(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    targets_ptr,
+    lse_ptr,
+    onehot_coef_ptr,
+    prob_coef_ptr,
+    logit_coef_ptr,
+    uniform_coef_ptr,
+    d_hidden_ptr,  # [N, D] fp32, zero-initialised
+    d_weight_ptr,  # [V, D] fp32, zero-initialised
+    d_bias_ptr,  # [V] fp32, zero-initialised
+    N,
+    V,
+    D,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    inv_temperature,
+    softcap,
+    ignore_index,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_LOGIT_COEF: tl.constexpr,
+    HAS_UNIFORM_COEF: tl.constexpr,
+    COMPUTE_D_HIDDEN: tl.constexpr,
+    COMPUTE_D_WEIGHT: tl.constexpr,
+    COMPUTE_D_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=ignore_index)
+    active = mask_n & (targets != ignore_index)
+    if tl.max(active.to(tl.int32), axis=0) == 0:
+        return
+
+    z = logit_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, mask_n, mask_v, D,
+                   stride_hn, stride_hd, stride_wv, stride_wd, inv_temperature, softcap,
+                   HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    onehot_coef = tl.load(onehot_coef_ptr + offs_n, mask=mask_n, other=0.0)
+    prob_coef = tl.load(prob_coef_ptr + offs_n, mask=mask_n, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    if HAS_LOGIT_COEF:
+        logit_coef = tl.load(logit_coef_ptr + offs_n, mask=mask_n, other=0.0)
+        d_z = p * (prob_coef[:, None] - logit_coef[:, None] * z)
+    else:
+        d_z = p * prob_coef[:, None]
+    if HAS_UNIFORM_COEF:
+        d_z += tl.load(uniform_coef_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+    d_z += tl.where(offs_v[None, :] == targets[:, None], onehot_coef[:, None], 0.0)
+    if HAS_SOFTCAP:
+        capped = z / softcap
+        d_z = d_z * (1.0 - capped * capped)
+    d_z = tl.where(active[:, None] & mask_v[None, :], d_z * inv_temperature, 0.0)
+
+    if COMPUTE_D_BIAS:
+        tl.atomic_add(d_bias_ptr + offs_v, tl.sum(d_z, axis=0), mask=mask_v)
+
+    d_z_in = d_z.to(hidden_ptr.dtype.element_ty)  # tensor-core operands in the input dtype, fp32 accumulation
+    if UPCAST_DOT:
+        d_z_in = d_z_in.to(tl.float32)
+    rows_h = offs_n.to(tl.int64)[:, None]
+    rows_w = offs_v.to(tl.int64)[:, None]
+    for d_start in range(0, D, BLOCK_D):
+        offs_d = d_start + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        if COMPUTE_D_HIDDEN:
+            w = tl.load(weight_ptr + rows_w * stride_wv + offs_d[None, :] * stride_wd,
+                        mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+            if UPCAST_DOT:
+                w = w.to(tl.float32)
+            d_h = tl.dot(d_z_in, w, input_precision=DOT_PRECISION)
+            tl.atomic_add(d_hidden_ptr + rows_h * D + offs_d[None, :], d_h,
+                          mask=mask_n[:, None] & mask_d[None, :])
+        if COMPUTE_D_WEIGHT:
+            h = tl.load(hidden_ptr + rows_h * stride_hn + offs_d[None, :] * stride_hd,
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            if UPCAST_DOT:
+                h = h.to(tl.float32)
+            d_w = tl.dot(tl.trans(d_z_in), h, input_precision=DOT_PRECISION)
+            tl.atomic_add(d_weight_ptr + rows_w * D + offs_d[None, :], d_w,
+                          mask=mask_v[:, None] & mask_d[None, :])

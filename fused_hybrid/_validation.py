@@ -47,8 +47,7 @@ def check_head_inputs(
         raise ValueError(f"weight must have V > 0 and D > 0, got shape {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(
-            f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
-            f"got {tuple(targets.shape)}"
+            f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}"
         )
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor (int64 or int32), got {targets.dtype}")
@@ -56,14 +55,10 @@ def check_head_inputs(
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(
-            f"weight dtype ({weight.dtype}) must match hidden dtype ({hidden.dtype}); cast one of them"
-        )
+        raise TypeError(f"weight dtype ({weight.dtype}) must match hidden dtype ({hidden.dtype}); cast one of them")
     if bias is not None:
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-            raise ValueError(
-                f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}"
-            )
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias dtype ({bias.dtype}) must match hidden dtype ({hidden.dtype})")
 

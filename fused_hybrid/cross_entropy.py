@@ -50,8 +50,14 @@ def linear_cross_entropy(
             raise ValueError(f"num_items must be a non-negative int or a scalar tensor, got {num_items!r}")
 
     stats = linear_head_stats(
-        hidden, weight, targets, bias,
-        temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
+        hidden,
+        weight,
+        targets,
+        bias,
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=ignore_index,
+        backend=backend,
     )
     per_token = -stats.logp
     if label_smoothing > 0:
@@ -106,7 +112,10 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         num_items: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
         return linear_cross_entropy(
-            hidden, weight, targets, bias,
+            hidden,
+            weight,
+            targets,
+            bias,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,

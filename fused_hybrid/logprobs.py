@@ -43,8 +43,14 @@ def linear_logprobs(
         backward work (a frozen ``weight`` skips the dweight pass).
     """
     stats = linear_head_stats(
-        hidden, weight, targets, bias,
-        temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
+        hidden,
+        weight,
+        targets,
+        bias,
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=ignore_index,
+        backend=backend,
     )
     if return_entropy:
         return stats.logp, stats.entropy

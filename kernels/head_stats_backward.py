@@ -63,9 +63,29 @@ def head_stats_backward_kernel(
     if tl.max(active.to(tl.int32), axis=0) == 0:
         return
 
-    z = logit_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, mask_n, mask_v, D,
-                   stride_hn, stride_hd, stride_wv, stride_wd, inv_temperature, softcap,
-                   HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT)
+    z = logit_tile(
+        hidden_ptr,
+        weight_ptr,
+        bias_ptr,
+        offs_n,
+        offs_v,
+        mask_n,
+        mask_v,
+        D,
+        stride_hn,
+        stride_hd,
+        stride_wv,
+        stride_wd,
+        inv_temperature,
+        softcap,
+        HAS_BIAS,
+        HAS_SOFTCAP,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_D,
+        DOT_PRECISION,
+        UPCAST_DOT,
+    )
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     onehot_coef = tl.load(onehot_coef_ptr + offs_n, mask=mask_n, other=0.0)
     prob_coef = tl.load(prob_coef_ptr + offs_n, mask=mask_n, other=0.0)
@@ -95,18 +115,22 @@ def head_stats_backward_kernel(
         offs_d = d_start + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         if COMPUTE_D_HIDDEN:
-            w = tl.load(weight_ptr + rows_w * stride_wv + offs_d[None, :] * stride_wd,
-                        mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+            w = tl.load(
+                weight_ptr + rows_w * stride_wv + offs_d[None, :] * stride_wd,
+                mask=mask_v[:, None] & mask_d[None, :],
+                other=0.0,
+            )
             if UPCAST_DOT:
                 w = w.to(tl.float32)
             d_h = tl.dot(d_z_in, w, input_precision=DOT_PRECISION)
-            tl.atomic_add(d_hidden_ptr + rows_h * D + offs_d[None, :], d_h,
-                          mask=mask_n[:, None] & mask_d[None, :])
+            tl.atomic_add(d_hidden_ptr + rows_h * D + offs_d[None, :], d_h, mask=mask_n[:, None] & mask_d[None, :])
         if COMPUTE_D_WEIGHT:
-            h = tl.load(hidden_ptr + rows_h * stride_hn + offs_d[None, :] * stride_hd,
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            h = tl.load(
+                hidden_ptr + rows_h * stride_hn + offs_d[None, :] * stride_hd,
+                mask=mask_n[:, None] & mask_d[None, :],
+                other=0.0,
+            )
             if UPCAST_DOT:
                 h = h.to(tl.float32)
             d_w = tl.dot(tl.trans(d_z_in), h, input_precision=DOT_PRECISION)
-            tl.atomic_add(d_weight_ptr + rows_w * D + offs_d[None, :], d_w,
-                          mask=mask_v[:, None] & mask_d[None, :])
+            tl.atomic_add(d_weight_ptr + rows_w * D + offs_d[None, :], d_w, mask=mask_v[:, None] & mask_d[None, :])

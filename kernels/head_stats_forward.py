@@ -59,9 +59,29 @@ def head_stats_forward_kernel(
     for v_start in range(v_begin, v_end, BLOCK_V):
         offs_v = v_start + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
-        z = logit_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, mask_n, mask_v, D,
-                       stride_hn, stride_hd, stride_wv, stride_wd, inv_temperature, softcap,
-                       HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT)
+        z = logit_tile(
+            hidden_ptr,
+            weight_ptr,
+            bias_ptr,
+            offs_n,
+            offs_v,
+            mask_n,
+            mask_v,
+            D,
+            stride_hn,
+            stride_hd,
+            stride_wv,
+            stride_wd,
+            inv_temperature,
+            softcap,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
+            DOT_PRECISION,
+            UPCAST_DOT,
+        )
         z = tl.where(mask_v[None, :], z, 0.0)
         new_max = tl.maximum(running_max, tl.max(tl.where(mask_v[None, :], z, float("-inf")), axis=1))
         rescale = tl.exp(running_max - new_max)

@@ -35,10 +35,16 @@ def logit_tile(
     for d_start in range(0, D, BLOCK_D):
         offs_d = d_start + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        h = tl.load(hidden_ptr + rows_h + offs_d[None, :] * stride_hd, mask=mask_n[:, None] & mask_d[None, :],
-                    other=0.0)
-        w = tl.load(weight_ptr + rows_w + offs_d[None, :] * stride_wd, mask=mask_v[:, None] & mask_d[None, :],
-                    other=0.0)
+        h = tl.load(
+            hidden_ptr + rows_h + offs_d[None, :] * stride_hd,
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            weight_ptr + rows_w + offs_d[None, :] * stride_wd,
+            mask=mask_v[:, None] & mask_d[None, :],
+            other=0.0,
+        )
         if UPCAST_DOT:  # the CPU interpreter multiplies bfloat16 bit patterns as integers; fp32 is exact here
             h = h.to(tl.float32)
             w = w.to(tl.float32)

@@ -1,0 +1,32 @@
+import os
+
+import torch
+
+# Without CUDA the Triton kernels run on the CPU through the Triton interpreter; the variable must be set before
+# triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    """Fresh random inputs on every run, with the seed printed on failure for reproduction."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    yield seed
+
+
+def pytest_runtest_makereport(item, call):
+    if call.when == "call" and call.excinfo is not None and "_fresh_seed" in item.funcargs:
+        item.add_report_section("call", "seed", f"torch.manual_seed({item.funcargs['_fresh_seed']})")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

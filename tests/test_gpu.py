@@ -1,0 +1,63 @@
+"""CUDA-only checks of the compiled Triton kernels (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_hybrid
+from tests.reference import assert_close_scaled, grads, leaf64, logprobs_entropy64
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
+@pytest.mark.parametrize("options", [dict(), dict(softcap=30.0, temperature=0.8)])
+def test_compiled_kernels_match_reference(dtype, rel, options):
+    n, d, v = 1000, 384, 5003
+    hidden = torch.randn(n, d, device="cuda").to(dtype).requires_grad_()
+    weight = (torch.randn(v, d, device="cuda") / d**0.5).to(dtype).requires_grad_()
+    bias = (torch.randn(v, device="cuda") * 0.1).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), device="cuda")
+    targets[:100] = -100
+    g_logp, g_entropy = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+
+    logp, entropy = fused_hybrid.linear_logprobs(hidden, weight, targets, bias, return_entropy=True, **options)
+    actual = grads((logp * g_logp + entropy * g_entropy).sum(), [hidden, weight, bias])
+    leaves = [leaf64(t) for t in (hidden, weight, bias)]
+    logp64, entropy64 = logprobs_entropy64(leaves[0], leaves[1], targets, leaves[2], **options)
+    expected = grads((logp64 * g_logp.double() + entropy64 * g_entropy.double()).sum(), leaves)
+
+    assert (logp.double() - logp64).abs().max() <= rel * max(1.0, logp64.abs().max())
+    assert (entropy.double() - entropy64).abs().max() <= rel * max(1.0, entropy64.abs().max())
+    for name, got, want in zip(("d_hidden", "d_weight", "d_bias"), actual, expected):
+        assert_close_scaled(got, want, rel, name)
+
+
+def test_more_than_2_31_logits_use_int64_offsets():
+    n, d, v = 17_000, 64, 128_256  # N * V > 2^31
+    hidden = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(v, d, device="cuda") / 8).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, v, (n,), device="cuda")
+    results = {}
+    for backend in ("triton", "torch"):
+        loss = fused_hybrid.linear_cross_entropy(hidden, weight, targets, backend=backend)
+        results[backend] = (loss, *grads(loss, [hidden, weight]))
+    for got, want in zip(results["triton"], results["torch"]):
+        assert_close_scaled(got.float(), want.float(), 2e-2)
+
+
+def test_out_of_range_target_fails_on_device():
+    # A device-side assertion poisons the CUDA context, so it runs in a process of its own.
+    script = (
+        "import torch, fused_hybrid\n"
+        "h = torch.randn(8, 16, device='cuda'); w = torch.randn(32, 16, device='cuda')\n"
+        "y = torch.full((8,), 40, device='cuda')\n"
+        "fused_hybrid.linear_logprobs(h, w, y).sum().item()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "targets must lie in [0, V)" in result.stderr

@@ -1,0 +1,158 @@
+"""linear_logprobs (+ entropy) against a float64 full-logits reference, on every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_hybrid
+from fused_hybrid.backends import torch_chunked
+from tests.reference import assert_close_scaled, grads, leaf64, logprobs_entropy64
+
+BACKENDS = ["torch", "triton", "reference"]
+REL_TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def make_inputs(n_shape, dim, vocab, dtype, *, bias=False, ignore_fraction=0.25, scale=1.0):
+    hidden = torch.randn(*n_shape, dim).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, dim) * scale / dim**0.5).to(dtype).requires_grad_()
+    bias_t = (torch.randn(vocab) * 0.5).to(dtype).requires_grad_() if bias else None
+    targets = torch.randint(0, vocab, n_shape)
+    targets[torch.rand(n_shape) < ignore_fraction] = -100
+    return hidden, weight, targets, bias_t
+
+
+def check_against_reference(hidden, weight, targets, bias, dtype, backend, **options):
+    g_logp = torch.randn(targets.shape)
+    g_entropy = torch.randn(targets.shape)
+    logp, entropy = fused_hybrid.linear_logprobs(
+        hidden, weight, targets, bias, return_entropy=True, backend=backend, **options
+    )
+    assert logp.dtype == torch.float32 and entropy.dtype == torch.float32
+    inputs = [hidden, weight, bias]
+    actual = grads((logp * g_logp + entropy * g_entropy).sum(), inputs)
+
+    inputs64 = [leaf64(t) for t in inputs]
+    logp64, entropy64 = logprobs_entropy64(inputs64[0], inputs64[1], targets, inputs64[2], **options)
+    expected = grads((logp64 * g_logp.double() + entropy64 * g_entropy.double()).sum(), inputs64)
+
+    rel = REL_TOL[dtype]
+    # log-probs and entropies are O(log V): compare them on an absolute scale of 1 (dtype-relative).
+    assert (logp.double() - logp64).abs().max() <= rel * max(1.0, logp64.abs().max()), "logp"
+    assert (entropy.double() - entropy64).abs().max() <= rel * max(1.0, entropy64.abs().max()), "entropy"
+    ignored = targets == -100
+    assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all()
+    for name, got, want in zip(("d_hidden", "d_weight", "d_bias"), actual, expected):
+        if want is None:
+            assert got is None, name
+        else:
+            assert got.dtype == dtype and got.shape == want.shape, name
+            assert_close_scaled(got, want, rel, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "n_shape, dim, vocab",
+    [((37,), 24, 100), ((3, 11), 20, 67), ((5,), 40, 33)],  # V not a tile multiple, D not a power of two
+)
+def test_fp32_matches_reference(backend, n_shape, dim, vocab):
+    inputs = make_inputs(n_shape, dim, vocab, torch.float32)
+    check_against_reference(*inputs, torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(temperature=0.7),
+        dict(softcap=4.0),
+        dict(softcap=2.5, temperature=1.6),
+    ],
+)
+def test_logit_transform_and_bias(backend, options):
+    inputs = make_inputs((29,), 24, 70, torch.float32, bias=True, scale=4.0)
+    check_against_reference(*inputs, torch.float32, backend, **options)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(backend, dtype):
+    inputs = make_inputs((33,), 48, 90, dtype, bias=True, scale=3.0)
+    check_against_reference(*inputs, dtype, backend, softcap=10.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_gives_zeros_and_zero_grads(backend):
+    hidden, weight, targets, bias = make_inputs((9,), 16, 40, torch.float32, bias=True)
+    targets.fill_(-100)
+    logp, entropy = fused_hybrid.linear_logprobs(hidden, weight, targets, bias, return_entropy=True, backend=backend)
+    assert (logp == 0).all() and (entropy == 0).all()
+    d_hidden, d_weight, d_bias = grads((logp * torch.randn(9) + entropy * torch.randn(9)).sum(), [hidden, weight, bias])
+    for g in (d_hidden, d_weight, d_bias):
+        assert torch.isfinite(g).all() and (g == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_frozen_input_gets_no_grad_and_no_work(backend, frozen, monkeypatch):
+    hidden, weight, targets, _ = make_inputs((21,), 24, 50, torch.float32)
+    (hidden if frozen == "hidden" else weight).requires_grad_(False)
+    impl = torch_chunked if backend == "torch" else pytest.importorskip("fused_hybrid.backends.triton_backend")
+    seen_needs = []
+    original = impl.backward
+
+    def recording_backward(*args, needs, **kwargs):
+        seen_needs.append(needs)
+        return original(*args, needs=needs, **kwargs)
+
+    monkeypatch.setattr(impl, "backward", recording_backward)
+    check_against_reference(hidden, weight, targets, None, torch.float32, backend)
+    assert seen_needs == [(frozen != "hidden", frozen != "weight", False)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradient_through_one_output_only(backend):
+    hidden, weight, targets, _ = make_inputs((17,), 16, 45, torch.float32)
+    entropy = fused_hybrid.linear_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)[1]
+    actual = grads(entropy.sum(), [hidden, weight])
+    h64, w64 = leaf64(hidden), leaf64(weight)
+    expected = grads(logprobs_entropy64(h64, w64, targets)[1].sum(), [h64, w64])
+    for got, want, name in zip(actual, expected, ("d_hidden", "d_weight")):
+        assert_close_scaled(got, want, 2e-5, name)
+
+
+def test_torch_backend_chunks_match_reference(monkeypatch):
+    monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 3 * 50)  # 3 tokens per chunk
+    inputs = make_inputs((20,), 16, 50, torch.float32, bias=True)
+    check_against_reference(*inputs, torch.float32, "torch", softcap=3.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_contiguous_inputs(backend):
+    hidden = torch.randn(24, 19).T.requires_grad_()  # [19, 24] with strides (1, 19)
+    weight_t = (torch.randn(24, 55) / 5).requires_grad_()
+    targets = torch.randint(0, 55, (19, 2))[:, 0]  # stride 2
+    check_against_reference(hidden, weight_t.T, targets, None, torch.float32, backend)
+
+
+def test_gradcheck_torch_backend_fp64():
+    hidden = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 6, -100, 3, 2])
+
+    def fn(h, w, b):
+        return fused_hybrid.linear_logprobs(
+            h, w, targets, b, softcap=2.0, temperature=0.8, return_entropy=True, backend="torch"
+        )
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+def test_auto_backend_on_cpu_is_torch(monkeypatch):
+    calls = []
+    original = torch_chunked.forward
+    monkeypatch.setattr(torch_chunked, "forward", lambda *a: calls.append(1) or original(*a))
+    hidden, weight, targets, _ = make_inputs((4,), 8, 10, torch.float32)
+    fused_hybrid.linear_logprobs(hidden, weight, targets)
+    assert calls == [1]

@@ -1,0 +1,105 @@
+"""Bad input gets a clear error naming the argument, before any kernel runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_hybrid
+from fused_hybrid.backends import torch_chunked
+
+
+def good():
+    return torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,)), torch.randn(10)
+
+
+@pytest.fixture(autouse=True)
+def no_kernel_runs(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a kernel ran before validation")
+
+    monkeypatch.setattr(torch_chunked, "forward", forbidden)
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (dict(hidden=torch.randn(4, 7)), ValueError, "hidden's last dimension"),
+        (dict(weight=torch.randn(10, 8, 1)), ValueError, "weight must have shape [V, D]"),
+        (dict(hidden=torch.tensor(1.0)), ValueError, "hidden must have shape"),
+        (dict(bias=torch.randn(11)), ValueError, "bias must have shape [V]"),
+        (dict(bias=torch.randn(10, 1)), ValueError, "bias must have shape [V]"),
+        (dict(targets=torch.randint(0, 10, (5,))), ValueError, "targets must have shape"),
+        (dict(targets=torch.randint(0, 10, (4, 1))), ValueError, "targets must have shape"),
+        (dict(targets=torch.zeros(4)), TypeError, "targets must be an integer"),
+        (dict(targets=torch.zeros(4, dtype=torch.bool)), TypeError, "targets must be an integer"),
+        (dict(weight=torch.randn(10, 8, dtype=torch.float64)), TypeError, "weight dtype"),
+        (dict(bias=torch.randn(10, dtype=torch.float64)), TypeError, "bias dtype"),
+        (dict(hidden=torch.randint(0, 3, (4, 8))), TypeError, "hidden must be float"),
+        (dict(hidden=[[1.0]]), TypeError, "hidden must be a torch.Tensor"),
+        (dict(targets=torch.tensor([0, 1, 10, 2])), ValueError, "targets must lie in [0, V)"),
+        (dict(targets=torch.tensor([0, -1, 3, 2])), ValueError, "targets must lie in [0, V)"),
+        (dict(temperature=0.0), ValueError, "temperature must be"),
+        (dict(temperature=-1.0), ValueError, "temperature must be"),
+        (dict(temperature=float("nan")), ValueError, "temperature must be"),
+        (dict(softcap=0.0), ValueError, "softcap must be"),
+        (dict(softcap=-3.0), ValueError, "softcap must be"),
+        (dict(backend="cuda"), ValueError, "backend must be one of"),
+        (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    ],
+)
+def test_bad_input_is_named(change, error, words):
+    hidden, weight, targets, bias = good()
+    kwargs = dict(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    kwargs.update(change)
+    options = {k: kwargs.pop(k) for k in ("temperature", "softcap", "backend", "ignore_index") if k in kwargs}
+    for fn in (fused_hybrid.linear_logprobs, fused_hybrid.linear_cross_entropy):
+        with pytest.raises(error) as info:
+            fn(kwargs["hidden"], kwargs["weight"], kwargs["targets"], kwargs["bias"], **options)
+        assert words in str(info.value)
+
+
+def test_devices_must_match():
+    if not torch.cuda.is_available():
+        hidden, weight, targets, bias = good()
+        with pytest.raises(ValueError, match="one device"):
+            fused_hybrid.linear_logprobs(hidden, weight.to("meta"), targets, bias)
+    else:
+        hidden, weight, targets, bias = good()
+        with pytest.raises(ValueError, match="one device"):
+            fused_hybrid.linear_logprobs(hidden.cuda(), weight, targets, bias)
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        fused_hybrid.linear_logprobs(*good(), backend="triton")
+
+
+def test_triton_refuses_float64():
+    hidden, weight, targets, bias = (t.double() if t.is_floating_point() else t for t in good())
+    with pytest.raises(TypeError, match="backend='triton' takes float16, bfloat16 or float32"):
+        fused_hybrid.linear_logprobs(hidden, weight, targets, bias, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "options, error, words",
+    [
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(label_smoothing=-0.1), ValueError, "label_smoothing must be"),
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing must lie in [0, 1]"),
+        (dict(z_loss=-1.0), ValueError, "z_loss must be"),
+        (dict(num_items=-3), ValueError, "num_items must be"),
+        (dict(num_items=torch.ones(2)), ValueError, "num_items must be a scalar"),
+        (dict(num_items=5, reduction="sum"), ValueError, "num_items is the denominator"),
+    ],
+)
+def test_cross_entropy_options(options, error, words):
+    with pytest.raises(error) as info:
+        fused_hybrid.linear_cross_entropy(*good(), **options)
+    assert words in str(info.value)
+
+
+def test_module_rejects_unknown_reduction():
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fused_hybrid.FusedLinearCrossEntropyLoss(reduction="batchmean")

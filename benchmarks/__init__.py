@@ -1,0 +1,1 @@
+"""Benchmarks of fused-hybrid against its peers; results/ holds committed runs, with the device named."""

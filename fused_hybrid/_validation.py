@@ -94,10 +94,11 @@ def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         on_cuda = hidden.device.type == "cuda" and hidden.dtype in TRITON_DTYPES
-        return "triton" if on_cuda and triton_available() else "torch"
+        return "triton" if on_cuda and triton_import_error() is None else "torch"
     if backend == "triton":
-        if not triton_available():
-            raise ValueError("backend='triton' needs the triton package, which is not installed")
+        error = triton_import_error()
+        if error is not None:
+            raise ValueError(f"backend='triton' needs the triton package, which failed to import: {error}")
         if hidden.device.type != "cuda" and not triton_interpreter_enabled():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got {hidden.device}), or TRITON_INTERPRET=1 "
@@ -111,12 +112,12 @@ def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
     return backend
 
 
-def triton_available() -> bool:
+def triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    except ImportError as error:
+        return str(error)
+    return None
 
 
 def check_targets_in_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:

@@ -1,4 +1,4 @@
-"""Drop-in fused linear cross-entropy, matching ``F.cross_entropy(hidden @ weight.T + bias, targets, ...)``."""
+"""Drop-in fused linear cross-entropy, matching ``F.cross_entropy(F.linear(hidden, weight, bias), targets, ...)``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def linear_cross_entropy(
     num_items: int | torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Cross-entropy of the LM head ``softcap((hidden @ weight.T + bias) / temperature)`` (LOSSES.md section 1).
+    """Cross-entropy of the LM head ``softcap(F.linear(hidden, weight, bias) / temperature)`` (LOSSES.md section 1).
 
     Per token: ``(1 - eps) * (-logp) + eps * (lse - mean_v z_v) + z_loss * lse**2`` (eps = ``label_smoothing``),
     0 at ignored tokens. ``reduction="mean"`` divides the sum by the number of non-ignored tokens, or by

@@ -1,4 +1,4 @@
-"""The logits-free core: per-token statistics of `softcap((hidden @ weight.T + bias) / temperature)`.
+"""The logits-free core: per-token statistics of `softcap(F.linear(hidden, weight, bias) / temperature)`.
 
 For each token t with logits row z (never materialised beyond a tile or chunk) this computes
 
@@ -35,7 +35,7 @@ class HeadStats(NamedTuple):
 
 @dataclass(frozen=True)
 class LogitTransform:
-    """z = softcap((hidden @ weight.T + bias) / temperature); softcap(u) = s * tanh(u / s)."""
+    """z = softcap(F.linear(hidden, weight, bias) / temperature); softcap(u) = s * tanh(u / s)."""
 
     temperature: float = 1.0
     softcap: float | None = None
@@ -91,7 +91,7 @@ def stats_dtype(input_dtype: torch.dtype) -> torch.dtype:
 
 
 def transform_logits(raw: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform) -> torch.Tensor:
-    """Apply bias, temperature and softcap to raw logits `hidden @ weight.T`, in the stats dtype."""
+    """Apply bias, temperature and softcap to raw logits `F.linear(hidden, weight)`, in the stats dtype."""
     z = raw.to(stats_dtype(raw.dtype))
     if bias is not None:
         z = z + bias.to(z.dtype)

@@ -21,7 +21,7 @@ def linear_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target token (and the entropy of each token's distribution).
 
-    The logits are ``softcap((hidden @ weight.T + bias) / temperature)`` with ``softcap(u) = s * tanh(u / s)``;
+    The logits are ``softcap(F.linear(hidden, weight, bias) / temperature)`` with ``softcap(u) = s * tanh(u / s)``;
     they are computed tile by tile and never stored as an N x V tensor.
 
     Args:

@@ -1,4 +1,4 @@
-"""A [BLOCK_N, BLOCK_V] tile of z = softcap((hidden @ weight.T + bias) / temperature), in fp32."""
+"""A [BLOCK_N, BLOCK_V] tile of z = softcap(F.linear(hidden, weight, bias) / temperature), in fp32."""
 
 import triton
 import triton.language as tl

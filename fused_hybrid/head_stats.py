@@ -43,45 +43,46 @@ class LogitTransform:
 
 
 class TokenGradCoefficients(NamedTuple):
-    """dz_v = onehot_coef * 1[v = y] + p_v * (prob_coef - logit_coef * z_v) + uniform_coef.
+    """dz_v = onehot_coef * 1[v = y] + p_v * (prob_coef - logp_coef * log p_v) + uniform_coef.
 
-    `logit_coef` and `uniform_coef` are None when their statistic received no gradient (skipped work).
+    `logp_coef` and `uniform_coef` are None when their statistic received no gradient (skipped work).
     """
 
     onehot_coef: torch.Tensor
     prob_coef: torch.Tensor
-    logit_coef: torch.Tensor | None
+    logp_coef: torch.Tensor | None
     uniform_coef: torch.Tensor | None
 
 
 def token_grad_coefficients(
-    grads: tuple[torch.Tensor | None, ...], lse: torch.Tensor, entropy: torch.Tensor, valid: torch.Tensor
+    grads: tuple[torch.Tensor | None, ...], entropy: torch.Tensor, valid: torch.Tensor
 ) -> TokenGradCoefficients:
     """Fold the upstream gradients of (logp, H, lse, sum_z) into the per-token coefficients of dz.
 
     With p = softmax(z) (LOSSES.md, preamble):
         dlogp/dz_v = 1[v = y] - p_v
-        dH/dz_v    = -p_v * (log p_v + H) = -p_v * (z_v - lse + H)
+        dH/dz_v    = -p_v * (log p_v + H)
         dlse/dz_v  = p_v
         dsumz/dz_v = 1
-    so dz_v = g_logp * 1[v = y] + p_v * (g_lse - g_logp + g_H * (lse - H) - g_H * z_v) + g_sumz.
-    Ignored tokens get all-zero coefficients.
+    so dz_v = g_logp * 1[v = y] + p_v * (g_lse - g_logp - g_H * H - g_H * log p_v) + g_sumz.
+    The entropy term is kept in log p_v = z_v - lse rather than z_v, so a confident token (log p_v ~ 0, z_v ~ lse)
+    does not lose its gradient to cancellation between large logits. Ignored tokens get all-zero coefficients.
     """
     g_logp, g_entropy, g_lse, g_sum_z = grads
-    zero = torch.zeros_like(lse)
+    zero = torch.zeros_like(entropy)
     g_logp = zero if g_logp is None else g_logp
     prob_coef = -g_logp
     if g_lse is not None:
         prob_coef = prob_coef + g_lse
-    logit_coef = None
+    logp_coef = None
     if g_entropy is not None:
-        prob_coef = prob_coef + g_entropy * (lse - entropy)
-        logit_coef = torch.where(valid, g_entropy, zero)
+        prob_coef = prob_coef - g_entropy * entropy
+        logp_coef = torch.where(valid, g_entropy, zero)
     uniform_coef = None if g_sum_z is None else torch.where(valid, g_sum_z, zero)
     return TokenGradCoefficients(
         onehot_coef=torch.where(valid, g_logp, zero).contiguous(),
         prob_coef=torch.where(valid, prob_coef, zero).contiguous(),
-        logit_coef=None if logit_coef is None else logit_coef.contiguous(),
+        logp_coef=None if logp_coef is None else logp_coef.contiguous(),
         uniform_coef=None if uniform_coef is None else uniform_coef.contiguous(),
     )
 
@@ -122,7 +123,7 @@ class _LinearHeadStats(torch.autograd.Function):
         if all(g is None for g in (g_logp, g_entropy, g_lse, g_sum_z)):
             return None, None, None, None, None, None
         valid = targets != ctx.transform.ignore_index
-        coefs = token_grad_coefficients((g_logp, g_entropy, g_lse, g_sum_z), lse, entropy, valid)
+        coefs = token_grad_coefficients((g_logp, g_entropy, g_lse, g_sum_z), entropy, valid)
         d_hidden, d_weight, d_bias = ctx.impl.backward(
             hidden,
             weight,

@@ -2,7 +2,7 @@
 
 Grid (token blocks, vocabulary blocks). Per tile, with p = exp(z - lse):
 
-    dz = onehot_coef * 1[v = y] + p * (prob_coef - logit_coef * z) + uniform_coef
+    dz = onehot_coef * 1[v = y] + p * (prob_coef - logp_coef * log p) + uniform_coef
     dz *= (1 - (z / softcap)^2) / temperature          (chain through softcap and temperature)
 
 then dhidden[n, :] += dz @ weight[v, :] and dweight[v, :] += dz.T @ hidden[n, :] (and dbias[v] += sum_n dz) are
@@ -24,7 +24,7 @@ def head_stats_backward_kernel(
     lse_ptr,
     onehot_coef_ptr,
     prob_coef_ptr,
-    logit_coef_ptr,
+    logp_coef_ptr,
     uniform_coef_ptr,
     d_hidden_ptr,  # [N, D] fp32, zero-initialised
     d_weight_ptr,  # [V, D] fp32, zero-initialised
@@ -41,7 +41,7 @@ def head_stats_backward_kernel(
     ignore_index,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    HAS_LOGIT_COEF: tl.constexpr,
+    HAS_LOGP_COEF: tl.constexpr,
     HAS_UNIFORM_COEF: tl.constexpr,
     COMPUTE_D_HIDDEN: tl.constexpr,
     COMPUTE_D_WEIGHT: tl.constexpr,
@@ -89,10 +89,11 @@ def head_stats_backward_kernel(
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     onehot_coef = tl.load(onehot_coef_ptr + offs_n, mask=mask_n, other=0.0)
     prob_coef = tl.load(prob_coef_ptr + offs_n, mask=mask_n, other=0.0)
-    p = tl.exp(z - lse[:, None])
-    if HAS_LOGIT_COEF:
-        logit_coef = tl.load(logit_coef_ptr + offs_n, mask=mask_n, other=0.0)
-        d_z = p * (prob_coef[:, None] - logit_coef[:, None] * z)
+    log_p = z - lse[:, None]
+    p = tl.exp(log_p)
+    if HAS_LOGP_COEF:
+        logp_coef = tl.load(logp_coef_ptr + offs_n, mask=mask_n, other=0.0)
+        d_z = p * (prob_coef[:, None] - logp_coef[:, None] * log_p)
     else:
         d_z = p * prob_coef[:, None]
     if HAS_UNIFORM_COEF:

@@ -1,8 +1,9 @@
 """Forward pass: per-token online log-sum-exp, entropy sums, sum of logits and target logit.
 
 Grid (token blocks, vocabulary splits). Each program sweeps its split of V in BLOCK_V tiles and keeps, per token,
-the running max m, s = sum exp(z - m), a = sum exp(z - m) * z, sum z and z[y]. The host merges the splits:
-lse = M + log sum_k s_k exp(m_k - M) and H = lse - (sum_k a_k exp(m_k - M)) / (sum_k s_k exp(m_k - M)).
+the running max m, s = sum exp(z - m), a = sum exp(z - m) * (z - m), sum z and z[y]. With these,
+lse = m + log s and H = log s - a / s: both terms are small for a confident token, so the entropy does not come
+from cancelling two large numbers (lse and E_p[z]). The host merges the splits the same way.
 The target logit is picked by comparing column indices with y, so no memory is ever indexed by a target.
 """
 
@@ -18,7 +19,7 @@ def head_stats_forward_kernel(
     weight_ptr,
     bias_ptr,
     targets_ptr,
-    partials_ptr,  # [5, splits, N] fp32: running max, sum exp, sum exp * z, sum z, target logit
+    partials_ptr,  # [5, splits, N] fp32: max m, sum exp(z - m), sum exp(z - m) * (z - m), sum z, z[y]
     N,
     V,
     D,
@@ -53,7 +54,7 @@ def head_stats_forward_kernel(
 
     running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     sum_exp = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    sum_exp_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sum_exp_shifted = tl.zeros((BLOCK_N,), dtype=tl.float32)
     sum_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v_start in range(v_begin, v_end, BLOCK_V):
@@ -84,10 +85,13 @@ def head_stats_forward_kernel(
         )
         z = tl.where(mask_v[None, :], z, 0.0)
         new_max = tl.maximum(running_max, tl.max(tl.where(mask_v[None, :], z, float("-inf")), axis=1))
-        rescale = tl.exp(running_max - new_max)
-        e = tl.where(mask_v[None, :], tl.exp(z - new_max[:, None]), 0.0)
+        max_shift = tl.where(sum_exp > 0, running_max - new_max, 0.0)  # 0 before the first tile
+        rescale = tl.exp(max_shift)
+        shifted = tl.where(mask_v[None, :], z - new_max[:, None], 0.0)
+        e = tl.where(mask_v[None, :], tl.exp(shifted), 0.0)
+        # sum exp(z - m_new) * (z - m_new) = rescale * (old sum + old sum_exp * (m_old - m_new)) + this tile
+        sum_exp_shifted = rescale * (sum_exp_shifted + sum_exp * max_shift) + tl.sum(e * shifted, axis=1)
         sum_exp = sum_exp * rescale + tl.sum(e, axis=1)
-        sum_exp_z = sum_exp_z * rescale + tl.sum(e * z, axis=1)
         sum_z += tl.sum(z, axis=1)
         target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
         running_max = new_max
@@ -96,6 +100,6 @@ def head_stats_forward_kernel(
     plane = num_splits.to(tl.int64) * N
     tl.store(out, running_max, mask=mask_n)
     tl.store(out + plane, sum_exp, mask=mask_n)
-    tl.store(out + 2 * plane, sum_exp_z, mask=mask_n)
+    tl.store(out + 2 * plane, sum_exp_shifted, mask=mask_n)
     tl.store(out + 3 * plane, sum_z, mask=mask_n)
     tl.store(out + 4 * plane, target_logit, mask=mask_n)

@@ -34,8 +34,8 @@ def forward(
     for rows in _chunks(num_tokens, vocab_size):
         z = transform_logits(hidden[rows] @ weight.T, bias, transform)
         lse[rows] = torch.logsumexp(z, dim=-1)
-        probs = torch.exp(z - lse[rows, None])
-        entropy[rows] = lse[rows] - (probs * z).sum(-1)
+        log_probs = z - lse[rows, None]
+        entropy[rows] = -(log_probs.exp() * log_probs).sum(-1)
         sum_z[rows] = z.sum(-1)
         logp[rows] = z.gather(1, safe_targets[rows, None]).squeeze(1) - lse[rows]
     out.mul_(valid)
@@ -62,11 +62,12 @@ def backward(
 
     for rows in _chunks(num_tokens, vocab_size):
         z = transform_logits(hidden[rows] @ weight.T, bias, transform)
-        d_z = torch.exp(z - lse[rows, None])
-        prob_coef = coefs.prob_coef[rows, None]
-        if coefs.logit_coef is not None:
-            prob_coef = prob_coef - coefs.logit_coef[rows, None] * z
-        d_z.mul_(prob_coef)
+        log_probs = z - lse[rows, None]
+        d_z = torch.exp(log_probs)
+        if coefs.logp_coef is not None:
+            d_z.mul_(coefs.prob_coef[rows, None] - coefs.logp_coef[rows, None] * log_probs)
+        else:
+            d_z.mul_(coefs.prob_coef[rows, None])
         if coefs.uniform_coef is not None:
             d_z.add_(coefs.uniform_coef[rows, None])
         d_z.scatter_add_(1, safe_targets[rows, None], coefs.onehot_coef[rows, None].to(d_z.dtype))

@@ -89,18 +89,20 @@ def forward(
             num_stages=cfg.num_stages,
             **flags,
         )
-    split_max, split_sum_exp, split_sum_exp_z, split_sum_z, split_target_logit = partials
+    split_max, split_sum_exp, split_sum_exp_shifted, split_sum_z, split_target_logit = partials
     valid = targets != transform.ignore_index
     # Blocks of ignored tokens leave max = -inf; park them at 0 so the merge stays finite.
     split_max = torch.where(valid, split_max, 0.0)
     token_max = split_max.amax(0)
-    rescale = torch.exp(split_max - token_max)
+    max_shift = split_max - token_max
+    rescale = torch.exp(max_shift)
     sum_exp = (split_sum_exp * rescale).sum(0)
-    sum_exp_z = (split_sum_exp_z * rescale).sum(0)
-    lse = token_max + torch.log(sum_exp)
+    sum_exp_shifted = (rescale * (split_sum_exp_shifted + split_sum_exp * max_shift)).sum(0)
+    log_sum_exp = torch.log(sum_exp)
+    lse = token_max + log_sum_exp
     stats = (
         split_target_logit.sum(0) - lse,
-        lse - sum_exp_z / sum_exp,
+        log_sum_exp - sum_exp_shifted / sum_exp,  # H = lse - E_p[z], both taken relative to the max
         lse,
         split_sum_z.sum(0),
     )
@@ -137,7 +139,7 @@ def backward(
             lse,
             coefs.onehot_coef,
             coefs.prob_coef,
-            coefs.logit_coef,
+            coefs.logp_coef,
             coefs.uniform_coef,
             d_hidden,
             d_weight,
@@ -150,7 +152,7 @@ def backward(
             0.0 if transform.softcap is None else float(transform.softcap),
             transform.ignore_index,
             HAS_BIAS=bias is not None,
-            HAS_LOGIT_COEF=coefs.logit_coef is not None,
+            HAS_LOGP_COEF=coefs.logp_coef is not None,
             HAS_UNIFORM_COEF=coefs.uniform_coef is not None,
             COMPUTE_D_HIDDEN=needs_hidden,
             COMPUTE_D_WEIGHT=needs_weight,

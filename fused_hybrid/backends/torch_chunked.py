@@ -27,10 +27,9 @@ def forward(
     transform: LogitTransform,
 ) -> HeadStats:
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
-    out = torch.zeros(4, num_tokens, dtype=stats_dtype(hidden.dtype), device=hidden.device)
+    out = torch.empty(4, num_tokens, dtype=stats_dtype(hidden.dtype), device=hidden.device)
     logp, entropy, lse, sum_z = out
-    valid = targets != transform.ignore_index
-    safe_targets = torch.where(valid, targets, 0)
+    safe_targets = torch.where(targets != transform.ignore_index, targets, 0)
     for rows in _chunks(num_tokens, vocab_size):
         z = transform_logits(hidden[rows] @ weight.T, bias, transform)
         lse[rows] = torch.logsumexp(z, dim=-1)
@@ -38,7 +37,6 @@ def forward(
         entropy[rows] = -(log_probs.exp() * log_probs).sum(-1)
         sum_z[rows] = z.sum(-1)
         logp[rows] = z.gather(1, safe_targets[rows, None]).squeeze(1) - lse[rows]
-    out.mul_(valid)
     return HeadStats(logp, entropy, lse, sum_z)
 
 

@@ -90,9 +90,6 @@ def forward(
             **flags,
         )
     split_max, split_sum_exp, split_sum_exp_shifted, split_sum_z, split_target_logit = partials
-    valid = targets != transform.ignore_index
-    # Blocks of ignored tokens leave max = -inf; park them at 0 so the merge stays finite.
-    split_max = torch.where(valid, split_max, 0.0)
     token_max = split_max.amax(0)
     max_shift = split_max - token_max
     rescale = torch.exp(max_shift)
@@ -106,8 +103,7 @@ def forward(
         lse,
         split_sum_z.sum(0),
     )
-    zero = torch.zeros_like(lse)
-    return HeadStats(*(torch.where(valid, s, zero) for s in stats))
+    return HeadStats(*stats)
 
 
 def backward(

@@ -108,13 +108,16 @@ class _LinearHeadStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, bias, transform, impl):
+        # The backends compute every token's statistics (ignored targets read as 0); the backward keeps each
+        # token's true lse so that exp(z - lse) <= 1 even where the token's gradient is masked to zero.
         stats = impl.forward(hidden, weight, targets, bias, transform)
         ctx.save_for_backward(hidden, weight, targets, bias, stats.lse, stats.entropy)
         ctx.transform = transform
         ctx.impl = impl
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(targets)
-        return tuple(stats)
+        valid = targets != transform.ignore_index
+        return tuple(torch.where(valid, statistic, 0.0) for statistic in stats)
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy, g_lse, g_sum_z):

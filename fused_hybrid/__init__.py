@@ -3,12 +3,46 @@
 from .cross_entropy import FusedLinearCrossEntropyLoss, linear_cross_entropy
 from .head_stats import HeadStats, linear_head_stats
 from .logprobs import linear_logprobs
+from .objectives import (
+    AGGREGATIONS,
+    CHORDLoss,
+    DFTLoss,
+    DPOLoss,
+    GRPOLoss,
+    IFTLoss,
+    LossOutput,
+    MinorSFTLoss,
+    MuSchedule,
+    chord_loss,
+    dft_loss,
+    dpo_loss,
+    grpo_loss,
+    ift_loss,
+    minor_sft_loss,
+    sequence_logps,
+)
 
 __all__ = [
+    "AGGREGATIONS",
+    "CHORDLoss",
+    "DFTLoss",
+    "DPOLoss",
     "FusedLinearCrossEntropyLoss",
+    "GRPOLoss",
     "HeadStats",
+    "IFTLoss",
+    "LossOutput",
+    "MinorSFTLoss",
+    "MuSchedule",
+    "chord_loss",
+    "dft_loss",
+    "dpo_loss",
+    "grpo_loss",
+    "ift_loss",
     "linear_cross_entropy",
     "linear_head_stats",
     "linear_logprobs",
+    "minor_sft_loss",
+    "sequence_logps",
 ]
 __version__ = "0.1.0"

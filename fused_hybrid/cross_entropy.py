@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._reduction import check_num_items, check_reduction, reduce_per_token
 from ._validation import check_non_negative
 from .head_stats import linear_head_stats
-
-REDUCTIONS = ("mean", "sum", "none")
 
 
 def linear_cross_entropy(
@@ -34,20 +33,12 @@ def linear_cross_entropy(
     all-ignored batch gives 0 with zero gradients. ``reduction="none"`` returns the per-token losses with the
     shape of ``targets``.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     check_non_negative("label_smoothing", label_smoothing)
     if label_smoothing > 1:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
     check_non_negative("z_loss", z_loss)
-    if num_items is not None:
-        if reduction != "mean":
-            raise ValueError(f"num_items is the denominator of reduction='mean'; got reduction={reduction!r}")
-        if isinstance(num_items, torch.Tensor):
-            if num_items.numel() != 1:
-                raise ValueError(f"num_items must be a scalar, got shape {tuple(num_items.shape)}")
-        elif isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 0:
-            raise ValueError(f"num_items must be a non-negative int or a scalar tensor, got {num_items!r}")
+    check_num_items(num_items, reduction)
 
     stats = linear_head_stats(
         hidden,
@@ -66,15 +57,7 @@ def linear_cross_entropy(
     if z_loss > 0:
         per_token = per_token + z_loss * stats.lse.square()  # stats are 0 at ignored tokens
 
-    if reduction == "none":
-        return per_token
-    total = per_token.sum()
-    if reduction == "sum":
-        return total
-    if num_items is None:
-        num_items = (targets != ignore_index).sum()
-    denominator = torch.as_tensor(num_items, device=total.device).to(total.dtype).clamp(min=1)
-    return total / denominator
+    return reduce_per_token(per_token, targets != ignore_index, reduction, num_items)
 
 
 class FusedLinearCrossEntropyLoss(nn.Module):
@@ -92,8 +75,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_reduction(reduction)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing

@@ -1,0 +1,41 @@
+"""Reductions shared by every loss: the denominators of means and the caller-given global counts."""
+
+from __future__ import annotations
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_num_items(num_items, reduction: str = "mean") -> None:
+    """`num_items` (a global count for gradient accumulation) is a non-negative number or a scalar tensor."""
+    if num_items is None:
+        return
+    if isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1:
+            raise ValueError(f"num_items must be a scalar, got shape {tuple(num_items.shape)}")
+    elif isinstance(num_items, bool) or not isinstance(num_items, (int, float)) or num_items < 0:
+        raise ValueError(f"num_items must be a non-negative number or a scalar tensor, got {num_items!r}")
+    if reduction != "mean":
+        raise ValueError(f"num_items is the denominator of reduction='mean'; got reduction={reduction!r}")
+
+
+def divide_by_count(total: torch.Tensor, count) -> torch.Tensor:
+    """total / count, where an empty batch (count 0) gives 0 rather than NaN; no host sync."""
+    count = torch.as_tensor(count, device=total.device).to(total.dtype)
+    return total / count.clamp(min=1)
+
+
+def reduce_per_token(per_token: torch.Tensor, mask: torch.Tensor, reduction: str, num_items=None) -> torch.Tensor:
+    """Reduce per-token losses (already 0 outside the mask) by `reduction`; the mean is over `mask` tokens."""
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    if reduction == "sum":
+        return total
+    return divide_by_count(total, mask.sum() if num_items is None else num_items)

@@ -1,0 +1,16 @@
+"""The hybrid SFT + RL objectives of LOSSES.md, each a function (returning LossOutput) and an nn.Module
+(returning the scalar loss, with `.metrics`), all on the logits-free core."""
+
+from ._tokens import AGGREGATIONS, LossOutput, aggregate
+from .chord import CHORDLoss, MuSchedule, chord_loss
+from .dft import DFTLoss, dft_loss
+from .ift import IFTLoss, ift_loss
+from .minor_sft import MinorSFTLoss, minor_sft_loss
+from .policy_gradient import GRPOLoss, grpo_loss
+from .preference import DPOLoss, dpo_loss, sequence_logps
+
+__all__ = [
+    "AGGREGATIONS", "CHORDLoss", "DFTLoss", "DPOLoss", "GRPOLoss", "IFTLoss", "LossOutput", "MinorSFTLoss",
+    "MuSchedule", "aggregate", "chord_loss", "dft_loss", "dpo_loss", "grpo_loss", "ift_loss", "minor_sft_loss",
+    "sequence_logps",
+]  # fmt: skip

@@ -1,0 +1,218 @@
+"""What every objective shares: the logits-free head evaluation, the token/sequence layout, aggregation.
+
+Layouts (the same for every objective):
+- ``targets [B, T]``: each row is one sequence (padding and prompt tokens carry ``ignore_index`` or a 0 in
+  ``loss_mask``);
+- ``targets [N]`` with ``sequence_ids [N]`` and ``num_sequences``: packed sequences; ids run from 0 to
+  ``num_sequences - 1`` and each sequence's tokens appear in order;
+- ``targets [N]`` (or any other shape) without ``sequence_ids``: tokens only, for objectives and options that need
+  no sequences.
+
+Per-token inputs (``old_logp``, ``ref_logp``, ``advantages``, ...) have the shape of ``targets``; per-sequence
+inputs have shape ``[num_sequences]`` (``[B]`` in the ``[B, T]`` layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .._reduction import check_num_items, divide_by_count
+from .._validation import check_non_negative
+from ..head_stats import linear_head_stats
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+class LossOutput(NamedTuple):
+    """The scalar loss and its metrics (detached 0-d tensors; reading them is the caller's only sync)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+@dataclass
+class TokenBatch:
+    """A batch seen token by token: fp32 log-probs and entropies [N], the loss mask [N] and the sequences."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    mask: torch.Tensor  # float 0/1: the token is in the loss
+    shape: torch.Size  # the shape of `targets`
+    seq_index: torch.Tensor | None  # [N] sequence of each token
+    num_sequences: int | None
+    padded_length: int | None  # T in the [B, T] layout
+
+    def require_sequences(self, why: str) -> None:
+        if self.seq_index is None:
+            raise ValueError(f"{why} needs sequences: pass targets of shape [B, T] or sequence_ids with num_sequences")
+
+    def per_token(self, value: torch.Tensor, name: str) -> torch.Tensor:
+        """`value` given per token (shape of targets) or per sequence ([num_sequences]) -> float [N]."""
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.device != self.logp.device:
+            raise ValueError(f"{name} is on {value.device}, the batch on {self.logp.device}")
+        if value.shape == self.shape:
+            return value.reshape(-1).to(self.logp.dtype)
+        if self.num_sequences is not None and value.shape == (self.num_sequences,):
+            return value.to(self.logp.dtype)[self.seq_index]
+        expected = f"{tuple(self.shape)} (per token)"
+        if self.num_sequences is not None:
+            expected += f" or ({self.num_sequences},) (per sequence)"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
+
+    def per_sequence(self, value: torch.Tensor, name: str) -> torch.Tensor:
+        """`value` given per sequence ([num_sequences]) -> float [S]."""
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.shape != (self.num_sequences,):
+            raise ValueError(f"{name} must have shape ({self.num_sequences},) (per sequence), got {tuple(value.shape)}")
+        if value.device != self.logp.device:
+            raise ValueError(f"{name} is on {value.device}, the batch on {self.logp.device}")
+        return value
+
+    def seq_sum(self, per_token: torch.Tensor) -> torch.Tensor:
+        """Sum of a [N] tensor over each sequence's tokens -> [S]."""
+        if self.padded_length is not None:
+            return per_token.reshape(self.num_sequences, self.padded_length).sum(-1)
+        out = torch.zeros(self.num_sequences, dtype=per_token.dtype, device=per_token.device)
+        return out.index_add(0, self.seq_index, per_token)
+
+    def seq_tokens(self) -> torch.Tensor:
+        """Number of loss tokens of each sequence -> [S] float."""
+        return self.seq_sum(self.mask)
+
+    def to_tokens(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        return per_sequence[self.seq_index]
+
+    def token_rank(self) -> torch.Tensor:
+        """0-based position of each loss token among its sequence's loss tokens -> [N] float."""
+        if self.padded_length is not None:
+            rows = self.mask.reshape(self.num_sequences, self.padded_length)
+            return (rows.cumsum(-1) - rows).reshape(-1)
+        seq_totals = self.seq_tokens()
+        seq_starts = seq_totals.cumsum(0) - seq_totals
+        return self.mask.cumsum(0) - self.mask - seq_starts[self.seq_index]
+
+    def token_mean(self, per_token: torch.Tensor) -> torch.Tensor:
+        """Detached mean over loss tokens (a metric): no host sync, 0 for an empty batch."""
+        per_token = per_token.detach()
+        return (per_token * self.mask).sum() / self.mask.sum().clamp(min=1)
+
+
+def evaluate_head(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None,
+    loss_mask: torch.Tensor | None,
+    sequence_ids: torch.Tensor | None,
+    num_sequences: int | None,
+    temperature: float,
+    softcap: float | None,
+    ignore_index: int,
+    backend: str,
+) -> TokenBatch:
+    """Run the logits-free core on the tokens in the loss and describe the batch's layout."""
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    seq_index, padded_length = None, None
+    if sequence_ids is not None:
+        if targets.dim() != 1:
+            raise ValueError(f"sequence_ids is for packed targets of shape [N]; got targets {tuple(targets.shape)}")
+        if not isinstance(sequence_ids, torch.Tensor) or sequence_ids.shape != targets.shape:
+            raise ValueError(f"sequence_ids must be a tensor of shape {tuple(targets.shape)} (one id per token)")
+        if sequence_ids.dtype.is_floating_point or sequence_ids.dtype == torch.bool:
+            raise TypeError(f"sequence_ids must be an integer tensor, got {sequence_ids.dtype}")
+        if isinstance(num_sequences, bool) or not isinstance(num_sequences, int) or num_sequences < 1:
+            raise ValueError(f"num_sequences must be a positive int when sequence_ids is given, got {num_sequences!r}")
+        seq_index = sequence_ids.to(device=targets.device, dtype=torch.int64)
+    elif targets.dim() == 2:
+        num_sequences, padded_length = targets.shape
+        seq_index = torch.arange(num_sequences, device=targets.device).repeat_interleave(padded_length)
+    elif num_sequences is not None:
+        raise ValueError("num_sequences is given without sequence_ids; pass both for packed sequences")
+
+    in_loss = targets != ignore_index
+    if loss_mask is not None:
+        if not isinstance(loss_mask, torch.Tensor) or loss_mask.shape != targets.shape:
+            got = tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else type(loss_mask).__name__
+            raise ValueError(f"loss_mask must have the shape of targets {tuple(targets.shape)}, got {got}")
+        in_loss = in_loss & loss_mask.to(device=targets.device, dtype=torch.bool)
+    # Tokens outside the loss are handed to the core as ignored, so the kernels skip them.
+    head_targets = torch.where(in_loss, targets, ignore_index) if loss_mask is not None else targets
+    stats = linear_head_stats(
+        hidden, weight, head_targets, bias,
+        temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
+    )  # fmt: skip
+    return TokenBatch(
+        logp=stats.logp.reshape(-1),
+        entropy=stats.entropy.reshape(-1),
+        mask=in_loss.reshape(-1).to(stats.logp.dtype),
+        shape=targets.shape,
+        seq_index=seq_index,
+        num_sequences=num_sequences,
+        padded_length=padded_length,
+    )
+
+
+def check_aggregation(aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def aggregate(
+    per_token: torch.Tensor,
+    batch: TokenBatch,
+    aggregation: str,
+    *,
+    num_items=None,
+    max_response_length: int | None = None,
+) -> torch.Tensor:
+    """Reduce per-token losses to a scalar (LOSSES.md section 5, "Aggregation").
+
+    - ``token-mean``: sum over loss tokens / number of loss tokens;
+    - ``seq-mean-token-mean``: mean over sequences of each sequence's token mean;
+    - ``seq-mean-token-sum``: mean over sequences of each sequence's token sum;
+    - ``seq-mean-token-sum-norm`` (Dr. GRPO): sum over all loss tokens / (sequences * max_response_length).
+
+    The sequence means count the sequences that hold at least one loss token. ``num_items`` replaces the count
+    (tokens for ``token-mean``, sequences otherwise) with a caller-given global one, so that micro-batches and
+    ranks accumulate to the full-batch gradient.
+    """
+    check_aggregation(aggregation)
+    check_num_items(num_items)
+    masked = per_token * batch.mask
+    if aggregation == "token-mean":
+        return divide_by_count(masked.sum(), batch.mask.sum() if num_items is None else num_items)
+
+    batch.require_sequences(f"aggregation={aggregation!r}")
+    seq_tokens = batch.seq_tokens()
+    num_seqs = (seq_tokens > 0).sum() if num_items is None else num_items
+    if aggregation == "seq-mean-token-mean":
+        return divide_by_count((batch.seq_sum(masked) / seq_tokens.clamp(min=1)).sum(), num_seqs)
+    if aggregation == "seq-mean-token-sum":
+        return divide_by_count(masked.sum(), num_seqs)
+    if max_response_length is None:
+        if batch.padded_length is None:
+            raise ValueError("aggregation='seq-mean-token-sum-norm' with packed sequences needs max_response_length")
+        max_response_length = batch.padded_length
+    check_non_negative("max_response_length", max_response_length)
+    return divide_by_count(masked.sum(), num_seqs) / max(max_response_length, 1)
+
+
+class ObjectiveModule(nn.Module):
+    """Base of the loss modules: forward returns the scalar loss; `metrics` holds the last call's metrics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, torch.Tensor] = {}
+
+    def _finish(self, output: LossOutput) -> torch.Tensor:
+        self.metrics = output.metrics
+        return output.loss

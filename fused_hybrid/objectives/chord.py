@@ -1,0 +1,207 @@
+"""CHORD (LOSSES.md section 3): on-policy GRPO and phi-weighted SFT on expert data, mixed by a scheduled mu."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .._validation import check_non_negative
+from ._tokens import LossOutput, ObjectiveModule, aggregate, evaluate_head
+from .policy_gradient import check_clip_options, clipped_surrogate, log_importance_ratio, policy_metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class MuSchedule:
+    """mu for a global step k: linear warm-up to `peak` over `warmup_steps`, cosine decay to `valley` over
+    `decay_steps`, then constant; ``MuSchedule(0, 0, peak, valley)`` is the constant `valley`."""
+
+    warmup_steps: int = 0
+    decay_steps: int = 200
+    peak: float = 0.9
+    valley: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("warmup_steps", "decay_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        for name in ("peak", "valley"):
+            check_mu(getattr(self, name), name)
+
+    def __call__(self, step: int) -> float:
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if step < self.warmup_steps:
+            return self.peak * step / self.warmup_steps
+        if step < self.warmup_steps + self.decay_steps:
+            progress = (step - self.warmup_steps) / self.decay_steps
+            return self.valley + (self.peak - self.valley) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.valley
+
+
+def check_mu(mu, name: str = "mu") -> None:
+    if isinstance(mu, torch.Tensor):
+        if mu.numel() != 1:
+            raise ValueError(f"{name} must be a number or a 0-d tensor, got shape {tuple(mu.shape)}")
+        return  # a tensor's value is not read on the host (no sync); the caller vouches for [0, 1]
+    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0.0 <= mu <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {mu!r}")
+
+
+def chord_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    is_expert: torch.Tensor,
+    mu: float | torch.Tensor,
+    advantages: torch.Tensor | None = None,
+    old_logp: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+    use_phi: bool = False,
+    cutoff_prob: float = 1.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    dual_clip: float | None = 3.0,
+    num_rollout_tokens: int | torch.Tensor | None = None,
+    num_expert_tokens: int | torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> LossOutput:
+    """``L = (1 - mu) * L_GRPO(rollouts) + mu * L_SFT(expert demonstrations)`` on one batch.
+
+    ``is_expert`` ([num_sequences] bool) tells the expert sequences from the on-policy rollouts. ``L_GRPO`` is the
+    token-mean clipped surrogate over rollout tokens (no KL term); ``L_SFT = -(1/N_exp) sum_t sg(phi_t) logp_t``
+    over expert tokens with ``phi_t = p_t (1 - p_t)`` when ``use_phi`` (``p_t`` from ``logp_t`` clamped to
+    ``log(cutoff_prob)``), else ``phi_t = 1``. Each part is normalised by its own token count, or by
+    ``num_rollout_tokens`` / ``num_expert_tokens`` when given (global counts for accumulation).
+    ``advantages`` are needed for the rollout sequences (values on expert sequences are ignored).
+
+    Metrics: ``mu``, ``grpo_loss``, ``sft_loss`` (the plain NLL of the expert tokens), ``mean_phi``, and the
+    policy metrics of :func:`grpo_loss` over the rollout tokens.
+    """
+    check_mu(mu)
+    check_clip_options(epsilon_low, epsilon_high, dual_clip)
+    check_non_negative("cutoff_prob", cutoff_prob)
+    if not 0.0 < cutoff_prob <= 1.0:
+        raise ValueError(f"cutoff_prob must lie in (0, 1], got {cutoff_prob}")
+    if advantages is None:
+        raise ValueError("advantages is required for the rollout sequences (per token or per sequence)")
+    batch = evaluate_head(
+        hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
+        num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+        backend=backend,
+    )  # fmt: skip
+    batch.require_sequences("chord_loss")
+    expert_tokens = batch.to_tokens(batch.per_sequence(is_expert, "is_expert").to(batch.mask.dtype))
+    rollouts = dataclasses.replace(batch, mask=batch.mask * (1.0 - expert_tokens))
+    experts = dataclasses.replace(batch, mask=batch.mask * expert_tokens)
+
+    # Expert sequences have no rollout policy or advantage: whatever they hold there (even NaN) is replaced.
+    is_rollout = rollouts.mask > 0
+    old_token_logp = None
+    if old_logp is not None:
+        old_token_logp = torch.where(is_rollout, batch.per_token(old_logp, "old_logp"), batch.logp.detach())
+    token_advantages = torch.where(is_rollout, batch.per_token(advantages, "advantages"), 0.0)
+    policy_loss, active = clipped_surrogate(
+        log_importance_ratio(rollouts, old_token_logp, "token"), token_advantages,
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip,
+    )  # fmt: skip
+    grpo_part = aggregate(policy_loss, rollouts, "token-mean", num_items=num_rollout_tokens)
+
+    if use_phi:
+        prob = batch.logp.detach().clamp(max=math.log(cutoff_prob)).exp()
+        phi = prob * (1.0 - prob)
+    else:
+        phi = torch.ones_like(batch.logp)
+    sft_part = aggregate(-phi * batch.logp, experts, "token-mean", num_items=num_expert_tokens)
+
+    mu_value = torch.as_tensor(mu, dtype=batch.logp.dtype, device=batch.logp.device)
+    metrics = policy_metrics(rollouts, active)
+    metrics.update(
+        mu=mu_value.detach(),
+        grpo_loss=grpo_part.detach(),
+        sft_loss=experts.token_mean(-batch.logp),
+        mean_phi=experts.token_mean(phi),
+    )
+    return LossOutput((1.0 - mu_value) * grpo_part + mu_value * sft_part, metrics)
+
+
+class CHORDLoss(ObjectiveModule):
+    """Module form of :func:`chord_loss`; `mu` is a number or a :class:`MuSchedule` read at the call's `step`.
+
+    Presets with the paper's settings: :meth:`chord_mu` (phi off, mu decays 0.9 -> 0.05 over 200 steps) and
+    :meth:`chord_phi` (phi on, mu constant 0.1).
+    """
+
+    def __init__(
+        self,
+        *,
+        mu: float | MuSchedule = 0.1,
+        use_phi: bool = False,
+        cutoff_prob: float = 1.0,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        dual_clip: float | None = 3.0,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        ignore_index: int = -100,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(mu, MuSchedule):
+            check_mu(mu)
+        check_clip_options(epsilon_low, epsilon_high, dual_clip)
+        self.mu = mu
+        self.options = dict(
+            use_phi=use_phi, cutoff_prob=cutoff_prob, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+            dual_clip=dual_clip, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+            backend=backend,
+        )  # fmt: skip
+
+    @classmethod
+    def chord_mu(cls, **overrides) -> CHORDLoss:
+        """CHORD-mu: phi off, mu cosine-decays from 0.9 to 0.05 over 200 steps with no warm-up."""
+        return cls(**{"mu": MuSchedule(warmup_steps=0, decay_steps=200, peak=0.9, valley=0.05), "use_phi": False,
+                      **overrides})  # fmt: skip
+
+    @classmethod
+    def chord_phi(cls, **overrides) -> CHORDLoss:
+        """CHORD-phi: phi = p(1 - p) token weighting on, mu constant 0.1."""
+        return cls(**{"mu": 0.1, "use_phi": True, **overrides})
+
+    def mu_at(self, step: int | None) -> float:
+        if isinstance(self.mu, MuSchedule):
+            if step is None:
+                raise ValueError("step is required: this CHORDLoss reads mu from a MuSchedule")
+            return self.mu(step)
+        return self.mu
+
+    def forward(self, hidden, weight, targets, bias=None, *, is_expert, advantages, old_logp=None, loss_mask=None,
+                sequence_ids=None, num_sequences=None, step=None, num_rollout_tokens=None,
+                num_expert_tokens=None) -> torch.Tensor:  # fmt: skip
+        return self._finish(
+            chord_loss(
+                hidden,
+                weight,
+                targets,
+                bias,
+                is_expert=is_expert,
+                mu=self.mu_at(step),
+                advantages=advantages,
+                old_logp=old_logp,
+                loss_mask=loss_mask,
+                sequence_ids=sequence_ids,
+                num_sequences=num_sequences,
+                num_rollout_tokens=num_rollout_tokens,
+                num_expert_tokens=num_expert_tokens,
+                **self.options,
+            )  # fmt: skip
+        )

@@ -1,0 +1,65 @@
+"""DFT, Dynamic Fine-Tuning (LOSSES.md section 2): token NLL weighted by the detached token probability."""
+
+from __future__ import annotations
+
+import torch
+
+from .._reduction import check_num_items, check_reduction, reduce_per_token
+from ._tokens import LossOutput, ObjectiveModule, evaluate_head
+
+
+def dft_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    loss_mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    num_items: int | torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> LossOutput:
+    """``L = -(1/N_tok) sum_t m_t * sg(p_t) * logp_t``; ``dL/dlogp_t = -m_t * p_t / N_tok``.
+
+    ``reduction`` is ``"mean"`` (over loss tokens, or over ``num_items`` when given), ``"sum"`` or ``"none"``
+    (per-token losses with the shape of ``targets``). Metrics: ``sft_loss`` (the plain token-mean NLL) and
+    ``mean_prob`` (mean target probability).
+    """
+    check_reduction(reduction)
+    check_num_items(num_items, reduction)
+    batch = evaluate_head(
+        hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=None, num_sequences=None,
+        temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
+    )  # fmt: skip
+    prob = batch.logp.detach().exp()
+    per_token = -prob * batch.logp * batch.mask
+    metrics = {"sft_loss": batch.token_mean(-batch.logp), "mean_prob": batch.token_mean(prob)}
+    loss = reduce_per_token(per_token, batch.mask, reduction, num_items)
+    return LossOutput(loss.reshape(batch.shape) if reduction == "none" else loss, metrics)
+
+
+class DFTLoss(ObjectiveModule):
+    """Module form of :func:`dft_loss`; ``loss_fn(hidden, weight, targets, bias=None, *, loss_mask, num_items)``."""
+
+    def __init__(
+        self,
+        *,
+        reduction: str = "mean",
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        ignore_index: int = -100,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_reduction(reduction)
+        self.options = dict(
+            reduction=reduction, temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend
+        )
+
+    def forward(self, hidden, weight, targets, bias=None, *, loss_mask=None, num_items=None) -> torch.Tensor:
+        return self._finish(
+            dft_loss(hidden, weight, targets, bias, loss_mask=loss_mask, num_items=num_items, **self.options)
+        )

@@ -1,0 +1,106 @@
+"""MinorSFT (LOSSES.md section 4): SFT with a DPO-style brake toward a frozen reference policy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._reduction import divide_by_count
+from .._validation import check_positive
+from ._tokens import LossOutput, ObjectiveModule, evaluate_head
+from .preference import policy_and_reference_sums
+
+
+def minor_sft_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ref_logp: torch.Tensor,
+    beta: float = 0.1,
+    length_normalized: bool = False,
+    loss_mask: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+    num_items: int | torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> LossOutput:
+    """Per sequence i with m_i response tokens and ``Delta_i = sum_t (logp_t - ref_logp_t)``:
+
+    ``L_i = -(2 / (beta * m_i)) * log sigmoid(beta * Delta_i)``, so
+    ``dL_i/dlogp_t = -(2 / m_i) sigmoid(-beta Delta_i)``: the length-normalised SFT gradient at the start (Delta = 0), shrinking as the policy leaves the reference.
+    With ``length_normalized=True``, ``Delta_i`` is divided by m_i and ``L_i = -(2 / beta) log sigmoid(beta
+    Delta_i)``, which keeps that per-token gradient. The loss is the mean of L_i over the sequences with response
+    tokens (or over ``num_items`` sequences).
+
+    ``ref_logp``: the reference policy's log-probs, per token or as per-sequence sums (see ``sequence_logps``).
+    Metrics: ``m_theta = mean_i (1/m_i) sum_t (logp_t - ref_logp_t)`` and ``sft_loss`` (token-mean NLL).
+    """
+    check_positive("beta", beta)
+    if ref_logp is None:
+        raise ValueError("ref_logp is required (per token, or per-sequence sums from sequence_logps)")
+    batch = evaluate_head(
+        hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
+        num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+        backend=backend,
+    )  # fmt: skip
+    batch.require_sequences("minor_sft_loss")
+    policy, reference = policy_and_reference_sums(batch, ref_logp)
+    tokens = batch.seq_tokens()
+    has_tokens = (tokens > 0).to(policy.dtype)
+    lengths = tokens.clamp(min=1)
+    delta = policy - reference
+    if length_normalized:
+        losses = -(2.0 / beta) * F.logsigmoid(beta * delta / lengths)
+    else:
+        losses = -(2.0 / (beta * lengths)) * F.logsigmoid(beta * delta)
+    num_seqs = has_tokens.sum() if num_items is None else num_items
+    loss = divide_by_count((losses * has_tokens).sum(), num_seqs)
+    metrics = {
+        "m_theta": divide_by_count((delta.detach() / lengths * has_tokens).sum(), has_tokens.sum()),
+        "sft_loss": batch.token_mean(-batch.logp),
+    }
+    return LossOutput(loss, metrics)
+
+
+class MinorSFTLoss(ObjectiveModule):
+    """Module form of :func:`minor_sft_loss`: ``loss_fn(hidden, weight, targets, bias=None, *, ref_logp,
+    loss_mask=None, sequence_ids=None, num_sequences=None, num_items=None)``."""
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        length_normalized: bool = False,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        ignore_index: int = -100,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_positive("beta", beta)
+        self.options = dict(
+            beta=beta, length_normalized=length_normalized, temperature=temperature, softcap=softcap,
+            ignore_index=ignore_index, backend=backend,
+        )  # fmt: skip
+
+    def forward(self, hidden, weight, targets, bias=None, *, ref_logp, loss_mask=None, sequence_ids=None,
+                num_sequences=None, num_items=None) -> torch.Tensor:  # fmt: skip
+        return self._finish(
+            minor_sft_loss(
+                hidden,
+                weight,
+                targets,
+                bias,
+                ref_logp=ref_logp,
+                loss_mask=loss_mask,
+                sequence_ids=sequence_ids,
+                num_sequences=num_sequences,
+                num_items=num_items,
+                **self.options,
+            )  # fmt: skip
+        )

@@ -1,0 +1,225 @@
+"""PPO / GRPO / GSPO clipped surrogate with an optional k3 KL term and entropy bonus (LOSSES.md section 5)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._validation import check_non_negative
+from ._tokens import LossOutput, ObjectiveModule, TokenBatch, aggregate, check_aggregation, evaluate_head
+
+LOG_RATIO_LIMIT = 20.0  # log-ratios are clamped to +-20 before exp (as verl does)
+KL_LIMIT = 10.0  # the k3 estimate is clamped to +-10
+IMPORTANCE_SAMPLING = ("token", "sequence")
+
+
+def check_clip_options(epsilon_low: float, epsilon_high: float, dual_clip: float | None) -> None:
+    check_non_negative("epsilon_low", epsilon_low)
+    check_non_negative("epsilon_high", epsilon_high)
+    if epsilon_low >= 1:
+        raise ValueError(f"epsilon_low must be < 1 (the ratio's lower bound is 1 - epsilon_low), got {epsilon_low}")
+    if dual_clip is not None:
+        check_non_negative("dual_clip", dual_clip)
+        if dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1 (or None to turn it off), got {dual_clip}")
+
+
+def log_importance_ratio(batch: TokenBatch, old_logp: torch.Tensor | None, importance_sampling: str) -> torch.Tensor:
+    """Per-token log-ratio log(pi / pi_old) from per-token `old_logp` [N]; with None the rollout policy is the
+    current one (ratio 1, gradient of logp).
+
+    Sequence-level (GSPO): every token of sequence i carries the value log s_i = mean_t (logp_t - old_logp_t) and
+    the gradient of its own logp_t ("GSPO-token" form); with sequence-level advantages and the seq-mean-token-mean
+    aggregation this is exactly the gradient of -mean_i min(s_i A_i, clip(s_i) A_i).
+    """
+    if importance_sampling not in IMPORTANCE_SAMPLING:
+        raise ValueError(f"importance_sampling must be one of {IMPORTANCE_SAMPLING}, got {importance_sampling!r}")
+    log_ratio = batch.logp - (batch.logp.detach() if old_logp is None else old_logp)
+    if importance_sampling == "token":
+        return log_ratio
+    batch.require_sequences("importance_sampling='sequence'")
+    seq_log_ratio = batch.seq_sum(log_ratio.detach() * batch.mask) / batch.seq_tokens().clamp(min=1)
+    return batch.logp - batch.logp.detach() + batch.to_tokens(seq_log_ratio)
+
+
+def clipped_surrogate(
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+    dual_clip: float | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token PPO loss -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), dual-clipped at -c A when A < 0.
+
+    Returns the per-token loss and boolean masks of where each clip is active (for the metrics).
+    """
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high) * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    active = {
+        "ratio": ratio.detach(),
+        "clip_low": (ratio < 1.0 - epsilon_low) & (advantages < 0),
+        "clip_high": (ratio > 1.0 + epsilon_high) & (advantages > 0),
+    }
+    if dual_clip is not None:
+        dual_bound = -dual_clip * advantages
+        active["dual_clip"] = (advantages < 0) & (loss > dual_bound)
+        loss = torch.where(advantages < 0, torch.minimum(loss, dual_bound), loss)
+    return loss, active
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimate of KL(pi || pi_ref): exp(d) - d - 1 with d = ref_logp - logp, d and the result clamped."""
+    delta = (ref_logp - logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    return (torch.exp(delta) - delta - 1.0).clamp(-KL_LIMIT, KL_LIMIT)
+
+
+def policy_metrics(batch: TokenBatch, active: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    metrics = {
+        "clip_frac_low": batch.token_mean(active["clip_low"].to(batch.mask.dtype)),
+        "clip_frac_high": batch.token_mean(active["clip_high"].to(batch.mask.dtype)),
+        "mean_ratio": batch.token_mean(active["ratio"]),
+        "approx_kl": batch.token_mean(k3_kl(batch.logp.detach(), batch.logp.detach() - active["ratio"].log())),
+        "entropy": batch.token_mean(batch.entropy),
+    }
+    if "dual_clip" in active:
+        metrics["dual_clip_frac"] = batch.token_mean(active["dual_clip"].to(batch.mask.dtype))
+    return metrics
+
+
+def grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    dual_clip: float | None = 3.0,
+    beta: float = 0.0,
+    entropy_coef: float = 0.0,
+    importance_sampling: str = "token",
+    aggregation: str = "token-mean",
+    num_items: int | torch.Tensor | None = None,
+    max_response_length: int | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> LossOutput:
+    """PPO / GRPO / GSPO policy loss on the LM head, without the logits.
+
+    Per token: ``l_t = -min(r_t A_t, clip(r_t, 1 - epsilon_low, 1 + epsilon_high) A_t)`` (dual-clipped at
+    ``-dual_clip * A_t`` when ``A_t < 0``) ``+ beta * k3(ref_logp, logp) - entropy_coef * H_t``, aggregated by
+    ``aggregation`` (see :func:`aggregate`). ``r_t = exp(logp_t - old_logp_t)`` per token, or the GSPO sequence ratio
+    ``exp(mean_t(logp_t - old_logp_t))`` with ``importance_sampling="sequence"``.
+
+    Args:
+        advantages: per token (shape of ``targets``) or per sequence (``[num_sequences]``).
+        old_logp: log-probs of the rollout policy (per token); ``None`` means on-policy (ratio 1).
+        ref_logp: reference-policy log-probs (per token); required when ``beta > 0``.
+        loss_mask: 0/1 per token (response tokens); tokens whose target is ``ignore_index`` are excluded too.
+        num_items: global count for the aggregation (tokens for token-mean, sequences otherwise).
+        max_response_length: the Dr. GRPO constant of ``seq-mean-token-sum-norm`` (default: the padded length T).
+
+    Metrics: ``policy_loss``, ``clip_frac_low``, ``clip_frac_high``, ``dual_clip_frac``, ``mean_ratio``,
+    ``approx_kl`` (k3 of the rollout policy vs the current one), ``entropy``, and ``ref_kl`` when ``beta > 0``.
+    """
+    check_clip_options(epsilon_low, epsilon_high, dual_clip)
+    check_non_negative("beta", beta)
+    check_non_negative("entropy_coef", entropy_coef)
+    check_aggregation(aggregation)
+    if advantages is None:
+        raise ValueError("advantages is required (per token or per sequence)")
+    if beta > 0 and ref_logp is None:
+        raise ValueError("ref_logp is required when beta > 0 (the KL term needs the reference log-probs)")
+    batch = evaluate_head(
+        hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
+        num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+        backend=backend,
+    )  # fmt: skip
+    token_advantages = batch.per_token(advantages, "advantages")
+    old_token_logp = None if old_logp is None else batch.per_token(old_logp, "old_logp")
+    log_ratio = log_importance_ratio(batch, old_token_logp, importance_sampling)
+    policy_loss, active = clipped_surrogate(
+        log_ratio, token_advantages, epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip
+    )
+    per_token = policy_loss
+    metrics = policy_metrics(batch, active)
+    if beta > 0:
+        kl = k3_kl(batch.logp, batch.per_token(ref_logp, "ref_logp"))
+        per_token = per_token + beta * kl
+        metrics["ref_kl"] = batch.token_mean(kl)
+    if entropy_coef > 0:
+        per_token = per_token - entropy_coef * batch.entropy
+
+    def reduce(values):
+        return aggregate(values, batch, aggregation, num_items=num_items, max_response_length=max_response_length)
+
+    metrics["policy_loss"] = reduce(policy_loss.detach())
+    return LossOutput(reduce(per_token), metrics)
+
+
+class GRPOLoss(ObjectiveModule):
+    """Module form of :func:`grpo_loss`: options at construction, per-batch tensors at call.
+
+    ``loss_fn(hidden, weight, targets, bias=None, *, advantages, old_logp=None, ref_logp=None, loss_mask=None,
+    sequence_ids=None, num_sequences=None, num_items=None)`` returns the scalar loss; ``loss_fn.metrics`` holds the
+    metrics of the last call.
+    """
+
+    def __init__(
+        self,
+        *,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        dual_clip: float | None = 3.0,
+        beta: float = 0.0,
+        entropy_coef: float = 0.0,
+        importance_sampling: str = "token",
+        aggregation: str = "token-mean",
+        max_response_length: int | None = None,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        ignore_index: int = -100,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_clip_options(epsilon_low, epsilon_high, dual_clip)
+        check_non_negative("beta", beta)
+        check_non_negative("entropy_coef", entropy_coef)
+        check_aggregation(aggregation)
+        if importance_sampling not in IMPORTANCE_SAMPLING:
+            raise ValueError(f"importance_sampling must be one of {IMPORTANCE_SAMPLING}, got {importance_sampling!r}")
+        self.options = dict(
+            epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, beta=beta,
+            entropy_coef=entropy_coef, importance_sampling=importance_sampling, aggregation=aggregation,
+            max_response_length=max_response_length, temperature=temperature, softcap=softcap,
+            ignore_index=ignore_index, backend=backend,
+        )  # fmt: skip
+
+    def forward(self, hidden, weight, targets, bias=None, *, advantages, old_logp=None, ref_logp=None,
+                loss_mask=None, sequence_ids=None, num_sequences=None, num_items=None) -> torch.Tensor:  # fmt: skip
+        return self._finish(
+            grpo_loss(
+                hidden,
+                weight,
+                targets,
+                bias,
+                advantages=advantages,
+                old_logp=old_logp,
+                ref_logp=ref_logp,
+                loss_mask=loss_mask,
+                sequence_ids=sequence_ids,
+                num_sequences=num_sequences,
+                num_items=num_items,
+                **self.options,
+            )  # fmt: skip
+        )

@@ -1,0 +1,184 @@
+"""DPO family (LOSSES.md section 6): sigmoid DPO, IPO and SimPO, with an optional NLL term on the chosen responses.
+
+Layout: a batch of 2P sequences, the P chosen responses first and then the P rejected ones in the same prompt
+order (sequence i is chosen, sequence P + i its rejected twin), in either the [2P, T] or the packed layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from .._reduction import divide_by_count
+from .._validation import check_non_negative, check_positive
+from ._tokens import LossOutput, ObjectiveModule, TokenBatch, evaluate_head
+
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo")
+
+
+def policy_and_reference_sums(batch: TokenBatch, ref_logp: torch.Tensor | None, name: str = "ref_logp"):
+    """Per-sequence sums of logp [S] and of `ref_logp` [S] (given per token or as per-sequence sums)."""
+    policy = batch.seq_sum(batch.logp * batch.mask)
+    if ref_logp is None:
+        return policy, None
+    if ref_logp.shape == batch.shape:
+        reference = batch.seq_sum(batch.per_token(ref_logp, name) * batch.mask)
+    else:
+        reference = batch.per_sequence(ref_logp, name).to(policy.dtype)
+    return policy, reference
+
+
+@torch.no_grad()
+def sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    loss_mask: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Summed log-probs of each sequence's loss tokens [S], through the fused kernel under no_grad.
+
+    Feed it a reference model's hidden states and head to get the ``ref_logp`` of :func:`dpo_loss` and
+    :func:`minor_sft_loss`.
+    """
+    batch = evaluate_head(
+        hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
+        num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+        backend=backend,
+    )  # fmt: skip
+    batch.require_sequences("sequence_logps")
+    return batch.seq_sum(batch.logp * batch.mask)
+
+
+def dpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ref_logp: torch.Tensor | None = None,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    simpo_gamma: float = 0.5,
+    nll_weight: float = 0.0,
+    loss_mask: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+    num_items: int | torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> LossOutput:
+    """Preference loss over chosen/rejected pairs (chosen first, see the module docstring), mean over pairs.
+
+    With ``S`` the summed and ``S_bar`` the length-normalised log-prob of a response (``R``, ``R_bar`` the same
+    for the reference policy):
+
+    - ``"sigmoid"`` (DPO): ``-log sigmoid(beta * ((S_w - R_w) - (S_l - R_l)))``;
+    - ``"ipo"``: ``((S_bar_w - R_bar_w) - (S_bar_l - R_bar_l) - 1 / (2 beta))^2``;
+    - ``"simpo"``: ``-log sigmoid(beta * (S_bar_w - S_bar_l) - simpo_gamma)`` (no reference).
+
+    ``ref_logp`` (per token, or per-sequence sums from :func:`sequence_logps`) is required for sigmoid and IPO.
+    ``nll_weight > 0`` adds that times the token-mean NLL of the chosen responses. ``num_items`` is a global
+    pair count. Metrics: ``preference_loss``, ``nll_loss``, ``reward_chosen``, ``reward_rejected``,
+    ``reward_margin``, ``reward_accuracy`` (rewards: ``beta`` times the policy-reference log-ratio, or
+    ``beta * S_bar`` for SimPO).
+    """
+    if loss_type not in PREFERENCE_LOSSES:
+        raise ValueError(f"loss_type must be one of {PREFERENCE_LOSSES}, got {loss_type!r}")
+    check_positive("beta", beta)
+    check_non_negative("simpo_gamma", simpo_gamma)
+    check_non_negative("nll_weight", nll_weight)
+    if loss_type != "simpo" and ref_logp is None:
+        raise ValueError(f"ref_logp is required for loss_type={loss_type!r} (see sequence_logps)")
+    batch = evaluate_head(
+        hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
+        num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+        backend=backend,
+    )  # fmt: skip
+    batch.require_sequences("dpo_loss")
+    if batch.num_sequences % 2:
+        raise ValueError(
+            f"dpo_loss needs an even number of sequences (P chosen then P rejected), got {batch.num_sequences}"
+        )
+    pairs = batch.num_sequences // 2
+    policy, reference = policy_and_reference_sums(batch, None if loss_type == "simpo" else ref_logp)
+    lengths = batch.seq_tokens().clamp(min=1)
+    if loss_type == "simpo":
+        rewards = beta * policy / lengths
+        losses = -F.logsigmoid(rewards[:pairs] - rewards[pairs:] - simpo_gamma)
+    elif loss_type == "sigmoid":
+        rewards = beta * (policy - reference)
+        losses = -F.logsigmoid(rewards[:pairs] - rewards[pairs:])
+    else:
+        log_ratio = (policy - reference) / lengths
+        rewards = beta * log_ratio
+        losses = (log_ratio[:pairs] - log_ratio[pairs:] - 1.0 / (2.0 * beta)) ** 2
+    preference = divide_by_count(losses.sum(), pairs if num_items is None else num_items)
+
+    chosen = dataclasses.replace(batch, mask=batch.mask * (batch.seq_index < pairs).to(batch.mask.dtype))
+    nll = divide_by_count((-batch.logp * chosen.mask).sum(), chosen.mask.sum())
+    loss = preference + nll_weight * nll if nll_weight > 0 else preference
+    rewards = rewards.detach()
+    metrics = {
+        "preference_loss": preference.detach(),
+        "nll_loss": nll.detach(),
+        "reward_chosen": rewards[:pairs].mean(),
+        "reward_rejected": rewards[pairs:].mean(),
+        "reward_margin": (rewards[:pairs] - rewards[pairs:]).mean(),
+        "reward_accuracy": (rewards[:pairs] > rewards[pairs:]).to(rewards.dtype).mean(),
+    }
+    return LossOutput(loss, metrics)
+
+
+class DPOLoss(ObjectiveModule):
+    """Module form of :func:`dpo_loss`: ``loss_fn(hidden, weight, targets, bias=None, *, ref_logp=None,
+    loss_mask=None, sequence_ids=None, num_sequences=None, num_items=None)``."""
+
+    def __init__(
+        self,
+        *,
+        loss_type: str = "sigmoid",
+        beta: float = 0.1,
+        simpo_gamma: float = 0.5,
+        nll_weight: float = 0.0,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        ignore_index: int = -100,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if loss_type not in PREFERENCE_LOSSES:
+            raise ValueError(f"loss_type must be one of {PREFERENCE_LOSSES}, got {loss_type!r}")
+        check_positive("beta", beta)
+        self.options = dict(
+            loss_type=loss_type, beta=beta, simpo_gamma=simpo_gamma, nll_weight=nll_weight, temperature=temperature,
+            softcap=softcap, ignore_index=ignore_index, backend=backend,
+        )  # fmt: skip
+
+    def forward(self, hidden, weight, targets, bias=None, *, ref_logp=None, loss_mask=None, sequence_ids=None,
+                num_sequences=None, num_items=None) -> torch.Tensor:  # fmt: skip
+        return self._finish(
+            dpo_loss(
+                hidden,
+                weight,
+                targets,
+                bias,
+                ref_logp=ref_logp,
+                loss_mask=loss_mask,
+                sequence_ids=sequence_ids,
+                num_sequences=num_sequences,
+                num_items=num_items,
+                **self.options,
+            )  # fmt: skip
+        )

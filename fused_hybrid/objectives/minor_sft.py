@@ -32,7 +32,8 @@ def minor_sft_loss(
     """Per sequence i with m_i response tokens and ``Delta_i = sum_t (logp_t - ref_logp_t)``:
 
     ``L_i = -(2 / (beta * m_i)) * log sigmoid(beta * Delta_i)``, so
-    ``dL_i/dlogp_t = -(2 / m_i) sigmoid(-beta Delta_i)``: the length-normalised SFT gradient at the start (Delta = 0), shrinking as the policy leaves the reference.
+    ``dL_i/dlogp_t = -(2 / m_i) sigmoid(-beta Delta_i)``: the length-normalised SFT gradient at the start
+    (Delta = 0), shrinking as the policy leaves the reference.
     With ``length_normalized=True``, ``Delta_i`` is divided by m_i and ``L_i = -(2 / beta) log sigmoid(beta
     Delta_i)``, which keeps that per-token gradient. The loss is the mean of L_i over the sequences with response
     tokens (or over ``num_items`` sequences).

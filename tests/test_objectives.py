@@ -1,0 +1,204 @@
+"""Every objective against its naive float64 implementation (tests/naive_objectives.py), on both backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_hybrid
+from tests import naive_objectives as naive
+from tests.reference import assert_close_scaled, grads, leaf64
+
+BACKENDS = ["torch", "triton"]
+B, T, D, V = 6, 7, 16, 37
+
+
+def make_batch(dtype=torch.float32, batch=B, length=T, ignore_fraction=0.2):
+    hidden = torch.randn(batch, length, D).to(dtype).requires_grad_()
+    weight = (torch.randn(V, D) * 2 / D**0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (batch, length))
+    targets[torch.rand(batch, length) < ignore_fraction] = -100
+    loss_mask = (torch.rand(batch, length) > 0.15).long()
+    loss_mask[:, 0] = 0  # a prompt token
+    return hidden, weight, targets, loss_mask
+
+
+def rollout_inputs(targets):
+    return dict(
+        advantages=torch.randn(targets.shape[0]),
+        old_logp=-torch.rand(targets.shape) * 4,
+    )
+
+
+def compare(fused_fn, naive_fn, hidden, weight, targets, rel=1e-4, **kwargs):
+    """Loss and grads of hidden and weight: fused (given dtype) vs naive (float64 copies)."""
+    output = fused_fn(hidden, weight, targets, **kwargs)
+    assert isinstance(output, fused_hybrid.LossOutput)
+    assert output.loss.dim() == 0 and torch.isfinite(output.loss)
+    for name, value in output.metrics.items():
+        assert isinstance(value, torch.Tensor) and not value.requires_grad and value.dim() == 0, name
+    actual = grads(output.loss, [hidden, weight])
+    naive_kwargs = {k: v for k, v in kwargs.items() if k not in ("backend", "num_items")}
+    h64, w64 = leaf64(hidden), leaf64(weight)
+    expected_loss = naive_fn(h64, w64, targets, **naive_kwargs)
+    expected = grads(expected_loss, [h64, w64])
+    assert_close_scaled(output.loss, expected_loss, rel, "loss", atol=1e-6)
+    for name, got, want in zip(("d_hidden", "d_weight"), actual, expected):
+        assert_close_scaled(got, want, rel, name, atol=1e-7)
+    return output
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dft(backend):
+    hidden, weight, targets, loss_mask = make_batch()
+    output = compare(fused_hybrid.dft_loss, naive.dft, hidden, weight, targets, loss_mask=loss_mask, backend=backend)
+    assert 0 < output.metrics["mean_prob"] < 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("aggregation", fused_hybrid.AGGREGATIONS)
+def test_grpo_aggregations(backend, aggregation):
+    hidden, weight, targets, loss_mask = make_batch()
+    compare(fused_hybrid.grpo_loss, naive.grpo, hidden, weight, targets, loss_mask=loss_mask,
+            aggregation=aggregation, backend=backend, **rollout_inputs(targets))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(beta=0.05, entropy_coef=0.01, epsilon_high=0.28),
+        dict(dual_clip=None, epsilon_low=0.1, temperature=0.8),
+        dict(importance_sampling="sequence", epsilon_low=3e-4, epsilon_high=4e-4, aggregation="seq-mean-token-mean"),
+        dict(per_token_advantages=True, softcap=5.0),
+        dict(on_policy=True, entropy_coef=0.02),
+    ],
+)
+def test_grpo_options(backend, options):
+    hidden, weight, targets, loss_mask = make_batch()
+    inputs = rollout_inputs(targets)
+    if options.pop("per_token_advantages", False):
+        inputs["advantages"] = torch.randn(targets.shape)
+    if options.pop("on_policy", False):
+        inputs["old_logp"] = None
+    if options.get("beta"):
+        inputs["ref_logp"] = -torch.rand(targets.shape) * 4
+    output = compare(fused_hybrid.grpo_loss, naive.grpo, hidden, weight, targets, loss_mask=loss_mask,
+                     backend=backend, **inputs, **options)  # fmt: skip
+    assert {"clip_frac_low", "clip_frac_high", "mean_ratio", "approx_kl", "entropy", "policy_loss"} <= set(
+        output.metrics
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("use_phi, cutoff_prob, mu", [(False, 1.0, 0.9), (True, 1.0, 0.1), (True, 0.4, 0.5)])
+def test_chord(backend, use_phi, cutoff_prob, mu):
+    hidden, weight, targets, loss_mask = make_batch()
+    inputs = rollout_inputs(targets)
+    is_expert = torch.tensor([True, False, False, True, False, False])
+    inputs["old_logp"][is_expert] = float("nan")  # expert rows have no rollout policy: must be ignored
+    output = compare(fused_hybrid.chord_loss, naive.chord, hidden, weight, targets, loss_mask=loss_mask,
+                     is_expert=is_expert, mu=mu, use_phi=use_phi, cutoff_prob=cutoff_prob, backend=backend,
+                     **inputs)  # fmt: skip
+    assert output.metrics["mu"] == pytest.approx(mu)
+    if use_phi:
+        assert 0 < output.metrics["mean_phi"] <= 0.25
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type, nll_weight", [("sigmoid", 0.0), ("sigmoid", 0.5), ("ipo", 0.0), ("simpo", 0.2)])
+def test_dpo(backend, loss_type, nll_weight):
+    hidden, weight, targets, loss_mask = make_batch()
+    ref_logp = -torch.rand(targets.shape) * 4
+    output = compare(fused_hybrid.dpo_loss, naive.dpo, hidden, weight, targets, loss_mask=loss_mask,
+                     ref_logp=ref_logp, loss_type=loss_type, nll_weight=nll_weight, backend=backend)  # fmt: skip
+    assert 0 <= output.metrics["reward_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("length_normalized", [False, True])
+def test_minor_sft(backend, length_normalized):
+    hidden, weight, targets, loss_mask = make_batch()
+    ref_logp = -torch.rand(targets.shape) * 4
+    output = compare(fused_hybrid.minor_sft_loss, naive.minor_sft, hidden, weight, targets, loss_mask=loss_mask,
+                     ref_logp=ref_logp, beta=0.3, length_normalized=length_normalized, backend=backend)  # fmt: skip
+    assert torch.isfinite(output.metrics["m_theta"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 0.95, 1.0])
+def test_ift(backend, gamma):
+    hidden, weight, targets, loss_mask = make_batch()
+    compare(fused_hybrid.ift_loss, naive.ift, hidden, weight, targets, loss_mask=loss_mask, gamma=gamma,
+            backend=backend)  # fmt: skip
+
+
+def test_ift_with_gamma_zero_is_sequence_mean_sft():
+    hidden, weight, targets, loss_mask = make_batch()
+    ift = fused_hybrid.ift_loss(hidden, weight, targets, loss_mask=loss_mask, gamma=0.0).loss
+    logp = fused_hybrid.linear_logprobs(hidden, weight, targets)
+    mask = (targets != -100) & loss_mask.bool()
+    per_seq = [(-logp[i][mask[i]]).mean() for i in range(B) if mask[i].any()]
+    assert_close_scaled(ift, torch.stack(per_seq).mean(), 1e-6)
+
+
+def test_minor_sft_gradient_equals_length_normalised_sft_at_the_reference():
+    hidden, weight, targets, loss_mask = make_batch()
+    with torch.no_grad():
+        ref_logp = fused_hybrid.linear_logprobs(hidden, weight, targets)
+    minor = fused_hybrid.minor_sft_loss(hidden, weight, targets, ref_logp=ref_logp, loss_mask=loss_mask).loss
+    logp = fused_hybrid.linear_logprobs(hidden, weight, targets)
+    mask = ((targets != -100) & loss_mask.bool()).float()
+    sft = ((-logp * mask).sum(-1) / mask.sum(-1).clamp(min=1))[mask.sum(-1) > 0].mean()
+    for got, want in zip(grads(minor, [hidden, weight]), grads(sft, [hidden, weight])):
+        assert_close_scaled(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["dft", "grpo", "chord", "dpo", "minor_sft", "ift"])
+def test_bf16_against_float64(backend, name):
+    hidden, weight, targets, loss_mask = make_batch(torch.bfloat16)
+    ref_logp = -torch.rand(targets.shape) * 4
+    extra = {
+        "dft": {},
+        "grpo": rollout_inputs(targets),
+        "chord": dict(is_expert=torch.arange(B) % 3 == 0, mu=0.3, use_phi=True, **rollout_inputs(targets)),
+        "dpo": dict(ref_logp=ref_logp),
+        "minor_sft": dict(ref_logp=ref_logp),
+        "ift": {},
+    }[name]
+    compare(getattr(fused_hybrid, f"{name}_loss"), getattr(naive, name), hidden, weight, targets, rel=4e-2,
+            loss_mask=loss_mask, backend=backend, **extra)  # fmt: skip
+
+
+def test_packed_layout_equals_padded_layout():
+    hidden, weight, targets, loss_mask = make_batch()
+    inputs = rollout_inputs(targets)
+    padded = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=loss_mask, aggregation="seq-mean-token-mean",
+                                    importance_sampling="sequence", **inputs).loss  # fmt: skip
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[2] = T
+    keep = torch.arange(T)[None, :] < lengths[:, None]
+    full_mask = loss_mask * keep  # tokens beyond each length are padding: not in the loss either way
+    padded = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=full_mask, aggregation="seq-mean-token-mean",
+                                    importance_sampling="sequence", **inputs).loss  # fmt: skip
+    packed = fused_hybrid.grpo_loss(
+        hidden[keep], weight, targets[keep], loss_mask=full_mask[keep], sequence_ids=torch.arange(B)[:, None]
+        .expand(B, T)[keep], num_sequences=B, aggregation="seq-mean-token-mean", importance_sampling="sequence",
+        advantages=inputs["advantages"], old_logp=inputs["old_logp"][keep],
+    ).loss  # fmt: skip
+    assert_close_scaled(packed, padded, 1e-6)
+
+
+def test_sequence_logps_helper_matches_sums():
+    hidden, weight, targets, loss_mask = make_batch()
+    sums = fused_hybrid.sequence_logps(hidden, weight, targets, loss_mask=loss_mask)
+    assert not sums.requires_grad
+    logp = fused_hybrid.linear_logprobs(hidden, weight, targets).detach()
+    assert_close_scaled(sums, (logp * loss_mask).sum(-1), 1e-6)
+    # per-sequence sums and per-token reference log-probs give the same DPO loss
+    ref_tokens = -torch.rand(targets.shape) * 3
+    ref_sums = (ref_tokens * ((targets != -100) & loss_mask.bool())).sum(-1)
+    by_tokens = fused_hybrid.dpo_loss(hidden, weight, targets, loss_mask=loss_mask, ref_logp=ref_tokens).loss
+    by_sums = fused_hybrid.dpo_loss(hidden, weight, targets, loss_mask=loss_mask, ref_logp=ref_sums).loss
+    assert_close_scaled(by_sums, by_tokens, 1e-6)

@@ -114,15 +114,21 @@ def dpo(hidden, weight, targets, *, ref_logp=None, loss_type="sigmoid", beta=0.1
     pairs = len(sums) // 2
     losses = []
     for i in range(pairs):
-        w, l = i, pairs + i
+        chosen, rejected = i, pairs + i
         if loss_type == "sigmoid":
-            h = beta * ((sums[w] - ref_sums[w]) - (sums[l] - ref_sums[l]))
+            h = beta * ((sums[chosen] - ref_sums[chosen]) - (sums[rejected] - ref_sums[rejected]))
             losses.append(-F.logsigmoid(h))
         elif loss_type == "ipo":
-            h = (sums[w] - ref_sums[w]) / lengths[w] - (sums[l] - ref_sums[l]) / lengths[l]
+            h = (sums[chosen] - ref_sums[chosen]) / lengths[chosen] - (sums[rejected] - ref_sums[rejected]) / lengths[
+                rejected
+            ]
             losses.append((h - 1 / (2 * beta)) ** 2)
         else:
-            losses.append(-F.logsigmoid(beta * (sums[w] / lengths[w] - sums[l] / lengths[l]) - simpo_gamma))
+            losses.append(
+                -F.logsigmoid(
+                    beta * (sums[chosen] / lengths[chosen] - sums[rejected] / lengths[rejected]) - simpo_gamma
+                )
+            )
     loss = sum(losses) / pairs
     if nll_weight > 0:
         chosen_tokens = sum(lengths[:pairs])

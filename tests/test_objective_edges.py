@@ -1,0 +1,302 @@
+"""Objectives at the edges: extreme ratios, single-token and all-masked sequences, zero advantages, gradient
+accumulation with global normalisers, the mu schedule, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fused_hybrid
+from tests import naive_objectives as naive
+from tests.reference import assert_close_scaled, grads, leaf64
+from tests.test_objectives import B, T, compare, make_batch, rollout_inputs
+
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
+def test_extreme_log_ratios(backend, importance_sampling):
+    hidden, weight, targets, loss_mask = make_batch()
+    with torch.no_grad():
+        logp = fused_hybrid.linear_logprobs(hidden, weight, targets)
+    shift = torch.where(torch.rand(targets.shape) < 0.5, 30.0, -30.0)  # log-ratios beyond +-20
+    shift[:, :3] = torch.tensor([2.0, -1.5, 1.4])  # ratios e^2 and e^1.4 > dual_clip = 3 with A < 0
+    advantages = torch.tensor([-1.0, 1.0, -2.0, 0.5, -0.7, 1.3])
+    output = compare(fused_hybrid.grpo_loss, naive.grpo, hidden, weight, targets, loss_mask=loss_mask,
+                     advantages=advantages, old_logp=logp - shift, importance_sampling=importance_sampling,
+                     backend=backend, beta=0.1, ref_logp=logp + shift)  # fmt: skip
+    if importance_sampling == "token":
+        assert output.metrics["dual_clip_frac"] > 0
+        assert output.metrics["clip_frac_low"] > 0 and output.metrics["clip_frac_high"] > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_token_sequences(backend):
+    hidden, weight, targets, _ = make_batch()
+    loss_mask = torch.zeros(targets.shape, dtype=torch.long)
+    loss_mask[torch.arange(B), torch.randint(0, T, (B,))] = 1
+    targets = targets.clamp(min=0)  # the one kept token of each sequence is a real target
+    for name, extra in [
+        ("grpo", dict(aggregation="seq-mean-token-mean", importance_sampling="sequence", **rollout_inputs(targets))),
+        ("ift", dict(gamma=0.9)),
+        ("minor_sft", dict(ref_logp=-torch.rand(targets.shape))),
+        ("dpo", dict(ref_logp=-torch.rand(targets.shape), loss_type="ipo")),
+    ]:
+        compare(getattr(fused_hybrid, f"{name}_loss"), getattr(naive, name), hidden, weight, targets,
+                loss_mask=loss_mask, backend=backend, **extra)  # fmt: skip
+
+
+def all_objectives(targets):
+    ref_logp = -torch.rand(targets.shape) * 2
+    return {
+        "dft": {},
+        "grpo": dict(
+            aggregation="seq-mean-token-mean", beta=0.1, ref_logp=ref_logp, entropy_coef=0.01, **rollout_inputs(targets)
+        ),  # fmt: skip
+        "chord": dict(is_expert=torch.arange(B) % 2 == 0, mu=0.5, use_phi=True, **rollout_inputs(targets)),
+        "dpo": dict(ref_logp=ref_logp, nll_weight=0.1),
+        "minor_sft": dict(ref_logp=ref_logp),
+        "ift": {},
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_masked_sequences_are_finite_and_excluded(backend):
+    hidden, weight, targets, loss_mask = make_batch()
+    loss_mask[1] = 0
+    loss_mask[4] = 0
+    for name, extra in all_objectives(targets).items():
+        output = compare(getattr(fused_hybrid, f"{name}_loss"), getattr(naive, name), hidden, weight, targets,
+                         loss_mask=loss_mask, backend=backend, **extra)  # fmt: skip
+        for value in output.metrics.values():
+            assert torch.isfinite(value)
+        d_hidden = grads(
+            getattr(fused_hybrid, f"{name}_loss")(
+                hidden, weight, targets, loss_mask=loss_mask, backend=backend, **extra
+            ).loss,
+            [hidden],
+        )[0]
+        assert (d_hidden[1] == 0).all() and (d_hidden[4] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_masked_batch_gives_zero_loss_and_zero_grads(backend):
+    hidden, weight, targets, _ = make_batch()
+    loss_mask = torch.zeros(targets.shape)
+    for name, extra in all_objectives(targets).items():
+        output = getattr(fused_hybrid, f"{name}_loss")(hidden, weight, targets, loss_mask=loss_mask,
+                                                        backend=backend, **extra)  # fmt: skip
+        assert output.loss.item() == 0.0 or name == "dpo", name
+        for value in output.metrics.values():
+            assert torch.isfinite(value), name
+        for g in grads(output.loss, [hidden, weight]):
+            assert torch.isfinite(g).all() and (g == 0).all(), name
+
+
+def test_dpo_on_empty_responses_is_finite():
+    hidden, weight, targets, _ = make_batch()
+    output = fused_hybrid.dpo_loss(hidden, weight, targets, loss_mask=torch.zeros(targets.shape), loss_type="simpo")
+    assert output.loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(0.5))))  # -log sigmoid(-gamma)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_advantages_give_zero_gradients(backend):
+    hidden, weight, targets, loss_mask = make_batch()
+    inputs = rollout_inputs(targets)
+    inputs["advantages"] = torch.zeros(B)
+    output = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=loss_mask, backend=backend, **inputs)
+    assert output.loss.item() == 0.0
+    for g in grads(output.loss, [hidden, weight]):
+        assert (g == 0).all()
+
+
+def split_batch(parts, *tensors):
+    """Split [B, ...] tensors (or None) into micro-batches of whole sequences."""
+    return [[None if t is None else t[part] for t in tensors] for part in parts]
+
+
+@pytest.mark.parametrize("aggregation", fused_hybrid.AGGREGATIONS)
+def test_grpo_micro_batches_with_global_normaliser_equal_full_batch(aggregation):
+    hidden, weight, targets, loss_mask = make_batch()
+    inputs = rollout_inputs(targets)
+    full = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=loss_mask, aggregation=aggregation, **inputs).loss
+    full_grads = grads(full, [hidden, weight])
+    mask = (targets != -100) & loss_mask.bool()
+    num_items = mask.sum() if aggregation == "token-mean" else (mask.sum(-1) > 0).sum()
+    parts = [slice(0, 2), slice(2, 5), slice(5, B)]
+    total = 0
+    for h, y, m, a, o in split_batch(parts, hidden, targets, loss_mask, inputs["advantages"], inputs["old_logp"]):
+        total = total + fused_hybrid.grpo_loss(h, weight, y, loss_mask=m, advantages=a, old_logp=o,
+                                               aggregation=aggregation, num_items=num_items).loss  # fmt: skip
+    assert_close_scaled(total, full, 1e-5, atol=1e-6)
+    for got, want in zip(grads(total, [hidden, weight]), full_grads):
+        assert_close_scaled(got, want, 1e-5)
+
+
+def test_other_objectives_accumulate_with_global_normalisers():
+    hidden, weight, targets, loss_mask = make_batch()
+    mask = (targets != -100) & loss_mask.bool()
+    ref_logp = -torch.rand(targets.shape)
+    is_expert = torch.arange(B) % 2 == 0
+    inputs = rollout_inputs(targets)
+    pair_parts = [[0, 3], [1, 2, 4, 5]]  # DPO micro-batches keep pairs together (chosen i, rejected i + 3)
+    seq_parts = [slice(0, 2), slice(2, B)]
+    cases = {
+        "dft": (dict(num_items=mask.sum()), {}, seq_parts),
+        "minor_sft": (dict(num_items=(mask.sum(-1) > 0).sum()), dict(ref_logp=ref_logp), seq_parts),
+        "ift": (dict(num_items=(mask.sum(-1) > 0).sum()), {}, seq_parts),
+        "dpo": (dict(num_items=B // 2), dict(ref_logp=ref_logp), pair_parts),
+        "chord": (
+            dict(num_rollout_tokens=mask[~is_expert].sum(), num_expert_tokens=mask[is_expert].sum()),
+            dict(is_expert=is_expert, mu=0.4, use_phi=True, **inputs),
+            seq_parts,
+        ),
+    }
+    for name, (normalisers, per_batch, parts) in cases.items():
+        fn = getattr(fused_hybrid, f"{name}_loss")
+        full = fn(hidden, weight, targets, loss_mask=loss_mask, **per_batch).loss
+        total = 0
+        for part in parts:
+            sliced = {k: v[part] if isinstance(v, torch.Tensor) else v for k, v in per_batch.items()}
+            total = total + fn(hidden[part], weight, targets[part], loss_mask=loss_mask[part], **sliced,
+                               **normalisers).loss  # fmt: skip
+        assert_close_scaled(total, full, 1e-5, name, atol=1e-6)
+        for got, want in zip(grads(total, [hidden, weight]), grads(full, [hidden, weight])):
+            assert_close_scaled(got, want, 1e-5, name)
+
+
+def test_mu_schedule_breakpoints():
+    schedule = fused_hybrid.MuSchedule(warmup_steps=10, decay_steps=20, peak=0.8, valley=0.1)
+    assert schedule(0) == 0.0
+    assert schedule(5) == pytest.approx(0.4)
+    assert schedule(10) == pytest.approx(0.8)
+    assert schedule(20) == pytest.approx(0.45)  # half-way down the cosine
+    assert schedule(30) == pytest.approx(0.1)
+    assert schedule(1000) == pytest.approx(0.1)
+    assert fused_hybrid.MuSchedule(0, 0, 0.9, 0.05)(0) == pytest.approx(0.05)
+    chord_mu = fused_hybrid.CHORDLoss.chord_mu()
+    assert chord_mu.mu_at(0) == pytest.approx(0.9) and chord_mu.mu_at(200) == pytest.approx(0.05)
+    assert chord_mu.mu_at(100) == pytest.approx(0.475)
+    chord_phi = fused_hybrid.CHORDLoss.chord_phi()
+    assert chord_phi.mu_at(None) == 0.1 and chord_phi.options["use_phi"]
+
+
+def test_modules_return_the_loss_and_keep_metrics():
+    hidden, weight, targets, loss_mask = make_batch()
+    inputs = rollout_inputs(targets)
+    loss_fn = fused_hybrid.CHORDLoss.chord_mu()
+    loss = loss_fn(hidden, weight, targets, loss_mask=loss_mask, is_expert=torch.arange(B) < 2, step=50, **inputs)
+    expected = fused_hybrid.chord_loss(hidden, weight, targets, loss_mask=loss_mask, is_expert=torch.arange(B) < 2,
+                                       mu=loss_fn.mu_at(50), **inputs)  # fmt: skip
+    assert torch.equal(loss, expected.loss)
+    assert loss_fn.metrics.keys() == expected.metrics.keys()
+    assert loss_fn.metrics["mu"] == pytest.approx(loss_fn.mu_at(50))
+    modules = [
+        (fused_hybrid.DFTLoss(), {}),
+        (fused_hybrid.GRPOLoss(aggregation="seq-mean-token-sum"), inputs),
+        (fused_hybrid.DPOLoss(loss_type="simpo"), {}),
+        (fused_hybrid.MinorSFTLoss(), dict(ref_logp=-torch.rand(targets.shape))),
+        (fused_hybrid.IFTLoss(gamma=0.5), {}),
+    ]
+    for module, extra in modules:
+        value = module(hidden, weight, targets, loss_mask=loss_mask, **extra)
+        assert value.dim() == 0 and value.requires_grad and module.metrics
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda b: fused_hybrid.grpo_loss(*b, advantages=None), ValueError, "advantages is required"),
+        (lambda b: fused_hybrid.grpo_loss(*b, advantages=torch.randn(B), beta=0.1), ValueError, "ref_logp is required"),
+        (lambda b: fused_hybrid.grpo_loss(*b, advantages=torch.randn(B + 1)), ValueError, "advantages must have shape"),
+        (
+            lambda b: fused_hybrid.grpo_loss(*b, advantages=torch.randn(B), old_logp=torch.randn(B, T + 1)),
+            ValueError,
+            "old_logp must have shape",
+        ),
+        (lambda b: fused_hybrid.grpo_loss(*b, advantages=torch.randn(B), epsilon_low=-0.1), ValueError, "epsilon_low"),
+        (
+            lambda b: fused_hybrid.grpo_loss(*b, advantages=torch.randn(B), epsilon_high=-1.0),
+            ValueError,
+            "epsilon_high",
+        ),
+        (lambda b: fused_hybrid.grpo_loss(*b, advantages=torch.randn(B), beta=-1.0), ValueError, "beta"),
+        (lambda b: fused_hybrid.grpo_loss(*b, advantages=torch.randn(B), dual_clip=0.5), ValueError, "dual_clip"),
+        (
+            lambda b: fused_hybrid.grpo_loss(*b, advantages=torch.randn(B), aggregation="mean"),
+            ValueError,
+            "aggregation must be one of",
+        ),
+        (
+            lambda b: fused_hybrid.grpo_loss(*b, advantages=torch.randn(B), importance_sampling="seq"),
+            ValueError,
+            "importance_sampling must be one of",
+        ),
+        (
+            lambda b: fused_hybrid.grpo_loss(
+                b[0][0], b[1], b[2][0], advantages=torch.randn(T), importance_sampling="sequence"
+            ),
+            ValueError,
+            "needs sequences",
+        ),
+        (
+            lambda b: fused_hybrid.chord_loss(
+                *b, is_expert=torch.ones(B, dtype=torch.bool), mu=1.5, advantages=torch.randn(B)
+            ),
+            ValueError,
+            "mu must lie in [0, 1]",
+        ),
+        (
+            lambda b: fused_hybrid.chord_loss(*b, is_expert=torch.ones(B, dtype=torch.bool), mu=0.5),
+            ValueError,
+            "advantages is required",
+        ),
+        (
+            lambda b: fused_hybrid.chord_loss(*b, is_expert=torch.ones(B + 1), mu=0.5, advantages=torch.randn(B)),
+            ValueError,
+            "is_expert must have shape",
+        ),
+        (
+            lambda b: fused_hybrid.dpo_loss(b[0][:5], b[1], b[2][:5], loss_type="simpo"),
+            ValueError,
+            "even number of sequences",
+        ),
+        (lambda b: fused_hybrid.dpo_loss(*b), ValueError, "ref_logp is required"),
+        (lambda b: fused_hybrid.dpo_loss(*b, loss_type="kto", ref_logp=torch.randn(B)), ValueError, "loss_type"),
+        (lambda b: fused_hybrid.dpo_loss(*b, beta=-0.1, ref_logp=torch.randn(B)), ValueError, "beta"),
+        (lambda b: fused_hybrid.minor_sft_loss(*b, ref_logp=None), ValueError, "ref_logp is required"),
+        (lambda b: fused_hybrid.minor_sft_loss(*b, ref_logp=torch.randn(B), beta=0.0), ValueError, "beta"),
+        (lambda b: fused_hybrid.ift_loss(*b, gamma=1.5), ValueError, "gamma"),
+        (lambda b: fused_hybrid.dft_loss(*b, reduction="batchmean"), ValueError, "reduction must be one of"),
+        (lambda b: fused_hybrid.dft_loss(*b, loss_mask=torch.ones(B, T + 1)), ValueError, "loss_mask must have"),
+        (lambda b: fused_hybrid.MuSchedule(warmup_steps=-1), ValueError, "warmup_steps"),
+        (lambda b: fused_hybrid.MuSchedule(peak=1.2), ValueError, "peak must lie in [0, 1]"),
+        (
+            lambda b: fused_hybrid.CHORDLoss.chord_mu()(
+                *b, is_expert=torch.ones(B, dtype=torch.bool), advantages=torch.randn(B)
+            ),
+            ValueError,
+            "step is required",
+        ),
+    ],
+)
+def test_bad_input_is_named(call, error, words):
+    hidden, weight, targets, _ = make_batch()
+    with pytest.raises(error) as info:
+        call((hidden, weight, targets))
+    assert words in str(info.value)
+
+
+def test_grpo_on_policy_first_step_matches_reinforce_gradient():
+    """With old_logp = None the ratio is 1: the gradient is that of -A * logp (token-mean)."""
+    hidden, weight, targets, loss_mask = make_batch()
+    advantages = torch.randn(B)
+    grpo = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=loss_mask, advantages=advantages).loss
+    h64, w64 = leaf64(hidden), leaf64(weight)
+    logp, _, mask = naive.token_terms(h64, w64, targets, loss_mask)
+    reinforce = -(advantages.double()[:, None] * logp)[mask].sum() / mask.sum()
+    for got, want in zip(grads(grpo, [hidden, weight]), grads(reinforce, [h64, w64])):
+        assert_close_scaled(got, want, 1e-4)

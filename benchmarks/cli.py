@@ -1,0 +1,210 @@
+"""`fused-hybrid bench` / `python -m benchmarks`: the side-by-side speed and memory suite.
+
+With no arguments it runs a quick sweep sized for the device it finds: the tiny head on a CPU, the Llama-3-8B head
+(D 4096, V 128256) in bf16 on a GPU. Each run writes results.json, results.md and one PNG per objective and shape
+under <out>/<device>-<date>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from pathlib import Path
+
+import torch
+
+from . import report
+from .measure import fp32_reference, matmul_floor_ms, max_errors, peak_workspace_bytes, time_loss
+from .problems import DTYPES, OBJECTIVES, PRESETS, make_problem
+from .providers import PROVIDERS
+
+MAX_SWEEP_TOKENS = 1 << 20
+REFERENCE_MAX_LOGITS = 1 << 31  # above this many logits the fp32 reference is the chunked backend, not naive
+
+
+def parse_names(text: str, valid, what: str, parser: argparse.ArgumentParser) -> list[str]:
+    names = list(valid) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        parser.error(f"unknown {what} {', '.join(map(repr, unknown))}; valid: {', '.join(valid)} (or 'all')")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    on_gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(prog="fused-hybrid bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--objectives", default="all", help=f"comma list of {', '.join(OBJECTIVES)}, or all")
+    shapes = ", ".join(f"{name} (D {dim}, V {vocab})" for name, (dim, vocab) in PRESETS.items())
+    parser.add_argument("--presets", default="llama3-8b" if on_gpu else "tiny", help=f"comma list of: {shapes}")
+    parser.add_argument("--tokens", default="4096,16384,65536" if on_gpu else "256,1024",
+                        help="comma list of token counts N")  # fmt: skip
+    parser.add_argument("--until-oom", action="store_true",
+                        help=f"keep doubling N past the list until every provider runs out of memory "
+                             f"(at most {MAX_SWEEP_TOKENS})")  # fmt: skip
+    parser.add_argument("--providers", default="all", help=f"comma list of {', '.join(PROVIDERS)}, or all")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if on_gpu else "float32")
+    parser.add_argument("--seq-len", type=int, default=1024 if on_gpu else 64,
+                        help="tokens per sequence (the sequence objectives use N / seq-len sequences)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=10 if on_gpu else 3)
+    parser.add_argument("--warmup", type=int, default=3 if on_gpu else 1)
+    parser.add_argument("--device", default="cuda" if on_gpu else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results") if Path("benchmarks").is_dir()
+                        else Path("fused-hybrid-results"), help="results folder (a subfolder per run)")  # fmt: skip
+    parser.add_argument(
+        "--long-context",
+        action="store_true",
+        help="also run the long-context experiment (real architectures, one training step)",
+    )
+    parser.add_argument("--long-context-only", action="store_true", help="run only the long-context experiment")
+    return parser
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_row(provider, losses, problems, reference, floors, args, device) -> dict:
+    row = {"provider": provider.name, "status": "ok"}
+    reason = provider.unavailable_reason(device)
+    objective = problems[0].objective
+    if reason is None and objective not in losses:
+        reason = f"does not support {objective}"
+    if reason is None and isinstance(losses[objective], str):
+        reason = losses[objective]
+    if reason is not None:
+        row["status"] = reason
+        return row
+    loss_fn = losses[objective]
+    try:
+        timing = time_loss(loss_fn, problems, repeats=args.repeats, warmup=args.warmup, device=device)
+        row.update(forward_ms=timing.forward_ms, backward_ms=timing.backward_ms, fwd_bwd_ms=timing.fwd_bwd_ms)
+        row["peak_bytes"] = peak_workspace_bytes(loss_fn, problems[0], device)
+        if reference is not None:
+            row["errors"] = max_errors(loss_fn, problems[0], reference)
+        if floors is not None:
+            row["x_floor"] = timing.fwd_bwd_ms / floors[1]
+            row["forward_x_matmul"] = timing.forward_ms / floors[0]
+    except torch.OutOfMemoryError:
+        row = {"provider": provider.name, "status": "OOM"}
+    except Exception as error:  # recorded, never silently dropped
+        row = {"provider": provider.name, "status": f"error: {type(error).__name__}: {str(error)[:200]}"}
+    for problem in problems:
+        problem.zero_grad()
+    free_memory(device)
+    return row
+
+
+def sweep(args, device, providers, objectives, presets, token_counts) -> list[dict]:
+    dtype = DTYPES[args.dtype]
+    built = {}
+    for provider in providers:
+        if provider.unavailable_reason(device) is None:
+            built[provider.name] = provider.build(device)
+    rows = []
+    for preset in presets:
+        dim, vocab = PRESETS[preset]
+        for objective in objectives:
+            out_of_memory: set[str] = set()
+            counts = list(token_counts)
+            index = 0
+            while index < len(counts):
+                tokens = counts[index]
+                index += 1
+                try:
+                    first = make_problem(objective, tokens, dim, vocab, dtype=dtype, device=device,
+                                         seq_len=args.seq_len, seed=1)  # fmt: skip
+                    second = make_problem(objective, tokens, dim, vocab, dtype=dtype, device=device,
+                                          seq_len=args.seq_len, seed=2, weight=first.weight)  # fmt: skip
+                    problems = [first, second]
+                except torch.OutOfMemoryError:
+                    rows += [dict(preset=preset, objective=objective, tokens=tokens, provider=p.name, status="OOM "
+                                  "(inputs)", dim=dim, vocab=vocab, dtype=args.dtype) for p in providers]  # fmt: skip
+                    break
+                floors = None
+                try:
+                    floors = matmul_floor_ms(first, repeats=args.repeats, warmup=args.warmup, device=device)
+                except torch.OutOfMemoryError:
+                    free_memory(device)
+                reference = None
+                reference_fn = fused_reference(built, objective, tokens * vocab)
+                try:
+                    reference = fp32_reference(reference_fn, first)
+                except torch.OutOfMemoryError:
+                    free_memory(device)
+                group = []
+                for provider in providers:
+                    if provider.name in out_of_memory:
+                        row = {"provider": provider.name, "status": "OOM (at a smaller N)"}
+                    else:
+                        row = measure_row(provider, built.get(provider.name, {}), problems, reference, floors,
+                                          args, device)  # fmt: skip
+                        if row["status"] == "OOM":
+                            out_of_memory.add(provider.name)
+                    row.update(preset=preset, objective=objective, tokens=first.num_tokens, dim=dim, vocab=vocab,
+                               dtype=args.dtype, floor_matmul_ms=None if floors is None else floors[0],
+                               floor_three_matmuls_ms=None if floors is None else floors[1])  # fmt: skip
+                    group.append(row)
+                    print(_progress(row), flush=True)
+                fused = next((r for r in group if r["provider"] == "fused-hybrid" and "fwd_bwd_ms" in r), None)
+                for row in group:
+                    if fused is not None and "fwd_bwd_ms" in row:
+                        row["x_fused_hybrid"] = row["fwd_bwd_ms"] / fused["fwd_bwd_ms"]
+                rows += group
+                del problems, first, second, reference
+                free_memory(device)
+                runnable = {p.name for p in providers if p.name in built}
+                if args.until_oom and index == len(counts) and runnable - out_of_memory and tokens < MAX_SWEEP_TOKENS:
+                    counts.append(tokens * 2)
+    return rows
+
+
+def fused_reference(built: dict, objective: str, num_logits: int):
+    """The fp32 reference: naive full logits where they fit, else the chunked backend (tested against float64)."""
+    from .providers import fused_hybrid_losses
+
+    backend = "reference" if num_logits <= REFERENCE_MAX_LOGITS else "torch"
+    return fused_hybrid_losses(backend)[objective]
+
+
+def _progress(row: dict) -> str:
+    figures = ""
+    if "fwd_bwd_ms" in row:
+        figures = f" {row['fwd_bwd_ms']:9.2f} ms"
+        if row.get("peak_bytes") is not None:
+            figures += f" {row['peak_bytes'] / 2**20:9.0f} MiB"
+    where = f"{row['preset']:>12} {row['objective']:>16} N={row['tokens']:<7}"
+    return f"{where} {row['provider']:>20}{figures}  {row['status']}"
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    objectives = parse_names(args.objectives, OBJECTIVES, "objective", parser)
+    presets = parse_names(args.presets, list(PRESETS), "preset", parser)
+    providers = [PROVIDERS[n] for n in parse_names(args.providers, list(PROVIDERS), "provider", parser)]
+    try:
+        token_counts = [int(n) for n in args.tokens.split(",")]
+    except ValueError:
+        parser.error(f"--tokens must be a comma list of integers, got {args.tokens!r}")
+    if any(n < 1 for n in token_counts):
+        parser.error("--tokens must be positive")
+    device = torch.device(args.device)
+
+    env = report.environment(device)
+    print(f"fused-hybrid bench on {env['device']}", flush=True)
+    rows = [] if args.long_context_only else sweep(args, device, providers, objectives, presets, token_counts)
+    long_context = None
+    if args.long_context or args.long_context_only:
+        from .long_context import run_long_context
+
+        long_context = run_long_context(device)
+    folder = report.run_folder(args.out, device)
+    report.write(folder, env, rows, long_context)
+    print(f"results written to {folder}")
+
+
+if __name__ == "__main__":
+    main()

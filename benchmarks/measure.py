@@ -1,0 +1,144 @@
+"""How it is measured: median times with device events after warm-up over rotated inputs, peak memory beyond
+the inputs and required gradients, the cuBLAS matmul floor, and errors against an fp32 reference."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .problems import Problem
+
+FLOOR_CHUNK_TOKENS = 8192  # the floor's logits are computed in row chunks so that it fits wherever the losses do
+
+
+class Timer:
+    """Marks on the device's timeline (CUDA events) or the host clock (CPU); read after a synchronise."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def elapsed_ms(self, start, end) -> float:
+        if self.cuda:
+            return start.elapsed_time(end)
+        return (end - start) * 1e3
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+@dataclass
+class Timing:
+    forward_ms: float
+    backward_ms: float
+    fwd_bwd_ms: float
+
+
+def time_loss(loss_fn, problems: list[Problem], *, repeats: int, warmup: int, device: torch.device) -> Timing:
+    """Median forward, backward and fwd+bwd over `repeats` steps, cycling through `problems`."""
+    timer = Timer(device)
+    for step in range(warmup):
+        problem = problems[step % len(problems)]
+        loss_fn(problem).backward()
+        problem.zero_grad()
+    timer.synchronize()
+    marks = []
+    for step in range(repeats):
+        problem = problems[step % len(problems)]
+        start = timer.mark()
+        loss = loss_fn(problem)
+        middle = timer.mark()
+        loss.backward()
+        end = timer.mark()
+        timer.synchronize()
+        marks.append((start, middle, end))
+        problem.zero_grad()
+        del loss
+    forward = [timer.elapsed_ms(a, b) for a, b, _ in marks]
+    backward = [timer.elapsed_ms(b, c) for _, b, c in marks]
+    total = [timer.elapsed_ms(a, c) for a, _, c in marks]
+    return Timing(statistics.median(forward), statistics.median(backward), statistics.median(total))
+
+
+def peak_workspace_bytes(loss_fn, problem: Problem, device: torch.device) -> int | None:
+    """Peak bytes a fwd+bwd allocates beyond its inputs and the gradients it must return (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    problem.zero_grad()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss_fn(problem).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    gradient_bytes = sum(t.grad.numel() * t.grad.element_size() for t in (problem.hidden, problem.weight))
+    problem.zero_grad()
+    return max(0, peak - baseline - gradient_bytes)
+
+
+def matmul_floor_ms(problem: Problem, *, repeats: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """(one N x D x V matmul, the three of loss + both gradients) in ms, cuBLAS in the inputs' dtype."""
+    hidden = problem.hidden.detach().reshape(-1, problem.hidden.shape[-1])
+    weight = problem.weight.detach()
+    rows = min(FLOOR_CHUNK_TOKENS, hidden.shape[0])
+    logits = torch.empty(rows, weight.shape[0], dtype=hidden.dtype, device=device)
+    d_hidden = torch.empty(rows, hidden.shape[1], dtype=hidden.dtype, device=device)
+    d_weight = torch.empty_like(weight)
+    timer = Timer(device)
+
+    def run(three: bool):
+        for start in range(0, hidden.shape[0], rows):
+            chunk = hidden[start : start + rows]
+            out = logits[: chunk.shape[0]]
+            torch.mm(chunk, weight.T, out=out)
+            if three:
+                torch.mm(out, weight, out=d_hidden[: chunk.shape[0]])
+                torch.mm(out.T, chunk, out=d_weight)
+
+    results = []
+    for three in (False, True):
+        for _ in range(warmup):
+            run(three)
+        timer.synchronize()
+        times = []
+        for _ in range(repeats):
+            start = timer.mark()
+            run(three)
+            end = timer.mark()
+            timer.synchronize()
+            times.append(timer.elapsed_ms(start, end))
+        results.append(statistics.median(times))
+    return results[0], results[1]
+
+
+def max_errors(loss_fn, problem: Problem, reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Relative max-abs errors of loss, dhidden and dweight against `reference` (same keys)."""
+    problem.zero_grad()
+    loss = loss_fn(problem)
+    loss.backward()
+    got = {"loss": loss.detach(), "d_hidden": problem.hidden.grad, "d_weight": problem.weight.grad}
+    errors = {}
+    for key, want in reference.items():
+        scale = want.abs().max().clamp(min=1e-12)
+        errors[key] = ((got[key].float() - want.float()).abs().max() / scale).item()
+    problem.zero_grad()
+    return errors
+
+
+def fp32_reference(loss_fn, problem: Problem) -> dict[str, torch.Tensor]:
+    """Loss and gradients of `loss_fn` on an fp32 copy of `problem`."""
+    upcast = problem.upcast(torch.float32)
+    loss = loss_fn(upcast)
+    loss.backward()
+    return {"loss": loss.detach(), "d_hidden": upcast.hidden.grad, "d_weight": upcast.weight.grad}

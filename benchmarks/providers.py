@@ -1,0 +1,211 @@
+"""Who is benchmarked: each provider's loss for each objective it supports, and why it may be unavailable.
+
+Every provider computes the same objective with the same options, so that the error column compares like with
+like: cross-entropy (mean over tokens), target log-probs + entropy (their sum is back-propagated), DFT, GRPO
+(token-mean clipped surrogate, epsilon 0.2, no dual clip, no KL), CHORD (mu 0.5, phi on) and sigmoid DPO
+(beta 0.1, reference log-probs computed inside the timed step from a frozen reference head).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import fused_hybrid
+
+from .problems import Problem
+
+LossFn = Callable[[Problem], torch.Tensor]
+# A provider's losses map objectives to a LossFn, or to the reason it cannot run that objective here.
+
+
+def fused_hybrid_losses(backend: str) -> dict[str, LossFn]:
+    def logprobs_entropy(p: Problem) -> torch.Tensor:
+        logp, entropy = fused_hybrid.linear_logprobs(p.hidden, p.weight, p.targets, return_entropy=True,
+                                                     backend=backend)  # fmt: skip
+        return logp.sum() + entropy.sum()
+
+    def dpo(p: Problem) -> torch.Tensor:
+        ref = fused_hybrid.sequence_logps(p.extras["ref_hidden"], p.weight.detach(), p.targets,
+                                          loss_mask=p.extras["loss_mask"], backend=backend)  # fmt: skip
+        return fused_hybrid.dpo_loss(p.hidden, p.weight, p.targets, ref_logp=ref, loss_mask=p.extras["loss_mask"],
+                                     backend=backend).loss  # fmt: skip
+
+    return {
+        "cross_entropy": lambda p: fused_hybrid.linear_cross_entropy(p.hidden, p.weight, p.targets, backend=backend),
+        "logprobs_entropy": logprobs_entropy,
+        "dft": lambda p: fused_hybrid.dft_loss(p.hidden, p.weight, p.targets, backend=backend).loss,
+        "grpo": lambda p: (
+            fused_hybrid.grpo_loss(
+                p.hidden,
+                p.weight,
+                p.targets,
+                advantages=p.extras["advantages"],
+                old_logp=p.extras["old_logp"],
+                loss_mask=p.extras["loss_mask"],
+                dual_clip=None,
+                backend=backend,
+            ).loss
+        ),  # fmt: skip
+        "chord": lambda p: (
+            fused_hybrid.chord_loss(
+                p.hidden,
+                p.weight,
+                p.targets,
+                is_expert=p.extras["is_expert"],
+                mu=0.5,
+                use_phi=True,
+                advantages=p.extras["advantages"],
+                old_logp=p.extras["old_logp"],
+                loss_mask=p.extras["loss_mask"],
+                backend=backend,
+            ).loss
+        ),  # fmt: skip
+        "dpo": dpo,
+    }
+
+
+def compiled_chunked_losses() -> dict[str, LossFn]:
+    """The usual hand-rolled alternative: torch.compile'd per-chunk logits + loss under activation checkpointing."""
+    chunk_tokens = 4096
+
+    @torch.compile(dynamic=True)
+    def chunk_cross_entropy_sum(hidden, weight, targets):
+        return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+
+    @torch.compile(dynamic=True)
+    def chunk_logprobs_entropy_sum(hidden, weight, targets):
+        log_probs = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        return log_probs.gather(-1, targets[:, None]).sum() + entropy.sum()
+
+    def chunked(chunk_fn, normalise: bool) -> LossFn:
+        def loss(p: Problem) -> torch.Tensor:
+            hidden = p.hidden.reshape(-1, p.hidden.shape[-1])
+            targets = p.targets.reshape(-1)
+            total = sum(
+                torch.utils.checkpoint.checkpoint(chunk_fn, hidden[s : s + chunk_tokens], p.weight,
+                                                  targets[s : s + chunk_tokens], use_reentrant=False)
+                for s in range(0, hidden.shape[0], chunk_tokens)
+            )  # fmt: skip
+            return total / targets.numel() if normalise else total
+
+        return loss
+
+    return {
+        "cross_entropy": chunked(chunk_cross_entropy_sum, normalise=True),
+        "logprobs_entropy": chunked(chunk_logprobs_entropy_sum, normalise=False),
+    }
+
+
+def liger_losses(device: torch.device) -> dict[str, LossFn | str]:
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss, LigerFusedLinearGRPOLoss
+
+    compiled = device.type == "cuda"  # the chunked losses run eagerly on the CPU
+    grpo = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo", compiled=compiled)
+    dpo = LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=True, compiled=compiled)
+    losses = {
+        "grpo": lambda p: grpo(
+            p.hidden,
+            p.weight,
+            p.targets,
+            p.extras["loss_mask"],
+            p.extras["advantages"],
+            old_per_token_logps=p.extras["old_logp"],
+        )[0],  # fmt: skip
+        # Liger masks prompts through ignore_index targets
+        "dpo": lambda p: dpo(
+            p.weight,
+            p.hidden,
+            p.targets.masked_fill(p.extras["loss_mask"] == 0, -100),
+            ref_input=p.extras["ref_hidden"],
+            ref_weight=p.weight.detach(),
+        )[0],  # fmt: skip
+    }
+    if device.type != "cuda":
+        losses["cross_entropy"] = "needs CUDA (its fused linear cross-entropy is a Triton kernel)"
+        return losses
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    cross_entropy = LigerFusedLinearCrossEntropyLoss()
+    losses["cross_entropy"] = lambda p: cross_entropy(
+        p.weight, p.hidden.reshape(-1, p.hidden.shape[-1]), p.targets.reshape(-1)
+    )
+    return losses
+
+
+def cce_losses(filter_eps) -> dict[str, LossFn]:
+    from cut_cross_entropy import linear_cross_entropy
+
+    return {
+        "cross_entropy": lambda p: linear_cross_entropy(
+            p.hidden, p.weight, p.targets, impl="cce", filter_eps=filter_eps
+        ),  # fmt: skip
+    }
+
+
+@dataclass
+class Provider:
+    name: str
+    description: str
+    build: Callable[[torch.device], dict[str, LossFn]]
+    needs: tuple[str, ...] = ()  # python packages
+    needs_cuda: bool = False
+    unavailable_on_cpu: tuple[str, ...] = field(default_factory=tuple)
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        for package in self.needs:
+            if importlib.util.find_spec(package) is None:
+                return f"not installed (pip install {package.replace('_', '-')})"
+        if self.needs_cuda and device.type != "cuda":
+            return "needs CUDA"
+        return None
+
+
+PROVIDERS = {
+    p.name: p
+    for p in [
+        Provider(
+            "fused-hybrid",
+            "fused-hybrid, default backend for the device (Triton on CUDA)",
+            lambda device: fused_hybrid_losses("auto"),
+        ),  # fmt: skip
+        Provider(
+            "fused-hybrid[torch]", "fused-hybrid, chunked PyTorch backend", lambda device: fused_hybrid_losses("torch")
+        ),  # fmt: skip
+        Provider(
+            "naive",
+            "naive PyTorch: full logits (fp32 softmax), autograd",
+            lambda device: fused_hybrid_losses("reference"),
+        ),  # fmt: skip
+        Provider(
+            "compile-chunked",
+            "torch.compile'd chunks of 4096 tokens under activation checkpointing",
+            lambda device: compiled_chunked_losses(),
+        ),  # fmt: skip
+        Provider(
+            "liger",
+            "Liger-Kernel: fused linear cross-entropy, chunked GRPO and DPO losses",
+            liger_losses,
+            needs=("liger_kernel",),
+        ),  # fmt: skip
+        Provider(
+            "cce",
+            "Cut Cross-Entropy (impl cce, default gradient filtering)",
+            lambda device: cce_losses("high"),
+            needs=("cut_cross_entropy",),
+            needs_cuda=True,
+        ),  # fmt: skip
+        Provider(
+            "cce_exact",
+            "Cut Cross-Entropy without gradient filtering",
+            lambda device: cce_losses(None),
+            needs=("cut_cross_entropy",),
+            needs_cuda=True,
+        ),  # fmt: skip
+    ]
+}

@@ -1,0 +1,157 @@
+"""Where results go: one folder per run with JSON (every figure and the environment), Markdown and PNG plots."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> dict:
+    versions = {}
+    for package in ("torch", "triton", "liger-kernel", "cut-cross-entropy", "transformers", "fused-hybrid"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    info = {
+        "device": device_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "versions": versions,
+        "command": " ".join(sys.argv),
+        "commit": _git_commit(),
+    }
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+        info["driver"] = _nvidia_driver()
+    return info
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        return out.strip().splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return None
+
+
+def run_folder(out: Path, device: torch.device) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", device_name(device)).strip("-")
+    folder = out / f"{slug}-{datetime.date.today().isoformat()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(env: dict, rows: list[dict], long_context: list[dict] | None = None) -> str:
+    lines = [f"# fused-hybrid benchmark on {env['device']}", "",
+             f"{env['date']}; torch {env['versions']['torch']}, triton {env['versions']['triton']}, "
+             f"liger-kernel {env['versions']['liger-kernel']}, "
+             f"cut-cross-entropy {env['versions']['cut-cross-entropy']}; commit {env['commit']}", "",
+             "Times are medians over steps (CUDA events on a GPU, the host clock on a CPU) after warm-up, rotating two "
+             "input sets. `x floor`: fwd+bwd over the three "
+             "N x D x V cuBLAS matmuls of loss + gradients measured in the same run; `fwd x mm`: forward over one "
+             "such matmul; `x fused`: over fused-hybrid's time. Memory: peak bytes beyond inputs and gradients. "
+             "Errors: max |error| / max |fp32 reference| of loss, dhidden, dweight.", ""]  # fmt: skip
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["preset"], row["objective"]), []).append(row)
+    for (preset, objective), group in groups.items():
+        first = group[0]
+        lines += [f"## {objective}, {preset} (D {first['dim']}, V {first['vocab']}, {first['dtype']})", "",
+                  "| N | provider | fwd ms | bwd ms | fwd+bwd ms | x floor | fwd x mm | x fused | peak MiB "
+                  "| err loss / dh / dw | status |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
+        for row in group:
+            err = row.get("errors")
+            err_text = "-" if not err else " / ".join(f"{err[k]:.1e}" for k in ("loss", "d_hidden", "d_weight"))
+            peak = None if row.get("peak_bytes") is None else row["peak_bytes"] / 2**20
+            lines.append(
+                f"| {row['tokens']} | {row['provider']} | {_fmt(row.get('forward_ms'), '.2f')} "
+                f"| {_fmt(row.get('backward_ms'), '.2f')} | {_fmt(row.get('fwd_bwd_ms'), '.2f')} "
+                f"| {_fmt(row.get('x_floor'), '.2f')} | {_fmt(row.get('forward_x_matmul'), '.2f')} "
+                f"| {_fmt(row.get('x_fused_hybrid'), '.2f')} | {_fmt(peak, '.0f')} | {err_text} | {row['status']} |"
+            )
+        lines.append("")
+    if long_context:
+        lines += ["## Long context: the longest training step that fits, and step time at equal length", "",
+                  "| model | loss | longest sequence | step s at equal length | peak GiB at equal length | status |",
+                  "|---|---|---:|---:|---:|---|"]  # fmt: skip
+        for row in long_context:
+            lines.append(
+                f"| {row['model']} | {row['loss']} | {row.get('max_length', '-')} | {_fmt(row.get('step_s'), '.3f')} "
+                f"| {_fmt(row.get('peak_gib'), '.1f')} | {row['status']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(folder: Path, rows: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["preset"], row["objective"]), []).append(row)
+    for (preset, objective), group in groups.items():
+        fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
+        for provider in dict.fromkeys(r["provider"] for r in group):
+            points = [r for r in group if r["provider"] == provider and r.get("fwd_bwd_ms") is not None]
+            if not points:
+                continue
+            ax_time.plot([r["tokens"] for r in points], [r["fwd_bwd_ms"] for r in points], marker="o", label=provider)
+            mem = [r for r in points if r.get("peak_bytes") is not None]
+            if mem:
+                ax_mem.plot([r["tokens"] for r in mem], [r["peak_bytes"] / 2**20 for r in mem], marker="o",
+                            label=provider)  # fmt: skip
+        for ax, label in ((ax_time, "fwd+bwd ms"), (ax_mem, "peak MiB beyond inputs + grads")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("tokens N")
+            ax.set_ylabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+        ax_time.legend(fontsize=8)
+        fig.suptitle(f"{objective}, {preset}")
+        fig.tight_layout()
+        path = folder / f"{preset}-{objective}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write(folder: Path, env: dict, rows: list[dict], long_context: list[dict] | None = None) -> None:
+    (folder / "results.json").write_text(json.dumps({"environment": env, "rows": rows,
+                                                     "long_context": long_context}, indent=2))  # fmt: skip
+    (folder / "results.md").write_text(markdown(env, rows, long_context))
+    if rows:
+        plots(folder, rows)

@@ -32,7 +32,8 @@ def build_model(config_name: str, options: dict, device: torch.device, max_lengt
     config._attn_implementation = "sdpa"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=dtype).to(device)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
 

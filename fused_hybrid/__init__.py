@@ -2,6 +2,7 @@
 
 from .cross_entropy import FusedLinearCrossEntropyLoss, linear_cross_entropy
 from .head_stats import HeadStats, linear_head_stats
+from .hf import patch_model, unpatch_model
 from .logprobs import linear_logprobs
 from .objectives import (
     AGGREGATIONS,
@@ -43,6 +44,8 @@ __all__ = [
     "linear_head_stats",
     "linear_logprobs",
     "minor_sft_loss",
+    "patch_model",
     "sequence_logps",
+    "unpatch_model",
 ]
 __version__ = "0.1.0"

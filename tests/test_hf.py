@@ -1,0 +1,170 @@
+"""The generic Hugging Face patch on tiny random-weight models of five families, under Trainer, TRL and PEFT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_hybrid
+from tests.reference import assert_close_scaled
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(sliding_window=None)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(head_dim=8, final_logit_softcapping=5.0, attn_logit_softcapping=None, query_pre_attn_scalar=8),
+    ),  # fmt: skip
+    "phi3": ("Phi3Config", dict(pad_token_id=0)),
+}
+
+
+def tiny_model(family: str):
+    config_name, options = FAMILIES[family]
+    config = getattr(transformers, config_name)(**COMMON, **options)
+    config._attn_implementation = "eager"
+    return transformers.AutoModelForCausalLM.from_config(config).float()
+
+
+def batch(vocab=97, size=3, length=11):
+    input_ids = torch.randint(1, vocab, (size, length))
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    labels[0, -2:] = -100
+    return input_ids, labels
+
+
+def word_level_tokenizer(vocab_size: int):
+    """A tokenizer over the tokens t0..t{V-1} (t0 is padding), for trainers that insist on one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="t1"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", eos_token="t2",
+                                                unk_token="t1")  # fmt: skip
+
+
+def loss_and_grads(model, input_ids, labels, **kwargs):
+    model.zero_grad()
+    loss = model(input_ids=input_ids, labels=labels, **kwargs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patched_loss_and_gradients_equal_the_models_own(family):
+    model = tiny_model(family)
+    input_ids, labels = batch()
+    expected_loss, expected = loss_and_grads(model, input_ids, labels)
+    fused_hybrid.patch_model(model)
+    output = model(input_ids=input_ids, labels=labels)
+    assert output.logits is None
+    loss, got = loss_and_grads(model, input_ids, labels)
+    assert_close_scaled(loss, expected_loss, 1e-5, "loss")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert_close_scaled(got[name], expected[name], 1e-4, name, atol=1e-7)
+    # num_items_in_batch (the Trainer's global token count) is honoured like the model's own loss does
+    fused_hybrid.unpatch_model(model)
+    expected_sum, _ = loss_and_grads(model, input_ids, labels, num_items_in_batch=torch.tensor(50))
+    fused_hybrid.patch_model(model)
+    got_sum, _ = loss_and_grads(model, input_ids, labels, num_items_in_batch=torch.tensor(50))
+    assert_close_scaled(got_sum, expected_sum, 1e-5, "loss with num_items_in_batch")
+
+
+def test_generation_and_evaluation_are_unchanged():
+    model = tiny_model("llama").eval()
+    input_ids, labels = batch()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, labels=labels)
+        generated = model.generate(input_ids[:, :4], max_new_tokens=5, do_sample=False)
+    fused_hybrid.patch_model(model)
+    with torch.no_grad():
+        got = model(input_ids=input_ids, labels=labels)
+        assert torch.equal(model.generate(input_ids[:, :4], max_new_tokens=5, do_sample=False), generated)
+    assert got.logits is not None and torch.allclose(got.loss, expected.loss)
+    fused_hybrid.unpatch_model(model)
+    assert not fused_hybrid.hf.is_patched(model)
+    with pytest.raises(ValueError, match="not patched"):
+        fused_hybrid.unpatch_model(model)
+
+
+def test_patch_refuses_bad_targets():
+    with pytest.raises(TypeError, match="transformers causal LM"):
+        fused_hybrid.patch_model(torch.nn.Linear(3, 3))
+    model = tiny_model("qwen2")
+    with pytest.raises(ValueError, match="objective must be one of"):
+        fused_hybrid.patch_model(model, objective="ppo")
+    fused_hybrid.patch_model(model)
+    with pytest.raises(ValueError, match="already patched"):
+        fused_hybrid.patch_model(model)
+
+
+def test_dft_objective_matches_the_dft_loss():
+    model = tiny_model("llama")
+    input_ids, labels = batch()
+    fused_hybrid.patch_model(model, objective="dft")
+    loss = model(input_ids=input_ids, labels=labels).loss
+    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
+    expected = fused_hybrid.dft_loss(hidden[:, :-1], model.lm_head.weight, labels[:, 1:]).loss
+    assert_close_scaled(loss, expected, 1e-6)
+
+
+def test_hf_trainer_trains_a_patched_model(tmp_path):
+    model = fused_hybrid.patch_model(tiny_model("llama"))
+    sequences = torch.arange(8)[:, None] * 3 + torch.arange(16)[None, :]  # counting sequences: learnable
+    data = [{"input_ids": (s % 90 + 1).tolist(), "labels": (s % 90 + 1).tolist()} for s in sequences.repeat(4, 1)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=12,
+                                          learning_rate=3e-3, logging_steps=1, report_to=[], save_strategy="no",
+                                          use_cpu=True, gradient_accumulation_steps=2)  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) >= 10 and losses[-1] < losses[0]
+
+
+def test_trl_sft_trainer_trains_a_patched_model(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    model = fused_hybrid.patch_model(tiny_model("qwen2"))
+    rows = [{"input_ids": [(i * 3 + t) % 90 + 1 for t in range(16)]} for i in range(32)]
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=10, learning_rate=3e-3,
+                         logging_steps=1, report_to=[], save_strategy="no", use_cpu=True)  # fmt: skip
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=word_level_tokenizer(97))  # fmt: skip
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < losses[0]
+
+
+def test_peft_lora_model_with_a_frozen_head():
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama")
+    input_ids, labels = batch()
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    expected_loss, expected = loss_and_grads(lora, input_ids, labels)
+    fused_hybrid.patch_model(lora)
+    seen = []
+    from fused_hybrid.backends import torch_chunked
+
+    original = torch_chunked.backward
+
+    def recording(*args, needs, **kwargs):
+        seen.append(needs)
+        return original(*args, needs=needs, **kwargs)
+
+    torch_chunked.backward = recording
+    try:
+        loss, got = loss_and_grads(lora, input_ids, labels)
+    finally:
+        torch_chunked.backward = original
+    assert seen == [(True, False, False)]  # dhidden only: the frozen head costs no dW work
+    assert_close_scaled(loss, expected_loss, 1e-5)
+    for name in expected:
+        assert_close_scaled(got[name], expected[name], 1e-4, name, atol=1e-7)

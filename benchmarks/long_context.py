@@ -11,6 +11,7 @@ import time
 import torch
 
 import fused_hybrid
+from fused_hybrid.hf import enable_activation_checkpointing
 
 # The published architectures (random weights: nothing is downloaded).
 MODEL_CONFIGS = {
@@ -32,8 +33,7 @@ def build_model(config_name: str, options: dict, device: torch.device, max_lengt
     config._attn_implementation = "sdpa"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=dtype).to(device)
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model.train()
     return model
 

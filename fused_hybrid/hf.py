@@ -31,9 +31,8 @@ def _patch_target(model: nn.Module) -> nn.Module:
     return get_base_model() if callable(get_base_model) else model
 
 
-def logit_temperature(config) -> float:
+def logit_temperature(text_config) -> float:
     """The divisor that turns the head's raw logits into the model's logits (Cohere/Granite-style scaling)."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     temperature = 1.0
     logit_scale = getattr(text_config, "logit_scale", None)  # logits are multiplied by it
     if logit_scale:
@@ -42,6 +41,24 @@ def logit_temperature(config) -> float:
     if logits_scaling:
         temperature *= float(logits_scaling)
     return temperature
+
+
+def head_options(model: nn.Module) -> dict:
+    """The logit transform a causal LM applies after its head: softcap and temperature (from logit scaling)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return {"softcap": getattr(config, "final_logit_softcapping", None), "temperature": logit_temperature(config)}
+
+
+def head_inputs(hidden: torch.Tensor, head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(hidden, weight, bias) in one dtype: the autocast dtype when autocast is on (as F.linear would compute
+    the head), else the head's dtype. The casts are differentiable, so the gradients reach the parameters."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = head.weight.dtype
+    bias = None if head.bias is None else head.bias.to(dtype)
+    return hidden.to(dtype), head.weight.to(dtype), bias
 
 
 def patch_model(model: nn.Module, objective: str = "cross_entropy", **loss_options) -> nn.Module:
@@ -67,17 +84,13 @@ def patch_model(model: nn.Module, objective: str = "cross_entropy", **loss_optio
             f"the output embeddings must be a plain nn.Linear to be fused, got {type(head).__name__} "
             "(a LoRA adapter on the LM head is not supported: leave lm_head out of target_modules)"
         )
-    config = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
-    softcap = getattr(config, "final_logit_softcapping", None)
-    temperature = logit_temperature(target.config)
+    transform = head_options(target)
     original_forward = target.forward
 
     def loss_fn(hidden, weight, targets, bias, num_items):
         if objective == "dft":
-            return dft_loss(hidden, weight, targets, bias, softcap=softcap, temperature=temperature,
-                            num_items=num_items, **loss_options).loss  # fmt: skip
-        return linear_cross_entropy(hidden, weight, targets, bias, softcap=softcap, temperature=temperature,
-                                    num_items=num_items, **loss_options)  # fmt: skip
+            return dft_loss(hidden, weight, targets, bias, num_items=num_items, **transform, **loss_options).loss
+        return linear_cross_entropy(hidden, weight, targets, bias, num_items=num_items, **transform, **loss_options)
 
     # Wrapping the class's (unbound) forward keeps the signature that Trainer and generate() inspect.
     @functools.wraps(type(target).forward)
@@ -91,10 +104,9 @@ def patch_model(model: nn.Module, objective: str = "cross_entropy", **loss_optio
         decoder_kwargs = {k: v for k, v in kwargs.items() if k not in _HEAD_ONLY_ARGUMENTS}
         decoder_kwargs["use_cache"] = False
         outputs = self.get_decoder()(*args, **decoder_kwargs)
-        hidden = outputs[0]
-        head = self.get_output_embeddings()
+        hidden, weight, bias = head_inputs(outputs[0], self.get_output_embeddings())
         # Like the models' own loss: position t predicts label t + 1.
-        loss = loss_fn(hidden[:, :-1], head.weight, labels[:, 1:].to(hidden.device), head.bias, num_items_in_batch)
+        loss = loss_fn(hidden[:, :-1], weight, labels[:, 1:].to(hidden.device), bias, num_items_in_batch)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
@@ -113,6 +125,14 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     del target.forward  # the instance attribute; the class's forward shows through again
     delattr(target, _ORIGINAL_FORWARD)
     return model
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing, under the name this transformers version uses."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def is_patched(model: nn.Module) -> bool:

@@ -1,0 +1,229 @@
+"""Training configuration: nested dataclasses read from YAML or TOML, with `--set section.key=value` overrides.
+
+Errors name the key and what it accepts (the allowed keys of a section, the allowed values of a choice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+MODES = ("sft", "dft", "chord", "grpo", "dpo", "minor_sft", "ift")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is not accepted; the message names it."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    # A local Hugging Face model folder, or None to build a Llama-style model from `tiny` (random weights).
+    path: str | None = None
+    tiny: dict = dataclasses.field(default_factory=lambda: dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ))  # fmt: skip
+    gradient_checkpointing: bool = False
+    # "auto": bf16 autocast on CUDA, fp32 elsewhere.
+    precision: str = "auto"
+
+    CHOICES = {"precision": ("auto", "float32", "bfloat16")}
+
+
+@dataclasses.dataclass
+class DataConfig:
+    # A .jsonl or .parquet file, a folder written by datasets' save_to_disk, or "synthetic:addition".
+    path: str = "synthetic:addition"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    answer_column: str = "answer"
+    max_length: int = 128
+    eval_size: int = 64  # held-out prompts for accuracy (needs the answer column)
+    synthetic_size: int = 4000
+    synthetic_digits: int = 2
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_steps: int = 200
+    batch_size: int = 32  # sequences per optimizer step (for rollout modes: prompts_per_step x group_size)
+    grad_accum: int = 1  # micro-batches per step
+    max_grad_norm: float = 1.0
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    prompts_per_step: int = 8
+    group_size: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 8
+
+
+@dataclasses.dataclass
+class ObjectiveConfig:
+    chord_preset: str | None = None  # "chord-mu" or "chord-phi"; the mu_* and use_phi keys otherwise
+    mu: float | None = None  # constant mu; None with no preset: the schedule below
+    mu_warmup_steps: int = 0
+    mu_decay_steps: int = 200
+    mu_peak: float = 0.9
+    mu_valley: float = 0.05
+    use_phi: bool = False
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.0  # GRPO KL coefficient; DPO / MinorSFT beta when those modes run (defaults 0.1 there)
+    aggregation: str = "token-mean"
+    dpo_loss_type: str = "sigmoid"
+    gamma: float = 0.95  # IFT
+    ift_lambda: float = 0.2  # IFT input mixing
+    reward: str = "exact_match"  # "exact_match", "numeric", or a dotted path to a callable
+
+    CHOICES = {
+        "chord_preset": (None, "chord-mu", "chord-phi"),
+        "aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+        "dpo_loss_type": ("sigmoid", "ipo", "simpo"),
+    }
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    mode: str = "sft"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    output_dir: str = "runs/fused-hybrid"
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    eval_every: int = 50
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    resume: bool = True
+
+    CHOICES = {"mode": MODES}
+
+
+def _field_types(cls) -> dict[str, object]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value, annotation, key: str):
+    """Check/convert `value` to `annotation` (str, int, float, bool, dict, optional of those)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+        raise ConfigError(f"{key}: expected {names}, got {value!r}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if annotation is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key}: expected a table of settings, got {value!r}")
+    raise ConfigError(f"{key}: unsupported setting type {annotation}")
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a table of settings, got {values!r}")
+    types_by_name = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in types_by_name:
+            raise ConfigError(f"unknown key {full!r}; allowed keys here: {', '.join(types_by_name)}")
+        annotation = types_by_name[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value, f"{full}.")
+            continue
+        kwargs[key] = _coerce(value, annotation, full)
+        choices = getattr(cls, "CHOICES", {}).get(key)
+        if choices is not None and kwargs[key] not in choices:
+            allowed = ", ".join("null" if c is None else str(c) for c in choices)
+            raise ConfigError(f"{full}: {kwargs[key]!r} is not one of the allowed values: {allowed}")
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    return _build(TrainConfig, values, "")
+
+
+def _set_dotted(values: dict, dotted: str) -> None:
+    if "=" not in dotted:
+        raise ConfigError(f"override {dotted!r} must look like section.key=value")
+    key, raw = dotted.split("=", 1)
+    import yaml
+
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    parts = key.strip().split(".")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) config (or start from the defaults) and apply overrides."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(path.read_text()) or {}
+        elif path.suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            values = tomllib.loads(path.read_text())
+        else:
+            raise ConfigError(f"config file {str(path)!r} must end in .yaml, .yml or .toml")
+    for override in overrides:
+        _set_dotted(values, override)
+    return config_from_dict(values)

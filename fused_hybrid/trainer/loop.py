@@ -1,0 +1,553 @@
+"""The thin hybrid trainer: SFT, DFT, CHORD, GRPO, DPO, MinorSFT and IFT on any Hugging Face causal LM, with
+every loss computed by fused-hybrid (the logits are never materialised)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..cross_entropy import linear_cross_entropy
+from ..hf import enable_activation_checkpointing, head_inputs, head_options
+from ..logprobs import linear_logprobs
+from ..objectives import chord_loss, dft_loss, dpo_loss, grpo_loss, ift_loss, minor_sft_loss, sequence_logps
+from ..objectives.chord import CHORDLoss, MuSchedule
+from .config import TrainConfig
+from .data import (
+    ADDITION_CHARACTERS,
+    IGNORE_INDEX,
+    check_columns,
+    encode_pair,
+    load_dataset,
+    pad_batch,
+    pad_prompts_left,
+    required_columns,
+)
+from .rewards import BUILT_IN, BUILT_IN_COLUMNS, compute_rewards, group_advantages, load_reward
+from .text import CharTokenizer, load_tokenizer, prompt_ids
+
+logger = logging.getLogger("fused_hybrid.trainer")
+CHECKPOINT_MARKER = "fused_hybrid_checkpoint.json"
+ROLLOUT_MODES = ("grpo", "chord")
+GREEDY_CHUNK_TOKENS = 1024
+
+
+def mu_schedule(config: TrainConfig) -> MuSchedule | float:
+    objective = config.objective
+    if objective.chord_preset == "chord-mu":
+        return CHORDLoss.chord_mu().mu
+    if objective.chord_preset == "chord-phi":
+        return CHORDLoss.chord_phi().mu
+    if objective.mu is not None:
+        return objective.mu
+    return MuSchedule(objective.mu_warmup_steps, objective.mu_decay_steps, objective.mu_peak, objective.mu_valley)
+
+
+def uses_phi(config: TrainConfig) -> bool:
+    preset = config.objective.chord_preset
+    return preset == "chord-phi" if preset is not None else config.objective.use_phi
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """LR factor: linear warm-up, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Our checkpoints, oldest first; a checkpoint-* folder without our marker is an error, not a guess."""
+    found = []
+    if not output_dir.is_dir():
+        return found
+    for folder in sorted(output_dir.glob("checkpoint-*")):
+        if not (folder / CHECKPOINT_MARKER).is_file():
+            raise ValueError(f"{folder} is not a fused-hybrid checkpoint (no {CHECKPOINT_MARKER}); "
+                             "move it away or choose another output_dir")  # fmt: skip
+        found.append(folder)
+    return sorted(found, key=lambda f: json.loads((f / CHECKPOINT_MARKER).read_text())["step"])
+
+
+class HybridTrainer:
+    """Builds the model, data, optimizer and loss for `config.mode` and runs the training loop."""
+
+    def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
+        self.config = config
+        self.progress = progress
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+        )
+        self.output_dir = Path(config.output_dir)
+        existing = checkpoints(self.output_dir)
+        resume_from = existing[-1] if config.resume and existing else None
+
+        torch.manual_seed(config.seed)
+        self.reward_fn = load_reward(config.objective.reward) if config.mode in ROLLOUT_MODES else None
+        reward_columns = self._reward_columns()
+        self.dataset = load_dataset(config.data, config.seed)
+        check_columns(self.dataset, required_columns(config.mode, config.data, reward_columns), config.data.path)
+        self.has_answers = all(c in self.dataset.column_names for c in reward_columns or BUILT_IN_COLUMNS)
+        eval_size = min(config.data.eval_size, len(self.dataset) // 5) if self.has_answers else 0
+        self.eval_rows = self.dataset.select(range(eval_size)) if eval_size else None
+        self.train_rows = self.dataset.select(range(eval_size, len(self.dataset)))
+        if len(self.train_rows) == 0:
+            raise ValueError(f"dataset {config.data.path!r} has no training rows")
+
+        self.tokenizer, self.model = self._build_model(resume_from)
+        self.reference = self._frozen_copy() if self._needs_reference() else None
+        self.frozen_embeddings = (
+            copy.deepcopy(self.model.get_input_embeddings()).requires_grad_(False) if config.mode == "ift" else None
+        )
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay,
+        )  # fmt: skip
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, config.optim.warmup_steps, config.optim.max_steps)
+        )
+        self.mu = mu_schedule(config)
+        self.largest_micro_batch_tokens = 0  # positions through the head in one micro-batch (for reports)
+        self.step = 0
+        if resume_from is not None:
+            state = torch.load(resume_from / "trainer_state.pt", map_location=self.device, weights_only=False)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = state["step"]
+            logger.info("resumed from %s at step %d", resume_from, self.step)
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.history: list[dict] = self._read_history() if resume_from is not None else []
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _reward_columns(self) -> tuple[str, ...]:
+        if self.config.mode not in ROLLOUT_MODES:
+            return ()
+        if self.config.objective.reward in BUILT_IN:
+            return (self.config.data.answer_column,)
+        return ()
+
+    def _needs_reference(self) -> bool:
+        mode = self.config.mode
+        return mode in ("dpo", "minor_sft") or (mode == "grpo" and self.config.objective.beta > 0)
+
+    def _frozen_copy(self):
+        reference = copy.deepcopy(self.model).eval()
+        reference.requires_grad_(False)
+        return reference
+
+    def _build_model(self, resume_from: Path | None):
+        import transformers
+
+        config = self.config
+        if resume_from is not None:
+            source = resume_from
+        elif config.model.path is not None:
+            source = Path(config.model.path)
+        else:
+            source = None
+        if source is not None:
+            tokenizer = load_tokenizer(source)
+            model = transformers.AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
+        else:
+            tokenizer = CharTokenizer(self._characters())
+            model_config = transformers.LlamaConfig(
+                vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+                max_position_embeddings=config.data.max_length + config.rollout.max_new_tokens + 8,
+                **config.model.tiny,
+            )  # fmt: skip
+            model = transformers.AutoModelForCausalLM.from_config(model_config)
+        model.to(self.device)
+        if config.model.precision == "bfloat16":
+            model.to(torch.bfloat16)
+        if config.model.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        model.config.use_cache = False
+        model.train()
+        return tokenizer, model
+
+    def _characters(self) -> str:
+        if self.config.data.path == "synthetic:addition":
+            return ADDITION_CHARACTERS
+        text_columns = [c for c in self.dataset.column_names if isinstance(self.dataset[0][c], str)]
+        return "".join(sorted({ch for c in text_columns for value in self.dataset[c] for ch in value}))
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.config.model.precision == "auto":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------------------------------- forward
+    def _head_inputs(self, model, batch: dict, inputs_embeds: torch.Tensor | None = None):
+        """Shifted hidden states [B, T-1, D], the head's weight and bias, and the shifted labels [B, T-1]."""
+        attention_mask = batch["attention_mask"]
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with self._autocast():
+            outputs = model.get_decoder()(
+                input_ids=None if inputs_embeds is not None else batch["input_ids"], inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            )  # fmt: skip
+            hidden, weight, bias = head_inputs(outputs.last_hidden_state, model.get_output_embeddings())
+        return hidden[:, :-1], weight, bias, batch["labels"][:, 1:]
+
+    @torch.no_grad()
+    def _token_logps(self, model, batch: dict) -> torch.Tensor:
+        hidden, weight, bias, targets = self._head_inputs(model, batch)
+        return linear_logprobs(hidden, weight, targets, bias, **head_options(model))
+
+    @torch.no_grad()
+    def _greedy_next_tokens(self, batch: dict) -> torch.Tensor:
+        """argmax of the current policy at every position (IFT's y_hat), computed in row chunks of logits."""
+        hidden, weight, bias, _ = self._head_inputs(self.model, batch)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        tokens = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
+        for start in range(0, flat.shape[0], GREEDY_CHUNK_TOKENS):
+            chunk = torch.nn.functional.linear(flat[start : start + GREEDY_CHUNK_TOKENS], weight, bias)
+            tokens[start : start + GREEDY_CHUNK_TOKENS] = chunk.argmax(-1)
+        return tokens.reshape(hidden.shape[:-1])
+
+    def _ift_inputs_embeds(self, batch: dict) -> torch.Tensor:
+        """IFT's temporal residual: e_t = (1 - lambda) E(y*_t) + lambda E(y_hat_t) at response positions."""
+        lam = self.config.objective.ift_lambda
+        embed = self.frozen_embeddings
+        inputs_embeds = embed(batch["input_ids"])
+        predicted = torch.zeros_like(batch["input_ids"])
+        predicted[:, 1:] = self._greedy_next_tokens(batch)  # position t is predicted from position t - 1
+        response = (batch["labels"] != IGNORE_INDEX).unsqueeze(-1)
+        mixed = (1.0 - lam) * inputs_embeds + lam * embed(predicted)
+        return torch.where(response, mixed, inputs_embeds)
+
+    # --------------------------------------------------------------------------------------------- batches
+    def _sample_rows(self, count: int, generator: torch.Generator):
+        indices = torch.randint(0, len(self.train_rows), (count,), generator=generator).tolist()
+        return self.train_rows.select(indices)
+
+    def _sft_pairs(self, rows, response_column: str):
+        data = self.config.data
+        pairs = [encode_pair(self.tokenizer, r[data.prompt_column], r[response_column], data.max_length) for r in rows]
+        return [p for p in pairs if p is not None]
+
+    def _split(self, items: list, parts: int) -> list[list]:
+        parts = max(1, min(parts, len(items)))
+        size = math.ceil(len(items) / parts)
+        return [items[i : i + size] for i in range(0, len(items), size)]
+
+    @torch.no_grad()
+    def rollouts(self, rows, generator: torch.Generator) -> dict:
+        """Sample `group_size` completions per prompt; return the padded sequences, rewards and advantages."""
+        rollout, data = self.config.rollout, self.config.data
+        prompts = [prompt_ids(self.tokenizer, r[data.prompt_column]) for r in rows]
+        prompts = [p[-(data.max_length - 1) :] for p in prompts]
+        repeated = [p for p in prompts for _ in range(rollout.group_size)]
+        inputs = pad_prompts_left(repeated, self.tokenizer.pad_token_id, self.device)
+        self.model.eval()
+        self.model.config.use_cache = True
+        with self._autocast():
+            generated = self.model.generate(
+                **inputs, do_sample=True, temperature=rollout.temperature, max_new_tokens=rollout.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, top_k=0,
+            )  # fmt: skip
+        self.model.config.use_cache = False
+        self.model.train()
+        prompt_length = inputs["input_ids"].shape[1]
+        completion = generated[:, prompt_length:]
+        is_eos = completion == self.tokenizer.eos_token_id
+        after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # tokens after the first eos
+        completion_mask = (~after_eos).long()
+        completion = completion.masked_fill(after_eos, self.tokenizer.pad_token_id)
+        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completion.tolist()]
+        columns = {c: [r[c] for r in rows for _ in range(rollout.group_size)]
+                   for c in rows.column_names if c != data.prompt_column}  # fmt: skip
+        prompt_texts = [r[data.prompt_column] for r in rows for _ in range(rollout.group_size)]
+        rewards = compute_rewards(self.reward_fn, prompt_texts, texts, columns).to(self.device)
+        labels = torch.cat([torch.full_like(inputs["input_ids"], IGNORE_INDEX),
+                            completion.masked_fill(completion_mask == 0, IGNORE_INDEX)], dim=1)  # fmt: skip
+        return {
+            "input_ids": torch.cat([inputs["input_ids"], completion], dim=1),
+            "attention_mask": torch.cat([inputs["attention_mask"], completion_mask], dim=1),
+            "labels": labels,
+            "rewards": rewards,
+            "advantages": group_advantages(rewards, rollout.group_size),
+        }
+
+    def step_batches(self, generator: torch.Generator) -> tuple[list[dict], dict, dict]:
+        """(micro-batches, global normalisers, step metrics) for one optimizer step of the configured mode."""
+        config, mode = self.config, self.config.mode
+        accum = config.optim.grad_accum
+        metrics: dict = {}
+        if mode in ("sft", "dft", "ift", "minor_sft"):
+            pairs = self._sft_pairs(self._sample_rows(config.optim.batch_size, generator), config.data.response_column)
+            micro = [pad_batch(chunk, self.tokenizer.pad_token_id, self.device) for chunk in self._split(pairs, accum)]
+        elif mode == "dpo":
+            rows = self._sample_rows(config.optim.batch_size, generator)
+            chosen = self._sft_pairs(rows, config.data.chosen_column)
+            rejected = self._sft_pairs(rows, config.data.rejected_column)
+            if len(chosen) != len(rejected):
+                raise ValueError("a DPO prompt was skipped for one response only; raise data.max_length")
+            pair_chunks = self._split(list(zip(chosen, rejected)), accum)
+            micro = [pad_batch([c for c, _ in chunk] + [r for _, r in chunk], self.tokenizer.pad_token_id, self.device)
+                     for chunk in pair_chunks]  # fmt: skip
+        else:
+            prompts = self._sample_rows(config.rollout.prompts_per_step, generator)
+            rollout = self.rollouts(prompts, generator)
+            metrics["reward"] = rollout["rewards"].mean().item()
+            rows = {k: rollout[k] for k in ("input_ids", "attention_mask", "labels", "advantages")}
+            rows["is_expert"] = torch.zeros(len(rollout["advantages"]), dtype=torch.bool, device=self.device)
+            if mode == "chord":
+                experts = pad_batch(self._sft_pairs(self._sample_rows(config.optim.batch_size, generator),
+                                                    config.data.response_column),
+                                    self.tokenizer.pad_token_id, self.device)  # fmt: skip
+                experts["advantages"] = torch.zeros(experts["input_ids"].shape[0], device=self.device)
+                experts["is_expert"] = torch.ones(experts["input_ids"].shape[0], dtype=torch.bool, device=self.device)
+                rows = concat_rows(rows, experts, self.tokenizer.pad_token_id)
+            order = torch.randperm(rows["input_ids"].shape[0], generator=generator).tolist()
+            micro = [{k: v[chunk] for k, v in rows.items()} for chunk in self._split(order, accum)]
+        for batch in micro:
+            self._add_reference_inputs(batch)
+        return micro, self._normalisers(micro), metrics
+
+    def _add_reference_inputs(self, batch: dict) -> None:
+        mode = self.config.mode
+        if mode in ROLLOUT_MODES:
+            batch["old_logp"] = self._token_logps(self.model, batch)
+        if self.reference is not None:
+            if mode == "dpo":
+                hidden, weight, bias, targets = self._head_inputs(self.reference, batch)
+                batch["ref_logp"] = sequence_logps(hidden, weight, targets, bias, **head_options(self.reference))
+            else:
+                batch["ref_logp"] = self._token_logps(self.reference, batch)
+
+    @staticmethod
+    def _normalisers(micro: list[dict]) -> dict:
+        """Global counts over the whole step, so that accumulated micro-batches give the full-batch gradient."""
+        tokens = [(b["labels"][:, 1:] != IGNORE_INDEX) for b in micro]
+        totals = {
+            "tokens": sum(int(t.sum()) for t in tokens),
+            "sequences": sum(int((t.sum(-1) > 0).sum()) for t in tokens),
+            "pairs": sum(b["labels"].shape[0] // 2 for b in micro),
+        }
+        if "is_expert" in micro[0]:
+            totals["expert_tokens"] = sum(int(t[b["is_expert"]].sum()) for t, b in zip(tokens, micro))
+            totals["rollout_tokens"] = totals["tokens"] - totals["expert_tokens"]
+        return totals
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def micro_loss(self, batch: dict, totals: dict):
+        """(loss, metrics) of one micro-batch, normalised by the step's global counts."""
+        config, objective, mode = self.config, self.config.objective, self.config.mode
+        inputs_embeds = self._ift_inputs_embeds(batch) if mode == "ift" else None
+        hidden, weight, bias, targets = self._head_inputs(self.model, batch, inputs_embeds)
+        self.largest_micro_batch_tokens = max(self.largest_micro_batch_tokens, targets.numel())
+        common = dict(bias=bias, **head_options(self.model))
+        if mode == "sft":
+            loss = linear_cross_entropy(hidden, weight, targets, num_items=totals["tokens"], **common)
+            return loss, {}
+        if mode == "dft":
+            output = dft_loss(hidden, weight, targets, num_items=totals["tokens"], **common)
+        elif mode == "ift":
+            output = ift_loss(hidden, weight, targets, gamma=objective.gamma, num_items=totals["sequences"], **common)
+        elif mode == "minor_sft":
+            output = minor_sft_loss(hidden, weight, targets, ref_logp=batch["ref_logp"], beta=objective.beta or 0.1,
+                                    num_items=totals["sequences"], **common)  # fmt: skip
+        elif mode == "dpo":
+            output = dpo_loss(hidden, weight, targets, ref_logp=batch["ref_logp"], beta=objective.beta or 0.1,
+                              loss_type=objective.dpo_loss_type, num_items=totals["pairs"], **common)  # fmt: skip
+        elif mode == "grpo":
+            output = grpo_loss(
+                hidden, weight, targets, advantages=batch["advantages"], old_logp=batch["old_logp"],
+                ref_logp=batch.get("ref_logp"), beta=objective.beta, epsilon_low=objective.epsilon_low,
+                epsilon_high=objective.epsilon_high, aggregation=objective.aggregation,
+                num_items=totals["tokens"] if objective.aggregation == "token-mean" else totals["sequences"],
+                max_response_length=config.rollout.max_new_tokens, **common,
+            )  # fmt: skip
+        else:
+            output = chord_loss(
+                hidden, weight, targets, is_expert=batch["is_expert"], mu=self.current_mu(),
+                advantages=batch["advantages"], old_logp=batch["old_logp"], use_phi=uses_phi(config),
+                epsilon_low=objective.epsilon_low, epsilon_high=objective.epsilon_high,
+                num_rollout_tokens=totals["rollout_tokens"], num_expert_tokens=totals["expert_tokens"], **common,
+            )  # fmt: skip
+        return output.loss, output.metrics
+
+    def current_mu(self) -> float:
+        return self.mu(self.step) if isinstance(self.mu, MuSchedule) else float(self.mu)
+
+    # ------------------------------------------------------------------------------------------- training
+    def train_step(self) -> dict:
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
+        torch.manual_seed(self.config.seed * 1_000_003 + self.step)  # sampling in generate(): same after a resume
+        begin = time.perf_counter()
+        micro, totals, metrics = self.step_batches(generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total = 0.0
+        objective_metrics: dict = {}
+        for batch in micro:
+            loss, batch_metrics = self.micro_loss(batch, totals)
+            loss.backward()
+            loss_total += loss.detach()
+            for key, value in batch_metrics.items():  # metrics: the mean over micro-batches
+                objective_metrics[key] = objective_metrics.get(key, 0.0) + value / len(micro)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        elapsed = time.perf_counter() - begin
+        metrics.update({k: float(v) for k, v in objective_metrics.items()})
+        metrics.update(step=self.step, loss=float(loss_total), lr=self.scheduler.get_last_lr()[0],
+                       grad_norm=float(grad_norm), tokens_per_s=totals["tokens"] / elapsed)  # fmt: skip
+        if self.config.mode == "chord":
+            metrics["mu"] = self.current_mu()
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy accuracy on the held-out prompts (needs the answer column)."""
+        if self.eval_rows is None:
+            return {}
+        data = self.config.data
+        reward_fn = self.reward_fn or BUILT_IN["exact_match"]
+        prompts = [prompt_ids(self.tokenizer, r[data.prompt_column])[-(data.max_length - 1) :] for r in self.eval_rows]
+        inputs = pad_prompts_left(prompts, self.tokenizer.pad_token_id, self.device)
+        self.model.eval()
+        self.model.config.use_cache = True
+        with self._autocast():
+            generated = self.model.generate(
+                **inputs, do_sample=False, max_new_tokens=self.config.rollout.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            )  # fmt: skip
+        self.model.config.use_cache = False
+        self.model.train()
+        completions = [self.tokenizer.decode(g, skip_special_tokens=True)
+                       for g in generated[:, inputs["input_ids"].shape[1] :].tolist()]  # fmt: skip
+        columns = {c: list(self.eval_rows[c]) for c in self.eval_rows.column_names if c != data.prompt_column}
+        texts = [r[data.prompt_column] for r in self.eval_rows]
+        return {"accuracy": compute_rewards(reward_fn, texts, completions, columns).mean().item()}
+
+    def train(self) -> list[dict]:
+        """Run to `optim.max_steps`, logging, evaluating and checkpointing; returns the metrics history."""
+        config = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        writer = _tensorboard_writer(self.output_dir)
+        bar = _progress_bar(config.optim.max_steps, self.step, enabled=self.progress)
+        if self.step == 0 and self.eval_rows is not None:
+            self._log({"step": 0, **self.evaluate()}, writer)
+        while self.step < config.optim.max_steps:
+            metrics = self.train_step()
+            if self.step % config.eval_every == 0 or self.step == config.optim.max_steps:
+                metrics.update(self.evaluate())
+            if self.step % config.log_every == 0 or "accuracy" in metrics or self.step == config.optim.max_steps:
+                self._log(metrics, writer)
+            if self.step % config.save_every == 0 or self.step == config.optim.max_steps:
+                self.save_checkpoint()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "reward", "mu", "accuracy", "tokens_per_s")
+                                 if k in metrics})  # fmt: skip
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        plot_history(self.history, self.output_dir / "curves.png", title=f"{config.mode} training")
+        return self.history
+
+    def _log(self, metrics: dict, writer) -> None:
+        self.history.append(metrics)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if writer is not None:
+            for key, value in metrics.items():
+                if key != "step":
+                    writer.add_scalar(key, value, metrics["step"])
+
+    def _read_history(self) -> list[dict]:
+        if not self.metrics_path.is_file():
+            return []
+        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if r["step"] <= self.step]  # drop what was logged after the last checkpoint
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write checkpoint-<step> atomically: into a temporary folder, then renamed into place."""
+        final = self.output_dir / f"checkpoint-{self.step:07d}"
+        staging = self.output_dir / f".staging-checkpoint-{self.step:07d}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        self.model.save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "step": self.step}, staging / "trainer_state.pt")  # fmt: skip
+        marker = {"step": self.step, "mode": self.config.mode}
+        if self.config.mode == "chord":
+            marker["mu"] = self.current_mu()
+        (staging / CHECKPOINT_MARKER).write_text(json.dumps(marker))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        for old in checkpoints(self.output_dir)[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old)
+        return final
+
+
+def concat_rows(first: dict, second: dict, pad_token_id: int) -> dict:
+    """Stack two row sets (left- or right-padded) into one, right-padding the shorter to a common length."""
+    length = max(first["input_ids"].shape[1], second["input_ids"].shape[1])
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    out = {}
+    for key in first:
+        a, b = first[key], second[key]
+        if key in fill:
+            a = torch.nn.functional.pad(a, (0, length - a.shape[1]), value=fill[key])
+            b = torch.nn.functional.pad(b, (0, length - b.shape[1]), value=fill[key])
+        out[key] = torch.cat([a, b])
+    return out
+
+
+def _tensorboard_writer(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder / "tensorboard"))
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc="training", dynamic_ncols=True)
+
+
+def plot_history(history: list[dict], path: Path, title: str, label: str | None = None) -> None:
+    """PNG of every logged curve (loss, reward, accuracy, mu, ...) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("loss", "accuracy", "reward", "mu", "sft_loss", "grpo_loss") if any(k in h for h in history)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

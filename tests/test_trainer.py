@@ -1,0 +1,202 @@
+"""The thin trainer: every mode learns something on CPU, checkpoints are atomic and resumable, bad input is named."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+
+from fused_hybrid.cli import main as cli_main  # noqa: E402
+from fused_hybrid.demo import run_demo  # noqa: E402
+from fused_hybrid.trainer import ConfigError, HybridTrainer, load_config  # noqa: E402
+from fused_hybrid.trainer.rewards import RewardError  # noqa: E402
+
+TINY = "{hidden_size: 48, intermediate_size: 96, num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 2}"
+
+
+def starts_with_seven(prompts, completions, **_):
+    """A reward a policy learns in a few steps: 1 when the completion starts with '7'."""
+    return [float(c.startswith("7")) for c in completions]
+
+
+def raises(prompts, completions, **_):
+    raise KeyError("no such field")
+
+
+def wrong_length(prompts, completions, **_):
+    return [1.0]
+
+
+def config(tmp_path, mode, *extra):
+    return load_config(None, [
+        f"mode={mode}", f"output_dir={tmp_path / mode}", f"model.tiny={TINY}", "data.synthetic_size=400",
+        "data.eval_size=16", "optim.batch_size=16", "optim.learning_rate=3e-3", "optim.warmup_steps=2",
+        "optim.max_steps=25", "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=3",
+        "log_every=1", "eval_every=100", "save_every=100", *extra,
+    ])  # fmt: skip
+
+
+def early_late(history, key):
+    values = [h[key] for h in history if key in h]
+    return sum(values[:4]) / 4, sum(values[-4:]) / 4
+
+
+@pytest.mark.parametrize(
+    "mode, key, extra",
+    [("sft", "loss", "model.gradient_checkpointing=true"), ("dft", "sft_loss", ""), ("ift", "loss", ""),
+     ("minor_sft", "loss", "")],
+)  # fmt: skip
+def test_supervised_modes_learn(tmp_path, mode, key, extra):
+    history = HybridTrainer(config(tmp_path, mode, "optim.grad_accum=2", *filter(None, [extra])),
+                            progress=False).train()  # fmt: skip
+    early, late = early_late(history, key)
+    assert late < early, f"{mode}: {key} went from {early:.3f} to {late:.3f}"
+    assert (tmp_path / mode / "curves.png").is_file() and (tmp_path / mode / "metrics.jsonl").is_file()
+
+
+@pytest.mark.parametrize("mode", ["grpo", "chord"])
+def test_rollout_modes_raise_the_reward(tmp_path, mode):
+    trainer = HybridTrainer(config(tmp_path, mode, "objective.reward=tests.test_trainer.starts_with_seven",
+                                   "objective.mu=0.2", "optim.max_steps=30", "rollout.temperature=1.0",
+                                   "optim.learning_rate=1e-2"), progress=False)  # fmt: skip
+    history = trainer.train()
+    early, late = early_late(history, "reward")
+    assert late > early + 0.2, f"{mode}: reward went from {early:.2f} to {late:.2f}"
+    if mode == "chord":
+        assert all(h["mu"] == pytest.approx(0.2) for h in history if "mu" in h)
+
+
+def test_dpo_learns_preferences_from_jsonl(tmp_path):
+    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": f"99{a}"} for a in range(20) for b in range(5)]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    history = HybridTrainer(config(tmp_path, "dpo", f"data.path={path}", "optim.grad_accum=2", "objective.beta=0.5"),
+                            progress=False).train()  # fmt: skip
+    early, late = early_late(history, "loss")
+    assert late < early
+    assert early_late(history, "reward_accuracy")[1] > 0.6
+
+
+def test_resume_gives_the_state_of_an_uninterrupted_run(tmp_path):
+    extra = ["objective.reward=tests.test_trainer.starts_with_seven", "optim.max_steps=6", "save_every=3",
+             "objective.mu_decay_steps=10", "optim.grad_accum=2"]  # fmt: skip
+    straight = HybridTrainer(config(tmp_path / "a", "chord", *extra), progress=False)
+    straight.train()
+
+    interrupted = HybridTrainer(config(tmp_path / "b", "chord", *extra), progress=False)
+    original_step = interrupted.train_step
+
+    def crash_after_step_four():
+        if interrupted.step == 4:  # killed one step after the checkpoint at step 3
+            raise KeyboardInterrupt
+        return original_step()
+
+    interrupted.train_step = crash_after_step_four
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    resumed = HybridTrainer(config(tmp_path / "b", "chord", *extra), progress=False)
+    assert resumed.step == 3 and resumed.current_mu() == pytest.approx(straight.mu(3))
+    resumed.train()
+    assert resumed.step == straight.step == 6
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+    marker = json.loads((tmp_path / "b" / "chord" / "checkpoint-0000006" / "fused_hybrid_checkpoint.json").read_text())
+    assert marker["step"] == 6 and marker["mu"] == pytest.approx(straight.mu(6))
+    logged = [h["step"] for h in resumed.history if "loss" in h]
+    assert logged == sorted(set(logged)) == list(range(1, 7))
+
+
+def test_a_failed_save_leaves_no_checkpoint(tmp_path, monkeypatch):
+    trainer = HybridTrainer(config(tmp_path, "sft", "optim.max_steps=2", "save_every=1"), progress=False)
+    trainer.train_step()
+    good = trainer.save_checkpoint()
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    trainer.train_step()
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "sft").glob("checkpoint-*")] == [good.name]
+    assert HybridTrainer(config(tmp_path, "sft"), progress=False).step == 1
+
+
+def test_a_foreign_checkpoint_folder_is_refused(tmp_path):
+    (tmp_path / "sft" / "checkpoint-0000100").mkdir(parents=True)
+    with pytest.raises(ValueError, match="not a fused-hybrid checkpoint"):
+        HybridTrainer(config(tmp_path, "sft"), progress=False)
+
+
+def test_missing_columns_are_named(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"question": "1+1=", "response": "2"}) + "\n")
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['prompt'\]"):
+        HybridTrainer(config(tmp_path, "sft", f"data.path={path}"), progress=False)
+
+
+def test_a_prompt_longer_than_max_length_is_a_logged_skip(tmp_path, caplog):
+    rows = [{"prompt": "1" * 40, "response": "2"}] + [{"prompt": f"{i}+1=", "response": str(i + 1)} for i in range(50)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = HybridTrainer(config(tmp_path, "sft", f"data.path={path}", "data.max_length=20", "optim.batch_size=51"),
+                            progress=False)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fused_hybrid.trainer"):
+        for _ in range(3):
+            trainer.train_step()
+    assert "skipping a sample: its prompt has" in caplog.text
+
+
+@pytest.mark.parametrize("reward, words", [("tests.test_trainer.raises", "raised KeyError"),
+                                           ("tests.test_trainer.wrong_length", "returned 1 rewards for 16"),
+                                           ("tests.nowhere.reward", "cannot be imported")])  # fmt: skip
+def test_bad_reward_functions_are_named(tmp_path, reward, words):
+    with pytest.raises((RewardError, ValueError), match=words):
+        HybridTrainer(config(tmp_path, "grpo", f"objective.reward={reward}"), progress=False).train_step()
+
+
+def test_cli_train_reads_yaml_and_toml_and_names_config_errors(tmp_path, capsys):
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text(f"mode: sft\noutput_dir: {tmp_path / 'yaml'}\nmodel:\n  tiny: {TINY}\noptim:\n  max_steps: 2\n"
+                         "data:\n  synthetic_size: 100\n")  # fmt: skip
+    cli_main(["train", str(yaml_path), "--set", "optim.batch_size=4"])
+    assert (tmp_path / "yaml" / "checkpoint-0000002").is_dir()
+    toml_path = tmp_path / "run.toml"
+    toml_path.write_text(f'mode = "dft"\noutput_dir = "{tmp_path / "toml"}"\n[optim]\nmax_steps = 1\nbatch_size = 4\n'
+                         "[data]\nsynthetic_size = 100\n")  # fmt: skip
+    cli_main(["train", str(toml_path), "--set", f"model.tiny={TINY}"])
+    assert (tmp_path / "toml" / "checkpoint-0000001").is_dir()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", str(yaml_path), "--set", "optim.lr=3"])
+    assert exit_info.value.code == 2
+    assert "unknown key 'optim.lr'; allowed keys here: learning_rate" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="mode: 'ppo' is not one of the allowed values: sft, dft, chord"):
+        load_config(yaml_path, ["mode=ppo"])
+    with pytest.raises(ConfigError, match="optim.max_steps: expected an integer"):
+        load_config(yaml_path, ["optim.max_steps=many"])
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        load_config(path)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = run_demo(tmp_path / "report", steps=4, progress=False)
+    summary = json.loads((out / "metrics.json").read_text())
+    assert set(summary) == {"sft", "chord", "memory"}
+    memory = summary["memory"]
+    assert memory["tokens"] > 0 and memory["materialised_logits_bytes"] == 2 * memory["tokens"] * memory["vocab"] * 4
+    text = (out / "metrics.md").read_text()
+    assert "| SFT |" in text and "| CHORD |" in text and "materialised fp32 logits" in text
+    assert (out / "curves.png").stat().st_size > 0

@@ -168,3 +168,15 @@ def test_peft_lora_model_with_a_frozen_head():
     assert_close_scaled(loss, expected_loss, 1e-5)
     for name in expected:
         assert_close_scaled(got[name], expected[name], 1e-4, name, atol=1e-7)
+
+
+def test_patched_loss_under_bf16_autocast():
+    model = tiny_model("mistral")
+    input_ids, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_loss, expected = loss_and_grads(model, input_ids, labels)
+        fused_hybrid.patch_model(model)
+        loss, got = loss_and_grads(model, input_ids, labels)
+    assert_close_scaled(loss, expected_loss, 2e-2, "loss")
+    for name in expected:
+        assert_close_scaled(got[name], expected[name], 5e-2, name, atol=1e-4)

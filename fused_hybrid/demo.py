@@ -93,7 +93,7 @@ def report(out: Path, runs: dict, steps: int) -> None:
         for ax, key in zip(axes, ("accuracy", "loss")):
             points = [(h["step"], h[key]) for h in run["history"] if key in h]
             ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=mode.upper())
-    for ax, key in zip(axes, ("held-out exact-match accuracy", "training loss")):
+    for ax, key in zip(axes, ("held-out exact-match accuracy", "training objective (each run's own loss)")):
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

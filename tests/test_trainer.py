@@ -200,3 +200,16 @@ def test_demo_runs_end_to_end(tmp_path):
     text = (out / "metrics.md").read_text()
     assert "| SFT |" in text and "| CHORD |" in text and "materialised fp32 logits" in text
     assert (out / "curves.png").stat().st_size > 0
+
+
+def test_prompts_go_through_the_chat_template_when_the_tokenizer_has_one():
+    from fused_hybrid.trainer.text import prompt_ids
+    from tests.test_hf import word_level_tokenizer
+
+    tokenizer = word_level_tokenizer(20)
+    plain = prompt_ids(tokenizer, "t5 t6")
+    assert plain == [5, 6]
+    tokenizer.chat_template = (
+        "{% for m in messages %}t3 {{ m['content'] }} t4{% endfor %}{% if add_generation_prompt %} t7{% endif %}"
+    )
+    assert prompt_ids(tokenizer, "t5 t6") == [3, 5, 6, 4, 7]

@@ -123,13 +123,13 @@ def triton_import_error() -> str | None:
 def check_targets_in_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Fail clearly on a target outside [0, V) that is not `ignore_index`.
 
-    On the CPU this is an eager `ValueError`. On an accelerator it is an asynchronous device-side assertion, so
-    the check costs no host-device synchronisation (the kernels never index memory by a target, so a bad target
-    cannot read out of bounds before the assertion fires).
+    On the CPU this is an eager `ValueError`. On an accelerator, and inside `torch.compile`, it is an asynchronous
+    assertion, so the check costs no host-device synchronisation and no graph break (the kernels never index memory
+    by a target, so a bad target cannot read out of bounds before the assertion fires).
     """
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
     message = f"targets must lie in [0, V) = [0, {vocab_size}) or equal ignore_index ({ignore_index})"
-    if targets.device.type == "cpu":
+    if targets.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool(bad.any()):
             first = targets[bad][0].item()
             raise ValueError(f"{message}; found {first}")

@@ -103,41 +103,45 @@ def transform_logits(raw: torch.Tensor, bias: torch.Tensor | None, transform: Lo
     return z
 
 
-class _LinearHeadStats(torch.autograd.Function):
-    """One autograd op for the logits-free backends; `impl` provides forward/backward passes."""
+class VocabPartials(NamedTuple):
+    """Per-token sums over one slice of the vocabulary (a tile range, a Triton split, a vocab-parallel shard),
+    taken relative to the slice's own maximum logit m, each of shape [N] (or [K, N] for K slices):
+    m, s = sum exp(z - m), a = sum exp(z - m) * (z - m), sum z, and z[y] (0 when y is outside the slice)."""
 
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, bias, transform, impl):
-        # The backends compute every token's statistics (ignored targets read as 0); the backward keeps each
-        # token's true lse so that exp(z - lse) <= 1 even where the token's gradient is masked to zero.
-        stats = impl.forward(hidden, weight, targets, bias, transform)
-        ctx.save_for_backward(hidden, weight, targets, bias, stats.lse, stats.entropy)
-        ctx.transform = transform
-        ctx.impl = impl
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(targets)
-        valid = targets != transform.ignore_index
-        return tuple(torch.where(valid, statistic, 0.0) for statistic in stats)
+    max: torch.Tensor
+    sum_exp: torch.Tensor
+    sum_exp_shifted: torch.Tensor
+    sum_z: torch.Tensor
+    target_logit: torch.Tensor
 
-    @staticmethod
-    def backward(ctx, g_logp, g_entropy, g_lse, g_sum_z):
-        hidden, weight, targets, bias, lse, entropy = ctx.saved_tensors
-        needs_hidden, needs_weight, _, needs_bias, _, _ = ctx.needs_input_grad
-        if all(g is None for g in (g_logp, g_entropy, g_lse, g_sum_z)):
-            return None, None, None, None, None, None
-        valid = targets != ctx.transform.ignore_index
-        coefs = token_grad_coefficients((g_logp, g_entropy, g_lse, g_sum_z), entropy, valid)
-        d_hidden, d_weight, d_bias = ctx.impl.backward(
-            hidden,
-            weight,
-            targets,
-            bias,
-            lse,
-            coefs,
-            ctx.transform,
-            needs=(needs_hidden, needs_weight, needs_bias and bias is not None),
-        )
-        return d_hidden, d_weight, None, d_bias, None, None
+
+def merge_partials(partials: VocabPartials) -> VocabPartials:
+    """Combine K slices ([K, N] each) into one ([N]): shift every slice's sums to the common maximum."""
+    token_max = partials.max.amax(0)
+    shift = partials.max - token_max
+    rescale = torch.exp(shift)
+    return VocabPartials(
+        max=token_max,
+        sum_exp=(partials.sum_exp * rescale).sum(0),
+        # sum exp(z - M) (z - M) = rescale * (a_k + s_k * (m_k - M)) for each slice k
+        sum_exp_shifted=(rescale * (partials.sum_exp_shifted + partials.sum_exp * shift)).sum(0),
+        sum_z=partials.sum_z.sum(0),
+        target_logit=partials.target_logit.sum(0),
+    )
+
+
+def finalize_partials(partials: VocabPartials) -> HeadStats:
+    """lse = m + log s; H = log s - a / s (both small for a confident token: no cancellation); logp = z[y] - lse.
+
+    Statistics of ignored tokens are left as they come (the caller masks them)."""
+    log_sum_exp = torch.log(partials.sum_exp)
+    lse = partials.max + log_sum_exp
+    return HeadStats(
+        logp=partials.target_logit - lse,
+        entropy=log_sum_exp - partials.sum_exp_shifted / partials.sum_exp,
+        lse=lse,
+        sum_z=partials.sum_z,
+    )
 
 
 def linear_head_stats(
@@ -168,9 +172,10 @@ def linear_head_stats(
 
         stats = reference.head_stats(hidden_2d, weight, targets_1d, bias, transform)
     else:
-        if resolved == "triton":
-            from .backends import triton_backend as impl
-        else:
-            from .backends import torch_chunked as impl
-        stats = HeadStats(*_LinearHeadStats.apply(hidden_2d, weight, targets_1d, bias, transform, impl))
+        from . import _ops
+
+        raw = _ops.head_stats(hidden_2d, weight, targets_1d, bias, transform, resolved)
+        # Ignored tokens read 0; their gradient coefficients are 0 too (see token_grad_coefficients).
+        valid = targets_1d != ignore_index
+        stats = HeadStats(*(torch.where(valid, statistic, 0.0) for statistic in raw))
     return HeadStats(*(s.reshape(leading_shape) for s in stats))

@@ -18,7 +18,7 @@ def no_kernel_runs(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a kernel ran before validation")
 
-    monkeypatch.setattr(torch_chunked, "forward", forbidden)
+    monkeypatch.setattr(torch_chunked, "partials", forbidden)
 
 
 @pytest.mark.parametrize(

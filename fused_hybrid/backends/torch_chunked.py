@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..head_stats import HeadStats, LogitTransform, TokenGradCoefficients, stats_dtype, transform_logits
+from ..head_stats import LogitTransform, TokenGradCoefficients, VocabPartials, stats_dtype, transform_logits
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32
 
@@ -19,25 +19,30 @@ def _chunks(num_tokens: int, vocab_size: int):
         yield slice(start, min(start + rows, num_tokens))
 
 
-def forward(
+def partials(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None,
     transform: LogitTransform,
-) -> HeadStats:
+) -> VocabPartials:
+    """Per-token sums over this weight's rows (see VocabPartials), chunk by chunk of tokens."""
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
-    out = torch.empty(4, num_tokens, dtype=stats_dtype(hidden.dtype), device=hidden.device)
-    logp, entropy, lse, sum_z = out
-    safe_targets = torch.where(targets != transform.ignore_index, targets, 0)
+    out = torch.empty(5, num_tokens, dtype=stats_dtype(hidden.dtype), device=hidden.device)
+    # A target that is ignored, or on another vocab-parallel shard, has no logit here.
+    in_range = (targets >= 0) & (targets < vocab_size)
+    safe_targets = torch.where(in_range, targets, 0)
     for rows in _chunks(num_tokens, vocab_size):
         z = transform_logits(hidden[rows] @ weight.T, bias, transform)
-        lse[rows] = torch.logsumexp(z, dim=-1)
-        log_probs = z - lse[rows, None]
-        entropy[rows] = -(log_probs.exp() * log_probs).sum(-1)
-        sum_z[rows] = z.sum(-1)
-        logp[rows] = z.gather(1, safe_targets[rows, None]).squeeze(1) - lse[rows]
-    return HeadStats(logp, entropy, lse, sum_z)
+        row_max = z.amax(-1)
+        shifted = z - row_max[:, None]
+        exp_shifted = shifted.exp()
+        out[0, rows] = row_max
+        out[1, rows] = exp_shifted.sum(-1)
+        out[2, rows] = (exp_shifted * shifted).sum(-1)
+        out[3, rows] = z.sum(-1)
+        out[4, rows] = torch.where(in_range[rows], z.gather(1, safe_targets[rows, None]).squeeze(1), 0.0)
+    return VocabPartials(*out)
 
 
 def backward(
@@ -56,7 +61,9 @@ def backward(
     d_hidden = torch.empty_like(hidden) if needs_hidden else None
     d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if needs_weight else None
     d_bias = torch.zeros(vocab_size, dtype=acc_dtype, device=weight.device) if needs_bias else None
-    safe_targets = torch.where(targets != transform.ignore_index, targets, 0)
+    in_range = (targets >= 0) & (targets < vocab_size)  # the one-hot term lives on the target's own shard
+    safe_targets = torch.where(in_range, targets, 0)
+    onehot_coef = torch.where(in_range, coefs.onehot_coef, 0.0)
 
     for rows in _chunks(num_tokens, vocab_size):
         z = transform_logits(hidden[rows] @ weight.T, bias, transform)
@@ -68,7 +75,7 @@ def backward(
             d_z.mul_(coefs.prob_coef[rows, None])
         if coefs.uniform_coef is not None:
             d_z.add_(coefs.uniform_coef[rows, None])
-        d_z.scatter_add_(1, safe_targets[rows, None], coefs.onehot_coef[rows, None].to(d_z.dtype))
+        d_z.scatter_add_(1, safe_targets[rows, None], onehot_coef[rows, None].to(d_z.dtype))
         if transform.softcap is not None:  # d softcap(u)/du = 1 - tanh^2(u / s) = 1 - (z / s)^2
             d_z.mul_(1.0 - (z / transform.softcap) ** 2)
         if transform.temperature != 1.0:

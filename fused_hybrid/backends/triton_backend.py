@@ -8,7 +8,7 @@ import torch
 import triton
 
 from .._validation import triton_interpreter_enabled
-from ..head_stats import HeadStats, LogitTransform, TokenGradCoefficients
+from ..head_stats import LogitTransform, TokenGradCoefficients, VocabPartials, merge_partials
 from ..kernels.head_stats_backward import head_stats_backward_kernel
 from ..kernels.head_stats_forward import head_stats_forward_kernel
 
@@ -47,13 +47,14 @@ def _common_args(hidden, weight, transform: LogitTransform):
     ), (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
 
 
-def forward(
+def partials(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None,
     transform: LogitTransform,
-) -> HeadStats:
+) -> VocabPartials:
+    """Per-token sums over this weight's rows (see VocabPartials); the kernel's vocabulary splits are merged."""
     num_tokens, dim = hidden.shape
     vocab_size = weight.shape[0]
     cfg = _config(hidden.device, CUDA_FORWARD_CONFIG)
@@ -64,7 +65,7 @@ def forward(
     tiles_per_split = triton.cdiv(vocab_tiles, splits)
     splits = triton.cdiv(vocab_tiles, tiles_per_split)
 
-    partials = torch.empty(5, splits, num_tokens, dtype=torch.float32, device=hidden.device)
+    split_partials = torch.empty(5, splits, num_tokens, dtype=torch.float32, device=hidden.device)
     flags, strides = _common_args(hidden, weight, transform)
     if num_tokens > 0:
         head_stats_forward_kernel[(token_blocks, splits)](
@@ -72,7 +73,7 @@ def forward(
             weight,
             bias,
             targets,
-            partials,
+            split_partials,
             num_tokens,
             vocab_size,
             dim,
@@ -89,21 +90,7 @@ def forward(
             num_stages=cfg.num_stages,
             **flags,
         )
-    split_max, split_sum_exp, split_sum_exp_shifted, split_sum_z, split_target_logit = partials
-    token_max = split_max.amax(0)
-    max_shift = split_max - token_max
-    rescale = torch.exp(max_shift)
-    sum_exp = (split_sum_exp * rescale).sum(0)
-    sum_exp_shifted = (rescale * (split_sum_exp_shifted + split_sum_exp * max_shift)).sum(0)
-    log_sum_exp = torch.log(sum_exp)
-    lse = token_max + log_sum_exp
-    stats = (
-        split_target_logit.sum(0) - lse,
-        log_sum_exp - sum_exp_shifted / sum_exp,  # H = lse - E_p[z], both taken relative to the max
-        lse,
-        split_sum_z.sum(0),
-    )
-    return HeadStats(*stats)
+    return merge_partials(VocabPartials(*split_partials))
 
 
 def backward(

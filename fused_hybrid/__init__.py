@@ -22,6 +22,7 @@ from .objectives import (
     minor_sft_loss,
     sequence_logps,
 )
+from .vocab_parallel import VocabParallel
 
 __all__ = [
     "AGGREGATIONS",
@@ -35,6 +36,7 @@ __all__ = [
     "LossOutput",
     "MinorSFTLoss",
     "MuSchedule",
+    "VocabParallel",
     "chord_loss",
     "dft_loss",
     "dpo_loss",

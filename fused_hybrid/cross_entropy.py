@@ -8,6 +8,7 @@ from torch import nn
 from ._reduction import check_num_items, check_reduction, reduce_per_token
 from ._validation import check_non_negative
 from .head_stats import linear_head_stats
+from .vocab_parallel import VocabParallel
 
 
 def linear_cross_entropy(
@@ -24,6 +25,7 @@ def linear_cross_entropy(
     temperature: float = 1.0,
     num_items: int | torch.Tensor | None = None,
     backend: str = "auto",
+    vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the LM head ``softcap(F.linear(hidden, weight, bias) / temperature)`` (LOSSES.md section 1).
 
@@ -49,10 +51,14 @@ def linear_cross_entropy(
         softcap=softcap,
         ignore_index=ignore_index,
         backend=backend,
+        vocab_parallel=vocab_parallel,
     )
     per_token = -stats.logp
     if label_smoothing > 0:
-        vocab_size = weight.shape[0]
+        # mean_v z_v is over the whole vocabulary, every slice of it under vocab parallelism
+        vocab_size = (
+            weight.shape[0] if vocab_parallel is None else vocab_parallel.layout(weight.shape[0], weight.device)[1]
+        )
         per_token = (1.0 - label_smoothing) * per_token + label_smoothing * (stats.lse - stats.sum_z / vocab_size)
     if z_loss > 0:
         per_token = per_token + z_loss * stats.lse.square()  # stats are 0 at ignored tokens
@@ -73,6 +79,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         softcap: float | None = None,
         temperature: float = 1.0,
         backend: str = "auto",
+        vocab_parallel: VocabParallel | None = None,
     ) -> None:
         super().__init__()
         check_reduction(reduction)
@@ -83,6 +90,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         self.softcap = softcap
         self.temperature = temperature
         self.backend = backend
+        self.vocab_parallel = vocab_parallel
 
     def forward(
         self,
@@ -106,6 +114,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
             temperature=self.temperature,
             num_items=num_items,
             backend=self.backend,
+            vocab_parallel=self.vocab_parallel,
         )
 
     def extra_repr(self) -> str:

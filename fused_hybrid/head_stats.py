@@ -154,13 +154,23 @@ def linear_head_stats(
     softcap: float | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    vocab_parallel=None,
 ) -> HeadStats:
-    """Validated entry to the core: returns HeadStats with the leading shape of `targets`."""
+    """Validated entry to the core: returns HeadStats with the leading shape of `targets`.
+
+    With `vocab_parallel` (a :class:`fused_hybrid.VocabParallel`), `weight` and `bias` are this rank's slice of the
+    head and the statistics are those of the full vocabulary (see fused_hybrid.vocab_parallel).
+    """
     check_head_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=softcap)
     resolved = resolve_backend(backend, hidden)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    check_targets_in_range(targets, weight.shape[0], ignore_index)
+    offset, vocab_size = 0, weight.shape[0]
+    if vocab_parallel is not None:
+        if resolved == "reference":
+            raise ValueError("vocab_parallel runs on the 'torch' and 'triton' backends, not on 'reference'")
+        offset, vocab_size = vocab_parallel.layout(weight.shape[0], weight.device)
+    check_targets_in_range(targets, vocab_size, ignore_index)
 
     leading_shape = targets.shape
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
@@ -171,6 +181,11 @@ def linear_head_stats(
         from .backends import reference
 
         stats = reference.head_stats(hidden_2d, weight, targets_1d, bias, transform)
+    elif vocab_parallel is not None:
+        from .vocab_parallel import vocab_parallel_head_stats
+
+        stats = vocab_parallel_head_stats(hidden_2d, weight, targets_1d, bias, transform, resolved, vocab_parallel,
+                                          offset)  # fmt: skip
     else:
         from . import _ops
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .head_stats import linear_head_stats
+from .vocab_parallel import VocabParallel
 
 
 def linear_logprobs(
@@ -18,6 +19,7 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
+    vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target token (and the entropy of each token's distribution).
 
@@ -35,6 +37,8 @@ def linear_logprobs(
         return_entropy: also return the entropy of each token's distribution.
         backend: ``"auto"`` (Triton on CUDA, chunked PyTorch elsewhere), ``"triton"``, ``"torch"`` or
             ``"reference"`` (full logits; for tests and baselines).
+        vocab_parallel: a :class:`fused_hybrid.VocabParallel` when ``weight`` (and ``bias``) are this rank's slice
+            of a head split over a process group; the results are those of the full vocabulary.
 
     Returns:
         ``logp`` of shape ``targets.shape`` in float32 (float64 for float64 inputs), 0 at ignored positions; with
@@ -51,6 +55,7 @@ def linear_logprobs(
         softcap=softcap,
         ignore_index=ignore_index,
         backend=backend,
+        vocab_parallel=vocab_parallel,
     )
     if return_entropy:
         return stats.logp, stats.entropy

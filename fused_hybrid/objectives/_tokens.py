@@ -23,6 +23,7 @@ from torch import nn
 from .._reduction import check_num_items, divide_by_count
 from .._validation import check_non_negative
 from ..head_stats import linear_head_stats
+from ..vocab_parallel import VocabParallel
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -117,6 +118,7 @@ def evaluate_head(
     softcap: float | None,
     ignore_index: int,
     backend: str,
+    vocab_parallel: VocabParallel | None = None,
 ) -> TokenBatch:
     """Run the logits-free core on the tokens in the loss and describe the batch's layout."""
     if not isinstance(targets, torch.Tensor):
@@ -149,6 +151,7 @@ def evaluate_head(
     stats = linear_head_stats(
         hidden, weight, head_targets, bias,
         temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
+        vocab_parallel=vocab_parallel,
     )  # fmt: skip
     return TokenBatch(
         logp=stats.logp.reshape(-1),

@@ -8,6 +8,7 @@ import math
 import torch
 
 from .._validation import check_non_negative
+from ..vocab_parallel import VocabParallel
 from ._tokens import LossOutput, ObjectiveModule, aggregate, evaluate_head
 from .policy_gradient import check_clip_options, clipped_surrogate, log_importance_ratio, policy_metrics
 
@@ -74,6 +75,7 @@ def chord_loss(
     softcap: float | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    vocab_parallel: VocabParallel | None = None,
 ) -> LossOutput:
     """``L = (1 - mu) * L_GRPO(rollouts) + mu * L_SFT(expert demonstrations)`` on one batch.
 
@@ -97,7 +99,7 @@ def chord_loss(
     batch = evaluate_head(
         hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
         num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        backend=backend,
+        backend=backend, vocab_parallel=vocab_parallel,
     )  # fmt: skip
     batch.require_sequences("chord_loss")
     expert_tokens = batch.to_tokens(batch.per_sequence(is_expert, "is_expert").to(batch.mask.dtype))
@@ -154,6 +156,7 @@ class CHORDLoss(ObjectiveModule):
         softcap: float | None = None,
         ignore_index: int = -100,
         backend: str = "auto",
+        vocab_parallel: VocabParallel | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(mu, MuSchedule):
@@ -163,7 +166,7 @@ class CHORDLoss(ObjectiveModule):
         self.options = dict(
             use_phi=use_phi, cutoff_prob=cutoff_prob, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
             dual_clip=dual_clip, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-            backend=backend,
+            backend=backend, vocab_parallel=vocab_parallel,
         )  # fmt: skip
 
     @classmethod

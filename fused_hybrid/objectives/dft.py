@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._reduction import check_num_items, check_reduction, reduce_per_token
+from ..vocab_parallel import VocabParallel
 from ._tokens import LossOutput, ObjectiveModule, evaluate_head
 
 
@@ -21,6 +22,7 @@ def dft_loss(
     softcap: float | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    vocab_parallel: VocabParallel | None = None,
 ) -> LossOutput:
     """``L = -(1/N_tok) sum_t m_t * sg(p_t) * logp_t``; ``dL/dlogp_t = -m_t * p_t / N_tok``.
 
@@ -33,6 +35,7 @@ def dft_loss(
     batch = evaluate_head(
         hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=None, num_sequences=None,
         temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
+        vocab_parallel=vocab_parallel,
     )  # fmt: skip
     prob = batch.logp.detach().exp()
     per_token = -prob * batch.logp * batch.mask
@@ -52,11 +55,17 @@ class DFTLoss(ObjectiveModule):
         softcap: float | None = None,
         ignore_index: int = -100,
         backend: str = "auto",
+        vocab_parallel: VocabParallel | None = None,
     ) -> None:
         super().__init__()
         check_reduction(reduction)
         self.options = dict(
-            reduction=reduction, temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend
+            reduction=reduction,
+            temperature=temperature,
+            softcap=softcap,
+            ignore_index=ignore_index,
+            backend=backend,
+            vocab_parallel=vocab_parallel,
         )
 
     def forward(self, hidden, weight, targets, bias=None, *, loss_mask=None, num_items=None) -> torch.Tensor:

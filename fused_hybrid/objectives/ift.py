@@ -14,6 +14,7 @@ import torch
 
 from .._reduction import divide_by_count
 from .._validation import check_non_negative
+from ..vocab_parallel import VocabParallel
 from ._tokens import LossOutput, ObjectiveModule, TokenBatch, evaluate_head
 
 
@@ -44,6 +45,7 @@ def ift_loss(
     softcap: float | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    vocab_parallel: VocabParallel | None = None,
 ) -> LossOutput:
     """IFT loss (see the module docstring): mean over sequences with response tokens (or over ``num_items``
     sequences) of the gamma-weighted token-mean NLL. Metrics: ``sft_loss`` (plain token-mean NLL)."""
@@ -53,7 +55,7 @@ def ift_loss(
     batch = evaluate_head(
         hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
         num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        backend=backend,
+        backend=backend, vocab_parallel=vocab_parallel,
     )  # fmt: skip
     batch.require_sequences("ift_loss")
     weights = ift_token_weights(batch, gamma)
@@ -76,13 +78,14 @@ class IFTLoss(ObjectiveModule):
         softcap: float | None = None,
         ignore_index: int = -100,
         backend: str = "auto",
+        vocab_parallel: VocabParallel | None = None,
     ) -> None:
         super().__init__()
         check_non_negative("gamma", gamma)
         if gamma > 1:
             raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
         self.options = dict(gamma=gamma, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-                            backend=backend)  # fmt: skip
+                            backend=backend, vocab_parallel=vocab_parallel)  # fmt: skip
 
     def forward(self, hidden, weight, targets, bias=None, *, loss_mask=None, sequence_ids=None, num_sequences=None,
                 num_items=None) -> torch.Tensor:  # fmt: skip

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from .._reduction import divide_by_count
 from .._validation import check_positive
+from ..vocab_parallel import VocabParallel
 from ._tokens import LossOutput, ObjectiveModule, evaluate_head
 from .preference import policy_and_reference_sums
 
@@ -28,6 +29,7 @@ def minor_sft_loss(
     softcap: float | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    vocab_parallel: VocabParallel | None = None,
 ) -> LossOutput:
     """Per sequence i with m_i response tokens and ``Delta_i = sum_t (logp_t - ref_logp_t)``:
 
@@ -47,7 +49,7 @@ def minor_sft_loss(
     batch = evaluate_head(
         hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
         num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        backend=backend,
+        backend=backend, vocab_parallel=vocab_parallel,
     )  # fmt: skip
     batch.require_sequences("minor_sft_loss")
     policy, reference = policy_and_reference_sums(batch, ref_logp)
@@ -81,12 +83,13 @@ class MinorSFTLoss(ObjectiveModule):
         softcap: float | None = None,
         ignore_index: int = -100,
         backend: str = "auto",
+        vocab_parallel: VocabParallel | None = None,
     ) -> None:
         super().__init__()
         check_positive("beta", beta)
         self.options = dict(
             beta=beta, length_normalized=length_normalized, temperature=temperature, softcap=softcap,
-            ignore_index=ignore_index, backend=backend,
+            ignore_index=ignore_index, backend=backend, vocab_parallel=vocab_parallel,
         )  # fmt: skip
 
     def forward(self, hidden, weight, targets, bias=None, *, ref_logp, loss_mask=None, sequence_ids=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import check_non_negative
+from ..vocab_parallel import VocabParallel
 from ._tokens import LossOutput, ObjectiveModule, TokenBatch, aggregate, check_aggregation, evaluate_head
 
 LOG_RATIO_LIMIT = 20.0  # log-ratios are clamped to +-20 before exp (as verl does)
@@ -113,6 +114,7 @@ def grpo_loss(
     softcap: float | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    vocab_parallel: VocabParallel | None = None,
 ) -> LossOutput:
     """PPO / GRPO / GSPO policy loss on the LM head, without the logits.
 
@@ -143,7 +145,7 @@ def grpo_loss(
     batch = evaluate_head(
         hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
         num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        backend=backend,
+        backend=backend, vocab_parallel=vocab_parallel,
     )  # fmt: skip
     token_advantages = batch.per_token(advantages, "advantages")
     old_token_logp = None if old_logp is None else batch.per_token(old_logp, "old_logp")
@@ -190,6 +192,7 @@ class GRPOLoss(ObjectiveModule):
         softcap: float | None = None,
         ignore_index: int = -100,
         backend: str = "auto",
+        vocab_parallel: VocabParallel | None = None,
     ) -> None:
         super().__init__()
         check_clip_options(epsilon_low, epsilon_high, dual_clip)
@@ -202,7 +205,7 @@ class GRPOLoss(ObjectiveModule):
             epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, beta=beta,
             entropy_coef=entropy_coef, importance_sampling=importance_sampling, aggregation=aggregation,
             max_response_length=max_response_length, temperature=temperature, softcap=softcap,
-            ignore_index=ignore_index, backend=backend,
+            ignore_index=ignore_index, backend=backend, vocab_parallel=vocab_parallel,
         )  # fmt: skip
 
     def forward(self, hidden, weight, targets, bias=None, *, advantages, old_logp=None, ref_logp=None,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .._reduction import divide_by_count
 from .._validation import check_non_negative, check_positive
+from ..vocab_parallel import VocabParallel
 from ._tokens import LossOutput, ObjectiveModule, TokenBatch, evaluate_head
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo")
@@ -44,6 +45,7 @@ def sequence_logps(
     softcap: float | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor:
     """Summed log-probs of each sequence's loss tokens [S], through the fused kernel under no_grad.
 
@@ -53,7 +55,7 @@ def sequence_logps(
     batch = evaluate_head(
         hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
         num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        backend=backend,
+        backend=backend, vocab_parallel=vocab_parallel,
     )  # fmt: skip
     batch.require_sequences("sequence_logps")
     return batch.seq_sum(batch.logp * batch.mask)
@@ -78,6 +80,7 @@ def dpo_loss(
     softcap: float | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    vocab_parallel: VocabParallel | None = None,
 ) -> LossOutput:
     """Preference loss over chosen/rejected pairs (chosen first, see the module docstring), mean over pairs.
 
@@ -104,7 +107,7 @@ def dpo_loss(
     batch = evaluate_head(
         hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
         num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        backend=backend,
+        backend=backend, vocab_parallel=vocab_parallel,
     )  # fmt: skip
     batch.require_sequences("dpo_loss")
     if batch.num_sequences % 2:
@@ -156,6 +159,7 @@ class DPOLoss(ObjectiveModule):
         softcap: float | None = None,
         ignore_index: int = -100,
         backend: str = "auto",
+        vocab_parallel: VocabParallel | None = None,
     ) -> None:
         super().__init__()
         if loss_type not in PREFERENCE_LOSSES:
@@ -163,7 +167,7 @@ class DPOLoss(ObjectiveModule):
         check_positive("beta", beta)
         self.options = dict(
             loss_type=loss_type, beta=beta, simpo_gamma=simpo_gamma, nll_weight=nll_weight, temperature=temperature,
-            softcap=softcap, ignore_index=ignore_index, backend=backend,
+            softcap=softcap, ignore_index=ignore_index, backend=backend, vocab_parallel=vocab_parallel,
         )  # fmt: skip
 
     def forward(self, hidden, weight, targets, bias=None, *, ref_logp=None, loss_mask=None, sequence_ids=None,

@@ -1,0 +1,105 @@
+"""Vocab-parallel LM head over a `torch.distributed` process group.
+
+Each rank holds a contiguous slice `weight[V_r, D]` of the head (uneven slices allowed, in rank order) and the same
+hidden states and targets. The forward computes each rank's vocabulary partials (VocabPartials) and combines them
+across ranks (one all-reduce of the maxima, one of the rescaled sums), so every rank gets the full log-probs,
+entropies and log-sum-exps. The backward gives each rank the gradient of its own weight (and bias) slice, and the
+hidden gradient summed over ranks (or, with `reduce_hidden_grad=False`, this rank's partial sum, for a caller
+that reduces it later, e.g. with a reduce-scatter under sequence parallelism).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ._ops import backend_module
+from .head_stats import HeadStats, LogitTransform, VocabPartials, finalize_partials, token_grad_coefficients
+
+
+@dataclass(frozen=True)
+class VocabParallel:
+    """How the head is split: the process group (None: the default group), the full vocabulary size to check
+    the slices against (None: not checked), and whether the hidden gradient is all-reduced."""
+
+    group: object = None
+    vocab_size: int | None = None
+    reduce_hidden_grad: bool = True
+
+    def layout(self, local_vocab: int, device: torch.device) -> tuple[int, int]:
+        """(offset of this rank's slice, full vocabulary size), from the slices' sizes on every rank."""
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("vocab_parallel needs an initialised torch.distributed process group")
+        world = dist.get_world_size(self.group)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([local_vocab], dtype=torch.int64, device=device), group=self.group)
+        sizes = [int(s.item()) for s in sizes]
+        rank = dist.get_rank(self.group)
+        total = sum(sizes)
+        if self.vocab_size is not None and total != self.vocab_size:
+            raise ValueError(
+                f"the weight slices of the process group have {sizes} rows, {total} in all, but vocab_size is "
+                f"{self.vocab_size}: every rank must hold its contiguous slice of the head, in rank order"
+            )
+        return sum(sizes[:rank]), total
+
+
+def shard_targets(targets: torch.Tensor, offset: int, local_vocab: int, ignore_index: int) -> torch.Tensor:
+    """Targets in this slice's coordinates; a target on another slice becomes an index no column matches."""
+    elsewhere = local_vocab if ignore_index != local_vocab else local_vocab + 1
+    local = targets - offset
+    in_slice = (local >= 0) & (local < local_vocab)
+    return torch.where(targets == ignore_index, ignore_index, torch.where(in_slice, local, elsewhere))
+
+
+def all_reduce_partials(partials: VocabPartials, group) -> VocabPartials:
+    """The partials of the whole vocabulary from each rank's slice (same algebra as merge_partials)."""
+    token_max = partials.max.clone()
+    dist.all_reduce(token_max, op=dist.ReduceOp.MAX, group=group)
+    shift = partials.max - token_max
+    rescale = torch.exp(shift)
+    sums = torch.stack([
+        partials.sum_exp * rescale,
+        rescale * (partials.sum_exp_shifted + partials.sum_exp * shift),
+        partials.sum_z,
+        partials.target_logit,
+    ])  # fmt: skip
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    return VocabPartials(token_max, *sums)
+
+
+class _VocabParallelHeadStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, local_targets, valid, bias, transform: LogitTransform, backend: str,
+                parallel: VocabParallel):  # fmt: skip
+        impl = backend_module(backend)
+        partials = impl.partials(hidden, weight, local_targets, bias, transform)
+        stats = finalize_partials(all_reduce_partials(partials, parallel.group))
+        ctx.save_for_backward(hidden, weight, local_targets, valid, bias, stats.lse, stats.entropy)
+        ctx.options = (transform, impl, parallel)
+        ctx.set_materialize_grads(False)
+        return tuple(torch.where(valid, s, 0.0) for s in stats)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy, g_lse, g_sum_z):
+        hidden, weight, local_targets, valid, bias, lse, entropy = ctx.saved_tensors
+        transform, impl, parallel = ctx.options
+        needs_hidden, needs_weight, _, _, needs_bias = ctx.needs_input_grad[:5]
+        coefs = token_grad_coefficients((g_logp, g_entropy, g_lse, g_sum_z), entropy, valid)
+        d_hidden, d_weight, d_bias = impl.backward(
+            hidden, weight, local_targets, bias, lse, coefs, transform,
+            needs=(needs_hidden, needs_weight, needs_bias and bias is not None),
+        )  # fmt: skip
+        if d_hidden is not None and parallel.reduce_hidden_grad:
+            dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=parallel.group)
+        return d_hidden, d_weight, None, None, d_bias, None, None, None
+
+
+def vocab_parallel_head_stats(hidden, weight, targets, bias, transform: LogitTransform, backend: str,
+                              parallel: VocabParallel, offset: int) -> HeadStats:  # fmt: skip
+    local_targets = shard_targets(targets, offset, weight.shape[0], transform.ignore_index)
+    valid = targets != transform.ignore_index
+    return HeadStats(*_VocabParallelHeadStats.apply(hidden, weight, local_targets, valid, bias, transform, backend,
+                                                    parallel))  # fmt: skip

@@ -106,8 +106,10 @@ class TrainConfig:
     save_every: int = 50
     keep_checkpoints: int = 2
     resume: bool = True
+    # Under torchrun (WORLD_SIZE > 1): "ddp" replicates the model, "fsdp2" shards it (fully_shard per layer).
+    parallel: str = "ddp"
 
-    CHOICES = {"mode": MODES}
+    CHOICES = {"mode": MODES, "parallel": ("ddp", "fsdp2")}
 
 
 def _field_types(cls) -> dict[str, object]:

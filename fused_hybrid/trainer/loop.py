@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from ..cross_entropy import linear_cross_entropy
 from ..hf import enable_activation_checkpointing, head_inputs, head_options
@@ -77,15 +79,39 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda f: json.loads((f / CHECKPOINT_MARKER).read_text())["step"])
 
 
+class PolicyHead(nn.Module):
+    """The module the trainer runs (and DDP / FSDP2 wrap): the causal LM's decoder, returning the shifted hidden
+    states with the head's weight and bias for the fused losses. Every forward of the policy goes through it."""
+
+    def __init__(self, model: nn.Module, autocast) -> None:
+        super().__init__()
+        self.model = model
+        self.autocast = autocast
+
+    def forward(self, input_ids, attention_mask, inputs_embeds=None):
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with self.autocast():
+            outputs = self.model.get_decoder()(
+                input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            )  # fmt: skip
+            hidden, weight, bias = head_inputs(outputs.last_hidden_state, self.model.get_output_embeddings())
+        return hidden[:, :-1], weight, bias
+
+
 class HybridTrainer:
     """Builds the model, data, optimizer and loss for `config.mode` and runs the training loop."""
 
     def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
         self.config = config
-        self.progress = progress
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-        )
+        self.world, self.rank = self._init_distributed()
+        self.progress = progress and self.rank == 0
+        if config.device == "auto":
+            cuda = torch.cuda.is_available()
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            self.device = torch.device(f"cuda:{local}" if cuda and self.world > 1 else "cuda" if cuda else "cpu")
+        else:
+            self.device = torch.device(config.device)
         self.output_dir = Path(config.output_dir)
         existing = checkpoints(self.output_dir)
         resume_from = existing[-1] if config.resume and existing else None
@@ -107,8 +133,10 @@ class HybridTrainer:
         self.frozen_embeddings = (
             copy.deepcopy(self.model.get_input_embeddings()).requires_grad_(False) if config.mode == "ift" else None
         )
+        self.policy = self._wrap(PolicyHead(self.model, self._autocast))
+        self.reference_head = None if self.reference is None else PolicyHead(self.reference, self._autocast)
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],
+            [p for p in self.policy.parameters() if p.requires_grad],
             lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay,
         )  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -119,7 +147,13 @@ class HybridTrainer:
         self.step = 0
         if resume_from is not None:
             state = torch.load(resume_from / "trainer_state.pt", map_location=self.device, weights_only=False)
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.config.parallel == "fsdp2" and self.world > 1:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))  # fmt: skip
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = state["step"]
             logger.info("resumed from %s at step %d", resume_from, self.step)
@@ -127,6 +161,55 @@ class HybridTrainer:
         self.history: list[dict] = self._read_history() if resume_from is not None else []
 
     # ----------------------------------------------------------------------------------------------- set-up
+    @staticmethod
+    def _init_distributed() -> tuple[int, int]:
+        """(world size, rank); under torchrun the process group is created here if nobody has yet."""
+        if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def _wrap(self, policy: PolicyHead) -> nn.Module:
+        """DDP or FSDP2 around the policy when there is more than one process."""
+        if self.world == 1:
+            return policy
+        if self.config.parallel == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            # IFT feeds the frozen copy's embeddings, so the model's own input embeddings get no gradient.
+            return DistributedDataParallel(policy, device_ids=device_ids,
+                                           find_unused_parameters=self.config.mode == "ift")  # fmt: skip
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in self.model.get_decoder().layers:
+            fully_shard(layer)
+        # The root keeps its parameters (embeddings, norm, head) gathered after forward: the fused loss reads the
+        # head's weight after the forward has returned.
+        return fully_shard(policy, reshard_after_forward=False)
+
+    def _all_reduce(self, values: list[float], average: bool = False) -> list[float]:
+        if self.world == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        if average:
+            tensor /= self.world
+        return tensor.tolist()
+
+    @contextlib.contextmanager
+    def _gathered(self):
+        """For generate(): the FSDP2 root's parameters gathered (the decoder layers gather their own)."""
+        sharded = self.world > 1 and self.config.parallel == "fsdp2"
+        if sharded:
+            self.policy.unshard()
+        try:
+            yield
+        finally:
+            if sharded:
+                self.policy.reshard()
+
     def _reward_columns(self) -> tuple[str, ...]:
         if self.config.mode not in ROLLOUT_MODES:
             return ()
@@ -186,27 +269,21 @@ class HybridTrainer:
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------------------- forward
-    def _head_inputs(self, model, batch: dict, inputs_embeds: torch.Tensor | None = None):
-        """Shifted hidden states [B, T-1, D], the head's weight and bias, and the shifted labels [B, T-1]."""
-        attention_mask = batch["attention_mask"]
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        with self._autocast():
-            outputs = model.get_decoder()(
-                input_ids=None if inputs_embeds is not None else batch["input_ids"], inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-            )  # fmt: skip
-            hidden, weight, bias = head_inputs(outputs.last_hidden_state, model.get_output_embeddings())
-        return hidden[:, :-1], weight, bias, batch["labels"][:, 1:]
+    def _head_inputs(self, head: nn.Module, batch: dict, inputs_embeds: torch.Tensor | None = None):
+        """Through `head` (the policy or the reference PolicyHead): shifted hidden states [B, T-1, D], the head's
+        weight and bias, and the shifted labels [B, T-1]."""
+        hidden, weight, bias = head(batch["input_ids"], batch["attention_mask"], inputs_embeds)
+        return hidden, weight, bias, batch["labels"][:, 1:]
 
     @torch.no_grad()
-    def _token_logps(self, model, batch: dict) -> torch.Tensor:
-        hidden, weight, bias, targets = self._head_inputs(model, batch)
+    def _token_logps(self, head: nn.Module, model: nn.Module, batch: dict) -> torch.Tensor:
+        hidden, weight, bias, targets = self._head_inputs(head, batch)
         return linear_logprobs(hidden, weight, targets, bias, **head_options(model))
 
     @torch.no_grad()
     def _greedy_next_tokens(self, batch: dict) -> torch.Tensor:
         """argmax of the current policy at every position (IFT's y_hat), computed in row chunks of logits."""
-        hidden, weight, bias, _ = self._head_inputs(self.model, batch)
+        hidden, weight, bias, _ = self._head_inputs(self.policy, batch)
         flat = hidden.reshape(-1, hidden.shape[-1])
         tokens = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
         for start in range(0, flat.shape[0], GREEDY_CHUNK_TOKENS):
@@ -227,8 +304,9 @@ class HybridTrainer:
 
     # --------------------------------------------------------------------------------------------- batches
     def _sample_rows(self, count: int, generator: torch.Generator):
+        """This rank's share of `count` rows drawn for the step (every rank draws the same global rows)."""
         indices = torch.randint(0, len(self.train_rows), (count,), generator=generator).tolist()
-        return self.train_rows.select(indices)
+        return self.train_rows.select(indices[self.rank :: self.world])
 
     def _sft_pairs(self, rows, response_column: str):
         data = self.config.data
@@ -250,7 +328,7 @@ class HybridTrainer:
         inputs = pad_prompts_left(repeated, self.tokenizer.pad_token_id, self.device)
         self.model.eval()
         self.model.config.use_cache = True
-        with self._autocast():
+        with self._autocast(), self._gathered():
             generated = self.model.generate(
                 **inputs, do_sample=True, temperature=rollout.temperature, max_new_tokens=rollout.max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, top_k=0,
@@ -312,18 +390,18 @@ class HybridTrainer:
             micro = [{k: v[chunk] for k, v in rows.items()} for chunk in self._split(order, accum)]
         for batch in micro:
             self._add_reference_inputs(batch)
-        return micro, self._normalisers(micro), metrics
+        return micro, self._global_normalisers(micro), metrics
 
     def _add_reference_inputs(self, batch: dict) -> None:
         mode = self.config.mode
         if mode in ROLLOUT_MODES:
-            batch["old_logp"] = self._token_logps(self.model, batch)
+            batch["old_logp"] = self._token_logps(self.policy, self.model, batch)
         if self.reference is not None:
             if mode == "dpo":
-                hidden, weight, bias, targets = self._head_inputs(self.reference, batch)
+                hidden, weight, bias, targets = self._head_inputs(self.reference_head, batch)
                 batch["ref_logp"] = sequence_logps(hidden, weight, targets, bias, **head_options(self.reference))
             else:
-                batch["ref_logp"] = self._token_logps(self.reference, batch)
+                batch["ref_logp"] = self._token_logps(self.reference_head, self.reference, batch)
 
     @staticmethod
     def _normalisers(micro: list[dict]) -> dict:
@@ -339,12 +417,17 @@ class HybridTrainer:
             totals["rollout_tokens"] = totals["tokens"] - totals["expert_tokens"]
         return totals
 
+    def _global_normalisers(self, micro: list[dict]) -> dict:
+        """The step's counts summed over every rank (each rank divides by the global count)."""
+        totals = self._normalisers(micro)
+        return dict(zip(totals, (int(v) for v in self._all_reduce([float(v) for v in totals.values()]))))
+
     # ------------------------------------------------------------------------------------------------ loss
     def micro_loss(self, batch: dict, totals: dict):
         """(loss, metrics) of one micro-batch, normalised by the step's global counts."""
         config, objective, mode = self.config, self.config.objective, self.config.mode
         inputs_embeds = self._ift_inputs_embeds(batch) if mode == "ift" else None
-        hidden, weight, bias, targets = self._head_inputs(self.model, batch, inputs_embeds)
+        hidden, weight, bias, targets = self._head_inputs(self.policy, batch, inputs_embeds)
         self.largest_micro_batch_tokens = max(self.largest_micro_batch_tokens, targets.numel())
         common = dict(bias=bias, **head_options(self.model))
         if mode == "sft":
@@ -391,18 +474,27 @@ class HybridTrainer:
         objective_metrics: dict = {}
         for batch in micro:
             loss, batch_metrics = self.micro_loss(batch, totals)
-            loss.backward()
+            # DDP and FSDP2 average gradients over ranks; each rank's loss is already its share of the global sum.
+            (loss * self.world).backward()
             loss_total += loss.detach()
             for key, value in batch_metrics.items():  # metrics: the mean over micro-batches
                 objective_metrics[key] = objective_metrics.get(key, 0.0) + value / len(micro)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.optim.max_grad_norm)
+        names = sorted(objective_metrics)
+        averaged = self._all_reduce([float(objective_metrics[k]) for k in names] + [metrics.get("reward", 0.0)],
+                                    average=True)  # fmt: skip
+        objective_metrics = dict(zip(names, averaged[:-1]))
+        if "reward" in metrics:
+            metrics["reward"] = averaged[-1]
+        (loss_total,) = self._all_reduce([float(loss_total)])
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         elapsed = time.perf_counter() - begin
         metrics.update({k: float(v) for k, v in objective_metrics.items()})
-        metrics.update(step=self.step, loss=float(loss_total), lr=self.scheduler.get_last_lr()[0],
-                       grad_norm=float(grad_norm), tokens_per_s=totals["tokens"] / elapsed)  # fmt: skip
+        metrics.update(step=self.step, loss=loss_total, lr=self.scheduler.get_last_lr()[0],
+                       grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                       tokens_per_s=totals["tokens"] / elapsed)  # fmt: skip
         if self.config.mode == "chord":
             metrics["mu"] = self.current_mu()
         return metrics
@@ -418,7 +510,7 @@ class HybridTrainer:
         inputs = pad_prompts_left(prompts, self.tokenizer.pad_token_id, self.device)
         self.model.eval()
         self.model.config.use_cache = True
-        with self._autocast():
+        with self._autocast(), self._gathered():
             generated = self.model.generate(
                 **inputs, do_sample=False, max_new_tokens=self.config.rollout.max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
@@ -435,7 +527,7 @@ class HybridTrainer:
         """Run to `optim.max_steps`, logging, evaluating and checkpointing; returns the metrics history."""
         config = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        writer = _tensorboard_writer(self.output_dir)
+        writer = _tensorboard_writer(self.output_dir) if self.rank == 0 else None
         bar = _progress_bar(config.optim.max_steps, self.step, enabled=self.progress)
         if self.step == 0 and self.eval_rows is not None:
             self._log({"step": 0, **self.evaluate()}, writer)
@@ -455,11 +547,14 @@ class HybridTrainer:
             bar.close()
         if writer is not None:
             writer.close()
-        plot_history(self.history, self.output_dir / "curves.png", title=f"{config.mode} training")
+        if self.rank == 0:
+            plot_history(self.history, self.output_dir / "curves.png", title=f"{config.mode} training")
         return self.history
 
     def _log(self, metrics: dict, writer) -> None:
         self.history.append(metrics)
+        if self.rank != 0:
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         if writer is not None:
@@ -472,20 +567,48 @@ class HybridTrainer:
             return []
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
         kept = [r for r in rows if r["step"] <= self.step]  # drop what was logged after the last checkpoint
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.rank == 0:
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
     # -------------------------------------------------------------------------------------------- checkpoints
+    def _full_states(self) -> tuple[dict | None, dict]:
+        """(model state dict or None for the model's own, optimizer state dict), gathered under FSDP2."""
+        if self.world > 1 and self.config.parallel == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(self.policy, options=options)
+            model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
+            return model_state, get_optimizer_state_dict(self.policy, self.optimizer, options=options)
+        return None, self.optimizer.state_dict()
+
     def save_checkpoint(self) -> Path:
-        """Write checkpoint-<step> atomically: into a temporary folder, then renamed into place."""
+        """Write checkpoint-<step> atomically: into a temporary folder, then renamed into place (by rank 0)."""
         final = self.output_dir / f"checkpoint-{self.step:07d}"
+        model_state, optimizer_state = self._full_states()  # a collective under FSDP2: every rank takes part
+        if self.rank != 0:
+            dist.barrier()
+            return final
+        try:
+            self._write_checkpoint(final, model_state, optimizer_state)
+        finally:
+            if self.world > 1:
+                dist.barrier()
+        return final
+
+    def _write_checkpoint(self, final: Path, model_state: dict | None, optimizer_state: dict) -> None:
         staging = self.output_dir / f".staging-checkpoint-{self.step:07d}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        self.model.save_pretrained(staging)
+        self.model.save_pretrained(staging, state_dict=model_state)
         self.tokenizer.save_pretrained(staging)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "step": self.step}, staging / "trainer_state.pt")  # fmt: skip
+        torch.save({"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(), "step": self.step},
+                   staging / "trainer_state.pt")  # fmt: skip
         marker = {"step": self.step, "mode": self.config.mode}
         if self.config.mode == "chord":
             marker["mu"] = self.current_mu()
@@ -495,7 +618,6 @@ class HybridTrainer:
         os.replace(staging, final)
         for old in checkpoints(self.output_dir)[: -self.config.keep_checkpoints]:
             shutil.rmtree(old)
-        return final
 
 
 def concat_rows(first: dict, second: dict, pad_token_id: int) -> dict:

@@ -61,3 +61,50 @@ def test_out_of_range_target_fails_on_device():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode != 0
     assert "targets must lie in [0, V)" in result.stderr
+
+
+def _gpu_losses(hidden, weight, targets):
+    loss = fused_hybrid.linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1)
+    advantages = torch.linspace(-1, 1, targets.shape[0], device="cuda")
+    loss = loss + fused_hybrid.grpo_loss(hidden, weight, targets, advantages=advantages, entropy_coef=0.01,
+                                         aggregation="seq-mean-token-mean").loss  # fmt: skip
+    return loss + fused_hybrid.chord_loss(hidden, weight, targets, is_expert=torch.arange(targets.shape[0],
+                                          device="cuda") % 2 == 0, mu=0.3, advantages=advantages).loss  # fmt: skip
+
+
+def test_no_host_device_sync_on_the_hot_path():
+    hidden = torch.randn(4, 64, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(1000, 128, device="cuda") / 12).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 1000, (4, 64), device="cuda")
+    _gpu_losses(hidden, weight, targets).backward()  # warm-up: compile the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _gpu_losses(hidden, weight, targets).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_graph_capture_and_replay():
+    hidden = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(3000, 128, device="cuda") / 12).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 3000, (256,), device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA graphs require
+        for _ in range(2):
+            hidden.grad = weight.grad = None
+            fused_hybrid.linear_cross_entropy(hidden, weight, targets).backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    hidden.grad = weight.grad = None
+    with torch.cuda.graph(graph):
+        static_loss = fused_hybrid.linear_cross_entropy(hidden, weight, targets)
+        static_loss.backward()
+    new_hidden = torch.randn_like(hidden)
+    hidden.data.copy_(new_hidden)
+    graph.replay()
+    torch.cuda.synchronize()
+    reference = fused_hybrid.linear_cross_entropy(new_hidden.float(), weight.detach().float(), targets,
+                                                  backend="torch")  # fmt: skip
+    assert abs(static_loss.item() - reference.item()) < 2e-2

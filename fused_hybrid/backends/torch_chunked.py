@@ -75,7 +75,8 @@ def backward(
             d_z.mul_(coefs.prob_coef[rows, None])
         if coefs.uniform_coef is not None:
             d_z.add_(coefs.uniform_coef[rows, None])
-        d_z.scatter_add_(1, safe_targets[rows, None], onehot_coef[rows, None].to(d_z.dtype))
+        # one target per row: a plain indexed add, deterministic on every device
+        d_z[torch.arange(d_z.shape[0], device=d_z.device), safe_targets[rows]] += onehot_coef[rows].to(d_z.dtype)
         if transform.softcap is not None:  # d softcap(u)/du = 1 - tanh^2(u / s) = 1 - (z / s)^2
             d_z.mul_(1.0 - (z / transform.softcap) ** 2)
         if transform.temperature != 1.0:

@@ -57,6 +57,8 @@ def partials(
     """Per-token sums over this weight's rows (see VocabPartials); the kernel's vocabulary splits are merged."""
     num_tokens, dim = hidden.shape
     vocab_size = weight.shape[0]
+    if num_tokens == 0:
+        return VocabPartials(*torch.zeros(5, 0, dtype=torch.float32, device=hidden.device))
     cfg = _config(hidden.device, CUDA_FORWARD_CONFIG)
     token_blocks = triton.cdiv(num_tokens, cfg.block_n)
     vocab_tiles = triton.cdiv(vocab_size, cfg.block_v)
@@ -67,29 +69,28 @@ def partials(
 
     split_partials = torch.empty(5, splits, num_tokens, dtype=torch.float32, device=hidden.device)
     flags, strides = _common_args(hidden, weight, transform)
-    if num_tokens > 0:
-        head_stats_forward_kernel[(token_blocks, splits)](
-            hidden,
-            weight,
-            bias,
-            targets,
-            split_partials,
-            num_tokens,
-            vocab_size,
-            dim,
-            *strides,
-            tiles_per_split * cfg.block_v,
-            1.0 / transform.temperature,
-            0.0 if transform.softcap is None else float(transform.softcap),
-            transform.ignore_index,
-            HAS_BIAS=bias is not None,
-            BLOCK_N=cfg.block_n,
-            BLOCK_V=cfg.block_v,
-            BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-            **flags,
-        )
+    head_stats_forward_kernel[(token_blocks, splits)](
+        hidden,
+        weight,
+        bias,
+        targets,
+        split_partials,
+        num_tokens,
+        vocab_size,
+        dim,
+        *strides,
+        tiles_per_split * cfg.block_v,
+        1.0 / transform.temperature,
+        0.0 if transform.softcap is None else float(transform.softcap),
+        transform.ignore_index,
+        HAS_BIAS=bias is not None,
+        BLOCK_N=cfg.block_n,
+        BLOCK_V=cfg.block_v,
+        BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **flags,
+    )
     return merge_partials(VocabPartials(*split_partials))
 
 
@@ -103,6 +104,12 @@ def backward(
     transform: LogitTransform,
     needs: tuple[bool, bool, bool],
 ):
+    if torch.are_deterministic_algorithms_enabled():
+        # The kernel accumulates with atomics, whose order varies run to run; the chunked backward's matmuls and
+        # reductions do not (set CUBLAS_WORKSPACE_CONFIG as PyTorch's deterministic mode asks).
+        from . import torch_chunked
+
+        return torch_chunked.backward(hidden, weight, targets, bias, lse, coefs, transform, needs)
     needs_hidden, needs_weight, needs_bias = needs
     num_tokens, dim = hidden.shape
     vocab_size = weight.shape[0]

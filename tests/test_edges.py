@@ -1,0 +1,77 @@
+"""Edge cases with a documented result: NaN / Inf propagate, an empty batch, a transposed head, deterministic mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_hybrid
+from fused_hybrid.backends import torch_chunked, triton_backend
+from tests.reference import assert_close_scaled, grads, leaf64, logprobs_entropy64
+
+BACKENDS = ["torch", "triton", "reference"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where, value", [("hidden", float("nan")), ("weight", float("inf")), ("weight", float("nan"))])
+def test_non_finite_inputs_propagate(backend, where, value):
+    hidden, weight = torch.randn(6, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+    targets = torch.randint(0, 20, (6,))
+    with torch.no_grad():
+        (hidden if where == "hidden" else weight)[2, 3] = value
+    logp = fused_hybrid.linear_logprobs(hidden, weight, targets, backend=backend)
+    loss = fused_hybrid.linear_cross_entropy(hidden, weight, targets, backend=backend)
+    assert not torch.isfinite(logp).all(), "a non-finite input must not be silently dropped"
+    assert not torch.isfinite(loss)
+    if where == "hidden":
+        assert torch.isfinite(logp[torch.arange(6) != 2]).all()  # other tokens are unaffected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    hidden, weight = torch.randn(0, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+    targets = torch.zeros(0, dtype=torch.long)
+    logp, entropy = fused_hybrid.linear_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
+    assert logp.shape == entropy.shape == (0,)
+    loss = fused_hybrid.linear_cross_entropy(hidden, weight, targets, backend=backend)
+    assert loss.item() == 0.0
+    d_hidden, d_weight = grads(loss, [hidden, weight])
+    assert d_hidden.shape == (0, 8) and (d_weight == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_transposed_weight(backend):
+    hidden = torch.randn(13, 10, requires_grad=True)
+    weight_t = torch.randn(10, 41, requires_grad=True)  # stored [D, V]; the head is its transpose view
+    targets = torch.randint(0, 41, (13,))
+    logp = fused_hybrid.linear_logprobs(hidden, weight_t.T, targets, backend=backend)
+    h64, w64 = leaf64(hidden), leaf64(weight_t)
+    expected = logprobs_entropy64(h64, w64.T, targets)[0]
+    assert_close_scaled(logp, expected, 1e-5)
+    for got, want in zip(grads(logp.sum(), [hidden, weight_t]), grads(expected.sum(), [h64, w64])):
+        assert_close_scaled(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_deterministic_mode_gives_bitwise_identical_gradients(backend, monkeypatch):
+    hidden = torch.randn(30, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (30,))
+    chunked_backward = []
+    original = torch_chunked.backward
+    monkeypatch.setattr(torch_chunked, "backward", lambda *a, **k: chunked_backward.append(1) or original(*a, **k))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            loss = fused_hybrid.grpo_loss(hidden[None], weight, targets[None], advantages=torch.tensor([1.0]),
+                                          entropy_coef=0.1, backend=backend).loss  # fmt: skip
+            runs.append(grads(loss, [hidden, weight]))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+    # the Triton backend swaps its atomic backward for the chunked one in deterministic mode
+    assert len(chunked_backward) == 2
+    assert triton_backend is not None

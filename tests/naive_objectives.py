@@ -110,6 +110,7 @@ def dpo(hidden, weight, targets, *, ref_logp=None, loss_type="sigmoid", beta=0.1
         loss_mask=None, **options):  # fmt: skip
     logp, _, mask = token_terms(hidden, weight, targets, loss_mask, **options)
     sums, lengths = sequence_sums(logp, mask)
+    lengths = [max(n, 1) for n in lengths]  # an empty response has log-prob 0 (and length-normalised 0)
     ref_sums = sequence_sums(ref_logp, mask)[0] if ref_logp is not None else None
     pairs = len(sums) // 2
     losses = []
@@ -131,8 +132,8 @@ def dpo(hidden, weight, targets, *, ref_logp=None, loss_type="sigmoid", beta=0.1
             )
     loss = sum(losses) / pairs
     if nll_weight > 0:
-        chosen_tokens = sum(lengths[:pairs])
-        loss = loss + nll_weight * -sum(sums[:pairs]) / chosen_tokens
+        chosen_tokens = int(mask[:pairs].sum())
+        loss = loss + nll_weight * -sum(sums[:pairs]) / max(chosen_tokens, 1)
     return loss
 
 

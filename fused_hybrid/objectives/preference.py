@@ -92,7 +92,8 @@ def dpo_loss(
     - ``"simpo"``: ``-log sigmoid(beta * (S_bar_w - S_bar_l) - simpo_gamma)`` (no reference).
 
     ``ref_logp`` (per token, or per-sequence sums from :func:`sequence_logps`) is required for sigmoid and IPO.
-    ``nll_weight > 0`` adds that times the token-mean NLL of the chosen responses. ``num_items`` is a global
+    ``nll_weight > 0`` adds that times the token-mean NLL of the chosen responses. A response with no loss token
+    counts as log-prob 0 (length-normalised: 0 as well). ``num_items`` is a global
     pair count. Metrics: ``preference_loss``, ``nll_loss``, ``reward_chosen``, ``reward_rejected``,
     ``reward_margin``, ``reward_accuracy`` (rewards: ``beta`` times the policy-reference log-ratio, or
     ``beta * S_bar`` for SimPO).

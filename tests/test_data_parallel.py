@@ -112,3 +112,31 @@ def test_trainer_under_data_parallel_matches_one_process(tmp_path, parallel):
     saved = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / parallel / "checkpoint-0000002")
     for (name, p), q in zip(single.model.named_parameters(), saved.parameters()):
         assert_close_scaled(q, p, 1e-4, name, atol=1e-6)
+
+
+def rollout_worker(rank, init_file, out_dir, parallel):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    from fused_hybrid.trainer import HybridTrainer, load_config
+
+    overrides = [o for o in TRAINER_OVERRIDES if not o.startswith(("mode=", "data.eval_size"))]
+    config = load_config(None, [*overrides, "mode=chord", "data.eval_size=8", "eval_every=2", "objective.mu=0.5",
+                                "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=3",
+                                f"output_dir={out_dir}/{parallel}", f"parallel={parallel}"])  # fmt: skip
+    history = HybridTrainer(config, progress=False).train()
+    torch.save(history, os.path.join(out_dir, f"rollout{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_rollout_mode_generates_and_checkpoints_under_data_parallel(tmp_path, parallel):
+    mp.spawn(rollout_worker, args=(str(tmp_path / "init"), str(tmp_path), parallel), nprocs=WORLD)
+    histories = [torch.load(tmp_path / f"rollout{rank}.pt") for rank in range(WORLD)]
+    for history in histories:
+        assert [h["step"] for h in history if "loss" in h] == [1, 2]
+        assert all(0.0 <= h["accuracy"] <= 1.0 for h in history if "accuracy" in h)
+
+    def reduced(history):  # every metric but the local throughput is reduced over the ranks
+        return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in history]
+
+    assert reduced(histories[0]) == reduced(histories[1])
+    assert (tmp_path / parallel / "checkpoint-0000002" / "fused_hybrid_checkpoint.json").is_file()

@@ -187,7 +187,14 @@ class HybridTrainer:
             fully_shard(layer)
         # The root keeps its parameters (embeddings, norm, head) gathered after forward: the fused loss reads the
         # head's weight after the forward has returned.
-        return fully_shard(policy, reshard_after_forward=False)
+        sharded = fully_shard(policy, reshard_after_forward=False)
+        # FSDP2 sets itself up on the root's first forward; generate() runs the layers without the root, so run
+        # one tiny forward through the root first.
+        with torch.no_grad():
+            tokens = torch.ones(1, 2, dtype=torch.long, device=self.device)
+            sharded(tokens, torch.ones_like(tokens))
+        sharded.reshard()  # back to the sharded parameters, which the optimizer must hold
+        return sharded
 
     def _all_reduce(self, values: list[float], average: bool = False) -> list[float]:
         if self.world == 1:

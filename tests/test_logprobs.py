@@ -156,3 +156,19 @@ def test_auto_backend_on_cpu_is_torch(monkeypatch):
     hidden, weight, targets, _ = make_inputs((4,), 8, 10, torch.float32)
     fused_hybrid.linear_logprobs(hidden, weight, targets)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unused_statistics_cost_no_backward_work(backend, monkeypatch):
+    impl = torch_chunked if backend == "torch" else pytest.importorskip("fused_hybrid.backends.triton_backend")
+    seen = []
+    original = impl.backward
+
+    def recording_backward(hidden, weight, targets, bias, lse, coefs, *args, **kwargs):
+        seen.append((coefs.logp_coef, coefs.uniform_coef))
+        return original(hidden, weight, targets, bias, lse, coefs, *args, **kwargs)
+
+    monkeypatch.setattr(impl, "backward", recording_backward)
+    hidden, weight, targets, _ = make_inputs((9,), 8, 20, torch.float32)
+    fused_hybrid.linear_logprobs(hidden, weight, targets, backend=backend).sum().backward()
+    assert seen == [(None, None)]  # no entropy and no sum-of-logits terms when only logp is used

@@ -129,7 +129,7 @@ def sweep(args, device, providers, objectives, presets, token_counts) -> list[di
                 except torch.OutOfMemoryError:
                     free_memory(device)
                 reference = None
-                reference_fn = fused_reference(built, objective, tokens * vocab)
+                reference_fn = fused_reference(objective, tokens * vocab)
                 try:
                     reference = fp32_reference(reference_fn, first)
                 except torch.OutOfMemoryError:
@@ -161,7 +161,7 @@ def sweep(args, device, providers, objectives, presets, token_counts) -> list[di
     return rows
 
 
-def fused_reference(built: dict, objective: str, num_logits: int):
+def fused_reference(objective: str, num_logits: int):
     """The fp32 reference: naive full logits where they fit, else the chunked backend (tested against float64)."""
     from .providers import fused_hybrid_losses
 

@@ -12,7 +12,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["bench"]:  # the benchmark suite parses its own options
         from .benchmarks.cli import main as bench_main
 
-        return bench_main(argv[1:])
+        bench_main(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="fused-hybrid", description="Logits-free fused LM-head losses.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="SFT vs CHORD on a synthetic addition task, with a report folder")

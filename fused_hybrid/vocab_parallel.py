@@ -10,7 +10,7 @@ that reduces it later, e.g. with a reduce-scatter under sequence parallelism).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -27,9 +27,16 @@ class VocabParallel:
     group: object = None
     vocab_size: int | None = None
     reduce_hidden_grad: bool = True
+    # (offset, full size) per local slice size: the slices are gathered once, not on every call
+    _layouts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def layout(self, local_vocab: int, device: torch.device) -> tuple[int, int]:
         """(offset of this rank's slice, full vocabulary size), from the slices' sizes on every rank."""
+        if local_vocab not in self._layouts:
+            self._layouts[local_vocab] = self._gather_layout(local_vocab, device)
+        return self._layouts[local_vocab]
+
+    def _gather_layout(self, local_vocab: int, device: torch.device) -> tuple[int, int]:
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("vocab_parallel needs an initialised torch.distributed process group")
         world = dist.get_world_size(self.group)

@@ -19,6 +19,13 @@ def _chunks(num_tokens: int, vocab_size: int):
         yield slice(start, min(start + rows, num_tokens))
 
 
+def _targets_in_slice(targets: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(whether each target is a row of this weight, the targets with the others replaced by 0). A target that is
+    ignored, or on another vocab-parallel shard, has no logit and no one-hot gradient here."""
+    in_range = (targets >= 0) & (targets < vocab_size)
+    return in_range, torch.where(in_range, targets, 0)
+
+
 def partials(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -29,9 +36,7 @@ def partials(
     """Per-token sums over this weight's rows (see VocabPartials), chunk by chunk of tokens."""
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     out = torch.empty(5, num_tokens, dtype=stats_dtype(hidden.dtype), device=hidden.device)
-    # A target that is ignored, or on another vocab-parallel shard, has no logit here.
-    in_range = (targets >= 0) & (targets < vocab_size)
-    safe_targets = torch.where(in_range, targets, 0)
+    in_range, safe_targets = _targets_in_slice(targets, vocab_size)
     for rows in _chunks(num_tokens, vocab_size):
         z = transform_logits(hidden[rows] @ weight.T, bias, transform)
         row_max = z.amax(-1)
@@ -61,8 +66,7 @@ def backward(
     d_hidden = torch.empty_like(hidden) if needs_hidden else None
     d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if needs_weight else None
     d_bias = torch.zeros(vocab_size, dtype=acc_dtype, device=weight.device) if needs_bias else None
-    in_range = (targets >= 0) & (targets < vocab_size)  # the one-hot term lives on the target's own shard
-    safe_targets = torch.where(in_range, targets, 0)
+    in_range, safe_targets = _targets_in_slice(targets, vocab_size)
     onehot_coef = torch.where(in_range, coefs.onehot_coef, 0.0)
 
     for rows in _chunks(num_tokens, vocab_size):

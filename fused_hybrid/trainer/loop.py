@@ -326,7 +326,7 @@ class HybridTrainer:
         return [items[i : i + size] for i in range(0, len(items), size)]
 
     @torch.no_grad()
-    def rollouts(self, rows, generator: torch.Generator) -> dict:
+    def rollouts(self, rows) -> dict:
         """Sample `group_size` completions per prompt; return the padded sequences, rewards and advantages."""
         rollout, data = self.config.rollout, self.config.data
         prompts = [prompt_ids(self.tokenizer, r[data.prompt_column]) for r in rows]
@@ -382,7 +382,7 @@ class HybridTrainer:
                      for chunk in pair_chunks]  # fmt: skip
         else:
             prompts = self._sample_rows(config.rollout.prompts_per_step, generator)
-            rollout = self.rollouts(prompts, generator)
+            rollout = self.rollouts(prompts)
             metrics["reward"] = rollout["rewards"].mean().item()
             rows = {k: rollout[k] for k in ("input_ids", "attention_mask", "labels", "advantages")}
             rows["is_expert"] = torch.zeros(len(rollout["advantages"]), dtype=torch.bool, device=self.device)

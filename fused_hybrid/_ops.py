@@ -72,10 +72,12 @@ def _head_stats_backward(
 @_head_stats_backward.register_fake
 def _(hidden, weight, targets, bias, lse, onehot_coef, prob_coef, logp_coef, uniform_coef, temperature, softcap,
       ignore_index, backend, needs_hidden, needs_weight, needs_bias):  # fmt: skip
+    # Every backend returns contiguous gradients, whatever the strides of hidden / weight (a transposed view):
+    # new_empty(shape) is contiguous where empty_like would copy the input's strides.
     return (
-        torch.empty_like(hidden) if needs_hidden else hidden.new_empty(0),
-        torch.empty_like(weight) if needs_weight else hidden.new_empty(0),
-        torch.empty_like(bias) if needs_bias else hidden.new_empty(0),
+        hidden.new_empty(hidden.shape) if needs_hidden else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if needs_weight else hidden.new_empty(0),
+        bias.new_empty(bias.shape) if needs_bias else hidden.new_empty(0),
     )
 
 

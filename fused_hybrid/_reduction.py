@@ -12,23 +12,27 @@ def check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def check_num_items(num_items, reduction: str = "mean") -> None:
+def check_num_items(num_items, reduction: str = "mean", *, name: str = "num_items") -> None:
     """`num_items` (a global count for gradient accumulation) is a non-negative number or a scalar tensor."""
     if num_items is None:
         return
     if isinstance(num_items, torch.Tensor):
         if num_items.numel() != 1:
-            raise ValueError(f"num_items must be a scalar, got shape {tuple(num_items.shape)}")
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(num_items.shape)}")
     elif isinstance(num_items, bool) or not isinstance(num_items, (int, float)) or num_items < 0:
-        raise ValueError(f"num_items must be a non-negative number or a scalar tensor, got {num_items!r}")
+        raise ValueError(f"{name} must be a non-negative number or a scalar tensor, got {num_items!r}")
     if reduction != "mean":
-        raise ValueError(f"num_items is the denominator of reduction='mean'; got reduction={reduction!r}")
+        raise ValueError(f"{name} is the denominator of reduction='mean'; got reduction={reduction!r}")
 
 
-def divide_by_count(total: torch.Tensor, count) -> torch.Tensor:
-    """total / count, where an empty batch (count 0) gives 0 rather than NaN; no host sync."""
-    count = torch.as_tensor(count, device=total.device).to(total.dtype)
-    return total / count.clamp(min=1)
+def divide_by_count(total: torch.Tensor, count: int | float | torch.Tensor) -> torch.Tensor:
+    """total / count, where an empty batch (count 0) gives 0 rather than NaN.
+
+    A Python count stays a Python number (a device tensor made from it would be a blocking host-to-device copy,
+    which also breaks CUDA-graph capture); a tensor count is used where it lives, never read on the host."""
+    if isinstance(count, torch.Tensor):
+        return total / count.to(device=total.device, dtype=total.dtype).clamp(min=1)
+    return total / max(count, 1)
 
 
 def reduce_per_token(per_token: torch.Tensor, mask: torch.Tensor, reduction: str, num_items=None) -> torch.Tensor:

@@ -120,18 +120,35 @@ def triton_import_error() -> str | None:
     return None
 
 
-def check_targets_in_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Fail clearly on a target outside [0, V) that is not `ignore_index`.
+def fail_where(bad: torch.Tensor, message: str, found=None) -> None:
+    """Raise if any element of the bool tensor `bad` is set, without a host-device synchronisation on a device.
 
-    On the CPU this is an eager `ValueError`. On an accelerator, and inside `torch.compile`, it is an asynchronous
-    assertion, so the check costs no host-device synchronisation and no graph break (the kernels never index memory
-    by a target, so a bad target cannot read out of bounds before the assertion fires).
+    On the CPU this is an eager `ValueError` (`found(bad)` adds the first offending value). On an accelerator,
+    and inside `torch.compile`, it is an asynchronous device assertion: no sync, no graph break; the kernels never
+    index memory by these values, so a bad one cannot read out of bounds before the assertion fires.
     """
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
-    message = f"targets must lie in [0, V) = [0, {vocab_size}) or equal ignore_index ({ignore_index})"
-    if targets.device.type == "cpu" and not torch.compiler.is_compiling():
+    if bad.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool(bad.any()):
-            first = targets[bad][0].item()
-            raise ValueError(f"{message}; found {first}")
+            raise ValueError(message if found is None else f"{message}; {found(bad)}")
     else:
         torch._assert_async(~bad.any(), message)
+
+
+def check_targets_in_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Fail clearly on a target outside [0, V) that is not `ignore_index`."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    fail_where(bad, f"targets must lie in [0, V) = [0, {vocab_size}) or equal ignore_index ({ignore_index})",
+               lambda bad: f"found {targets[bad][0].item()}")  # fmt: skip
+
+
+def check_sequence_ids(sequence_ids: torch.Tensor, num_sequences: int) -> None:
+    """Packed `sequence_ids` [N] lie in [0, num_sequences) and never decrease: each sequence is one contiguous
+    run of tokens and the sequences come in ascending order (the per-sequence sums and token ranks rely on it)."""
+    fail_where((sequence_ids < 0) | (sequence_ids >= num_sequences),
+               f"sequence_ids must lie in [0, num_sequences) = [0, {num_sequences})",
+               lambda bad: f"found {sequence_ids[bad][0].item()}")  # fmt: skip
+    following, preceding = sequence_ids[1:], sequence_ids[:-1]
+    fail_where(following < preceding,
+               "sequence_ids must be non-decreasing (each packed sequence one contiguous run of tokens, the "
+               "sequences in ascending order)",
+               lambda bad: f"id {following[bad][0].item()} follows id {preceding[bad][0].item()}")  # fmt: skip

@@ -115,16 +115,32 @@ class VocabPartials(NamedTuple):
     target_logit: torch.Tensor
 
 
+def rescale_to_max(partials: VocabPartials, token_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each slice's (sum exp, sum exp * shifted) taken relative to the common maximum `token_max` >= its own.
+
+    sum exp(z - M) = r s_k and sum exp(z - M) (z - M) = r (a_k + s_k (m_k - M)) with r = exp(m_k - M). A slice that
+    saw no logits (a block of ignored tokens the kernel skipped: m_k = -inf, s_k = 0) contributes exactly 0; its
+    terms are selected away, never multiplied by 0, so -inf - (-inf) cannot turn into NaN.
+    """
+    seen = partials.sum_exp != 0  # NaN counts as seen: a non-finite input must propagate, not vanish
+    shift = torch.where(seen, partials.max - token_max, 0.0)
+    rescale = torch.where(seen, torch.exp(shift), 0.0)
+    return partials.sum_exp * rescale, rescale * (partials.sum_exp_shifted + partials.sum_exp * shift)
+
+
+def common_max(slice_max: torch.Tensor) -> torch.Tensor:
+    """The maximum over slices, 0 (not -inf) for a token no slice saw, so that its statistics stay finite."""
+    return torch.where(slice_max == float("-inf"), 0.0, slice_max)
+
+
 def merge_partials(partials: VocabPartials) -> VocabPartials:
     """Combine K slices ([K, N] each) into one ([N]): shift every slice's sums to the common maximum."""
-    token_max = partials.max.amax(0)
-    shift = partials.max - token_max
-    rescale = torch.exp(shift)
+    token_max = common_max(partials.max.amax(0))
+    sum_exp, sum_exp_shifted = rescale_to_max(partials, token_max)
     return VocabPartials(
         max=token_max,
-        sum_exp=(partials.sum_exp * rescale).sum(0),
-        # sum exp(z - M) (z - M) = rescale * (a_k + s_k * (m_k - M)) for each slice k
-        sum_exp_shifted=(rescale * (partials.sum_exp_shifted + partials.sum_exp * shift)).sum(0),
+        sum_exp=sum_exp.sum(0),
+        sum_exp_shifted=sum_exp_shifted.sum(0),
         sum_z=partials.sum_z.sum(0),
         target_logit=partials.target_logit.sum(0),
     )
@@ -133,12 +149,16 @@ def merge_partials(partials: VocabPartials) -> VocabPartials:
 def finalize_partials(partials: VocabPartials) -> HeadStats:
     """lse = m + log s; H = log s - a / s (both small for a confident token: no cancellation); logp = z[y] - lse.
 
-    Statistics of ignored tokens are left as they come (the caller masks them)."""
-    log_sum_exp = torch.log(partials.sum_exp)
+    A token whose vocabulary was never swept (s = 0: it sat in a skipped block of ignored tokens) gets finite
+    statistics (lse = m = 0, H = 0, logp = z[y] = 0) rather than -inf / NaN, so that nothing downstream, a
+    backward that reads lse included, can turn it into NaN. The caller masks ignored tokens' statistics to 0.
+    """
+    sum_exp = torch.where(partials.sum_exp != 0, partials.sum_exp, 1.0)
+    log_sum_exp = torch.log(sum_exp)
     lse = partials.max + log_sum_exp
     return HeadStats(
         logp=partials.target_logit - lse,
-        entropy=log_sum_exp - partials.sum_exp_shifted / partials.sum_exp,
+        entropy=log_sum_exp - partials.sum_exp_shifted / sum_exp,
         lse=lse,
         sum_z=partials.sum_z,
     )

@@ -16,7 +16,15 @@ import torch
 import torch.distributed as dist
 
 from ._ops import backend_module
-from .head_stats import HeadStats, LogitTransform, VocabPartials, finalize_partials, token_grad_coefficients
+from .head_stats import (
+    HeadStats,
+    LogitTransform,
+    VocabPartials,
+    common_max,
+    finalize_partials,
+    rescale_to_max,
+    token_grad_coefficients,
+)
 
 
 @dataclass(frozen=True)
@@ -62,17 +70,12 @@ def shard_targets(targets: torch.Tensor, offset: int, local_vocab: int, ignore_i
 
 
 def all_reduce_partials(partials: VocabPartials, group) -> VocabPartials:
-    """The partials of the whole vocabulary from each rank's slice (same algebra as merge_partials)."""
+    """The partials of the whole vocabulary from each rank's slice (the algebra of merge_partials)."""
     token_max = partials.max.clone()
     dist.all_reduce(token_max, op=dist.ReduceOp.MAX, group=group)
-    shift = partials.max - token_max
-    rescale = torch.exp(shift)
-    sums = torch.stack([
-        partials.sum_exp * rescale,
-        rescale * (partials.sum_exp_shifted + partials.sum_exp * shift),
-        partials.sum_z,
-        partials.target_logit,
-    ])  # fmt: skip
+    token_max = common_max(token_max)
+    sum_exp, sum_exp_shifted = rescale_to_max(partials, token_max)
+    sums = torch.stack([sum_exp, sum_exp_shifted, partials.sum_z, partials.target_logit])
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     return VocabPartials(token_max, *sums)
 

@@ -63,7 +63,8 @@ def backward(
     needs_hidden, needs_weight, needs_bias = needs
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     acc_dtype = stats_dtype(hidden.dtype)
-    d_hidden = torch.empty_like(hidden) if needs_hidden else None
+    # Gradients come back contiguous whatever the inputs' strides (the custom op's fake implementation says so).
+    d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs_hidden else None
     d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if needs_weight else None
     d_bias = torch.zeros(vocab_size, dtype=acc_dtype, device=weight.device) if needs_bias else None
     in_range, safe_targets = _targets_in_slice(targets, vocab_size)
@@ -71,7 +72,9 @@ def backward(
 
     for rows in _chunks(num_tokens, vocab_size):
         z = transform_logits(hidden[rows] @ weight.T, bias, transform)
-        log_probs = z - lse[rows, None]
+        # log p <= 0 always; clamping also keeps exp finite for a token whose lse was never swept (a skipped block
+        # of ignored tokens reads lse = 0), whose all-zero coefficients then give dz = 0, not inf * 0 = NaN.
+        log_probs = (z - lse[rows, None]).clamp_(max=0.0)
         d_z = torch.exp(log_probs)
         if coefs.logp_coef is not None:
             d_z.mul_(coefs.prob_coef[rows, None] - coefs.logp_coef[rows, None] * log_probs)

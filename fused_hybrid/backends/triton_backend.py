@@ -37,12 +37,22 @@ def _target_programs(device: torch.device) -> int:
     return 4
 
 
+def fp32_dot_precision() -> str:
+    """How PyTorch's own CUDA matmuls treat fp32 inputs: "tf32" (tensor cores) or "ieee", from the new per-backend
+    setting (torch >= 2.9) when it is set, else from `torch.get_float32_matmul_precision()` ("highest" = IEEE)."""
+    for setting in (getattr(torch.backends.cuda.matmul, "fp32_precision", None),
+                    getattr(torch.backends, "fp32_precision", None)):  # fmt: skip
+        if setting in ("tf32", "ieee"):
+            return setting
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 def _common_args(hidden, weight, transform: LogitTransform):
     on_interpreter = hidden.device.type != "cuda"
     return dict(
         HAS_SOFTCAP=transform.softcap is not None,
-        # fp32 inputs get true fp32 products; half-precision inputs use tensor cores with fp32 accumulation.
-        DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+        # fp32 inputs follow PyTorch's matmul precision; the setting means nothing for half-precision inputs.
+        DOT_PRECISION=fp32_dot_precision() if hidden.dtype == torch.float32 else None,
         UPCAST_DOT=on_interpreter,
     ), (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
 

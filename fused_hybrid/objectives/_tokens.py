@@ -14,6 +14,7 @@ inputs have shape ``[num_sequences]`` (``[B]`` in the ``[B, T]`` layout).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from .._reduction import check_num_items, divide_by_count
-from .._validation import check_non_negative
+from .._validation import check_non_negative, check_sequence_ids
 from ..head_stats import linear_head_stats
 from ..vocab_parallel import VocabParallel
 
@@ -37,11 +38,16 @@ class LossOutput(NamedTuple):
 
 @dataclass
 class TokenBatch:
-    """A batch seen token by token: fp32 log-probs and entropies [N], the loss mask [N] and the sequences."""
+    """A batch seen token by token: fp32 log-probs and entropies [N], the loss mask [N] and the sequences.
+
+    Masks select, they never multiply: a value outside the loss (an ``old_logp`` or advantage on a prompt token,
+    often garbage or NaN in real RL pipelines) is replaced by 0 with ``torch.where``, so it reaches neither the
+    loss nor, through ``0 * NaN``, the gradient.
+    """
 
     logp: torch.Tensor
     entropy: torch.Tensor
-    mask: torch.Tensor  # float 0/1: the token is in the loss
+    mask: torch.Tensor  # bool: the token is in the loss
     shape: torch.Size  # the shape of `targets`
     seq_index: torch.Tensor | None  # [N] sequence of each token
     num_sequences: int | None
@@ -51,33 +57,46 @@ class TokenBatch:
         if self.seq_index is None:
             raise ValueError(f"{why} needs sequences: pass targets of shape [B, T] or sequence_ids with num_sequences")
 
+    def restrict(self, keep: torch.Tensor) -> TokenBatch:
+        """The same batch with only the loss tokens where `keep` [N] (bool) holds."""
+        return dataclasses.replace(self, mask=self.mask & keep)
+
+    def keep(self, per_token: torch.Tensor) -> torch.Tensor:
+        """`per_token` [N] at loss tokens, 0 elsewhere (selected, whatever the value there)."""
+        return torch.where(self.mask, per_token, 0.0)
+
+    def num_tokens(self) -> torch.Tensor:
+        return self.mask.sum()
+
     def per_token(self, value: torch.Tensor, name: str) -> torch.Tensor:
-        """`value` given per token (shape of targets) or per sequence ([num_sequences]) -> float [N]."""
+        """`value` given per token (shape of targets) or per sequence ([num_sequences]) -> float [N], 0 outside the
+        loss."""
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if value.device != self.logp.device:
             raise ValueError(f"{name} is on {value.device}, the batch on {self.logp.device}")
         if value.shape == self.shape:
-            return value.reshape(-1).to(self.logp.dtype)
+            return self.keep(value.reshape(-1).to(self.logp.dtype))
         if self.num_sequences is not None and value.shape == (self.num_sequences,):
-            return value.to(self.logp.dtype)[self.seq_index]
+            return self.keep(value.to(self.logp.dtype)[self.seq_index])
         expected = f"{tuple(self.shape)} (per token)"
         if self.num_sequences is not None:
             expected += f" or ({self.num_sequences},) (per sequence)"
         raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
 
     def per_sequence(self, value: torch.Tensor, name: str) -> torch.Tensor:
-        """`value` given per sequence ([num_sequences]) -> float [S]."""
+        """`value` given per sequence ([num_sequences]) -> [S], 0 (False) for a sequence with no loss token."""
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if value.shape != (self.num_sequences,):
             raise ValueError(f"{name} must have shape ({self.num_sequences},) (per sequence), got {tuple(value.shape)}")
         if value.device != self.logp.device:
             raise ValueError(f"{name} is on {value.device}, the batch on {self.logp.device}")
-        return value
+        return torch.where(self.seq_tokens() > 0, value, torch.zeros((), dtype=value.dtype, device=value.device))
 
     def seq_sum(self, per_token: torch.Tensor) -> torch.Tensor:
-        """Sum of a [N] tensor over each sequence's tokens -> [S]."""
+        """Sum of a [N] tensor over each sequence's loss tokens -> [S]."""
+        per_token = self.keep(per_token)
         if self.padded_length is not None:
             return per_token.reshape(self.num_sequences, self.padded_length).sum(-1)
         out = torch.zeros(self.num_sequences, dtype=per_token.dtype, device=per_token.device)
@@ -85,24 +104,24 @@ class TokenBatch:
 
     def seq_tokens(self) -> torch.Tensor:
         """Number of loss tokens of each sequence -> [S] float."""
-        return self.seq_sum(self.mask)
+        return self.seq_sum(torch.ones_like(self.logp))
 
     def to_tokens(self, per_sequence: torch.Tensor) -> torch.Tensor:
         return per_sequence[self.seq_index]
 
     def token_rank(self) -> torch.Tensor:
         """0-based position of each loss token among its sequence's loss tokens -> [N] float."""
+        in_loss = self.mask.to(self.logp.dtype)
         if self.padded_length is not None:
-            rows = self.mask.reshape(self.num_sequences, self.padded_length)
+            rows = in_loss.reshape(self.num_sequences, self.padded_length)
             return (rows.cumsum(-1) - rows).reshape(-1)
         seq_totals = self.seq_tokens()
         seq_starts = seq_totals.cumsum(0) - seq_totals
-        return self.mask.cumsum(0) - self.mask - seq_starts[self.seq_index]
+        return in_loss.cumsum(0) - in_loss - seq_starts[self.seq_index]
 
     def token_mean(self, per_token: torch.Tensor) -> torch.Tensor:
         """Detached mean over loss tokens (a metric): no host sync, 0 for an empty batch."""
-        per_token = per_token.detach()
-        return (per_token * self.mask).sum() / self.mask.sum().clamp(min=1)
+        return divide_by_count(self.keep(per_token.detach().to(self.logp.dtype)).sum(), self.num_tokens())
 
 
 def evaluate_head(
@@ -134,6 +153,7 @@ def evaluate_head(
         if isinstance(num_sequences, bool) or not isinstance(num_sequences, int) or num_sequences < 1:
             raise ValueError(f"num_sequences must be a positive int when sequence_ids is given, got {num_sequences!r}")
         seq_index = sequence_ids.to(device=targets.device, dtype=torch.int64)
+        check_sequence_ids(seq_index, num_sequences)
     elif targets.dim() == 2:
         num_sequences, padded_length = targets.shape
         seq_index = torch.arange(num_sequences, device=targets.device).repeat_interleave(padded_length)
@@ -156,7 +176,7 @@ def evaluate_head(
     return TokenBatch(
         logp=stats.logp.reshape(-1),
         entropy=stats.entropy.reshape(-1),
-        mask=in_loss.reshape(-1).to(stats.logp.dtype),
+        mask=in_loss.reshape(-1),
         shape=targets.shape,
         seq_index=seq_index,
         num_sequences=num_sequences,
@@ -190,15 +210,15 @@ def aggregate(
     """
     check_aggregation(aggregation)
     check_num_items(num_items)
-    masked = per_token * batch.mask
+    masked = batch.keep(per_token)
     if aggregation == "token-mean":
-        return divide_by_count(masked.sum(), batch.mask.sum() if num_items is None else num_items)
+        return divide_by_count(masked.sum(), batch.num_tokens() if num_items is None else num_items)
 
     batch.require_sequences(f"aggregation={aggregation!r}")
     seq_tokens = batch.seq_tokens()
     num_seqs = (seq_tokens > 0).sum() if num_items is None else num_items
     if aggregation == "seq-mean-token-mean":
-        return divide_by_count((batch.seq_sum(masked) / seq_tokens.clamp(min=1)).sum(), num_seqs)
+        return divide_by_count((batch.seq_sum(per_token) / seq_tokens.clamp(min=1)).sum(), num_seqs)
     if aggregation == "seq-mean-token-sum":
         return divide_by_count(masked.sum(), num_seqs)
     if max_response_length is None:

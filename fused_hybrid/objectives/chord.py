@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from .._reduction import check_num_items
 from .._validation import check_non_negative
 from ..vocab_parallel import VocabParallel
 from ._tokens import LossOutput, ObjectiveModule, aggregate, evaluate_head
@@ -94,6 +95,8 @@ def chord_loss(
     check_non_negative("cutoff_prob", cutoff_prob)
     if not 0.0 < cutoff_prob <= 1.0:
         raise ValueError(f"cutoff_prob must lie in (0, 1], got {cutoff_prob}")
+    check_num_items(num_rollout_tokens, name="num_rollout_tokens")
+    check_num_items(num_expert_tokens, name="num_expert_tokens")
     if advantages is None:
         raise ValueError("advantages is required for the rollout sequences (per token or per sequence)")
     batch = evaluate_head(
@@ -102,12 +105,12 @@ def chord_loss(
         backend=backend, vocab_parallel=vocab_parallel,
     )  # fmt: skip
     batch.require_sequences("chord_loss")
-    expert_tokens = batch.to_tokens(batch.per_sequence(is_expert, "is_expert").to(batch.mask.dtype))
-    rollouts = dataclasses.replace(batch, mask=batch.mask * (1.0 - expert_tokens))
-    experts = dataclasses.replace(batch, mask=batch.mask * expert_tokens)
+    expert_tokens = batch.to_tokens(batch.per_sequence(is_expert, "is_expert").to(torch.bool))
+    rollouts = batch.restrict(~expert_tokens)
+    experts = batch.restrict(expert_tokens)
 
     # Expert sequences have no rollout policy or advantage: whatever they hold there (even NaN) is replaced.
-    is_rollout = rollouts.mask > 0
+    is_rollout = rollouts.mask
     old_token_logp = None
     if old_logp is not None:
         old_token_logp = torch.where(is_rollout, batch.per_token(old_logp, "old_logp"), batch.logp.detach())
@@ -125,15 +128,15 @@ def chord_loss(
         phi = torch.ones_like(batch.logp)
     sft_part = aggregate(-phi * batch.logp, experts, "token-mean", num_items=num_expert_tokens)
 
-    mu_value = torch.as_tensor(mu, dtype=batch.logp.dtype, device=batch.logp.device)
     metrics = policy_metrics(rollouts, active)
     metrics.update(
-        mu=mu_value.detach(),
+        # a Python mu is written into the metric by a fill kernel, never copied from the host
+        mu=mu.detach() if isinstance(mu, torch.Tensor) else torch.full_like(grpo_part, mu).detach(),
         grpo_loss=grpo_part.detach(),
         sft_loss=experts.token_mean(-batch.logp),
         mean_phi=experts.token_mean(phi),
     )
-    return LossOutput((1.0 - mu_value) * grpo_part + mu_value * sft_part, metrics)
+    return LossOutput((1.0 - mu) * grpo_part + mu * sft_part, metrics)
 
 
 class CHORDLoss(ObjectiveModule):

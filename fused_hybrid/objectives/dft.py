@@ -38,7 +38,7 @@ def dft_loss(
         vocab_parallel=vocab_parallel,
     )  # fmt: skip
     prob = batch.logp.detach().exp()
-    per_token = -prob * batch.logp * batch.mask
+    per_token = batch.keep(-prob * batch.logp)
     metrics = {"sft_loss": batch.token_mean(-batch.logp), "mean_prob": batch.token_mean(prob)}
     loss = reduce_per_token(per_token, batch.mask, reduction, num_items)
     return LossOutput(loss.reshape(batch.shape) if reduction == "none" else loss, metrics)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .._reduction import divide_by_count
+from .._reduction import check_num_items, divide_by_count
 from .._validation import check_non_negative
 from ..vocab_parallel import VocabParallel
 from ._tokens import LossOutput, ObjectiveModule, TokenBatch, evaluate_head
@@ -25,7 +25,7 @@ def ift_token_weights(batch: TokenBatch, gamma: float) -> torch.Tensor:
         propagated = rank + 1.0
     else:
         propagated = (1.0 - gamma ** (rank + 1.0)) / (1.0 - gamma)
-    propagated = propagated * batch.mask
+    propagated = batch.keep(propagated)
     scale = batch.seq_tokens() / batch.seq_sum(propagated).clamp(min=torch.finfo(propagated.dtype).tiny)
     return propagated * batch.to_tokens(scale)
 
@@ -52,6 +52,7 @@ def ift_loss(
     check_non_negative("gamma", gamma)
     if gamma > 1:
         raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    check_num_items(num_items)
     batch = evaluate_head(
         hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
         num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,

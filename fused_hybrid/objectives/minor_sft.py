@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._reduction import divide_by_count
+from .._reduction import check_num_items, divide_by_count
 from .._validation import check_positive
 from ..vocab_parallel import VocabParallel
 from ._tokens import LossOutput, ObjectiveModule, evaluate_head
@@ -44,6 +44,7 @@ def minor_sft_loss(
     Metrics: ``m_theta = mean_i (1/m_i) sum_t (logp_t - ref_logp_t)`` and ``sft_loss`` (token-mean NLL).
     """
     check_positive("beta", beta)
+    check_num_items(num_items)
     if ref_logp is None:
         raise ValueError("ref_logp is required (per token, or per-sequence sums from sequence_logps)")
     batch = evaluate_head(
@@ -54,7 +55,7 @@ def minor_sft_loss(
     batch.require_sequences("minor_sft_loss")
     policy, reference = policy_and_reference_sums(batch, ref_logp)
     tokens = batch.seq_tokens()
-    has_tokens = (tokens > 0).to(policy.dtype)
+    has_tokens = tokens > 0
     lengths = tokens.clamp(min=1)
     delta = policy - reference
     if length_normalized:
@@ -62,9 +63,9 @@ def minor_sft_loss(
     else:
         losses = -(2.0 / (beta * lengths)) * F.logsigmoid(beta * delta)
     num_seqs = has_tokens.sum() if num_items is None else num_items
-    loss = divide_by_count((losses * has_tokens).sum(), num_seqs)
+    loss = divide_by_count(torch.where(has_tokens, losses, 0.0).sum(), num_seqs)
     metrics = {
-        "m_theta": divide_by_count((delta.detach() / lengths * has_tokens).sum(), has_tokens.sum()),
+        "m_theta": divide_by_count(torch.where(has_tokens, delta.detach() / lengths, 0.0).sum(), has_tokens.sum()),
         "sft_loss": batch.token_mean(-batch.logp),
     }
     return LossOutput(loss, metrics)

@@ -38,7 +38,7 @@ def log_importance_ratio(batch: TokenBatch, old_logp: torch.Tensor | None, impor
     if importance_sampling == "token":
         return log_ratio
     batch.require_sequences("importance_sampling='sequence'")
-    seq_log_ratio = batch.seq_sum(log_ratio.detach() * batch.mask) / batch.seq_tokens().clamp(min=1)
+    seq_log_ratio = batch.seq_sum(log_ratio.detach()) / batch.seq_tokens().clamp(min=1)
     return batch.logp - batch.logp.detach() + batch.to_tokens(seq_log_ratio)
 
 
@@ -78,14 +78,14 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 def policy_metrics(batch: TokenBatch, active: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     metrics = {
-        "clip_frac_low": batch.token_mean(active["clip_low"].to(batch.mask.dtype)),
-        "clip_frac_high": batch.token_mean(active["clip_high"].to(batch.mask.dtype)),
+        "clip_frac_low": batch.token_mean(active["clip_low"]),
+        "clip_frac_high": batch.token_mean(active["clip_high"]),
         "mean_ratio": batch.token_mean(active["ratio"]),
         "approx_kl": batch.token_mean(k3_kl(batch.logp.detach(), batch.logp.detach() - active["ratio"].log())),
         "entropy": batch.token_mean(batch.entropy),
     }
     if "dual_clip" in active:
-        metrics["dual_clip_frac"] = batch.token_mean(active["dual_clip"].to(batch.mask.dtype))
+        metrics["dual_clip_frac"] = batch.token_mean(active["dual_clip"])
     return metrics
 
 

@@ -6,12 +6,10 @@ order (sequence i is chosen, sequence P + i its rejected twin), in either the [2
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 
-from .._reduction import divide_by_count
+from .._reduction import check_num_items, divide_by_count
 from .._validation import check_non_negative, check_positive
 from ..vocab_parallel import VocabParallel
 from ._tokens import LossOutput, ObjectiveModule, TokenBatch, evaluate_head
@@ -21,11 +19,11 @@ PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo")
 
 def policy_and_reference_sums(batch: TokenBatch, ref_logp: torch.Tensor | None, name: str = "ref_logp"):
     """Per-sequence sums of logp [S] and of `ref_logp` [S] (given per token or as per-sequence sums)."""
-    policy = batch.seq_sum(batch.logp * batch.mask)
+    policy = batch.seq_sum(batch.logp)
     if ref_logp is None:
         return policy, None
     if ref_logp.shape == batch.shape:
-        reference = batch.seq_sum(batch.per_token(ref_logp, name) * batch.mask)
+        reference = batch.seq_sum(batch.per_token(ref_logp, name))
     else:
         reference = batch.per_sequence(ref_logp, name).to(policy.dtype)
     return policy, reference
@@ -58,7 +56,7 @@ def sequence_logps(
         backend=backend, vocab_parallel=vocab_parallel,
     )  # fmt: skip
     batch.require_sequences("sequence_logps")
-    return batch.seq_sum(batch.logp * batch.mask)
+    return batch.seq_sum(batch.logp)
 
 
 def dpo_loss(
@@ -76,6 +74,7 @@ def dpo_loss(
     sequence_ids: torch.Tensor | None = None,
     num_sequences: int | None = None,
     num_items: int | torch.Tensor | None = None,
+    num_chosen_tokens: int | torch.Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
     ignore_index: int = -100,
@@ -93,9 +92,12 @@ def dpo_loss(
 
     ``ref_logp`` (per token, or per-sequence sums from :func:`sequence_logps`) is required for sigmoid and IPO.
     ``nll_weight > 0`` adds that times the token-mean NLL of the chosen responses. A response with no loss token
-    counts as log-prob 0 (length-normalised: 0 as well). ``num_items`` is a global
-    pair count. Metrics: ``preference_loss``, ``nll_loss``, ``reward_chosen``, ``reward_rejected``,
-    ``reward_margin``, ``reward_accuracy`` (rewards: ``beta`` times the policy-reference log-ratio, or
+    counts as log-prob 0 (length-normalised: 0 as well). For gradient accumulation each part takes its own global
+    count, as CHORD's two parts do: ``num_items`` (pairs) for the preference loss and ``num_chosen_tokens`` (loss
+    tokens of the chosen responses) for the NLL term.
+
+    Metrics: ``preference_loss``, ``nll_loss``, ``reward_chosen``, ``reward_rejected``, ``reward_margin``,
+    ``reward_accuracy`` (rewards: ``beta`` times the policy-reference log-ratio, or
     ``beta * S_bar`` for SimPO).
     """
     if loss_type not in PREFERENCE_LOSSES:
@@ -103,6 +105,8 @@ def dpo_loss(
     check_positive("beta", beta)
     check_non_negative("simpo_gamma", simpo_gamma)
     check_non_negative("nll_weight", nll_weight)
+    check_num_items(num_items)
+    check_num_items(num_chosen_tokens, name="num_chosen_tokens")
     if loss_type != "simpo" and ref_logp is None:
         raise ValueError(f"ref_logp is required for loss_type={loss_type!r} (see sequence_logps)")
     batch = evaluate_head(
@@ -130,8 +134,9 @@ def dpo_loss(
         losses = (log_ratio[:pairs] - log_ratio[pairs:] - 1.0 / (2.0 * beta)) ** 2
     preference = divide_by_count(losses.sum(), pairs if num_items is None else num_items)
 
-    chosen = dataclasses.replace(batch, mask=batch.mask * (batch.seq_index < pairs).to(batch.mask.dtype))
-    nll = divide_by_count((-batch.logp * chosen.mask).sum(), chosen.mask.sum())
+    chosen = batch.restrict(batch.seq_index < pairs)
+    nll = divide_by_count(chosen.keep(-batch.logp).sum(),
+                          chosen.num_tokens() if num_chosen_tokens is None else num_chosen_tokens)  # fmt: skip
     loss = preference + nll_weight * nll if nll_weight > 0 else preference
     rewards = rewards.detach()
     metrics = {
@@ -147,7 +152,7 @@ def dpo_loss(
 
 class DPOLoss(ObjectiveModule):
     """Module form of :func:`dpo_loss`: ``loss_fn(hidden, weight, targets, bias=None, *, ref_logp=None,
-    loss_mask=None, sequence_ids=None, num_sequences=None, num_items=None)``."""
+    loss_mask=None, sequence_ids=None, num_sequences=None, num_items=None, num_chosen_tokens=None)``."""
 
     def __init__(
         self,
@@ -172,7 +177,7 @@ class DPOLoss(ObjectiveModule):
         )  # fmt: skip
 
     def forward(self, hidden, weight, targets, bias=None, *, ref_logp=None, loss_mask=None, sequence_ids=None,
-                num_sequences=None, num_items=None) -> torch.Tensor:  # fmt: skip
+                num_sequences=None, num_items=None, num_chosen_tokens=None) -> torch.Tensor:  # fmt: skip
         return self._finish(
             dpo_loss(
                 hidden,
@@ -184,6 +189,7 @@ class DPOLoss(ObjectiveModule):
                 sequence_ids=sequence_ids,
                 num_sequences=num_sequences,
                 num_items=num_items,
+                num_chosen_tokens=num_chosen_tokens,
                 **self.options,
             )  # fmt: skip
         )

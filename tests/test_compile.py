@@ -39,3 +39,29 @@ def test_fullgraph_compile_matches_eager(backend):
     assert_close_scaled(got, expected, 1e-6)
     for g, e in zip(got_grads, grads(expected, [hidden, weight])):
         assert_close_scaled(g, e, 1e-5)
+
+
+def test_inductor_fullgraph_with_a_transposed_hidden():
+    """The fake implementation reports the strides the kernels return (contiguous gradients), so inductor's code
+    agrees with the real op for a non-contiguous hidden (a transposed view) and a transposed head."""
+    torch._dynamo.reset()
+    hidden_t = torch.randn(16, 2 * 9, requires_grad=True)  # stored [D, N]: the hidden states are its transpose
+    weight_t = (torch.randn(16, 37) / 4).requires_grad_()  # stored [D, V]
+    targets = torch.randint(0, 37, (2 * 9,))
+    targets[:3] = -100
+
+    def loss_fn(hidden_t, weight_t, targets):
+        logp, entropy = fused_hybrid.linear_logprobs(hidden_t.T, weight_t.T, targets, return_entropy=True,
+                                                     backend="torch")  # fmt: skip
+        return (
+            fused_hybrid.linear_cross_entropy(hidden_t.T * 2, weight_t.T, targets, backend="torch")
+            + (logp * torch.linspace(-1, 1, logp.shape[0]) + entropy).sum()
+        )
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="inductor")
+    got = compiled(hidden_t, weight_t, targets)
+    got_grads = grads(got, [hidden_t, weight_t])
+    expected = loss_fn(hidden_t, weight_t, targets)
+    assert_close_scaled(got, expected, 1e-5)
+    for g, e in zip(got_grads, grads(expected, [hidden_t, weight_t])):
+        assert_close_scaled(g, e, 1e-5)

@@ -75,3 +75,37 @@ def test_deterministic_mode_gives_bitwise_identical_gradients(backend, monkeypat
     # the Triton backend swaps its atomic backward for the chunked one in deterministic mode
     assert len(chunked_backward) == 2
     assert triton_backend is not None
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blocks_of_ignored_tokens_give_finite_statistics_and_gradients(backend, deterministic):
+    """A long prompt and trailing padding fill whole token blocks with ignored targets (the Triton kernels skip
+    them); every statistic, the lse a backward reads included, must stay finite on every backend and mode."""
+    n, d, v = 70, 12, 45
+    hidden = (torch.randn(n, d) * 3).requires_grad_()  # wide logits: exp(z - wrong lse) would overflow
+    weight = torch.randn(v, d, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    targets[:37] = -100  # more than two 16-token blocks of prompt
+    targets[-17:] = -100  # and a block of padding
+    upstream = torch.randn(3, n)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        stats = fused_hybrid.linear_head_stats(hidden, weight, targets, backend=backend)
+        for name, statistic in zip(stats._fields, stats):
+            assert torch.isfinite(statistic).all(), name
+        total = (stats.logp * upstream[0] + stats.entropy * upstream[1] + stats.lse * upstream[2]).sum()
+        got = grads(total, [hidden, weight])
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    h64, w64 = leaf64(hidden), leaf64(weight)
+    logp64, entropy64 = logprobs_entropy64(h64, w64, targets)
+    valid = targets != -100
+    lse64 = torch.where(valid, torch.logsumexp(h64 @ w64.T, -1), 0.0)
+    expected = grads((logp64 * upstream[0] + entropy64 * upstream[1] + lse64 * upstream[2]).sum(), [h64, w64])
+    assert_close_scaled(stats.logp, logp64, 1e-5, "logp")
+    assert_close_scaled(stats.lse, lse64, 1e-5, "lse")
+    for name, g, want in zip(("d_hidden", "d_weight"), got, expected):
+        assert_close_scaled(g, want, 1e-4, name, atol=1e-6)
+    assert (got[0][~valid] == 0).all()

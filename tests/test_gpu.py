@@ -64,12 +64,28 @@ def test_out_of_range_target_fails_on_device():
 
 
 def _gpu_losses(hidden, weight, targets):
-    loss = fused_hybrid.linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1)
-    advantages = torch.linspace(-1, 1, targets.shape[0], device="cuda")
-    loss = loss + fused_hybrid.grpo_loss(hidden, weight, targets, advantages=advantages, entropy_coef=0.01,
-                                         aggregation="seq-mean-token-mean").loss  # fmt: skip
-    return loss + fused_hybrid.chord_loss(hidden, weight, targets, is_expert=torch.arange(targets.shape[0],
-                                          device="cuda") % 2 == 0, mu=0.3, advantages=advantages).loss  # fmt: skip
+    """Every objective, with the Python-number options (integer counts, a float mu, DPO's pair count) that once
+    made device tensors from host values."""
+    batch, length = targets.shape
+    mask = targets != -100
+    ref_logp = -torch.rand(batch, length, device="cuda")
+    advantages = torch.linspace(-1, 1, batch, device="cuda")
+    is_expert = torch.arange(batch, device="cuda") % 2 == 0
+    loss = fused_hybrid.linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1, num_items=200)
+    grpo_options = dict(entropy_coef=0.01, beta=0.1, ref_logp=ref_logp, aggregation="seq-mean-token-mean")
+    loss = loss + fused_hybrid.grpo_loss(hidden, weight, targets, advantages=advantages, num_items=4,
+                                         **grpo_options).loss  # fmt: skip
+    loss = loss + fused_hybrid.chord_loss(hidden, weight, targets, is_expert=is_expert, mu=0.3, advantages=advantages,
+                                          num_rollout_tokens=100, num_expert_tokens=90).loss  # fmt: skip
+    loss = loss + fused_hybrid.dpo_loss(hidden, weight, targets, ref_logp=ref_logp, nll_weight=0.2).loss
+    loss = loss + fused_hybrid.dpo_loss(hidden, weight, targets, ref_logp=ref_logp, nll_weight=0.2, num_items=2,
+                                        num_chosen_tokens=mask[: batch // 2].sum()).loss  # fmt: skip
+    loss = loss + fused_hybrid.dft_loss(hidden, weight, targets, num_items=150).loss
+    loss = loss + fused_hybrid.minor_sft_loss(hidden, weight, targets, ref_logp=ref_logp, num_items=4).loss
+    packed = fused_hybrid.ift_loss(hidden.reshape(batch * length, -1), weight, targets.reshape(-1),
+                                   sequence_ids=torch.arange(batch, device="cuda").repeat_interleave(length),
+                                   num_sequences=batch, num_items=4).loss  # fmt: skip
+    return loss + packed
 
 
 def test_no_host_device_sync_on_the_hot_path():
@@ -83,6 +99,37 @@ def test_no_host_device_sync_on_the_hot_path():
         _gpu_losses(hidden, weight, targets).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_bad_sequence_ids_fail_on_device():
+    script = (
+        "import torch, fused_hybrid\n"
+        "h = torch.randn(6, 16, device='cuda'); w = torch.randn(32, 16, device='cuda')\n"
+        "y = torch.randint(0, 32, (6,), device='cuda'); ids = torch.tensor([0, 0, 1, 0, 1, 1], device='cuda')\n"
+        "fused_hybrid.ift_loss(h, w, y, sequence_ids=ids, num_sequences=2).loss.item()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "sequence_ids must be non-decreasing" in result.stderr
+
+
+def test_fp32_under_tf32_precision_matches_reference_to_tf32_accuracy():
+    n, d, v = 512, 256, 3001
+    hidden = torch.randn(n, d, device="cuda", requires_grad=True)
+    weight = (torch.randn(v, d, device="cuda") / d**0.5).requires_grad_()
+    targets = torch.randint(0, v, (n,), device="cuda")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        logp = fused_hybrid.linear_logprobs(hidden, weight, targets, backend="triton")
+        actual = grads(logp.sum(), [hidden, weight])
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    leaves = [leaf64(t) for t in (hidden, weight)]
+    logp64, _ = logprobs_entropy64(leaves[0], leaves[1], targets)
+    assert (logp.double() - logp64).abs().max() <= 5e-3 * max(1.0, logp64.abs().max())
+    for name, got, want in zip(("d_hidden", "d_weight"), actual, grads(logp64.sum(), leaves)):
+        assert_close_scaled(got, want, 5e-3, name)
 
 
 def test_cuda_graph_capture_and_replay():

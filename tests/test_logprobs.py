@@ -172,3 +172,33 @@ def test_unused_statistics_cost_no_backward_work(backend, monkeypatch):
     hidden, weight, targets, _ = make_inputs((9,), 8, 20, torch.float32)
     fused_hybrid.linear_logprobs(hidden, weight, targets, backend=backend).sum().backward()
     assert seen == [(None, None)]  # no entropy and no sum-of-logits terms when only logp is used
+
+
+def test_fp32_dots_follow_pytorch_matmul_precision(monkeypatch):
+    """fp32 inputs take TF32 tensor cores exactly when PyTorch's own matmuls would; the precision flag means
+    nothing for half-precision inputs and is not passed."""
+    from fused_hybrid.backends import triton_backend
+
+    seen = []
+    kernel = triton_backend.head_stats_forward_kernel
+
+    class RecordingLaunch:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["DOT_PRECISION"])
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(triton_backend, "head_stats_forward_kernel", RecordingLaunch())
+    hidden, weight = torch.randn(5, 8), torch.randn(11, 8)
+    targets = torch.randint(0, 11, (5,))
+    previous = torch.get_float32_matmul_precision()
+    try:
+        for setting in ("highest", "high", "medium"):
+            torch.set_float32_matmul_precision(setting)
+            fused_hybrid.linear_logprobs(hidden, weight, targets, backend="triton")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    fused_hybrid.linear_logprobs(hidden.bfloat16(), weight.bfloat16(), targets, backend="triton")
+    assert seen == ["ieee", "tf32", "tf32", None]

@@ -11,7 +11,7 @@ import torch
 import fused_hybrid
 from tests import naive_objectives as naive
 from tests.reference import assert_close_scaled, grads, leaf64
-from tests.test_objectives import B, T, compare, make_batch, rollout_inputs
+from tests.test_objectives import B, D, T, V, compare, make_batch, rollout_inputs
 
 BACKENDS = ["torch", "triton"]
 
@@ -122,21 +122,26 @@ def split_batch(parts, *tensors):
 def test_grpo_micro_batches_with_global_normaliser_equal_full_batch(aggregation):
     hidden, weight, targets, loss_mask = make_batch()
     inputs = rollout_inputs(targets)
-    full = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=loss_mask, aggregation=aggregation, **inputs).loss
+    terms = dict(beta=0.1, entropy_coef=0.01)  # the KL and entropy terms too
+    ref_logp = -torch.rand(targets.shape) * 3
+    full = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=loss_mask, aggregation=aggregation,
+                                  ref_logp=ref_logp, **terms, **inputs).loss  # fmt: skip
     full_grads = grads(full, [hidden, weight])
     mask = (targets != -100) & loss_mask.bool()
     num_items = mask.sum() if aggregation == "token-mean" else (mask.sum(-1) > 0).sum()
     parts = [slice(0, 2), slice(2, 5), slice(5, B)]
     total = 0
-    for h, y, m, a, o in split_batch(parts, hidden, targets, loss_mask, inputs["advantages"], inputs["old_logp"]):
-        total = total + fused_hybrid.grpo_loss(h, weight, y, loss_mask=m, advantages=a, old_logp=o,
-                                               aggregation=aggregation, num_items=num_items).loss  # fmt: skip
+    for h, y, m, a, o, r in split_batch(parts, hidden, targets, loss_mask, inputs["advantages"], inputs["old_logp"],
+                                        ref_logp):  # fmt: skip
+        total = total + fused_hybrid.grpo_loss(h, weight, y, loss_mask=m, advantages=a, old_logp=o, ref_logp=r,
+                                               aggregation=aggregation, num_items=num_items, **terms).loss  # fmt: skip
     assert_close_scaled(total, full, 1e-5, atol=1e-6)
     for got, want in zip(grads(total, [hidden, weight]), full_grads):
         assert_close_scaled(got, want, 1e-5)
 
 
 def test_other_objectives_accumulate_with_global_normalisers():
+    """Every objective with every optional term on: micro-batches with the global counts sum to the full batch."""
     hidden, weight, targets, loss_mask = make_batch()
     mask = (targets != -100) & loss_mask.bool()
     ref_logp = -torch.rand(targets.shape)
@@ -148,7 +153,11 @@ def test_other_objectives_accumulate_with_global_normalisers():
         "dft": (dict(num_items=mask.sum()), {}, seq_parts),
         "minor_sft": (dict(num_items=(mask.sum(-1) > 0).sum()), dict(ref_logp=ref_logp), seq_parts),
         "ift": (dict(num_items=(mask.sum(-1) > 0).sum()), {}, seq_parts),
-        "dpo": (dict(num_items=B // 2), dict(ref_logp=ref_logp), pair_parts),
+        "dpo": (
+            dict(num_items=B // 2, num_chosen_tokens=mask[: B // 2].sum()),
+            dict(ref_logp=ref_logp, nll_weight=0.5),
+            pair_parts,
+        ),
         "chord": (
             dict(num_rollout_tokens=mask[~is_expert].sum(), num_expert_tokens=mask[is_expert].sum()),
             dict(is_expert=is_expert, mu=0.4, use_phi=True, **inputs),
@@ -300,3 +309,97 @@ def test_grpo_on_policy_first_step_matches_reinforce_gradient():
     reinforce = -(advantages.double()[:, None] * logp)[mask].sum() / mask.sum()
     for got, want in zip(grads(grpo, [hidden, weight]), grads(reinforce, [h64, w64])):
         assert_close_scaled(got, want, 1e-4)
+
+
+def poison_outside(values: torch.Tensor, in_loss: torch.Tensor, poison: float) -> torch.Tensor:
+    return torch.where(in_loss, values, torch.full_like(values, poison))
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("-inf"), float("inf")])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_garbage_outside_the_loss_changes_nothing(backend, poison):
+    """Real RL pipelines leave NaN / inf in old_logp, ref_logp and advantages on prompt and padding tokens, and in
+    per-sequence inputs of sequences without a loss token: masks must select, so the loss and gradients are those
+    of clean inputs."""
+    hidden, weight, targets, loss_mask = make_batch()
+    loss_mask[4] = 0  # a sequence with no loss token
+    in_loss = (targets != -100) & loss_mask.bool()
+    has_tokens = in_loss.any(-1)
+    clean = all_objectives(targets)
+    clean["grpo"]["advantages"] = torch.randn(targets.shape)  # per token
+    clean["dpo"]["ref_logp"] = -torch.rand(B) * 5  # per-sequence sums
+    clean["minor_sft"]["ref_logp"] = -torch.rand(B) * 5
+    clean["chord"]["use_phi"] = False
+    for name, extra in clean.items():
+        dirty = dict(extra)
+        for key in ("old_logp", "ref_logp", "advantages"):
+            value = extra.get(key)
+            if value is None:
+                continue
+            dirty[key] = poison_outside(value, in_loss if value.shape == targets.shape else has_tokens, poison)
+        fn = getattr(fused_hybrid, f"{name}_loss")
+        expected = fn(hidden, weight, targets, loss_mask=loss_mask, backend=backend, **extra)
+        got = fn(hidden, weight, targets, loss_mask=loss_mask, backend=backend, **dirty)
+        assert torch.isfinite(got.loss), name
+        assert torch.equal(got.loss, expected.loss), name
+        for key, value in got.metrics.items():
+            assert torch.equal(value, expected.metrics[key]), f"{name}: metric {key}"
+        for g, want in zip(grads(got.loss, [hidden, weight]), grads(expected.loss, [hidden, weight])):
+            assert torch.equal(g, want), name
+
+
+def test_no_loss_makes_a_device_tensor_from_a_python_number(monkeypatch):
+    """torch.tensor / torch.as_tensor of a Python number is a blocking host-to-device copy on CUDA (and breaks
+    CUDA-graph capture): no loss may do it, forward or backward, whatever its options."""
+    calls = []
+    for name in ("tensor", "as_tensor", "scalar_tensor"):
+        original = getattr(torch, name)
+
+        def recording(data, *args, _original=original, _name=name, **kwargs):
+            if not isinstance(data, torch.Tensor):
+                calls.append(f"torch.{_name}({data!r})")
+            return _original(data, *args, **kwargs)
+
+        monkeypatch.setattr(torch, name, recording)
+    hidden, weight, targets, loss_mask = make_batch()
+    mask = (targets != -100) & loss_mask.bool()
+    counts = dict(
+        dft=dict(num_items=int(mask.sum())),
+        grpo=dict(num_items=int(mask.sum())),
+        chord=dict(num_rollout_tokens=17, num_expert_tokens=11),
+        dpo=dict(num_items=3, num_chosen_tokens=13),
+        minor_sft=dict(num_items=5),
+        ift=dict(num_items=5),
+    )
+    for name, extra in all_objectives(targets).items():
+        for options in ({}, counts[name]):
+            calls.clear()
+            output = getattr(fused_hybrid, f"{name}_loss")(hidden, weight, targets, loss_mask=loss_mask, **extra,
+                                                           **options)  # fmt: skip
+            grads(output.loss, [hidden, weight])
+            assert calls == [], f"{name} {options}: {calls}"
+    calls.clear()
+    loss = fused_hybrid.linear_cross_entropy(hidden, weight, targets, num_items=40, label_smoothing=0.1, z_loss=1e-3)
+    grads(loss, [hidden, weight])
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "sequence_ids, words",
+    [
+        ([0, 0, 1, 1, 2, 2, 3], "must lie in [0, num_sequences) = [0, 3); found 3"),
+        ([0, 0, -1, 1, 1, 2, 2], "found -1"),
+        ([0, 0, 1, 1, 0, 2, 2], "must be non-decreasing"),
+        ([0, 1, 2, 1, 2, 2, 2], "id 1 follows id 2"),
+    ],
+)
+def test_packed_sequence_ids_are_validated(sequence_ids, words):
+    hidden, weight = torch.randn(7, D), torch.randn(V, D)
+    targets = torch.randint(0, V, (7,))
+    with pytest.raises(ValueError, match="sequence_ids") as info:
+        fused_hybrid.ift_loss(hidden, weight, targets, sequence_ids=torch.tensor(sequence_ids), num_sequences=3)
+    assert words in str(info.value)
+    # a sequence with no tokens at all (id 1 absent) is a valid, empty sequence
+    ids = torch.tensor([0, 0, 0, 2, 2, 2, 2])
+    output = fused_hybrid.ift_loss(hidden, weight, targets, sequence_ids=ids, num_sequences=3)
+    assert torch.isfinite(output.loss)

@@ -248,8 +248,10 @@ class _FusedHead:
 
     def check(self) -> None:
         """Probe once per numeric setting (device, autocast, head dtype); see verify_patch."""
+        if not self.verify:
+            return
         setting = _numeric_setting(self.original_forward.__self__)
-        if self.verify and setting not in self.verified_settings:
+        if setting not in self.verified_settings:
             verify_patch(self)
             self.verified_settings.add(setting)
 
@@ -312,8 +314,8 @@ def patch_model(model: nn.Module, objective: str = "cross_entropy", *, verify: b
 def _numeric_setting(model: nn.Module) -> tuple:
     weight = model.get_output_embeddings().weight
     device_type = weight.device.type
-    autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    return weight.device, autocast, weight.dtype
+    autocasting = device_type != "meta" and torch.is_autocast_enabled(device_type)
+    return weight.device, torch.get_autocast_dtype(device_type) if autocasting else None, weight.dtype
 
 
 def probe_batch(model: nn.Module, device: torch.device, *, batch: int = 2, length: int = 12):

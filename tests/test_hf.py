@@ -180,3 +180,100 @@ def test_patched_loss_under_bf16_autocast():
     assert_close_scaled(loss, expected_loss, 2e-2, "loss")
     for name in expected:
         assert_close_scaled(got[name], expected[name], 5e-2, name, atol=1e-4)
+
+
+class ScaledLogitsLlama(transformers.LlamaForCausalLM):
+    """A causal LM that scales its logits by a factor no config name tells."""
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        hidden = self.model(input_ids=input_ids).last_hidden_state
+        logits = self.lm_head(hidden) * 1.5
+        loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def test_an_unknown_logit_transform_is_refused_even_with_near_uniform_logits():
+    config = transformers.LlamaConfig(**COMMON)
+    model = ScaledLogitsLlama(config).float()  # fresh random weights: near-uniform logits
+    with pytest.raises(fused_hybrid.hf.PatchMismatchError, match="ScaledLogitsLlama: its logits are f") as info:
+        fused_hybrid.patch_model(model)
+    assert "verify=False" in str(info.value)
+    assert not fused_hybrid.hf.is_patched(model)
+
+
+def test_a_config_value_the_model_does_not_apply_is_not_applied():
+    """Llama ignores final_logit_softcapping; reading the transform back from the model keeps it out of the loss."""
+    model = tiny_model("llama")
+    model.config.final_logit_softcapping = 0.5
+    input_ids, labels = batch()
+    expected_loss, _ = loss_and_grads(model, input_ids, labels)
+    fused_hybrid.patch_model(model)
+    loss, _ = loss_and_grads(model, input_ids, labels)
+    assert_close_scaled(loss, expected_loss, 1e-5, "loss")
+
+
+def test_moe_router_loss_is_part_of_the_patched_loss():
+    config = transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2,
+                                        output_router_logits=True, router_aux_loss_coef=0.5)  # fmt: skip
+    model = transformers.MixtralForCausalLM(config).float()
+    input_ids, labels = batch()
+    expected_loss, expected = loss_and_grads(model, input_ids, labels)
+    model.config.output_router_logits = False
+    without_router_loss, _ = loss_and_grads(model, input_ids, labels)
+    assert abs(expected_loss - without_router_loss) > 0.1  # the coefficient 0.5 times a loss of about 2
+    model.config.output_router_logits = True
+    fused_hybrid.patch_model(model)
+    loss, got = loss_and_grads(model, input_ids, labels)
+    assert_close_scaled(loss, expected_loss, 1e-5, "loss")
+    for name in expected:
+        assert_close_scaled(got[name], expected[name], 1e-4, name, atol=1e-6)
+
+
+def test_shift_labels_are_used_as_given():
+    model = tiny_model("qwen2")
+    input_ids, labels = batch()
+    shift_labels = torch.randint(0, 97, labels.shape)  # already shifted (context parallelism hands them over)
+    shift_labels[:, :2] = -100
+    expected_loss, expected = loss_and_grads(model, input_ids, labels, shift_labels=shift_labels)
+    fused_hybrid.patch_model(model)
+    loss, got = loss_and_grads(model, input_ids, labels, shift_labels=shift_labels)
+    assert_close_scaled(loss, expected_loss, 1e-5, "loss")
+    for name in expected:
+        assert_close_scaled(got[name], expected[name], 1e-4, name, atol=1e-7)
+
+
+def test_only_labelled_tokens_reach_the_head(monkeypatch):
+    from fused_hybrid.backends import torch_chunked
+
+    model = fused_hybrid.patch_model(tiny_model("llama"))
+    input_ids, labels = batch()
+    rows = []
+    original = torch_chunked.partials
+    monkeypatch.setattr(torch_chunked, "partials", lambda hidden, *a, **k: rows.append(hidden.shape[0]) or
+                        original(hidden, *a, **k))  # fmt: skip
+    model(input_ids=input_ids, labels=labels).loss.backward()
+    assert rows == [int((labels[:, 1:] != -100).sum())]
+
+
+def test_the_probe_runs_again_when_the_precision_changes(monkeypatch):
+    calls = []
+    original = fused_hybrid.hf.verify_patch
+    monkeypatch.setattr(fused_hybrid.hf, "verify_patch", lambda fused: calls.append(1) or original(fused))
+    model = fused_hybrid.patch_model(tiny_model("mistral"))
+    input_ids, labels = batch()
+    model(input_ids=input_ids, labels=labels).loss.backward()
+    assert len(calls) == 1  # at patching; the first training call is in the same setting
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=input_ids, labels=labels).loss.backward()
+    assert len(calls) == 2  # once more, on the first call under bf16 autocast
+
+
+def test_patch_options_are_checked_when_patching_and_unmaterialised_models_need_verify_false():
+    with pytest.raises(TypeError, match=r"unknown loss option\(s\) \['label_smothing'\]"):
+        fused_hybrid.patch_model(tiny_model("llama"), label_smothing=0.1)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON))
+    with pytest.raises(fused_hybrid.hf.PatchMismatchError, match="not materialised.*verify=False"):
+        fused_hybrid.patch_model(model)
+    assert fused_hybrid.hf.is_patched(fused_hybrid.patch_model(model, verify=False))

@@ -79,11 +79,6 @@ def head_transform(model: nn.Module) -> HeadTransform:
     return HeadTransform(temperature=temperature, softcap=caps.pop() if caps else None, vocab_size=unpadded)
 
 
-def head_options(model: nn.Module) -> dict:
-    """`temperature` and `softcap` of the model's logits, as keyword arguments of the losses."""
-    return head_transform(model).loss_options()
-
-
 def head_inputs(
     hidden: torch.Tensor, head: nn.Linear, vocab_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -158,6 +153,25 @@ def replacing_head(head: nn.Module, logits_from_input):
 
 def zero_width_logits(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.new_empty(*hidden.shape[:-1], 0)
+
+
+def recorded_head_input(model: nn.Module, **inputs) -> torch.Tensor:
+    """The input of a causal LM's head for `inputs` (its final hidden states after whatever the model does to them
+    before its head), from the model's own forward without computing the logits."""
+    with replacing_head(model.get_output_embeddings(), zero_width_logits) as recorded:
+        model(**inputs)
+    if len(recorded) != 1:
+        raise PatchMismatchError(f"{type(model).__name__}'s forward called its output embeddings {len(recorded)} "
+                                 "times; fused-hybrid fuses models that call their head once")  # fmt: skip
+    return recorded[0]
+
+
+def verified_head_transform(model: nn.Module) -> HeadTransform:
+    """The logit transform of a causal LM (see head_transform), confirmed by the patch's probe on this model:
+    raises PatchMismatchError where the fused loss would differ from the model's own."""
+    fused = _FusedHead(model, "cross_entropy", {}, verify=True)
+    fused.check()
+    return fused.transform
 
 
 def _patch_target(model: nn.Module) -> nn.Module:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..cross_entropy import linear_cross_entropy
-from ..hf import enable_activation_checkpointing, head_inputs, head_options
+from ..hf import enable_activation_checkpointing, head_inputs, recorded_head_input, verified_head_transform
 from ..logprobs import linear_logprobs
 from ..objectives import chord_loss, dft_loss, dpo_loss, grpo_loss, ift_loss, minor_sft_loss, sequence_logps
 from ..objectives.chord import CHORDLoss, MuSchedule
@@ -87,15 +87,17 @@ class PolicyHead(nn.Module):
         super().__init__()
         self.model = model
         self.autocast = autocast
+        # the model's logit transform, checked against its own loss on a probe batch (an unknown one is refused)
+        self.transform = verified_head_transform(model)
 
     def forward(self, input_ids, attention_mask, inputs_embeds=None):
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         with self.autocast():
-            outputs = self.model.get_decoder()(
-                input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
+            hidden = recorded_head_input(
+                self.model, input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
             )  # fmt: skip
-            hidden, weight, bias = head_inputs(outputs.last_hidden_state, self.model.get_output_embeddings())
+            hidden, weight, bias = head_inputs(hidden, self.model.get_output_embeddings(), self.transform.vocab_size)
         return hidden[:, :-1], weight, bias
 
 
@@ -133,7 +135,9 @@ class HybridTrainer:
         self.frozen_embeddings = (
             copy.deepcopy(self.model.get_input_embeddings()).requires_grad_(False) if config.mode == "ift" else None
         )
-        self.policy = self._wrap(PolicyHead(self.model, self._autocast))
+        policy_head = PolicyHead(self.model, self._autocast)
+        self.logit_options = policy_head.transform.loss_options()  # the reference is a copy: the same transform
+        self.policy = self._wrap(policy_head)
         self.reference_head = None if self.reference is None else PolicyHead(self.reference, self._autocast)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.parameters() if p.requires_grad],
@@ -283,9 +287,9 @@ class HybridTrainer:
         return hidden, weight, bias, batch["labels"][:, 1:]
 
     @torch.no_grad()
-    def _token_logps(self, head: nn.Module, model: nn.Module, batch: dict) -> torch.Tensor:
+    def _token_logps(self, head: nn.Module, batch: dict) -> torch.Tensor:
         hidden, weight, bias, targets = self._head_inputs(head, batch)
-        return linear_logprobs(hidden, weight, targets, bias, **head_options(model))
+        return linear_logprobs(hidden, weight, targets, bias, **self.logit_options)
 
     @torch.no_grad()
     def _greedy_next_tokens(self, batch: dict) -> torch.Tensor:
@@ -402,13 +406,13 @@ class HybridTrainer:
     def _add_reference_inputs(self, batch: dict) -> None:
         mode = self.config.mode
         if mode in ROLLOUT_MODES:
-            batch["old_logp"] = self._token_logps(self.policy, self.model, batch)
+            batch["old_logp"] = self._token_logps(self.policy, batch)
         if self.reference is not None:
             if mode == "dpo":
                 hidden, weight, bias, targets = self._head_inputs(self.reference_head, batch)
-                batch["ref_logp"] = sequence_logps(hidden, weight, targets, bias, **head_options(self.reference))
+                batch["ref_logp"] = sequence_logps(hidden, weight, targets, bias, **self.logit_options)
             else:
-                batch["ref_logp"] = self._token_logps(self.reference_head, self.reference, batch)
+                batch["ref_logp"] = self._token_logps(self.reference_head, batch)
 
     @staticmethod
     def _normalisers(micro: list[dict]) -> dict:
@@ -436,7 +440,7 @@ class HybridTrainer:
         inputs_embeds = self._ift_inputs_embeds(batch) if mode == "ift" else None
         hidden, weight, bias, targets = self._head_inputs(self.policy, batch, inputs_embeds)
         self.largest_micro_batch_tokens = max(self.largest_micro_batch_tokens, targets.numel())
-        common = dict(bias=bias, **head_options(self.model))
+        common = dict(bias=bias, **self.logit_options)
         if mode == "sft":
             loss = linear_cross_entropy(hidden, weight, targets, num_items=totals["tokens"], **common)
             return loss, {}

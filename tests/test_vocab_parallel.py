@@ -48,8 +48,8 @@ def losses(hidden, weight, bias, targets, upstream, backend, vocab_parallel=None
 
 
 def worker(rank, world, init_file, out_dir, backend, reduce_hidden_grad, deterministic):
+    torch.use_deterministic_algorithms(deterministic)  # before the process group: set after, gloo aborts at exit
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.use_deterministic_algorithms(deterministic)
     hidden, weight, bias, targets, upstream = inputs()
     start = sum(SPLITS[world][:rank])
     rows = slice(start, start + SPLITS[world][rank])

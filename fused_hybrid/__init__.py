@@ -1,7 +1,8 @@
 """fused-hybrid: logits-free fused LM-head losses for hybrid SFT + RL post-training."""
 
+from .core import HeadStats
 from .cross_entropy import FusedLinearCrossEntropyLoss, linear_cross_entropy
-from .head_stats import HeadStats, linear_head_stats
+from .dispatch import linear_head_stats
 from .hf import patch_model, unpatch_model
 from .logprobs import linear_logprobs
 from .objectives import (

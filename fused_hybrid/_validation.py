@@ -9,7 +9,8 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch", "reference")
+from .backends import LOGITS_FREE_BACKENDS
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -90,8 +91,9 @@ def check_non_negative(name: str, value: float) -> None:
 
 def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
     """Map `backend` to one of "triton", "torch", "reference", checking it can run on `hidden`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    names = ("auto", *LOGITS_FREE_BACKENDS, "reference")
+    if backend not in names:
+        raise ValueError(f"backend must be one of {names}, got {backend!r}")
     if backend == "auto":
         on_cuda = hidden.device.type == "cuda" and hidden.dtype in TRITON_DTYPES
         return "triton" if on_cuda and triton_import_error() is None else "torch"

@@ -7,7 +7,7 @@ from torch import nn
 
 from ._reduction import check_num_items, check_reduction, reduce_per_token
 from ._validation import check_non_negative
-from .head_stats import linear_head_stats
+from .dispatch import linear_head_stats
 from .vocab_parallel import VocabParallel
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .head_stats import linear_head_stats
+from .dispatch import linear_head_stats
 from .vocab_parallel import VocabParallel
 
 

@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ._ops import backend_module
-from .head_stats import (
+from ._ops import statistics_backward
+from .backends import logits_free_backend
+from .core import (
     HeadStats,
     LogitTransform,
     VocabPartials,
     common_max,
     finalize_partials,
     rescale_to_max,
-    token_grad_coefficients,
 )
 
 
@@ -80,27 +80,28 @@ def all_reduce_partials(partials: VocabPartials, group) -> VocabPartials:
     return VocabPartials(token_max, *sums)
 
 
-class _VocabParallelHeadStats(torch.autograd.Function):
+class _VocabParallelStatistics(torch.autograd.Function):
+    """Each rank's partials, combined across ranks; the backward is the custom op's (`statistics_backward`), on
+    this rank's slice, with the hidden gradient summed over ranks."""
+
     @staticmethod
     def forward(ctx, hidden, weight, local_targets, valid, bias, transform: LogitTransform, backend: str,
                 parallel: VocabParallel):  # fmt: skip
-        impl = backend_module(backend)
-        partials = impl.partials(hidden, weight, local_targets, bias, transform)
+        partials = logits_free_backend(backend).partials(hidden, weight, local_targets, bias, transform)
         stats = finalize_partials(all_reduce_partials(partials, parallel.group))
         ctx.save_for_backward(hidden, weight, local_targets, valid, bias, stats.lse, stats.entropy)
-        ctx.options = (transform, impl, parallel)
+        ctx.options = (transform, backend, parallel)
         ctx.set_materialize_grads(False)
         return tuple(torch.where(valid, s, 0.0) for s in stats)
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy, g_lse, g_sum_z):
         hidden, weight, local_targets, valid, bias, lse, entropy = ctx.saved_tensors
-        transform, impl, parallel = ctx.options
+        transform, backend, parallel = ctx.options
         needs_hidden, needs_weight, _, _, needs_bias = ctx.needs_input_grad[:5]
-        coefs = token_grad_coefficients((g_logp, g_entropy, g_lse, g_sum_z), entropy, valid)
-        d_hidden, d_weight, d_bias = impl.backward(
-            hidden, weight, local_targets, bias, lse, coefs, transform,
-            needs=(needs_hidden, needs_weight, needs_bias and bias is not None),
+        d_hidden, d_weight, d_bias = statistics_backward(
+            hidden, weight, local_targets, bias, lse, entropy, valid, (g_logp, g_entropy, g_lse, g_sum_z), transform,
+            backend, (needs_hidden, needs_weight, needs_bias),
         )  # fmt: skip
         if d_hidden is not None and parallel.reduce_hidden_grad:
             dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=parallel.group)
@@ -111,5 +112,5 @@ def vocab_parallel_head_stats(hidden, weight, targets, bias, transform: LogitTra
                               parallel: VocabParallel, offset: int) -> HeadStats:  # fmt: skip
     local_targets = shard_targets(targets, offset, weight.shape[0], transform.ignore_index)
     valid = targets != transform.ignore_index
-    return HeadStats(*_VocabParallelHeadStats.apply(hidden, weight, local_targets, valid, bias, transform, backend,
+    return HeadStats(*_VocabParallelStatistics.apply(hidden, weight, local_targets, valid, bias, transform, backend,
                                                     parallel))  # fmt: skip

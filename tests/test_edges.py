@@ -109,3 +109,40 @@ def test_blocks_of_ignored_tokens_give_finite_statistics_and_gradients(backend, 
     for name, g, want in zip(("d_hidden", "d_weight"), got, expected):
         assert_close_scaled(g, want, 1e-4, name, atol=1e-6)
     assert (got[0][~valid] == 0).all()
+
+
+def test_backends_are_looked_up_by_name_and_a_registered_one_runs(tmp_path, monkeypatch):
+    from fused_hybrid import backends
+
+    with pytest.raises(ValueError, match="no logits-free backend named 'reference'"):
+        backends.logits_free_backend("reference")  # the naive baseline is not a logits-free backend
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert backends.backward_backend("triton") is torch_chunked  # the fallback is decided in one place
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert backends.backward_backend("triton") is triton_backend
+    # a backend of one's own: a module with partials / backward / DETERMINISTIC_BACKWARD, registered by name
+    (tmp_path / "counting_backend.py").write_text(
+        "from fused_hybrid.backends import torch_chunked\n"
+        "DETERMINISTIC_BACKWARD = True\n"
+        "calls = []\n"
+        "def partials(*args):\n    calls.append('partials')\n    return torch_chunked.partials(*args)\n"
+        "def backward(*args, **kwargs):\n    calls.append('backward')\n"
+        "    return torch_chunked.backward(*args, **kwargs)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    backends.register_backend("counting", "counting_backend")
+    try:
+        hidden, weight = torch.randn(6, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+        targets = torch.randint(0, 20, (6,))
+        logp = fused_hybrid.linear_logprobs(hidden, weight, targets, backend="counting")
+        expected = fused_hybrid.linear_logprobs(hidden, weight, targets, backend="reference")
+        assert_close_scaled(logp, expected, 1e-5)
+        logp.sum().backward()
+    finally:
+        del backends.LOGITS_FREE_BACKENDS["counting"]
+    import counting_backend
+
+    assert counting_backend.calls == ["partials", "backward"]

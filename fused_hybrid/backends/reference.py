@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..head_stats import HeadStats, LogitTransform, transform_logits
+from ..core import HeadStats, LogitTransform, transform_logits
 
 
 def head_stats(

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ..head_stats import LogitTransform, TokenGradCoefficients, VocabPartials, stats_dtype, transform_logits
+from ..core import LogitTransform, TokenGradCoefficients, VocabPartials, stats_dtype, transform_logits
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32
+DETERMINISTIC_BACKWARD = True  # matmuls and reductions in a fixed order, one indexed add per row
 
 
 def _chunks(num_tokens: int, vocab_size: int):

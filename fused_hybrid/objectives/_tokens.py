@@ -23,7 +23,7 @@ from torch import nn
 
 from .._reduction import check_num_items, divide_by_count
 from .._validation import check_non_negative, check_sequence_ids
-from ..head_stats import linear_head_stats
+from ..dispatch import linear_head_stats
 from ..vocab_parallel import VocabParallel
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")

@@ -1,4 +1,5 @@
-"""The logits-free core: per-token statistics of `softcap(F.linear(hidden, weight, bias) / temperature)`.
+"""The math and types of the logits-free core: per-token statistics of `softcap(F.linear(hidden, weight, bias) /
+temperature)`.
 
 For each token t with logits row z (never materialised beyond a tile or chunk) this computes
 
@@ -10,8 +11,8 @@ For each token t with logits row z (never materialised beyond a tile or chunk) t
 and, in backward, turns the per-token upstream gradients into dhidden / dweight / dbias by recomputing logit
 tiles. Every objective of LOSSES.md reaches the logits only through these statistics.
 
-Backends: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked PyTorch, any device) and
-"reference" (full logits and plain autograd; for tests and baselines only).
+The backends (fused_hybrid.backends) compute the vocabulary partials and the backward; the custom op
+(fused_hybrid._ops) finalises them; fused_hybrid.dispatch is the validated entry. This module imports none of them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-
-from ._validation import check_head_inputs, check_targets_in_range, resolve_backend
 
 
 class HeadStats(NamedTuple):
@@ -162,55 +161,3 @@ def finalize_partials(partials: VocabPartials) -> HeadStats:
         lse=lse,
         sum_z=partials.sum_z,
     )
-
-
-def linear_head_stats(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    ignore_index: int = -100,
-    backend: str = "auto",
-    vocab_parallel=None,
-) -> HeadStats:
-    """Validated entry to the core: returns HeadStats with the leading shape of `targets`.
-
-    With `vocab_parallel` (a :class:`fused_hybrid.VocabParallel`), `weight` and `bias` are this rank's slice of the
-    head and the statistics are those of the full vocabulary (see fused_hybrid.vocab_parallel).
-    """
-    check_head_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=softcap)
-    resolved = resolve_backend(backend, hidden)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    offset, vocab_size = 0, weight.shape[0]
-    if vocab_parallel is not None:
-        if resolved == "reference":
-            raise ValueError("vocab_parallel runs on the 'torch' and 'triton' backends, not on 'reference'")
-        offset, vocab_size = vocab_parallel.layout(weight.shape[0], weight.device)
-    check_targets_in_range(targets, vocab_size, ignore_index)
-
-    leading_shape = targets.shape
-    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
-    targets_1d = targets.reshape(-1).to(torch.int64).contiguous()
-    transform = LogitTransform(temperature=float(temperature), softcap=softcap, ignore_index=ignore_index)
-
-    if resolved == "reference":
-        from .backends import reference
-
-        stats = reference.head_stats(hidden_2d, weight, targets_1d, bias, transform)
-    elif vocab_parallel is not None:
-        from .vocab_parallel import vocab_parallel_head_stats
-
-        stats = vocab_parallel_head_stats(hidden_2d, weight, targets_1d, bias, transform, resolved, vocab_parallel,
-                                          offset)  # fmt: skip
-    else:
-        from . import _ops
-
-        raw = _ops.head_stats(hidden_2d, weight, targets_1d, bias, transform, resolved)
-        # Ignored tokens read 0; their gradient coefficients are 0 too (see token_grad_coefficients).
-        valid = targets_1d != ignore_index
-        stats = HeadStats(*(torch.where(valid, statistic, 0.0) for statistic in raw))
-    return HeadStats(*(s.reshape(leading_shape) for s in stats))

@@ -3,6 +3,7 @@
 from .core import HeadStats
 from .cross_entropy import FusedLinearCrossEntropyLoss, linear_cross_entropy
 from .dispatch import linear_head_stats
+from .head_spec import HeadSpec
 from .hf import patch_model, unpatch_model
 from .logprobs import linear_logprobs
 from .objectives import (
@@ -32,6 +33,7 @@ __all__ = [
     "DPOLoss",
     "FusedLinearCrossEntropyLoss",
     "GRPOLoss",
+    "HeadSpec",
     "HeadStats",
     "IFTLoss",
     "LossOutput",

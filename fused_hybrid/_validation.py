@@ -24,11 +24,8 @@ def check_head_inputs(
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None,
-    *,
-    temperature: float,
-    softcap: float | None,
 ) -> None:
-    """Validate `(hidden [..., D], weight [V, D], targets [...], bias [V])` and the logit transform."""
+    """Validate `(hidden [..., D], weight [V, D], targets [...], bias [V])` (HeadSpec checks the transform)."""
     for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -70,10 +67,6 @@ def check_head_inputs(
         listed = ", ".join(f"{name} on {device}" for name, device in sorted(devices, key=str))
         raise ValueError(f"hidden, weight, targets and bias must be on one device, got {listed}")
 
-    check_positive("temperature", temperature)
-    if softcap is not None:
-        check_positive("softcap", softcap)
-
 
 def check_positive(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -89,11 +82,15 @@ def check_non_negative(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
 
-def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
-    """Map `backend` to one of "triton", "torch", "reference", checking it can run on `hidden`."""
+def check_backend_name(backend: str) -> None:
     names = ("auto", *LOGITS_FREE_BACKENDS, "reference")
     if backend not in names:
         raise ValueError(f"backend must be one of {names}, got {backend!r}")
+
+
+def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
+    """Map `backend` to a registered backend or "reference", checking it can run on `hidden`."""
+    check_backend_name(backend)
     if backend == "auto":
         on_cuda = hidden.device.type == "cuda" and hidden.dtype in TRITON_DTYPES
         return "triton" if on_cuda and triton_import_error() is None else "torch"

@@ -8,6 +8,7 @@ from torch import nn
 from ._reduction import check_num_items, check_reduction, reduce_per_token
 from ._validation import check_non_negative
 from .dispatch import linear_head_stats
+from .head_spec import HeadSpec
 from .vocab_parallel import VocabParallel
 
 
@@ -83,6 +84,9 @@ class FusedLinearCrossEntropyLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_reduction(reduction)
+        # the head options are checked now, not at the first forward
+        HeadSpec(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
+                 vocab_parallel=vocab_parallel)  # fmt: skip
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing

@@ -9,6 +9,7 @@ from ._ops import token_statistics
 from ._validation import check_head_inputs, check_targets_in_range, resolve_backend
 from .backends import reference
 from .core import HeadStats, LogitTransform
+from .head_spec import HeadSpec
 from .vocab_parallel import vocab_parallel_head_stats
 
 
@@ -18,32 +19,31 @@ def linear_head_stats(
     targets: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    ignore_index: int = -100,
-    backend: str = "auto",
-    vocab_parallel=None,
+    head: HeadSpec | None = None,
+    **head_options,
 ) -> HeadStats:
     """Validated entry to the core: returns HeadStats with the leading shape of `targets`.
 
-    With `vocab_parallel` (a :class:`fused_hybrid.VocabParallel`), `weight` and `bias` are this rank's slice of the
-    head and the statistics are those of the full vocabulary (see fused_hybrid.vocab_parallel).
+    ``head`` (a :class:`fused_hybrid.HeadSpec`) and / or its fields as keywords (``temperature``, ``softcap``,
+    ``ignore_index``, ``backend``, ``vocab_parallel``) say how the logits are formed and computed. With
+    ``vocab_parallel``, `weight` and `bias` are this rank's slice of the head and the statistics are those of the
+    full vocabulary (see fused_hybrid.vocab_parallel).
     """
-    check_head_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=softcap)
-    resolved = resolve_backend(backend, hidden)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    head = HeadSpec.resolve(head, head_options)
+    check_head_inputs(hidden, weight, targets, bias)
+    resolved = resolve_backend(head.backend, hidden)
+    vocab_parallel, ignore_index = head.vocab_parallel, head.ignore_index
     offset, vocab_size = 0, weight.shape[0]
     if vocab_parallel is not None:
         if resolved == "reference":
-            raise ValueError("vocab_parallel runs on the 'torch' and 'triton' backends, not on 'reference'")
+            raise ValueError("vocab_parallel runs on the logits-free backends, not on 'reference'")
         offset, vocab_size = vocab_parallel.layout(weight.shape[0], weight.device)
     check_targets_in_range(targets, vocab_size, ignore_index)
 
     leading_shape = targets.shape
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     targets_1d = targets.reshape(-1).to(torch.int64).contiguous()
-    transform = LogitTransform(temperature=float(temperature), softcap=softcap, ignore_index=ignore_index)
+    transform = LogitTransform(temperature=float(head.temperature), softcap=head.softcap, ignore_index=ignore_index)
 
     if resolved == "reference":
         stats = reference.head_stats(hidden_2d, weight, targets_1d, bias, transform)

@@ -1,7 +1,64 @@
-"""A [BLOCK_N, BLOCK_V] tile of z = softcap(F.linear(hidden, weight, bias) / temperature), in fp32."""
+"""A [BLOCK_N, BLOCK_V] tile of z = softcap(F.linear(hidden, weight, bias) / temperature), in fp32, shared by both
+passes, and the host side both launches share: launch configs, the fp32 dot precision and the tile's arguments."""
 
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
 import triton
 import triton.language as tl
+
+from .._validation import triton_interpreter_enabled
+from ..core import LogitTransform
+
+
+class LaunchConfig(NamedTuple):
+    block_n: int
+    block_v: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+    def launch_options(self) -> dict:
+        return dict(BLOCK_N=self.block_n, BLOCK_V=self.block_v, BLOCK_D=self.block_d, num_warps=self.num_warps,
+                    num_stages=self.num_stages)  # fmt: skip
+
+
+# Small tiles keep the CPU interpreter quick while still exercising multi-tile sweeps and masking.
+INTERPRETER_CONFIG = LaunchConfig(block_n=16, block_v=32, block_d=16, num_warps=1, num_stages=1)
+
+
+def in_interpreter(device: torch.device) -> bool:
+    return device.type != "cuda" or triton_interpreter_enabled()
+
+
+def launch_config(device: torch.device, cuda_config: LaunchConfig) -> LaunchConfig:
+    return INTERPRETER_CONFIG if in_interpreter(device) else cuda_config
+
+
+def fp32_dot_precision() -> str:
+    """How PyTorch's own CUDA matmuls treat fp32 inputs: "tf32" (tensor cores) or "ieee", from the new per-backend
+    setting (torch >= 2.9) when it is set, else from `torch.get_float32_matmul_precision()` ("highest" = IEEE)."""
+    for setting in (getattr(torch.backends.cuda.matmul, "fp32_precision", None),
+                    getattr(torch.backends, "fp32_precision", None)):  # fmt: skip
+        if setting in ("tf32", "ieee"):
+            return setting
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def tile_arguments(hidden, weight, bias, transform: LogitTransform) -> dict:
+    """The keyword arguments of logit_tile that both kernels take under the same names."""
+    return dict(
+        hidden_ptr=hidden, weight_ptr=weight, bias_ptr=bias, D=hidden.shape[1],
+        stride_hn=hidden.stride(0), stride_hd=hidden.stride(1), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
+        inv_temperature=1.0 / transform.temperature,
+        softcap=0.0 if transform.softcap is None else float(transform.softcap),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=transform.softcap is not None,
+        # fp32 inputs follow PyTorch's matmul precision; the setting means nothing for half-precision inputs.
+        DOT_PRECISION=fp32_dot_precision() if hidden.dtype == torch.float32 else None,
+        IN_INTERPRETER=in_interpreter(hidden.device),
+    )  # fmt: skip
 
 
 @triton.jit
@@ -26,7 +83,7 @@ def logit_tile(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    IN_INTERPRETER: tl.constexpr,
 ):
     # int64 row offsets: N * D and V * D may exceed 2^31.
     rows_h = offs_n.to(tl.int64)[:, None] * stride_hn
@@ -45,7 +102,7 @@ def logit_tile(
             mask=mask_v[:, None] & mask_d[None, :],
             other=0.0,
         )
-        if UPCAST_DOT:  # the CPU interpreter multiplies bfloat16 bit patterns as integers; fp32 is exact here
+        if IN_INTERPRETER:  # the CPU interpreter multiplies bfloat16 bit patterns as integers; fp32 is exact here
             h = h.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)

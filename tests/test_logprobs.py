@@ -177,10 +177,10 @@ def test_unused_statistics_cost_no_backward_work(backend, monkeypatch):
 def test_fp32_dots_follow_pytorch_matmul_precision(monkeypatch):
     """fp32 inputs take TF32 tensor cores exactly when PyTorch's own matmuls would; the precision flag means
     nothing for half-precision inputs and is not passed."""
-    from fused_hybrid.backends import triton_backend
+    from fused_hybrid.kernels import token_statistics_forward as forward_pass
 
     seen = []
-    kernel = triton_backend.head_stats_forward_kernel
+    kernel = forward_pass.token_statistics_forward_kernel
 
     class RecordingLaunch:
         def __getitem__(self, grid):
@@ -190,7 +190,7 @@ def test_fp32_dots_follow_pytorch_matmul_precision(monkeypatch):
 
             return launch
 
-    monkeypatch.setattr(triton_backend, "head_stats_forward_kernel", RecordingLaunch())
+    monkeypatch.setattr(forward_pass, "token_statistics_forward_kernel", RecordingLaunch())
     hidden, weight = torch.randn(5, 8), torch.randn(11, 8)
     targets = torch.randint(0, 11, (5,))
     previous = torch.get_float32_matmul_precision()

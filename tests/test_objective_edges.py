@@ -403,3 +403,15 @@ def test_packed_sequence_ids_are_validated(sequence_ids, words):
     ids = torch.tensor([0, 0, 0, 2, 2, 2, 2])
     output = fused_hybrid.ift_loss(hidden, weight, targets, sequence_ids=ids, num_sequences=3)
     assert torch.isfinite(output.loss)
+
+
+def test_a_head_spec_and_its_keywords_give_the_same_loss():
+    hidden, weight = torch.randn(2, 5, 8), torch.randn(13, 8)
+    targets = torch.randint(0, 13, (2, 5))
+    spec = fused_hybrid.HeadSpec(temperature=0.7, softcap=3.0, backend="torch")
+    by_spec = fused_hybrid.dft_loss(hidden, weight, targets, head=spec).loss
+    by_keywords = fused_hybrid.dft_loss(hidden, weight, targets, temperature=0.7, softcap=3.0, backend="torch").loss
+    assert torch.equal(by_spec, by_keywords)
+    overridden = fused_hybrid.dft_loss(hidden, weight, targets, head=spec, temperature=1.0).loss
+    expected = fused_hybrid.dft_loss(hidden, weight, targets, softcap=3.0, backend="reference").loss
+    assert_close_scaled(overridden, expected, 1e-5)

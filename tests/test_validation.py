@@ -71,7 +71,8 @@ def test_devices_must_match():
 
 
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # not the environment variable: a kernel module first imported while it reads 0 would stay compiled-mode
+    monkeypatch.setattr(fused_hybrid._validation, "triton_interpreter_enabled", lambda: False)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         fused_hybrid.linear_logprobs(*good(), backend="triton")
 
@@ -103,3 +104,14 @@ def test_cross_entropy_options(options, error, words):
 def test_module_rejects_unknown_reduction():
     with pytest.raises(ValueError, match="reduction must be one of"):
         fused_hybrid.FusedLinearCrossEntropyLoss(reduction="batchmean")
+
+
+def test_head_spec_is_checked_when_built():
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        fused_hybrid.GRPOLoss(temperature=0.0)
+    with pytest.raises(ValueError, match="softcap"):
+        fused_hybrid.FusedLinearCrossEntropyLoss(softcap=-1.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fused_hybrid.HeadSpec(backend="cuda")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['temprature'\]"):
+        fused_hybrid.DFTLoss(temprature=0.5)

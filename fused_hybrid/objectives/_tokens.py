@@ -10,6 +10,10 @@ Layouts (the same for every objective):
 
 Per-token inputs (``old_logp``, ``ref_logp``, ``advantages``, ...) have the shape of ``targets``; per-sequence
 inputs have shape ``[num_sequences]`` (``[B]`` in the ``[B, T]`` layout).
+
+How the logits are formed and computed comes in one :class:`fused_hybrid.HeadSpec`: every objective and module
+takes ``head=HeadSpec(...)`` and / or its fields as keywords (``temperature``, ``softcap``, ``ignore_index``,
+``backend``, ``vocab_parallel``), which override the spec's.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import nn
 from .._reduction import check_num_items, divide_by_count
 from .._validation import check_non_negative, check_sequence_ids
 from ..dispatch import linear_head_stats
-from ..vocab_parallel import VocabParallel
+from ..head_spec import HeadSpec
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -133,11 +137,7 @@ def evaluate_head(
     loss_mask: torch.Tensor | None,
     sequence_ids: torch.Tensor | None,
     num_sequences: int | None,
-    temperature: float,
-    softcap: float | None,
-    ignore_index: int,
-    backend: str,
-    vocab_parallel: VocabParallel | None = None,
+    head: HeadSpec,
 ) -> TokenBatch:
     """Run the logits-free core on the tokens in the loss and describe the batch's layout."""
     if not isinstance(targets, torch.Tensor):
@@ -160,19 +160,15 @@ def evaluate_head(
     elif num_sequences is not None:
         raise ValueError("num_sequences is given without sequence_ids; pass both for packed sequences")
 
-    in_loss = targets != ignore_index
+    in_loss = targets != head.ignore_index
     if loss_mask is not None:
         if not isinstance(loss_mask, torch.Tensor) or loss_mask.shape != targets.shape:
             got = tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else type(loss_mask).__name__
             raise ValueError(f"loss_mask must have the shape of targets {tuple(targets.shape)}, got {got}")
         in_loss = in_loss & loss_mask.to(device=targets.device, dtype=torch.bool)
     # Tokens outside the loss are handed to the core as ignored, so the kernels skip them.
-    head_targets = torch.where(in_loss, targets, ignore_index) if loss_mask is not None else targets
-    stats = linear_head_stats(
-        hidden, weight, head_targets, bias,
-        temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
-        vocab_parallel=vocab_parallel,
-    )  # fmt: skip
+    head_targets = torch.where(in_loss, targets, head.ignore_index) if loss_mask is not None else targets
+    stats = linear_head_stats(hidden, weight, head_targets, bias, head=head)
     return TokenBatch(
         logp=stats.logp.reshape(-1),
         entropy=stats.entropy.reshape(-1),

@@ -9,7 +9,7 @@ import torch
 
 from .._reduction import check_num_items
 from .._validation import check_non_negative
-from ..vocab_parallel import VocabParallel
+from ..head_spec import HeadSpec
 from ._tokens import LossOutput, ObjectiveModule, aggregate, evaluate_head
 from .policy_gradient import check_clip_options, clipped_surrogate, log_importance_ratio, policy_metrics
 
@@ -72,11 +72,8 @@ def chord_loss(
     dual_clip: float | None = 3.0,
     num_rollout_tokens: int | torch.Tensor | None = None,
     num_expert_tokens: int | torch.Tensor | None = None,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    ignore_index: int = -100,
-    backend: str = "auto",
-    vocab_parallel: VocabParallel | None = None,
+    head: HeadSpec | None = None,
+    **head_options,
 ) -> LossOutput:
     """``L = (1 - mu) * L_GRPO(rollouts) + mu * L_SFT(expert demonstrations)`` on one batch.
 
@@ -101,8 +98,7 @@ def chord_loss(
         raise ValueError("advantages is required for the rollout sequences (per token or per sequence)")
     batch = evaluate_head(
         hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        backend=backend, vocab_parallel=vocab_parallel,
+        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
     )  # fmt: skip
     batch.require_sequences("chord_loss")
     expert_tokens = batch.to_tokens(batch.per_sequence(is_expert, "is_expert").to(torch.bool))
@@ -155,11 +151,8 @@ class CHORDLoss(ObjectiveModule):
         epsilon_low: float = 0.2,
         epsilon_high: float = 0.2,
         dual_clip: float | None = 3.0,
-        temperature: float = 1.0,
-        softcap: float | None = None,
-        ignore_index: int = -100,
-        backend: str = "auto",
-        vocab_parallel: VocabParallel | None = None,
+        head: HeadSpec | None = None,
+        **head_options,
     ) -> None:
         super().__init__()
         if not isinstance(mu, MuSchedule):
@@ -168,8 +161,7 @@ class CHORDLoss(ObjectiveModule):
         self.mu = mu
         self.options = dict(
             use_phi=use_phi, cutoff_prob=cutoff_prob, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-            dual_clip=dual_clip, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-            backend=backend, vocab_parallel=vocab_parallel,
+            dual_clip=dual_clip, head=HeadSpec.resolve(head, head_options),
         )  # fmt: skip
 
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._reduction import check_num_items, check_reduction, reduce_per_token
-from ..vocab_parallel import VocabParallel
+from ..head_spec import HeadSpec
 from ._tokens import LossOutput, ObjectiveModule, evaluate_head
 
 
@@ -18,11 +18,8 @@ def dft_loss(
     loss_mask: torch.Tensor | None = None,
     reduction: str = "mean",
     num_items: int | torch.Tensor | None = None,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    ignore_index: int = -100,
-    backend: str = "auto",
-    vocab_parallel: VocabParallel | None = None,
+    head: HeadSpec | None = None,
+    **head_options,
 ) -> LossOutput:
     """``L = -(1/N_tok) sum_t m_t * sg(p_t) * logp_t``; ``dL/dlogp_t = -m_t * p_t / N_tok``.
 
@@ -34,8 +31,7 @@ def dft_loss(
     check_num_items(num_items, reduction)
     batch = evaluate_head(
         hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=None, num_sequences=None,
-        temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
-        vocab_parallel=vocab_parallel,
+        head=HeadSpec.resolve(head, head_options),
     )  # fmt: skip
     prob = batch.logp.detach().exp()
     per_token = batch.keep(-prob * batch.logp)
@@ -51,21 +47,14 @@ class DFTLoss(ObjectiveModule):
         self,
         *,
         reduction: str = "mean",
-        temperature: float = 1.0,
-        softcap: float | None = None,
-        ignore_index: int = -100,
-        backend: str = "auto",
-        vocab_parallel: VocabParallel | None = None,
+        head: HeadSpec | None = None,
+        **head_options,
     ) -> None:
         super().__init__()
         check_reduction(reduction)
         self.options = dict(
             reduction=reduction,
-            temperature=temperature,
-            softcap=softcap,
-            ignore_index=ignore_index,
-            backend=backend,
-            vocab_parallel=vocab_parallel,
+            head=HeadSpec.resolve(head, head_options),
         )
 
     def forward(self, hidden, weight, targets, bias=None, *, loss_mask=None, num_items=None) -> torch.Tensor:

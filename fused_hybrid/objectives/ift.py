@@ -14,7 +14,7 @@ import torch
 
 from .._reduction import check_num_items, divide_by_count
 from .._validation import check_non_negative
-from ..vocab_parallel import VocabParallel
+from ..head_spec import HeadSpec
 from ._tokens import LossOutput, ObjectiveModule, TokenBatch, evaluate_head
 
 
@@ -41,11 +41,8 @@ def ift_loss(
     sequence_ids: torch.Tensor | None = None,
     num_sequences: int | None = None,
     num_items: int | torch.Tensor | None = None,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    ignore_index: int = -100,
-    backend: str = "auto",
-    vocab_parallel: VocabParallel | None = None,
+    head: HeadSpec | None = None,
+    **head_options,
 ) -> LossOutput:
     """IFT loss (see the module docstring): mean over sequences with response tokens (or over ``num_items``
     sequences) of the gamma-weighted token-mean NLL. Metrics: ``sft_loss`` (plain token-mean NLL)."""
@@ -55,8 +52,7 @@ def ift_loss(
     check_num_items(num_items)
     batch = evaluate_head(
         hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        backend=backend, vocab_parallel=vocab_parallel,
+        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
     )  # fmt: skip
     batch.require_sequences("ift_loss")
     weights = ift_token_weights(batch, gamma)
@@ -75,18 +71,14 @@ class IFTLoss(ObjectiveModule):
         self,
         *,
         gamma: float = 0.95,
-        temperature: float = 1.0,
-        softcap: float | None = None,
-        ignore_index: int = -100,
-        backend: str = "auto",
-        vocab_parallel: VocabParallel | None = None,
+        head: HeadSpec | None = None,
+        **head_options,
     ) -> None:
         super().__init__()
         check_non_negative("gamma", gamma)
         if gamma > 1:
             raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
-        self.options = dict(gamma=gamma, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-                            backend=backend, vocab_parallel=vocab_parallel)  # fmt: skip
+        self.options = dict(gamma=gamma, head=HeadSpec.resolve(head, head_options))
 
     def forward(self, hidden, weight, targets, bias=None, *, loss_mask=None, sequence_ids=None, num_sequences=None,
                 num_items=None) -> torch.Tensor:  # fmt: skip

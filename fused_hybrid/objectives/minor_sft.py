@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .._reduction import check_num_items, divide_by_count
 from .._validation import check_positive
-from ..vocab_parallel import VocabParallel
+from ..head_spec import HeadSpec
 from ._tokens import LossOutput, ObjectiveModule, evaluate_head
 from .preference import policy_and_reference_sums
 
@@ -25,11 +25,8 @@ def minor_sft_loss(
     sequence_ids: torch.Tensor | None = None,
     num_sequences: int | None = None,
     num_items: int | torch.Tensor | None = None,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    ignore_index: int = -100,
-    backend: str = "auto",
-    vocab_parallel: VocabParallel | None = None,
+    head: HeadSpec | None = None,
+    **head_options,
 ) -> LossOutput:
     """Per sequence i with m_i response tokens and ``Delta_i = sum_t (logp_t - ref_logp_t)``:
 
@@ -49,8 +46,7 @@ def minor_sft_loss(
         raise ValueError("ref_logp is required (per token, or per-sequence sums from sequence_logps)")
     batch = evaluate_head(
         hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        backend=backend, vocab_parallel=vocab_parallel,
+        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
     )  # fmt: skip
     batch.require_sequences("minor_sft_loss")
     policy, reference = policy_and_reference_sums(batch, ref_logp)
@@ -80,17 +76,13 @@ class MinorSFTLoss(ObjectiveModule):
         *,
         beta: float = 0.1,
         length_normalized: bool = False,
-        temperature: float = 1.0,
-        softcap: float | None = None,
-        ignore_index: int = -100,
-        backend: str = "auto",
-        vocab_parallel: VocabParallel | None = None,
+        head: HeadSpec | None = None,
+        **head_options,
     ) -> None:
         super().__init__()
         check_positive("beta", beta)
         self.options = dict(
-            beta=beta, length_normalized=length_normalized, temperature=temperature, softcap=softcap,
-            ignore_index=ignore_index, backend=backend, vocab_parallel=vocab_parallel,
+            beta=beta, length_normalized=length_normalized, head=HeadSpec.resolve(head, head_options),
         )  # fmt: skip
 
     def forward(self, hidden, weight, targets, bias=None, *, ref_logp, loss_mask=None, sequence_ids=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import check_non_negative
-from ..vocab_parallel import VocabParallel
+from ..head_spec import HeadSpec
 from ._tokens import LossOutput, ObjectiveModule, TokenBatch, aggregate, check_aggregation, evaluate_head
 
 LOG_RATIO_LIMIT = 20.0  # log-ratios are clamped to +-20 before exp (as verl does)
@@ -110,11 +110,8 @@ def grpo_loss(
     aggregation: str = "token-mean",
     num_items: int | torch.Tensor | None = None,
     max_response_length: int | None = None,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    ignore_index: int = -100,
-    backend: str = "auto",
-    vocab_parallel: VocabParallel | None = None,
+    head: HeadSpec | None = None,
+    **head_options,
 ) -> LossOutput:
     """PPO / GRPO / GSPO policy loss on the LM head, without the logits.
 
@@ -144,8 +141,7 @@ def grpo_loss(
         raise ValueError("ref_logp is required when beta > 0 (the KL term needs the reference log-probs)")
     batch = evaluate_head(
         hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        backend=backend, vocab_parallel=vocab_parallel,
+        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
     )  # fmt: skip
     token_advantages = batch.per_token(advantages, "advantages")
     old_token_logp = None if old_logp is None else batch.per_token(old_logp, "old_logp")
@@ -188,11 +184,8 @@ class GRPOLoss(ObjectiveModule):
         importance_sampling: str = "token",
         aggregation: str = "token-mean",
         max_response_length: int | None = None,
-        temperature: float = 1.0,
-        softcap: float | None = None,
-        ignore_index: int = -100,
-        backend: str = "auto",
-        vocab_parallel: VocabParallel | None = None,
+        head: HeadSpec | None = None,
+        **head_options,
     ) -> None:
         super().__init__()
         check_clip_options(epsilon_low, epsilon_high, dual_clip)
@@ -204,8 +197,7 @@ class GRPOLoss(ObjectiveModule):
         self.options = dict(
             epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, beta=beta,
             entropy_coef=entropy_coef, importance_sampling=importance_sampling, aggregation=aggregation,
-            max_response_length=max_response_length, temperature=temperature, softcap=softcap,
-            ignore_index=ignore_index, backend=backend, vocab_parallel=vocab_parallel,
+            max_response_length=max_response_length, head=HeadSpec.resolve(head, head_options),
         )  # fmt: skip
 
     def forward(self, hidden, weight, targets, bias=None, *, advantages, old_logp=None, ref_logp=None,

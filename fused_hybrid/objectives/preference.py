@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .._reduction import check_num_items, divide_by_count
 from .._validation import check_non_negative, check_positive
-from ..vocab_parallel import VocabParallel
+from ..head_spec import HeadSpec
 from ._tokens import LossOutput, ObjectiveModule, TokenBatch, evaluate_head
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo")
@@ -39,11 +39,8 @@ def sequence_logps(
     loss_mask: torch.Tensor | None = None,
     sequence_ids: torch.Tensor | None = None,
     num_sequences: int | None = None,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    ignore_index: int = -100,
-    backend: str = "auto",
-    vocab_parallel: VocabParallel | None = None,
+    head: HeadSpec | None = None,
+    **head_options,
 ) -> torch.Tensor:
     """Summed log-probs of each sequence's loss tokens [S], through the fused kernel under no_grad.
 
@@ -52,8 +49,7 @@ def sequence_logps(
     """
     batch = evaluate_head(
         hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        backend=backend, vocab_parallel=vocab_parallel,
+        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
     )  # fmt: skip
     batch.require_sequences("sequence_logps")
     return batch.seq_sum(batch.logp)
@@ -75,11 +71,8 @@ def dpo_loss(
     num_sequences: int | None = None,
     num_items: int | torch.Tensor | None = None,
     num_chosen_tokens: int | torch.Tensor | None = None,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    ignore_index: int = -100,
-    backend: str = "auto",
-    vocab_parallel: VocabParallel | None = None,
+    head: HeadSpec | None = None,
+    **head_options,
 ) -> LossOutput:
     """Preference loss over chosen/rejected pairs (chosen first, see the module docstring), mean over pairs.
 
@@ -111,8 +104,7 @@ def dpo_loss(
         raise ValueError(f"ref_logp is required for loss_type={loss_type!r} (see sequence_logps)")
     batch = evaluate_head(
         hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        backend=backend, vocab_parallel=vocab_parallel,
+        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
     )  # fmt: skip
     batch.require_sequences("dpo_loss")
     if batch.num_sequences % 2:
@@ -161,19 +153,16 @@ class DPOLoss(ObjectiveModule):
         beta: float = 0.1,
         simpo_gamma: float = 0.5,
         nll_weight: float = 0.0,
-        temperature: float = 1.0,
-        softcap: float | None = None,
-        ignore_index: int = -100,
-        backend: str = "auto",
-        vocab_parallel: VocabParallel | None = None,
+        head: HeadSpec | None = None,
+        **head_options,
     ) -> None:
         super().__init__()
         if loss_type not in PREFERENCE_LOSSES:
             raise ValueError(f"loss_type must be one of {PREFERENCE_LOSSES}, got {loss_type!r}")
         check_positive("beta", beta)
         self.options = dict(
-            loss_type=loss_type, beta=beta, simpo_gamma=simpo_gamma, nll_weight=nll_weight, temperature=temperature,
-            softcap=softcap, ignore_index=ignore_index, backend=backend, vocab_parallel=vocab_parallel,
+            loss_type=loss_type, beta=beta, simpo_gamma=simpo_gamma, nll_weight=nll_weight,
+            head=HeadSpec.resolve(head, head_options),
         )  # fmt: skip
 
     def forward(self, hidden, weight, targets, bias=None, *, ref_logp=None, loss_mask=None, sequence_ids=None,

@@ -9,14 +9,20 @@ then dhidden[n, :] += dz @ weight[v, :] and dweight[v, :] += dz.T @ hidden[n, :]
 added atomically into fp32 buffers. A block of ignored tokens returns at once.
 """
 
+from __future__ import annotations
+
+import torch
 import triton
 import triton.language as tl
 
-from .logit_tile import logit_tile
+from ..core import LogitTransform, TokenGradCoefficients
+from .logit_tile import LaunchConfig, launch_config, logit_tile, tile_arguments
+
+CUDA_CONFIG = LaunchConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
 
 
 @triton.jit
-def head_stats_backward_kernel(
+def token_statistics_backward_kernel(
     hidden_ptr,
     weight_ptr,
     bias_ptr,
@@ -50,7 +56,7 @@ def head_stats_backward_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    IN_INTERPRETER: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -84,7 +90,7 @@ def head_stats_backward_kernel(
         BLOCK_V,
         BLOCK_D,
         DOT_PRECISION,
-        UPCAST_DOT,
+        IN_INTERPRETER,
     )
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     onehot_coef = tl.load(onehot_coef_ptr + offs_n, mask=mask_n, other=0.0)
@@ -108,7 +114,7 @@ def head_stats_backward_kernel(
         tl.atomic_add(d_bias_ptr + offs_v, tl.sum(d_z, axis=0), mask=mask_v)
 
     d_z_in = d_z.to(hidden_ptr.dtype.element_ty)  # tensor-core operands in the input dtype, fp32 accumulation
-    if UPCAST_DOT:
+    if IN_INTERPRETER:
         d_z_in = d_z_in.to(tl.float32)
     rows_h = offs_n.to(tl.int64)[:, None]
     rows_w = offs_v.to(tl.int64)[:, None]
@@ -121,7 +127,7 @@ def head_stats_backward_kernel(
                 mask=mask_v[:, None] & mask_d[None, :],
                 other=0.0,
             )
-            if UPCAST_DOT:
+            if IN_INTERPRETER:
                 w = w.to(tl.float32)
             d_h = tl.dot(d_z_in, w, input_precision=DOT_PRECISION)
             tl.atomic_add(d_hidden_ptr + rows_h * D + offs_d[None, :], d_h, mask=mask_n[:, None] & mask_d[None, :])
@@ -131,7 +137,44 @@ def head_stats_backward_kernel(
                 mask=mask_n[:, None] & mask_d[None, :],
                 other=0.0,
             )
-            if UPCAST_DOT:
+            if IN_INTERPRETER:
                 h = h.to(tl.float32)
             d_w = tl.dot(tl.trans(d_z_in), h, input_precision=DOT_PRECISION)
             tl.atomic_add(d_weight_ptr + rows_w * D + offs_d[None, :], d_w, mask=mask_v[:, None] & mask_d[None, :])
+
+
+def logit_gradients(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    coefs: TokenGradCoefficients,
+    transform: LogitTransform,
+    needs: tuple[bool, bool, bool],
+):
+    """(d_hidden, d_weight, d_bias), each None when not needed (its work compiled out), accumulated in fp32."""
+    needs_hidden, needs_weight, needs_bias = needs
+    num_tokens, dim = hidden.shape
+    vocab_size = weight.shape[0]
+    cfg = launch_config(hidden.device, CUDA_CONFIG)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    d_hidden = torch.zeros(num_tokens, dim, **f32) if needs_hidden else None
+    d_weight = torch.zeros(vocab_size, dim, **f32) if needs_weight else None
+    d_bias = torch.zeros(vocab_size, **f32) if needs_bias else None
+    if num_tokens > 0 and any(needs):
+        grid = (triton.cdiv(num_tokens, cfg.block_n), triton.cdiv(vocab_size, cfg.block_v))
+        token_statistics_backward_kernel[grid](
+            targets_ptr=targets, lse_ptr=lse, onehot_coef_ptr=coefs.onehot_coef, prob_coef_ptr=coefs.prob_coef,
+            logp_coef_ptr=coefs.logp_coef, uniform_coef_ptr=coefs.uniform_coef,
+            d_hidden_ptr=d_hidden, d_weight_ptr=d_weight, d_bias_ptr=d_bias,
+            N=num_tokens, V=vocab_size, ignore_index=transform.ignore_index,
+            HAS_LOGP_COEF=coefs.logp_coef is not None, HAS_UNIFORM_COEF=coefs.uniform_coef is not None,
+            COMPUTE_D_HIDDEN=needs_hidden, COMPUTE_D_WEIGHT=needs_weight, COMPUTE_D_BIAS=needs_bias,
+            **tile_arguments(hidden, weight, bias, transform), **cfg.launch_options(),
+        )  # fmt: skip
+    return (
+        None if d_hidden is None else d_hidden.to(hidden.dtype),
+        None if d_weight is None else d_weight.to(weight.dtype),
+        None if d_bias is None else d_bias.to(bias.dtype),
+    )

@@ -7,14 +7,20 @@ from cancelling two large numbers (lse and E_p[z]). The host merges the splits t
 The target logit is picked by comparing column indices with y, so no memory is ever indexed by a target.
 """
 
+from __future__ import annotations
+
+import torch
 import triton
 import triton.language as tl
 
-from .logit_tile import logit_tile
+from ..core import LogitTransform, VocabPartials, merge_partials
+from .logit_tile import LaunchConfig, launch_config, logit_tile, tile_arguments
+
+CUDA_CONFIG = LaunchConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
 
 
 @triton.jit
-def head_stats_forward_kernel(
+def token_statistics_forward_kernel(
     hidden_ptr,
     weight_ptr,
     bias_ptr,
@@ -37,7 +43,7 @@ def head_stats_forward_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    IN_INTERPRETER: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -81,7 +87,7 @@ def head_stats_forward_kernel(
             BLOCK_V,
             BLOCK_D,
             DOT_PRECISION,
-            UPCAST_DOT,
+            IN_INTERPRETER,
         )
         z = tl.where(mask_v[None, :], z, 0.0)
         new_max = tl.maximum(running_max, tl.max(tl.where(mask_v[None, :], z, float("-inf")), axis=1))
@@ -103,3 +109,37 @@ def head_stats_forward_kernel(
     tl.store(out + 2 * plane, sum_exp_shifted, mask=mask_n)
     tl.store(out + 3 * plane, sum_z, mask=mask_n)
     tl.store(out + 4 * plane, target_logit, mask=mask_n)
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def vocabulary_partials(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    transform: LogitTransform,
+) -> VocabPartials:
+    """Per-token sums over this weight's rows (see VocabPartials); the kernel's vocabulary splits are merged."""
+    num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+    if num_tokens == 0:
+        return VocabPartials(*torch.zeros(5, 0, dtype=torch.float32, device=hidden.device))
+    cfg = launch_config(hidden.device, CUDA_CONFIG)
+    token_blocks = triton.cdiv(num_tokens, cfg.block_n)
+    vocab_tiles = triton.cdiv(vocab_size, cfg.block_v)
+    # Split V across programs when there are too few token blocks to fill the device.
+    splits = min(vocab_tiles, max(1, triton.cdiv(_target_programs(hidden.device), token_blocks)))
+    tiles_per_split = triton.cdiv(vocab_tiles, splits)
+    splits = triton.cdiv(vocab_tiles, tiles_per_split)
+
+    split_partials = torch.empty(5, splits, num_tokens, dtype=torch.float32, device=hidden.device)
+    token_statistics_forward_kernel[(token_blocks, splits)](
+        targets_ptr=targets, partials_ptr=split_partials, N=num_tokens, V=vocab_size,
+        vocab_per_split=tiles_per_split * cfg.block_v, ignore_index=transform.ignore_index,
+        **tile_arguments(hidden, weight, bias, transform), **cfg.launch_options(),
+    )  # fmt: skip
+    return merge_partials(VocabPartials(*split_partials))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .trainer import HybridTrainer, load_config
-from .trainer.loop import plot_history
+from .trainer.reporting import plot_history
 
 TINY_MODEL = (
     "{hidden_size: 128, intermediate_size: 384, num_hidden_layers: 3, num_attention_heads: 4, num_key_value_heads: 2}"

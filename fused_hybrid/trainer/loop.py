@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from ..hf import enable_activation_checkpointing, head_inputs, recorded_head_inp
 from ..logprobs import linear_logprobs
 from ..objectives import chord_loss, dft_loss, dpo_loss, grpo_loss, ift_loss, minor_sft_loss, sequence_logps
 from ..objectives.chord import CHORDLoss, MuSchedule
+from .checkpoints import checkpoints, full_states, write_checkpoint
 from .config import TrainConfig
 from .data import (
     ADDITION_CHARACTERS,
@@ -33,11 +32,11 @@ from .data import (
     pad_prompts_left,
     required_columns,
 )
+from .reporting import append_metrics, plot_history, progress_bar, read_metrics, tensorboard_writer
 from .rewards import BUILT_IN, BUILT_IN_COLUMNS, compute_rewards, group_advantages, load_reward
 from .text import CharTokenizer, load_tokenizer, prompt_ids
 
 logger = logging.getLogger("fused_hybrid.trainer")
-CHECKPOINT_MARKER = "fused_hybrid_checkpoint.json"
 ROLLOUT_MODES = ("grpo", "chord")
 GREEDY_CHUNK_TOKENS = 1024
 
@@ -64,19 +63,6 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def checkpoints(output_dir: Path) -> list[Path]:
-    """Our checkpoints, oldest first; a checkpoint-* folder without our marker is an error, not a guess."""
-    found = []
-    if not output_dir.is_dir():
-        return found
-    for folder in sorted(output_dir.glob("checkpoint-*")):
-        if not (folder / CHECKPOINT_MARKER).is_file():
-            raise ValueError(f"{folder} is not a fused-hybrid checkpoint (no {CHECKPOINT_MARKER}); "
-                             "move it away or choose another output_dir")  # fmt: skip
-        found.append(folder)
-    return sorted(found, key=lambda f: json.loads((f / CHECKPOINT_MARKER).read_text())["step"])
 
 
 class PolicyHead(nn.Module):
@@ -538,8 +524,8 @@ class HybridTrainer:
         """Run to `optim.max_steps`, logging, evaluating and checkpointing; returns the metrics history."""
         config = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        writer = _tensorboard_writer(self.output_dir) if self.rank == 0 else None
-        bar = _progress_bar(config.optim.max_steps, self.step, enabled=self.progress)
+        writer = tensorboard_writer(self.output_dir) if self.rank == 0 else None
+        bar = progress_bar(config.optim.max_steps, self.step, enabled=self.progress)
         if self.step == 0 and self.eval_rows is not None:
             self._log({"step": 0, **self.evaluate()}, writer)
         while self.step < config.optim.max_steps:
@@ -564,71 +550,32 @@ class HybridTrainer:
 
     def _log(self, metrics: dict, writer) -> None:
         self.history.append(metrics)
-        if self.rank != 0:
-            return
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if writer is not None:
-            for key, value in metrics.items():
-                if key != "step":
-                    writer.add_scalar(key, value, metrics["step"])
+        if self.rank == 0:
+            append_metrics(self.metrics_path, metrics, writer)
 
     def _read_history(self) -> list[dict]:
-        if not self.metrics_path.is_file():
-            return []
-        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if r["step"] <= self.step]  # drop what was logged after the last checkpoint
-        if self.rank == 0:
-            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        return kept
+        return read_metrics(self.metrics_path, self.step, rewrite=self.rank == 0)
 
     # -------------------------------------------------------------------------------------------- checkpoints
-    def _full_states(self) -> tuple[dict | None, dict]:
-        """(model state dict or None for the model's own, optimizer state dict), gathered under FSDP2."""
-        if self.world > 1 and self.config.parallel == "fsdp2":
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_state = get_model_state_dict(self.policy, options=options)
-            model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
-            return model_state, get_optimizer_state_dict(self.policy, self.optimizer, options=options)
-        return None, self.optimizer.state_dict()
-
     def save_checkpoint(self) -> Path:
         """Write checkpoint-<step> atomically: into a temporary folder, then renamed into place (by rank 0)."""
         final = self.output_dir / f"checkpoint-{self.step:07d}"
-        model_state, optimizer_state = self._full_states()  # a collective under FSDP2: every rank takes part
+        sharded = self.world > 1 and self.config.parallel == "fsdp2"
+        model_state, optimizer_state = full_states(self.policy, self.optimizer, sharded)
         if self.rank != 0:
             dist.barrier()
             return final
         try:
-            self._write_checkpoint(final, model_state, optimizer_state)
+            marker = {"step": self.step, "mode": self.config.mode}
+            if self.config.mode == "chord":
+                marker["mu"] = self.current_mu()
+            trainer_state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(), "step": self.step}
+            write_checkpoint(final, model=self.model, tokenizer=self.tokenizer, model_state=model_state,
+                             trainer_state=trainer_state, marker=marker, keep=self.config.keep_checkpoints)  # fmt: skip
         finally:
             if self.world > 1:
                 dist.barrier()
         return final
-
-    def _write_checkpoint(self, final: Path, model_state: dict | None, optimizer_state: dict) -> None:
-        staging = self.output_dir / f".staging-checkpoint-{self.step:07d}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        self.model.save_pretrained(staging, state_dict=model_state)
-        self.tokenizer.save_pretrained(staging)
-        torch.save({"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(), "step": self.step},
-                   staging / "trainer_state.pt")  # fmt: skip
-        marker = {"step": self.step, "mode": self.config.mode}
-        if self.config.mode == "chord":
-            marker["mu"] = self.current_mu()
-        (staging / CHECKPOINT_MARKER).write_text(json.dumps(marker))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        for old in checkpoints(self.output_dir)[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old)
 
 
 def concat_rows(first: dict, second: dict, pad_token_id: int) -> dict:
@@ -643,44 +590,3 @@ def concat_rows(first: dict, second: dict, pad_token_id: int) -> dict:
             b = torch.nn.functional.pad(b, (0, length - b.shape[1]), value=fill[key])
         out[key] = torch.cat([a, b])
     return out
-
-
-def _tensorboard_writer(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(folder / "tensorboard"))
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, desc="training", dynamic_ncols=True)
-
-
-def plot_history(history: list[dict], path: Path, title: str, label: str | None = None) -> None:
-    """PNG of every logged curve (loss, reward, accuracy, mu, ...) against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in ("loss", "accuracy", "reward", "mu", "sft_loss", "grpo_loss") if any(k in h for h in history)]
-    if not keys:
-        return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        points = [(h["step"], h[key]) for h in history if key in h]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -1,0 +1,68 @@
+"""What the trainer reports: metrics.jsonl, TensorBoard when installed, a progress bar, and the curves' PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def append_metrics(path: Path, metrics: dict, writer) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if writer is not None:
+        for key, value in metrics.items():
+            if key != "step":
+                writer.add_scalar(key, value, metrics["step"])
+
+
+def read_metrics(path: Path, up_to_step: int, rewrite: bool) -> list[dict]:
+    """The logged metrics up to `up_to_step` (what was logged after the last checkpoint is dropped, and with
+    `rewrite` dropped from the file too)."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if r["step"] <= up_to_step]
+    if rewrite:
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def tensorboard_writer(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder / "tensorboard"))
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc="training", dynamic_ncols=True)
+
+
+def plot_history(history: list[dict], path: Path, title: str, label: str | None = None) -> None:
+    """PNG of every logged curve (loss, reward, accuracy, mu, ...) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("loss", "accuracy", "reward", "mu", "sft_loss", "grpo_loss") if any(k in h for h in history)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -16,7 +16,6 @@ import torch.distributed as dist
 from torch import nn
 
 from ..cross_entropy import linear_cross_entropy
-from ..hf import enable_activation_checkpointing, head_inputs, recorded_head_input, verified_head_transform
 from ..logprobs import linear_logprobs
 from ..objectives import chord_loss, dft_loss, dpo_loss, grpo_loss, ift_loss, minor_sft_loss, sequence_logps
 from ..objectives.chord import CHORDLoss, MuSchedule
@@ -32,9 +31,10 @@ from .data import (
     pad_prompts_left,
     required_columns,
 )
+from .model import PolicyHead, build_model, frozen_copy, init_distributed, wrap_policy
 from .reporting import append_metrics, plot_history, progress_bar, read_metrics, tensorboard_writer
 from .rewards import BUILT_IN, BUILT_IN_COLUMNS, compute_rewards, group_advantages, load_reward
-from .text import CharTokenizer, load_tokenizer, prompt_ids
+from .text import prompt_ids
 
 logger = logging.getLogger("fused_hybrid.trainer")
 ROLLOUT_MODES = ("grpo", "chord")
@@ -65,34 +65,12 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-class PolicyHead(nn.Module):
-    """The module the trainer runs (and DDP / FSDP2 wrap): the causal LM's decoder, returning the shifted hidden
-    states with the head's weight and bias for the fused losses. Every forward of the policy goes through it."""
-
-    def __init__(self, model: nn.Module, autocast) -> None:
-        super().__init__()
-        self.model = model
-        self.autocast = autocast
-        # the model's logit transform, checked against its own loss on a probe batch (an unknown one is refused)
-        self.transform = verified_head_transform(model)
-
-    def forward(self, input_ids, attention_mask, inputs_embeds=None):
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        with self.autocast():
-            hidden = recorded_head_input(
-                self.model, input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-            )  # fmt: skip
-            hidden, weight, bias = head_inputs(hidden, self.model.get_output_embeddings(), self.transform.vocab_size)
-        return hidden[:, :-1], weight, bias
-
-
 class HybridTrainer:
     """Builds the model, data, optimizer and loss for `config.mode` and runs the training loop."""
 
     def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
         self.config = config
-        self.world, self.rank = self._init_distributed()
+        self.world, self.rank = init_distributed()
         self.progress = progress and self.rank == 0
         if config.device == "auto":
             cuda = torch.cuda.is_available()
@@ -116,14 +94,17 @@ class HybridTrainer:
         if len(self.train_rows) == 0:
             raise ValueError(f"dataset {config.data.path!r} has no training rows")
 
-        self.tokenizer, self.model = self._build_model(resume_from)
-        self.reference = self._frozen_copy() if self._needs_reference() else None
+        source = resume_from
+        if source is None and config.model.path is not None:
+            source = Path(config.model.path)
+        self.tokenizer, self.model = build_model(config, source, self._characters, self.device)
+        self.reference = frozen_copy(self.model) if self._needs_reference() else None
         self.frozen_embeddings = (
             copy.deepcopy(self.model.get_input_embeddings()).requires_grad_(False) if config.mode == "ift" else None
         )
         policy_head = PolicyHead(self.model, self._autocast)
         self.logit_options = policy_head.transform.loss_options()  # the reference is a copy: the same transform
-        self.policy = self._wrap(policy_head)
+        self.policy = wrap_policy(policy_head, config, self.world, self.device)
         self.reference_head = None if self.reference is None else PolicyHead(self.reference, self._autocast)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.parameters() if p.requires_grad],
@@ -151,41 +132,6 @@ class HybridTrainer:
         self.history: list[dict] = self._read_history() if resume_from is not None else []
 
     # ----------------------------------------------------------------------------------------------- set-up
-    @staticmethod
-    def _init_distributed() -> tuple[int, int]:
-        """(world size, rank); under torchrun the process group is created here if nobody has yet."""
-        if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if dist.is_initialized():
-            return dist.get_world_size(), dist.get_rank()
-        return 1, 0
-
-    def _wrap(self, policy: PolicyHead) -> nn.Module:
-        """DDP or FSDP2 around the policy when there is more than one process."""
-        if self.world == 1:
-            return policy
-        if self.config.parallel == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            # IFT feeds the frozen copy's embeddings, so the model's own input embeddings get no gradient.
-            return DistributedDataParallel(policy, device_ids=device_ids,
-                                           find_unused_parameters=self.config.mode == "ift")  # fmt: skip
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in self.model.get_decoder().layers:
-            fully_shard(layer)
-        # The root keeps its parameters (embeddings, norm, head) gathered after forward: the fused loss reads the
-        # head's weight after the forward has returned.
-        sharded = fully_shard(policy, reshard_after_forward=False)
-        # FSDP2 sets itself up on the root's first forward; generate() runs the layers without the root, so run
-        # one tiny forward through the root first.
-        with torch.no_grad():
-            tokens = torch.ones(1, 2, dtype=torch.long, device=self.device)
-            sharded(tokens, torch.ones_like(tokens))
-        sharded.reshard()  # back to the sharded parameters, which the optimizer must hold
-        return sharded
-
     def _all_reduce(self, values: list[float], average: bool = False) -> list[float]:
         if self.world == 1:
             return values
@@ -217,42 +163,6 @@ class HybridTrainer:
     def _needs_reference(self) -> bool:
         mode = self.config.mode
         return mode in ("dpo", "minor_sft") or (mode == "grpo" and self.config.objective.beta > 0)
-
-    def _frozen_copy(self):
-        reference = copy.deepcopy(self.model).eval()
-        reference.requires_grad_(False)
-        return reference
-
-    def _build_model(self, resume_from: Path | None):
-        import transformers
-
-        config = self.config
-        if resume_from is not None:
-            source = resume_from
-        elif config.model.path is not None:
-            source = Path(config.model.path)
-        else:
-            source = None
-        if source is not None:
-            tokenizer = load_tokenizer(source)
-            model = transformers.AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
-        else:
-            tokenizer = CharTokenizer(self._characters())
-            model_config = transformers.LlamaConfig(
-                vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-                max_position_embeddings=config.data.max_length + config.rollout.max_new_tokens + 8,
-                **config.model.tiny,
-            )  # fmt: skip
-            model = transformers.AutoModelForCausalLM.from_config(model_config)
-        model.to(self.device)
-        if config.model.precision == "bfloat16":
-            model.to(torch.bfloat16)
-        if config.model.gradient_checkpointing:
-            enable_activation_checkpointing(model)
-        model.config.use_cache = False
-        model.train()
-        return tokenizer, model
 
     def _characters(self) -> str:
         if self.config.data.path == "synthetic:addition":

@@ -1,0 +1,106 @@
+"""The trainer's model: building or loading the causal LM, the PolicyHead every forward goes through, and the
+data-parallel wrapping (DDP or FSDP2)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..hf import enable_activation_checkpointing, head_inputs, recorded_head_input, verified_head_transform
+from .config import TrainConfig
+from .text import CharTokenizer, load_tokenizer
+
+
+class PolicyHead(nn.Module):
+    """The module the trainer runs (and DDP / FSDP2 wrap): the causal LM's decoder, returning the shifted hidden
+    states with the head's weight and bias for the fused losses. Every forward of the policy goes through it."""
+
+    def __init__(self, model: nn.Module, autocast) -> None:
+        super().__init__()
+        self.model = model
+        self.autocast = autocast
+        # the model's logit transform, checked against its own loss on a probe batch (an unknown one is refused)
+        self.transform = verified_head_transform(model)
+
+    def forward(self, input_ids, attention_mask, inputs_embeds=None):
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with self.autocast():
+            hidden = recorded_head_input(
+                self.model, input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            )  # fmt: skip
+            hidden, weight, bias = head_inputs(hidden, self.model.get_output_embeddings(), self.transform.vocab_size)
+        return hidden[:, :-1], weight, bias
+
+
+def init_distributed() -> tuple[int, int]:
+    """(world size, rank); under torchrun the process group is created here if nobody has yet."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def wrap_policy(policy: PolicyHead, config: TrainConfig, world: int, device: torch.device) -> nn.Module:
+    """DDP or FSDP2 around the policy when there is more than one process."""
+    if world == 1:
+        return policy
+    if config.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        # IFT feeds the frozen copy's embeddings, so the model's own input embeddings get no gradient.
+        return DistributedDataParallel(policy, device_ids=device_ids, find_unused_parameters=config.mode == "ift")
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in policy.model.get_decoder().layers:
+        fully_shard(layer)
+    # The root keeps its parameters (embeddings, norm, head) gathered after forward: the fused loss reads the
+    # head's weight after the forward has returned.
+    sharded = fully_shard(policy, reshard_after_forward=False)
+    # FSDP2 sets itself up on the root's first forward; generate() runs the layers without the root, so run
+    # one tiny forward through the root first.
+    with torch.no_grad():
+        tokens = torch.ones(1, 2, dtype=torch.long, device=device)
+        sharded(tokens, torch.ones_like(tokens))
+    sharded.reshard()  # back to the sharded parameters, which the optimizer must hold
+    return sharded
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def build_model(config: TrainConfig, source: Path | None, characters, device: torch.device):
+    """(tokenizer, model) from a local folder (`source`), or a tiny Llama over the data's characters (a callable,
+    read only then) with random weights; on `device`, in training mode, without a KV cache."""
+    import transformers
+
+    if source is not None:
+        tokenizer = load_tokenizer(source)
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
+    else:
+        tokenizer = CharTokenizer(characters())
+        model_config = transformers.LlamaConfig(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+            max_position_embeddings=config.data.max_length + config.rollout.max_new_tokens + 8,
+            **config.model.tiny,
+        )  # fmt: skip
+        model = transformers.AutoModelForCausalLM.from_config(model_config)
+    model.to(device)
+    if config.model.precision == "bfloat16":
+        model.to(torch.bfloat16)
+    if config.model.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    model.config.use_cache = False
+    model.train()
+    return tokenizer, model

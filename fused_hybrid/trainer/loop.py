@@ -33,7 +33,8 @@ from .data import (
 )
 from .model import PolicyHead, build_model, frozen_copy, init_distributed, wrap_policy
 from .reporting import append_metrics, plot_history, progress_bar, read_metrics, tensorboard_writer
-from .rewards import BUILT_IN, BUILT_IN_COLUMNS, compute_rewards, group_advantages, load_reward
+from .rewards import BUILT_IN, BUILT_IN_COLUMNS, compute_rewards, load_reward
+from .rollouts import sample_rollouts
 from .text import prompt_ids
 
 logger = logging.getLogger("fused_hybrid.trainer")
@@ -225,43 +226,10 @@ class HybridTrainer:
         size = math.ceil(len(items) / parts)
         return [items[i : i + size] for i in range(0, len(items), size)]
 
-    @torch.no_grad()
     def rollouts(self, rows) -> dict:
-        """Sample `group_size` completions per prompt; return the padded sequences, rewards and advantages."""
-        rollout, data = self.config.rollout, self.config.data
-        prompts = [prompt_ids(self.tokenizer, r[data.prompt_column]) for r in rows]
-        prompts = [p[-(data.max_length - 1) :] for p in prompts]
-        repeated = [p for p in prompts for _ in range(rollout.group_size)]
-        inputs = pad_prompts_left(repeated, self.tokenizer.pad_token_id, self.device)
-        self.model.eval()
-        self.model.config.use_cache = True
+        """Sample `group_size` completions per prompt; the padded sequences, rewards and advantages."""
         with self._autocast(), self._gathered():
-            generated = self.model.generate(
-                **inputs, do_sample=True, temperature=rollout.temperature, max_new_tokens=rollout.max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, top_k=0,
-            )  # fmt: skip
-        self.model.config.use_cache = False
-        self.model.train()
-        prompt_length = inputs["input_ids"].shape[1]
-        completion = generated[:, prompt_length:]
-        is_eos = completion == self.tokenizer.eos_token_id
-        after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # tokens after the first eos
-        completion_mask = (~after_eos).long()
-        completion = completion.masked_fill(after_eos, self.tokenizer.pad_token_id)
-        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completion.tolist()]
-        columns = {c: [r[c] for r in rows for _ in range(rollout.group_size)]
-                   for c in rows.column_names if c != data.prompt_column}  # fmt: skip
-        prompt_texts = [r[data.prompt_column] for r in rows for _ in range(rollout.group_size)]
-        rewards = compute_rewards(self.reward_fn, prompt_texts, texts, columns).to(self.device)
-        labels = torch.cat([torch.full_like(inputs["input_ids"], IGNORE_INDEX),
-                            completion.masked_fill(completion_mask == 0, IGNORE_INDEX)], dim=1)  # fmt: skip
-        return {
-            "input_ids": torch.cat([inputs["input_ids"], completion], dim=1),
-            "attention_mask": torch.cat([inputs["attention_mask"], completion_mask], dim=1),
-            "labels": labels,
-            "rewards": rewards,
-            "advantages": group_advantages(rewards, rollout.group_size),
-        }
+            return sample_rollouts(self.model, self.tokenizer, rows, self.config, self.reward_fn, self.device)
 
     def step_batches(self, generator: torch.Generator) -> tuple[list[dict], dict, dict]:
         """(micro-batches, global normalisers, step metrics) for one optimizer step of the configured mode."""

@@ -1,0 +1,51 @@
+"""Rollouts for the RL modes: sampled completions of each prompt, their rewards and group-normalised advantages."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .data import IGNORE_INDEX, pad_prompts_left
+from .rewards import compute_rewards, group_advantages
+from .text import prompt_ids
+
+
+@torch.no_grad()
+def sample_rollouts(model: nn.Module, tokenizer, rows, config: TrainConfig, reward_fn, device: torch.device) -> dict:
+    """`rollout.group_size` completions per prompt of `rows` (left-padded prompts, sampling with the KV cache), cut
+    after the first eos; returns input_ids, attention_mask, labels (completion tokens only), rewards, advantages."""
+    rollout, data = config.rollout, config.data
+    prompts = [prompt_ids(tokenizer, r[data.prompt_column])[-(data.max_length - 1) :] for r in rows]
+    repeated = [p for p in prompts for _ in range(rollout.group_size)]
+    inputs = pad_prompts_left(repeated, tokenizer.pad_token_id, device)
+    model.eval()
+    model.config.use_cache = True
+    try:
+        generated = model.generate(
+            **inputs, do_sample=True, temperature=rollout.temperature, max_new_tokens=rollout.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, top_k=0,
+        )  # fmt: skip
+    finally:
+        model.config.use_cache = False
+        model.train()
+    prompt_length = inputs["input_ids"].shape[1]
+    completion = generated[:, prompt_length:]
+    is_eos = completion == tokenizer.eos_token_id
+    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # tokens after the first eos
+    completion_mask = (~after_eos).long()
+    completion = completion.masked_fill(after_eos, tokenizer.pad_token_id)
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completion.tolist()]
+    columns = {c: [r[c] for r in rows for _ in range(rollout.group_size)]
+               for c in rows.column_names if c != data.prompt_column}  # fmt: skip
+    prompt_texts = [r[data.prompt_column] for r in rows for _ in range(rollout.group_size)]
+    rewards = compute_rewards(reward_fn, prompt_texts, texts, columns).to(device)
+    labels = torch.cat([torch.full_like(inputs["input_ids"], IGNORE_INDEX),
+                        completion.masked_fill(completion_mask == 0, IGNORE_INDEX)], dim=1)  # fmt: skip
+    return {
+        "input_ids": torch.cat([inputs["input_ids"], completion], dim=1),
+        "attention_mask": torch.cat([inputs["attention_mask"], completion_mask], dim=1),
+        "labels": labels,
+        "rewards": rewards,
+        "advantages": group_advantages(rewards, rollout.group_size),
+    }

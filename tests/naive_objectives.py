@@ -164,3 +164,46 @@ def ift(hidden, weight, targets, *, gamma=0.95, loss_mask=None, **options):
         masses = [sum(gamma ** (k - t) for k in range(t, len(nll))) for t in range(len(nll))]
         losses.append(sum(returns) / sum(masses))
     return sum(losses) / len(losses) if losses else torch.zeros((), dtype=torch.float64)
+
+
+def cispo(hidden, weight, targets, *, advantages, old_logp=None, ref_logp=None, loss_mask=None, epsilon_low=1.0,
+          epsilon_high=0.28, beta=0.0, aggregation="token-mean", **options):  # fmt: skip
+    """-sg(clip(r_t, 1 - eps_low, 1 + eps_high)) * A_t * logp_t (+ beta * k3), one token at a time."""
+    logp, _, mask = token_terms(hidden, weight, targets, loss_mask, **options)
+    batch, length = targets.shape
+    losses = []
+    for i in range(batch):
+        seq = []
+        for t in range(length):
+            if not mask[i, t]:
+                continue
+            adv = advantages[i] if advantages.dim() == 1 else advantages[i, t]
+            old = old_logp[i, t] if old_logp is not None else logp[i, t].detach()
+            ratio = math.exp(min(max(float(logp[i, t] - old), -20.0), 20.0))
+            loss = -min(max(ratio, 1 - epsilon_low), 1 + epsilon_high) * adv * logp[i, t]
+            if beta > 0:
+                delta = torch.clamp(ref_logp[i, t] - logp[i, t], -20, 20)
+                loss = loss + beta * torch.clamp(torch.exp(delta) - delta - 1, -10, 10)
+            seq.append(loss)
+        losses.append(seq)
+    return aggregate_loops(losses, length)[aggregation]
+
+
+def gmpo(hidden, weight, targets, *, advantages, old_logp=None, loss_mask=None, epsilon_low=0.4, epsilon_high=0.4,
+         **options):  # fmt: skip
+    """-mean_i A_i exp(mean_t log m_t), log m_t the log-ratio clipped pessimistically for the sign of A_i."""
+    logp, _, mask = token_terms(hidden, weight, targets, loss_mask, **options)
+    batch, length = targets.shape
+    objectives = []
+    for i in range(batch):
+        log_m = []
+        for t in range(length):
+            if not mask[i, t]:
+                continue
+            old = old_logp[i, t] if old_logp is not None else logp[i, t].detach()
+            ratio = torch.clamp(logp[i, t] - old, -20, 20)
+            clipped = torch.clamp(ratio, -epsilon_low, epsilon_high)
+            log_m.append(torch.minimum(ratio, clipped) if advantages[i] > 0 else torch.maximum(ratio, clipped))
+        if log_m:
+            objectives.append(advantages[i] * torch.exp(sum(log_m) / len(log_m)))
+    return -sum(objectives) / len(objectives) if objectives else torch.zeros((), dtype=torch.float64)

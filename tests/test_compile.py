@@ -22,6 +22,11 @@ def all_losses(hidden, weight, targets, backend):
                                             advantages=advantages, use_phi=True, backend=backend).loss  # fmt: skip
     total = total + fused_hybrid.dpo_loss(hidden, weight, targets, loss_type="simpo", backend=backend).loss
     total = total + fused_hybrid.ift_loss(hidden, weight, targets, backend=backend).loss
+    old_logp = torch.full(targets.shape, -3.0)
+    total = total + fused_hybrid.cispo_loss(hidden, weight, targets, advantages=advantages, old_logp=old_logp,
+                                            backend=backend).loss  # fmt: skip
+    total = total + fused_hybrid.gmpo_loss(hidden, weight, targets, advantages=advantages, old_logp=old_logp,
+                                           backend=backend).loss  # fmt: skip
     return total + fused_hybrid.dft_loss(hidden, weight, targets, backend=backend).loss
 
 

@@ -81,6 +81,10 @@ def _gpu_losses(hidden, weight, targets):
     loss = loss + fused_hybrid.dpo_loss(hidden, weight, targets, ref_logp=ref_logp, nll_weight=0.2, num_items=2,
                                         num_chosen_tokens=mask[: batch // 2].sum()).loss  # fmt: skip
     loss = loss + fused_hybrid.dft_loss(hidden, weight, targets, num_items=150).loss
+    loss = loss + fused_hybrid.cispo_loss(hidden, weight, targets, advantages=advantages, old_logp=ref_logp,
+                                          num_items=150).loss  # fmt: skip
+    loss = loss + fused_hybrid.gmpo_loss(hidden, weight, targets, advantages=advantages, old_logp=ref_logp,
+                                         num_items=4).loss  # fmt: skip
     loss = loss + fused_hybrid.minor_sft_loss(hidden, weight, targets, ref_logp=ref_logp, num_items=4).loss
     packed = fused_hybrid.ift_loss(hidden.reshape(batch * length, -1), weight, targets.reshape(-1),
                                    sequence_ids=torch.arange(batch, device="cuda").repeat_interleave(length),

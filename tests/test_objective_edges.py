@@ -56,6 +56,8 @@ def all_objectives(targets):
         "grpo": dict(
             aggregation="seq-mean-token-mean", beta=0.1, ref_logp=ref_logp, entropy_coef=0.01, **rollout_inputs(targets)
         ),  # fmt: skip
+        "cispo": dict(aggregation="seq-mean-token-mean", beta=0.1, ref_logp=ref_logp, **rollout_inputs(targets)),
+        "gmpo": rollout_inputs(targets),
         "chord": dict(is_expert=torch.arange(B) % 2 == 0, mu=0.5, use_phi=True, **rollout_inputs(targets)),
         "dpo": dict(ref_logp=ref_logp, nll_weight=0.1),
         "minor_sft": dict(ref_logp=ref_logp),
@@ -153,6 +155,8 @@ def test_other_objectives_accumulate_with_global_normalisers():
         "dft": (dict(num_items=mask.sum()), {}, seq_parts),
         "minor_sft": (dict(num_items=(mask.sum(-1) > 0).sum()), dict(ref_logp=ref_logp), seq_parts),
         "ift": (dict(num_items=(mask.sum(-1) > 0).sum()), {}, seq_parts),
+        "cispo": (dict(num_items=mask.sum()), dict(beta=0.1, ref_logp=ref_logp, **inputs), seq_parts),
+        "gmpo": (dict(num_items=(mask.sum(-1) > 0).sum()), inputs, seq_parts),
         "dpo": (
             dict(num_items=B // 2, num_chosen_tokens=mask[: B // 2].sum()),
             dict(ref_logp=ref_logp, nll_weight=0.5),
@@ -366,6 +370,8 @@ def test_no_loss_makes_a_device_tensor_from_a_python_number(monkeypatch):
     counts = dict(
         dft=dict(num_items=int(mask.sum())),
         grpo=dict(num_items=int(mask.sum())),
+        cispo=dict(num_items=5),
+        gmpo=dict(num_items=5),
         chord=dict(num_rollout_tokens=17, num_expert_tokens=11),
         dpo=dict(num_items=3, num_chosen_tokens=13),
         minor_sft=dict(num_items=5),

@@ -202,3 +202,70 @@ def test_sequence_logps_helper_matches_sums():
     by_tokens = fused_hybrid.dpo_loss(hidden, weight, targets, loss_mask=loss_mask, ref_logp=ref_tokens).loss
     by_sums = fused_hybrid.dpo_loss(hidden, weight, targets, loss_mask=loss_mask, ref_logp=ref_sums).loss
     assert_close_scaled(by_sums, by_tokens, 1e-6)
+
+
+def near_policy_old_logp(hidden, weight, targets, spread=1.0):
+    """Rollout log-probs within +-spread of the current ones: ratios on both sides of every clip bound."""
+    with torch.no_grad():
+        logp = fused_hybrid.linear_logprobs(hidden, weight, targets)
+    return logp + (torch.rand(targets.shape) * 2 - 1) * spread
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),  # the paper's defaults: no effective lower bound, epsilon_high 0.28
+        dict(epsilon_low=0.2, epsilon_high=0.2, beta=0.05, aggregation="seq-mean-token-mean"),
+        dict(aggregation="seq-mean-token-sum-norm", temperature=0.8, softcap=4.0),
+    ],
+)
+def test_cispo(backend, options):
+    hidden, weight, targets, loss_mask = make_batch()
+    old_logp = near_policy_old_logp(hidden, weight, targets)
+    extra = dict(ref_logp=-torch.rand(targets.shape) * 3) if options.get("beta") else {}
+    advantages = (
+        torch.randn(targets.shape) if options.get("aggregation") == "seq-mean-token-sum-norm" else torch.randn(B)
+    )
+    output = compare(fused_hybrid.cispo_loss, naive.cispo, hidden, weight, targets, loss_mask=loss_mask,
+                     advantages=advantages, old_logp=old_logp, backend=backend, **options, **extra)  # fmt: skip
+    assert output.metrics["clip_frac_high"] > 0
+
+
+def test_cispo_keeps_the_gradient_of_clipped_tokens():
+    """Unlike PPO, a token whose ratio is beyond the bound still gets -clip(r) * A * dlogp."""
+    hidden, weight, targets, loss_mask = make_batch()
+    with torch.no_grad():
+        logp = fused_hybrid.linear_logprobs(hidden, weight, targets)
+    old_logp = logp - 2.0  # every ratio e^2 > 1 + epsilon_high
+    advantages = torch.rand(B) + 0.5
+    cispo = fused_hybrid.cispo_loss(hidden, weight, targets, loss_mask=loss_mask, advantages=advantages,
+                                    old_logp=old_logp).loss  # fmt: skip
+    grpo = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=loss_mask, advantages=advantages,
+                                  old_logp=old_logp).loss  # fmt: skip
+    assert all((g == 0).all() for g in grads(grpo, [hidden, weight]))  # PPO clips every token out
+    reinforce = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=loss_mask, advantages=advantages * 1.28).loss
+    for got, want in zip(grads(cispo, [hidden, weight]), grads(reinforce, [hidden, weight])):
+        assert_close_scaled(got, want, 1e-5)  # the weight is clipped to 1 + 0.28, the gradient kept
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [dict(), dict(epsilon_low=0.2, epsilon_high=0.3, temperature=0.7)])
+def test_gmpo(backend, options):
+    hidden, weight, targets, loss_mask = make_batch()
+    old_logp = near_policy_old_logp(hidden, weight, targets)
+    advantages = torch.randn(B)
+    output = compare(fused_hybrid.gmpo_loss, naive.gmpo, hidden, weight, targets, loss_mask=loss_mask,
+                     advantages=advantages, old_logp=old_logp, backend=backend, **options)  # fmt: skip
+    assert 0 < output.metrics["clip_frac"] < 1
+
+
+def test_gmpo_on_policy_is_the_sequence_mean_reinforce_gradient():
+    """At ratio 1, d/dlogp_t of -A_i exp(mean_t log m_t) is -A_i / |o_i|: GRPO's seq-mean-token-mean gradient."""
+    hidden, weight, targets, loss_mask = make_batch()
+    advantages = torch.randn(B)
+    gmpo = fused_hybrid.gmpo_loss(hidden, weight, targets, loss_mask=loss_mask, advantages=advantages).loss
+    grpo = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=loss_mask, advantages=advantages,
+                                  aggregation="seq-mean-token-mean").loss  # fmt: skip
+    for got, want in zip(grads(gmpo, [hidden, weight]), grads(grpo, [hidden, weight])):
+        assert_close_scaled(got, want, 1e-5)

@@ -59,7 +59,7 @@ def test_supervised_modes_learn(tmp_path, mode, key, extra):
     assert (tmp_path / mode / "curves.png").is_file() and (tmp_path / mode / "metrics.jsonl").is_file()
 
 
-@pytest.mark.parametrize("mode", ["grpo", "chord"])
+@pytest.mark.parametrize("mode", ["grpo", "cispo", "gmpo", "chord"])
 def test_rollout_modes_raise_the_reward(tmp_path, mode):
     trainer = HybridTrainer(config(tmp_path, mode, "objective.reward=tests.test_trainer.starts_with_seven",
                                    "objective.mu=0.2", "optim.max_steps=30", "rollout.temperature=1.0",

@@ -3,14 +3,16 @@
 
 from ._tokens import AGGREGATIONS, LossOutput, aggregate
 from .chord import CHORDLoss, MuSchedule, chord_loss
+from .cispo import CISPOLoss, cispo_loss
 from .dft import DFTLoss, dft_loss
+from .gmpo import GMPOLoss, gmpo_loss
 from .ift import IFTLoss, ift_loss
 from .minor_sft import MinorSFTLoss, minor_sft_loss
 from .policy_gradient import GRPOLoss, grpo_loss
 from .preference import DPOLoss, dpo_loss, sequence_logps
 
 __all__ = [
-    "AGGREGATIONS", "CHORDLoss", "DFTLoss", "DPOLoss", "GRPOLoss", "IFTLoss", "LossOutput", "MinorSFTLoss",
-    "MuSchedule", "aggregate", "chord_loss", "dft_loss", "dpo_loss", "grpo_loss", "ift_loss", "minor_sft_loss",
-    "sequence_logps",
+    "AGGREGATIONS", "CHORDLoss", "CISPOLoss", "DFTLoss", "DPOLoss", "GMPOLoss", "GRPOLoss", "IFTLoss", "LossOutput",
+    "MinorSFTLoss", "MuSchedule", "aggregate", "chord_loss", "cispo_loss", "dft_loss", "dpo_loss", "gmpo_loss",
+    "grpo_loss", "ift_loss", "minor_sft_loss", "sequence_logps",
 ]  # fmt: skip

@@ -10,7 +10,7 @@ import types
 import typing
 from pathlib import Path
 
-MODES = ("sft", "dft", "chord", "grpo", "dpo", "minor_sft", "ift")
+MODES = ("sft", "dft", "chord", "grpo", "cispo", "gmpo", "dpo", "minor_sft", "ift")
 
 
 class ConfigError(ValueError):
@@ -74,9 +74,10 @@ class ObjectiveConfig:
     mu_peak: float = 0.9
     mu_valley: float = 0.05
     use_phi: bool = False
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
-    beta: float = 0.0  # GRPO KL coefficient; DPO / MinorSFT beta when those modes run (defaults 0.1 there)
+    # Clip bounds; None: the objective's own (GRPO and CHORD 0.2 / 0.2, CISPO 1.0 / 0.28, GMPO 0.4 / 0.4).
+    epsilon_low: float | None = None
+    epsilon_high: float | None = None
+    beta: float = 0.0  # GRPO / CISPO KL coefficient; DPO / MinorSFT beta when those modes run (defaults 0.1 there)
     aggregation: str = "token-mean"
     dpo_loss_type: str = "sigmoid"
     gamma: float = 0.95  # IFT

@@ -59,7 +59,7 @@ def load_dataset(config: DataConfig, seed: int):
 def required_columns(mode: str, config: DataConfig, reward_columns: tuple[str, ...]) -> list[str]:
     if mode == "dpo":
         return [config.prompt_column, config.chosen_column, config.rejected_column]
-    if mode == "grpo":
+    if mode in ("grpo", "cispo", "gmpo"):
         return [config.prompt_column, *reward_columns]
     if mode == "chord":
         return [config.prompt_column, config.response_column, *reward_columns]

@@ -17,7 +17,17 @@ from torch import nn
 
 from ..cross_entropy import linear_cross_entropy
 from ..logprobs import linear_logprobs
-from ..objectives import chord_loss, dft_loss, dpo_loss, grpo_loss, ift_loss, minor_sft_loss, sequence_logps
+from ..objectives import (
+    chord_loss,
+    cispo_loss,
+    dft_loss,
+    dpo_loss,
+    gmpo_loss,
+    grpo_loss,
+    ift_loss,
+    minor_sft_loss,
+    sequence_logps,
+)
 from ..objectives.chord import CHORDLoss, MuSchedule
 from .checkpoints import checkpoints, full_states, write_checkpoint
 from .config import TrainConfig
@@ -38,7 +48,7 @@ from .rollouts import sample_rollouts
 from .text import prompt_ids
 
 logger = logging.getLogger("fused_hybrid.trainer")
-ROLLOUT_MODES = ("grpo", "chord")
+ROLLOUT_MODES = ("grpo", "cispo", "gmpo", "chord")
 GREEDY_CHUNK_TOKENS = 1024
 
 
@@ -163,7 +173,7 @@ class HybridTrainer:
 
     def _needs_reference(self) -> bool:
         mode = self.config.mode
-        return mode in ("dpo", "minor_sft") or (mode == "grpo" and self.config.objective.beta > 0)
+        return mode in ("dpo", "minor_sft") or (mode in ("grpo", "cispo") and self.config.objective.beta > 0)
 
     def _characters(self) -> str:
         if self.config.data.path == "synthetic:addition":
@@ -305,6 +315,8 @@ class HybridTrainer:
         hidden, weight, bias, targets = self._head_inputs(self.policy, batch, inputs_embeds)
         self.largest_micro_batch_tokens = max(self.largest_micro_batch_tokens, targets.numel())
         common = dict(bias=bias, **self.logit_options)
+        # the clip bounds the config sets; the objective's own defaults otherwise
+        clip = {k: v for k in ("epsilon_low", "epsilon_high") if (v := getattr(objective, k)) is not None}
         if mode == "sft":
             loss = linear_cross_entropy(hidden, weight, targets, num_items=totals["tokens"], **common)
             return loss, {}
@@ -321,16 +333,24 @@ class HybridTrainer:
         elif mode == "grpo":
             output = grpo_loss(
                 hidden, weight, targets, advantages=batch["advantages"], old_logp=batch["old_logp"],
-                ref_logp=batch.get("ref_logp"), beta=objective.beta, epsilon_low=objective.epsilon_low,
-                epsilon_high=objective.epsilon_high, aggregation=objective.aggregation,
+                ref_logp=batch.get("ref_logp"), beta=objective.beta, aggregation=objective.aggregation,
                 num_items=totals["tokens"] if objective.aggregation == "token-mean" else totals["sequences"],
-                max_response_length=config.rollout.max_new_tokens, **common,
+                max_response_length=config.rollout.max_new_tokens, **clip, **common,
             )  # fmt: skip
+        elif mode == "cispo":
+            output = cispo_loss(
+                hidden, weight, targets, advantages=batch["advantages"], old_logp=batch["old_logp"],
+                ref_logp=batch.get("ref_logp"), beta=objective.beta, aggregation=objective.aggregation,
+                num_items=totals["tokens"] if objective.aggregation == "token-mean" else totals["sequences"],
+                max_response_length=config.rollout.max_new_tokens, **clip, **common,
+            )  # fmt: skip
+        elif mode == "gmpo":
+            output = gmpo_loss(hidden, weight, targets, advantages=batch["advantages"], old_logp=batch["old_logp"],
+                               num_items=totals["sequences"], **clip, **common)  # fmt: skip
         else:
             output = chord_loss(
                 hidden, weight, targets, is_expert=batch["is_expert"], mu=self.current_mu(),
-                advantages=batch["advantages"], old_logp=batch["old_logp"], use_phi=uses_phi(config),
-                epsilon_low=objective.epsilon_low, epsilon_high=objective.epsilon_high,
+                advantages=batch["advantages"], old_logp=batch["old_logp"], use_phi=uses_phi(config), **clip,
                 num_rollout_tokens=totals["rollout_tokens"], num_expert_tokens=totals["expert_tokens"], **common,
             )  # fmt: skip
         return output.loss, output.metrics

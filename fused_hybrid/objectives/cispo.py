@@ -1,0 +1,121 @@
+"""CISPO (MiniMax-M1, LOSSES.md section 5): the clipped importance weight as a stop-gradient coefficient on logp,
+so that every token keeps its gradient (no token is clipped out of the update, only its weight is bounded)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._validation import check_non_negative
+from ..head_spec import HeadSpec
+from ._tokens import LossOutput, ObjectiveModule, aggregate, check_aggregation, evaluate_head
+from .policy_gradient import LOG_RATIO_LIMIT, k3_kl, log_importance_ratio
+
+
+def check_weight_clip(epsilon_low: float, epsilon_high: float) -> None:
+    check_non_negative("epsilon_low", epsilon_low)
+    check_non_negative("epsilon_high", epsilon_high)
+    if epsilon_low > 1:
+        raise ValueError(
+            f"epsilon_low must be <= 1 (the weight's lower bound is 1 - epsilon_low >= 0), got {epsilon_low}"
+        )
+
+
+def cispo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+    epsilon_low: float = 1.0,
+    epsilon_high: float = 0.28,
+    beta: float = 0.0,
+    aggregation: str = "token-mean",
+    num_items: int | torch.Tensor | None = None,
+    max_response_length: int | None = None,
+    head: HeadSpec | None = None,
+    **head_options,
+) -> LossOutput:
+    """Per token ``l_t = -sg(clip(r_t, 1 - epsilon_low, 1 + epsilon_high)) * A_t * logp_t`` (``+ beta * k3`` to a
+    reference), ``r_t = exp(logp_t - old_logp_t)``, aggregated by ``aggregation`` (token-mean, as the paper, by
+    default). ``dl_t/dlogp_t = -clip(r_t) * A_t``: token-separable. The defaults follow the paper: no effective
+    lower bound on the weight (``epsilon_low = 1``), ``epsilon_high`` tuned (0.28 here).
+
+    Inputs as :func:`grpo_loss` (advantages per token or per sequence; ``old_logp`` None means on-policy).
+    Metrics: ``policy_loss``, ``clip_frac_low``, ``clip_frac_high`` (tokens whose weight was clipped),
+    ``mean_ratio``, ``approx_kl``, ``entropy``, and ``ref_kl`` when ``beta > 0``.
+    """
+    check_weight_clip(epsilon_low, epsilon_high)
+    check_non_negative("beta", beta)
+    check_aggregation(aggregation)
+    if advantages is None:
+        raise ValueError("advantages is required (per token or per sequence)")
+    if beta > 0 and ref_logp is None:
+        raise ValueError("ref_logp is required when beta > 0 (the KL term needs the reference log-probs)")
+    batch = evaluate_head(hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
+                          num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options))  # fmt: skip
+    token_advantages = batch.per_token(advantages, "advantages")
+    old_token_logp = None if old_logp is None else batch.per_token(old_logp, "old_logp")
+    log_ratio = log_importance_ratio(batch, old_token_logp, "token").detach()
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    clipped_weight = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
+    policy_loss = -clipped_weight * token_advantages * batch.logp
+    per_token = policy_loss
+    metrics = {
+        "clip_frac_low": batch.token_mean(ratio < 1.0 - epsilon_low),
+        "clip_frac_high": batch.token_mean(ratio > 1.0 + epsilon_high),
+        "mean_ratio": batch.token_mean(ratio),
+        "approx_kl": batch.token_mean(k3_kl(batch.logp.detach(), batch.logp.detach() - log_ratio)),
+        "entropy": batch.token_mean(batch.entropy),
+    }
+    if beta > 0:
+        kl = k3_kl(batch.logp, batch.per_token(ref_logp, "ref_logp"))
+        per_token = per_token + beta * kl
+        metrics["ref_kl"] = batch.token_mean(kl)
+
+    def reduce(values):
+        return aggregate(values, batch, aggregation, num_items=num_items, max_response_length=max_response_length)
+
+    metrics["policy_loss"] = reduce(policy_loss.detach())
+    return LossOutput(reduce(per_token), metrics)
+
+
+class CISPOLoss(ObjectiveModule):
+    """Module form of :func:`cispo_loss`: ``loss_fn(hidden, weight, targets, bias=None, *, advantages,
+    old_logp=None, ref_logp=None, loss_mask=None, sequence_ids=None, num_sequences=None, num_items=None)``."""
+
+    def __init__(self, *, epsilon_low: float = 1.0, epsilon_high: float = 0.28, beta: float = 0.0,
+                 aggregation: str = "token-mean", max_response_length: int | None = None,
+                 head: HeadSpec | None = None, **head_options) -> None:  # fmt: skip
+        super().__init__()
+        check_weight_clip(epsilon_low, epsilon_high)
+        check_non_negative("beta", beta)
+        check_aggregation(aggregation)
+        self.options = dict(
+            epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, aggregation=aggregation,
+            max_response_length=max_response_length, head=HeadSpec.resolve(head, head_options),
+        )  # fmt: skip
+
+    def forward(self, hidden, weight, targets, bias=None, *, advantages, old_logp=None, ref_logp=None,
+                loss_mask=None, sequence_ids=None, num_sequences=None, num_items=None) -> torch.Tensor:  # fmt: skip
+        return self._finish(
+            cispo_loss(
+                hidden,
+                weight,
+                targets,
+                bias,
+                advantages=advantages,
+                old_logp=old_logp,
+                ref_logp=ref_logp,
+                loss_mask=loss_mask,
+                sequence_ids=sequence_ids,
+                num_sequences=num_sequences,
+                num_items=num_items,
+                **self.options,
+            )  # fmt: skip
+        )

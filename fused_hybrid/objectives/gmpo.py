@@ -1,0 +1,97 @@
+"""GMPO, Geometric-Mean Policy Optimization (LOSSES.md section 5): per sequence, the geometric mean of the token
+importance ratios, each clipped in log space, so that one outlier token cannot dominate the sequence's update."""
+
+from __future__ import annotations
+
+import torch
+
+from .._reduction import check_num_items, divide_by_count
+from .._validation import check_non_negative
+from ..head_spec import HeadSpec
+from ._tokens import LossOutput, ObjectiveModule, evaluate_head
+from .policy_gradient import LOG_RATIO_LIMIT, k3_kl
+
+
+def gmpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+    epsilon_low: float = 0.4,
+    epsilon_high: float = 0.4,
+    num_items: int | torch.Tensor | None = None,
+    head: HeadSpec | None = None,
+    **head_options,
+) -> LossOutput:
+    """``L = -mean_i A_i * exp(mean_t log m_t)`` over the sequences with loss tokens (or ``num_items`` sequences),
+    with ``lr_t = logp_t - old_logp_t`` and, in log space, ``log m_t = min(lr_t, clip(lr_t, -epsilon_low,
+    epsilon_high))`` when ``A_i > 0``, ``max(...)`` when ``A_i < 0`` (the paper's clip range (e^-0.4, e^0.4) by
+    default). The exp of a sequence mean: not token-separable.
+
+    ``advantages`` are per sequence (``[num_sequences]``); ``old_logp`` per token (None: on-policy, ratio 1).
+    Metrics: ``clip_frac`` (tokens whose log-ratio was clipped), ``mean_ratio`` (mean over sequences of the
+    geometric-mean ratio), ``approx_kl``, ``entropy``.
+    """
+    check_non_negative("epsilon_low", epsilon_low)
+    check_non_negative("epsilon_high", epsilon_high)
+    check_num_items(num_items)
+    if advantages is None:
+        raise ValueError("advantages is required (one per sequence)")
+    batch = evaluate_head(hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
+                          num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options))  # fmt: skip
+    batch.require_sequences("gmpo_loss")
+    seq_advantages = batch.per_sequence(advantages, "advantages").to(batch.logp.dtype)
+    old_token_logp = batch.logp.detach() if old_logp is None else batch.per_token(old_logp, "old_logp")
+    log_ratio = batch.keep(batch.logp - old_token_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    clipped = log_ratio.clamp(-epsilon_low, epsilon_high)
+    positive = batch.to_tokens(seq_advantages) > 0
+    log_m = torch.where(positive, torch.minimum(log_ratio, clipped), torch.maximum(log_ratio, clipped))
+    seq_tokens = batch.seq_tokens()
+    has_tokens = seq_tokens > 0
+    geometric_ratio = torch.exp(batch.seq_sum(log_m) / seq_tokens.clamp(min=1))
+    objective = torch.where(has_tokens, seq_advantages * geometric_ratio, 0.0)
+    loss = -divide_by_count(objective.sum(), has_tokens.sum() if num_items is None else num_items)
+    metrics = {
+        "clip_frac": batch.token_mean(log_m.detach() != log_ratio.detach()),
+        "mean_ratio": divide_by_count(torch.where(has_tokens, geometric_ratio.detach(), 0.0).sum(), has_tokens.sum()),
+        "approx_kl": batch.token_mean(k3_kl(batch.logp.detach(), old_token_logp)),
+        "entropy": batch.token_mean(batch.entropy),
+    }
+    return LossOutput(loss, metrics)
+
+
+class GMPOLoss(ObjectiveModule):
+    """Module form of :func:`gmpo_loss`: ``loss_fn(hidden, weight, targets, bias=None, *, advantages,
+    old_logp=None, loss_mask=None, sequence_ids=None, num_sequences=None, num_items=None)``."""
+
+    def __init__(self, *, epsilon_low: float = 0.4, epsilon_high: float = 0.4, head: HeadSpec | None = None,
+                 **head_options) -> None:  # fmt: skip
+        super().__init__()
+        check_non_negative("epsilon_low", epsilon_low)
+        check_non_negative("epsilon_high", epsilon_high)
+        self.options = dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                            head=HeadSpec.resolve(head, head_options))  # fmt: skip
+
+    def forward(self, hidden, weight, targets, bias=None, *, advantages, old_logp=None, loss_mask=None,
+                sequence_ids=None, num_sequences=None, num_items=None) -> torch.Tensor:  # fmt: skip
+        return self._finish(
+            gmpo_loss(
+                hidden,
+                weight,
+                targets,
+                bias,
+                advantages=advantages,
+                old_logp=old_logp,
+                loss_mask=loss_mask,
+                sequence_ids=sequence_ids,
+                num_sequences=num_sequences,
+                num_items=num_items,
+                **self.options,
+            )  # fmt: skip
+        )

@@ -13,6 +13,7 @@ pytest.importorskip("datasets")
 
 from fused_hybrid.cli import main as cli_main  # noqa: E402
 from fused_hybrid.demo import run_demo  # noqa: E402
+from fused_hybrid.objectives.chord import trainer_mu  # noqa: E402
 from fused_hybrid.trainer import ConfigError, HybridTrainer, load_config  # noqa: E402
 from fused_hybrid.trainer.rewards import RewardError  # noqa: E402
 
@@ -100,13 +101,14 @@ def test_resume_gives_the_state_of_an_uninterrupted_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
     resumed = HybridTrainer(config(tmp_path / "b", "chord", *extra), progress=False)
-    assert resumed.step == 3 and resumed.current_mu() == pytest.approx(straight.mu(3))
+    schedule = trainer_mu(straight.config.objective)
+    assert resumed.step == 3 and resumed.objective_options()["mu"] == pytest.approx(schedule(3))
     resumed.train()
     assert resumed.step == straight.step == 6
     for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
         assert torch.allclose(p, q, atol=1e-6), name
     marker = json.loads((tmp_path / "b" / "chord" / "checkpoint-0000006" / "fused_hybrid_checkpoint.json").read_text())
-    assert marker["step"] == 6 and marker["mu"] == pytest.approx(straight.mu(6))
+    assert marker["step"] == 6 and marker["options"]["mu"] == pytest.approx(schedule(6))
     logged = [h["step"] for h in resumed.history if "loss" in h]
     assert logged == sorted(set(logged)) == list(range(1, 7))
 
@@ -176,7 +178,7 @@ def test_cli_train_reads_yaml_and_toml_and_names_config_errors(tmp_path, capsys)
         cli_main(["train", str(yaml_path), "--set", "optim.lr=3"])
     assert exit_info.value.code == 2
     assert "unknown key 'optim.lr'; allowed keys here: learning_rate" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="mode: 'ppo' is not one of the allowed values: sft, dft, chord"):
+    with pytest.raises(ConfigError, match="mode: 'ppo' is not one of the allowed values: chord, cispo, dft"):
         load_config(yaml_path, ["mode=ppo"])
     with pytest.raises(ConfigError, match="optim.max_steps: expected an integer"):
         load_config(yaml_path, ["optim.max_steps=many"])

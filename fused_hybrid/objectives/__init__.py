@@ -10,9 +10,11 @@ from .ift import IFTLoss, ift_loss
 from .minor_sft import MinorSFTLoss, minor_sft_loss
 from .policy_gradient import GRPOLoss, grpo_loss
 from .preference import DPOLoss, dpo_loss, sequence_logps
+from .registry import OBJECTIVES, Objective, register
+from .sft import sft_loss
 
 __all__ = [
     "AGGREGATIONS", "CHORDLoss", "CISPOLoss", "DFTLoss", "DPOLoss", "GMPOLoss", "GRPOLoss", "IFTLoss", "LossOutput",
     "MinorSFTLoss", "MuSchedule", "aggregate", "chord_loss", "cispo_loss", "dft_loss", "dpo_loss", "gmpo_loss",
-    "grpo_loss", "ift_loss", "minor_sft_loss", "sequence_logps",
+    "grpo_loss", "ift_loss", "minor_sft_loss", "sequence_logps", "OBJECTIVES", "Objective", "register", "sft_loss",
 ]  # fmt: skip

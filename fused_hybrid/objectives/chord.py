@@ -12,6 +12,7 @@ from .._validation import check_non_negative
 from ..head_spec import HeadSpec
 from ._tokens import LossOutput, ObjectiveModule, aggregate, evaluate_head
 from .policy_gradient import check_clip_options, clipped_surrogate, log_importance_ratio, policy_metrics
+from .registry import Objective, clip_options, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,3 +204,30 @@ class CHORDLoss(ObjectiveModule):
                 **self.options,
             )  # fmt: skip
         )
+
+
+def trainer_mu(objective_config) -> MuSchedule | float:
+    """mu from the trainer's objective config: a preset's, a constant `mu`, or the schedule of the mu_* keys."""
+    if objective_config.chord_preset == "chord-mu":
+        return CHORDLoss.chord_mu().mu
+    if objective_config.chord_preset == "chord-phi":
+        return CHORDLoss.chord_phi().mu
+    if objective_config.mu is not None:
+        return objective_config.mu
+    return MuSchedule(objective_config.mu_warmup_steps, objective_config.mu_decay_steps, objective_config.mu_peak,
+                      objective_config.mu_valley)  # fmt: skip
+
+
+def _trainer_options(config, step: int) -> dict:
+    objective = config.objective
+    mu = trainer_mu(objective)
+    preset = objective.chord_preset
+    use_phi = preset == "chord-phi" if preset is not None else objective.use_phi
+    return dict(mu=mu(step) if isinstance(mu, MuSchedule) else float(mu), use_phi=use_phi, **clip_options(config))
+
+
+register(Objective(
+    name="chord", loss=chord_loss, data="rollouts+demonstrations",
+    normalisers={"num_rollout_tokens": "rollout_tokens", "num_expert_tokens": "expert_tokens"},
+    batch_inputs=("is_expert", "advantages", "old_logp"), options=_trainer_options,
+))  # fmt: skip

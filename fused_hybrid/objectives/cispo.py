@@ -9,6 +9,7 @@ from .._validation import check_non_negative
 from ..head_spec import HeadSpec
 from ._tokens import LossOutput, ObjectiveModule, aggregate, check_aggregation, evaluate_head
 from .policy_gradient import LOG_RATIO_LIMIT, k3_kl, log_importance_ratio
+from .registry import Objective, aggregation_count, needs_kl_reference, policy_gradient_options, register
 
 
 def check_weight_clip(epsilon_low: float, epsilon_high: float) -> None:
@@ -119,3 +120,8 @@ class CISPOLoss(ObjectiveModule):
                 **self.options,
             )  # fmt: skip
         )
+
+
+register(Objective(name="cispo", loss=cispo_loss, data="rollouts", normalisers={"num_items": aggregation_count},
+                   batch_inputs=("advantages", "old_logp", "ref_logp"), options=policy_gradient_options,
+                   needs_reference=needs_kl_reference))  # fmt: skip

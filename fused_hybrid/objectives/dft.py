@@ -7,6 +7,7 @@ import torch
 from .._reduction import check_num_items, check_reduction, reduce_per_token
 from ..head_spec import HeadSpec
 from ._tokens import LossOutput, ObjectiveModule, evaluate_head
+from .registry import Objective, register
 
 
 def dft_loss(
@@ -61,3 +62,6 @@ class DFTLoss(ObjectiveModule):
         return self._finish(
             dft_loss(hidden, weight, targets, bias, loss_mask=loss_mask, num_items=num_items, **self.options)
         )
+
+
+register(Objective(name="dft", loss=dft_loss, data="demonstrations", normalisers={"num_items": "tokens"}))

@@ -10,6 +10,7 @@ from .._validation import check_non_negative
 from ..head_spec import HeadSpec
 from ._tokens import LossOutput, ObjectiveModule, evaluate_head
 from .policy_gradient import LOG_RATIO_LIMIT, k3_kl
+from .registry import Objective, clip_options, register
 
 
 def gmpo_loss(
@@ -95,3 +96,8 @@ class GMPOLoss(ObjectiveModule):
                 **self.options,
             )  # fmt: skip
         )
+
+
+register(Objective(name="gmpo", loss=gmpo_loss, data="rollouts", normalisers={"num_items": "sequences"},
+                   batch_inputs=("advantages", "old_logp"), options=lambda config, step: clip_options(config),
+                   token_separable=False))  # fmt: skip

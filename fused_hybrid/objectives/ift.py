@@ -16,6 +16,7 @@ from .._reduction import check_num_items, divide_by_count
 from .._validation import check_non_negative
 from ..head_spec import HeadSpec
 from ._tokens import LossOutput, ObjectiveModule, TokenBatch, evaluate_head
+from .registry import Objective, register
 
 
 def ift_token_weights(batch: TokenBatch, gamma: float) -> torch.Tensor:
@@ -95,3 +96,7 @@ class IFTLoss(ObjectiveModule):
                 **self.options,
             )  # fmt: skip
         )
+
+
+register(Objective(name="ift", loss=ift_loss, data="demonstrations", normalisers={"num_items": "sequences"},
+                   options=lambda config, step: {"gamma": config.objective.gamma}, input_mixing=True))  # fmt: skip

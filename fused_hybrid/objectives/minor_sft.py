@@ -10,6 +10,7 @@ from .._validation import check_positive
 from ..head_spec import HeadSpec
 from ._tokens import LossOutput, ObjectiveModule, evaluate_head
 from .preference import policy_and_reference_sums
+from .registry import Objective, register
 
 
 def minor_sft_loss(
@@ -101,3 +102,8 @@ class MinorSFTLoss(ObjectiveModule):
                 **self.options,
             )  # fmt: skip
         )
+
+
+register(Objective(name="minor_sft", loss=minor_sft_loss, data="demonstrations", normalisers={"num_items": "sequences"},
+                   batch_inputs=("ref_logp",), options=lambda config, step: {"beta": config.objective.beta or 0.1},
+                   needs_reference=lambda config: True, token_separable=False))  # fmt: skip

@@ -7,6 +7,7 @@ import torch
 from .._validation import check_non_negative
 from ..head_spec import HeadSpec
 from ._tokens import LossOutput, ObjectiveModule, TokenBatch, aggregate, check_aggregation, evaluate_head
+from .registry import Objective, aggregation_count, needs_kl_reference, policy_gradient_options, register
 
 LOG_RATIO_LIMIT = 20.0  # log-ratios are clamped to +-20 before exp (as verl does)
 KL_LIMIT = 10.0  # the k3 estimate is clamped to +-10
@@ -218,3 +219,8 @@ class GRPOLoss(ObjectiveModule):
                 **self.options,
             )  # fmt: skip
         )
+
+
+register(Objective(name="grpo", loss=grpo_loss, data="rollouts", normalisers={"num_items": aggregation_count},
+                   batch_inputs=("advantages", "old_logp", "ref_logp"), options=policy_gradient_options,
+                   needs_reference=needs_kl_reference))  # fmt: skip

@@ -13,6 +13,7 @@ from .._reduction import check_num_items, divide_by_count
 from .._validation import check_non_negative, check_positive
 from ..head_spec import HeadSpec
 from ._tokens import LossOutput, ObjectiveModule, TokenBatch, evaluate_head
+from .registry import Objective, register
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo")
 
@@ -182,3 +183,10 @@ class DPOLoss(ObjectiveModule):
                 **self.options,
             )  # fmt: skip
         )
+
+
+register(Objective(
+    name="dpo", loss=dpo_loss, data="preferences", normalisers={"num_items": "pairs"}, batch_inputs=("ref_logp",),
+    options=lambda config, step: {"beta": config.objective.beta or 0.1, "loss_type": config.objective.dpo_loss_type},
+    needs_reference=lambda config: config.objective.dpo_loss_type != "simpo", token_separable=False,
+))  # fmt: skip

@@ -10,7 +10,12 @@ import types
 import typing
 from pathlib import Path
 
-MODES = ("sft", "dft", "chord", "grpo", "cispo", "gmpo", "dpo", "minor_sft", "ift")
+from ..objectives import OBJECTIVES
+
+
+def registered_modes() -> tuple[str, ...]:
+    """Every registered objective is a mode (read when a config is built, so later registrations count)."""
+    return tuple(sorted(OBJECTIVES))
 
 
 class ConfigError(ValueError):
@@ -110,7 +115,7 @@ class TrainConfig:
     # Under torchrun (WORLD_SIZE > 1): "ddp" replicates the model, "fsdp2" shards it (fully_shard per layer).
     parallel: str = "ddp"
 
-    CHOICES = {"mode": MODES, "parallel": ("ddp", "fsdp2")}
+    CHOICES = {"mode": registered_modes, "parallel": ("ddp", "fsdp2")}
 
 
 def _field_types(cls) -> dict[str, object]:
@@ -182,6 +187,8 @@ def _build(cls, values: dict, prefix: str):
             continue
         kwargs[key] = _coerce(value, annotation, full)
         choices = getattr(cls, "CHOICES", {}).get(key)
+        if callable(choices):
+            choices = choices()
         if choices is not None and kwargs[key] not in choices:
             allowed = ", ".join("null" if c is None else str(c) for c in choices)
             raise ConfigError(f"{full}: {kwargs[key]!r} is not one of the allowed values: {allowed}")

@@ -56,12 +56,13 @@ def load_dataset(config: DataConfig, seed: int):
     return datasets.load_dataset(kind, data_files=str(path), split="train")
 
 
-def required_columns(mode: str, config: DataConfig, reward_columns: tuple[str, ...]) -> list[str]:
-    if mode == "dpo":
+def required_columns(data_kind: str, config: DataConfig, reward_columns: tuple[str, ...]) -> list[str]:
+    """The dataset columns an objective's kind of data needs (see objectives.registry.DATA_KINDS)."""
+    if data_kind == "preferences":
         return [config.prompt_column, config.chosen_column, config.rejected_column]
-    if mode in ("grpo", "cispo", "gmpo"):
+    if data_kind == "rollouts":
         return [config.prompt_column, *reward_columns]
-    if mode == "chord":
+    if data_kind == "rollouts+demonstrations":
         return [config.prompt_column, config.response_column, *reward_columns]
     return [config.prompt_column, config.response_column]
 

@@ -15,20 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..cross_entropy import linear_cross_entropy
 from ..logprobs import linear_logprobs
 from ..objectives import (
-    chord_loss,
-    cispo_loss,
-    dft_loss,
-    dpo_loss,
-    gmpo_loss,
-    grpo_loss,
-    ift_loss,
-    minor_sft_loss,
-    sequence_logps,
+    OBJECTIVES,
 )
-from ..objectives.chord import CHORDLoss, MuSchedule
 from .checkpoints import checkpoints, full_states, write_checkpoint
 from .config import TrainConfig
 from .data import (
@@ -48,24 +38,7 @@ from .rollouts import sample_rollouts
 from .text import prompt_ids
 
 logger = logging.getLogger("fused_hybrid.trainer")
-ROLLOUT_MODES = ("grpo", "cispo", "gmpo", "chord")
 GREEDY_CHUNK_TOKENS = 1024
-
-
-def mu_schedule(config: TrainConfig) -> MuSchedule | float:
-    objective = config.objective
-    if objective.chord_preset == "chord-mu":
-        return CHORDLoss.chord_mu().mu
-    if objective.chord_preset == "chord-phi":
-        return CHORDLoss.chord_phi().mu
-    if objective.mu is not None:
-        return objective.mu
-    return MuSchedule(objective.mu_warmup_steps, objective.mu_decay_steps, objective.mu_peak, objective.mu_valley)
-
-
-def uses_phi(config: TrainConfig) -> bool:
-    preset = config.objective.chord_preset
-    return preset == "chord-phi" if preset is not None else config.objective.use_phi
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -94,10 +67,13 @@ class HybridTrainer:
         resume_from = existing[-1] if config.resume and existing else None
 
         torch.manual_seed(config.seed)
-        self.reward_fn = load_reward(config.objective.reward) if config.mode in ROLLOUT_MODES else None
+        self.objective = OBJECTIVES[config.mode]
+        self.reward_fn = load_reward(config.objective.reward) if self.objective.uses_rollouts else None
         reward_columns = self._reward_columns()
         self.dataset = load_dataset(config.data, config.seed)
-        check_columns(self.dataset, required_columns(config.mode, config.data, reward_columns), config.data.path)
+        check_columns(
+            self.dataset, required_columns(self.objective.data, config.data, reward_columns), config.data.path
+        )
         self.has_answers = all(c in self.dataset.column_names for c in reward_columns or BUILT_IN_COLUMNS)
         eval_size = min(config.data.eval_size, len(self.dataset) // 5) if self.has_answers else 0
         self.eval_rows = self.dataset.select(range(eval_size)) if eval_size else None
@@ -111,7 +87,9 @@ class HybridTrainer:
         self.tokenizer, self.model = build_model(config, source, self._characters, self.device)
         self.reference = frozen_copy(self.model) if self._needs_reference() else None
         self.frozen_embeddings = (
-            copy.deepcopy(self.model.get_input_embeddings()).requires_grad_(False) if config.mode == "ift" else None
+            copy.deepcopy(self.model.get_input_embeddings()).requires_grad_(False)
+            if self.objective.input_mixing
+            else None
         )
         policy_head = PolicyHead(self.model, self._autocast)
         self.logit_options = policy_head.transform.loss_options()  # the reference is a copy: the same transform
@@ -124,7 +102,6 @@ class HybridTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, config.optim.warmup_steps, config.optim.max_steps)
         )
-        self.mu = mu_schedule(config)
         self.largest_micro_batch_tokens = 0  # positions through the head in one micro-batch (for reports)
         self.step = 0
         if resume_from is not None:
@@ -165,15 +142,14 @@ class HybridTrainer:
                 self.policy.reshard()
 
     def _reward_columns(self) -> tuple[str, ...]:
-        if self.config.mode not in ROLLOUT_MODES:
+        if not self.objective.uses_rollouts:
             return ()
         if self.config.objective.reward in BUILT_IN:
             return (self.config.data.answer_column,)
         return ()
 
     def _needs_reference(self) -> bool:
-        mode = self.config.mode
-        return mode in ("dpo", "minor_sft") or (mode in ("grpo", "cispo") and self.config.objective.beta > 0)
+        return self.objective.needs_reference(self.config)
 
     def _characters(self) -> str:
         if self.config.data.path == "synthetic:addition":
@@ -243,13 +219,13 @@ class HybridTrainer:
 
     def step_batches(self, generator: torch.Generator) -> tuple[list[dict], dict, dict]:
         """(micro-batches, global normalisers, step metrics) for one optimizer step of the configured mode."""
-        config, mode = self.config, self.config.mode
+        config, data = self.config, self.objective.data
         accum = config.optim.grad_accum
         metrics: dict = {}
-        if mode in ("sft", "dft", "ift", "minor_sft"):
+        if data == "demonstrations":
             pairs = self._sft_pairs(self._sample_rows(config.optim.batch_size, generator), config.data.response_column)
             micro = [pad_batch(chunk, self.tokenizer.pad_token_id, self.device) for chunk in self._split(pairs, accum)]
-        elif mode == "dpo":
+        elif data == "preferences":
             rows = self._sample_rows(config.optim.batch_size, generator)
             chosen = self._sft_pairs(rows, config.data.chosen_column)
             rejected = self._sft_pairs(rows, config.data.rejected_column)
@@ -264,7 +240,7 @@ class HybridTrainer:
             metrics["reward"] = rollout["rewards"].mean().item()
             rows = {k: rollout[k] for k in ("input_ids", "attention_mask", "labels", "advantages")}
             rows["is_expert"] = torch.zeros(len(rollout["advantages"]), dtype=torch.bool, device=self.device)
-            if mode == "chord":
+            if data == "rollouts+demonstrations":
                 experts = pad_batch(self._sft_pairs(self._sample_rows(config.optim.batch_size, generator),
                                                     config.data.response_column),
                                     self.tokenizer.pad_token_id, self.device)  # fmt: skip
@@ -278,15 +254,11 @@ class HybridTrainer:
         return micro, self._global_normalisers(micro), metrics
 
     def _add_reference_inputs(self, batch: dict) -> None:
-        mode = self.config.mode
-        if mode in ROLLOUT_MODES:
+        """The rollout policy's log-probs (rollouts) and the reference's (a frozen copy of the start) per token."""
+        if self.objective.uses_rollouts:
             batch["old_logp"] = self._token_logps(self.policy, batch)
         if self.reference is not None:
-            if mode == "dpo":
-                hidden, weight, bias, targets = self._head_inputs(self.reference_head, batch)
-                batch["ref_logp"] = sequence_logps(hidden, weight, targets, bias, **self.logit_options)
-            else:
-                batch["ref_logp"] = self._token_logps(self.reference_head, batch)
+            batch["ref_logp"] = self._token_logps(self.reference_head, batch)
 
     @staticmethod
     def _normalisers(micro: list[dict]) -> dict:
@@ -309,54 +281,21 @@ class HybridTrainer:
 
     # ------------------------------------------------------------------------------------------------ loss
     def micro_loss(self, batch: dict, totals: dict):
-        """(loss, metrics) of one micro-batch, normalised by the step's global counts."""
-        config, objective, mode = self.config, self.config.objective, self.config.mode
-        inputs_embeds = self._ift_inputs_embeds(batch) if mode == "ift" else None
+        """(loss, metrics) of one micro-batch, normalised by the step's global counts: the registered objective's
+        loss with the batch tensors, counts and options its declaration asks for."""
+        objective = self.objective
+        inputs_embeds = self._ift_inputs_embeds(batch) if objective.input_mixing else None
         hidden, weight, bias, targets = self._head_inputs(self.policy, batch, inputs_embeds)
         self.largest_micro_batch_tokens = max(self.largest_micro_batch_tokens, targets.numel())
-        common = dict(bias=bias, **self.logit_options)
-        # the clip bounds the config sets; the objective's own defaults otherwise
-        clip = {k: v for k in ("epsilon_low", "epsilon_high") if (v := getattr(objective, k)) is not None}
-        if mode == "sft":
-            loss = linear_cross_entropy(hidden, weight, targets, num_items=totals["tokens"], **common)
-            return loss, {}
-        if mode == "dft":
-            output = dft_loss(hidden, weight, targets, num_items=totals["tokens"], **common)
-        elif mode == "ift":
-            output = ift_loss(hidden, weight, targets, gamma=objective.gamma, num_items=totals["sequences"], **common)
-        elif mode == "minor_sft":
-            output = minor_sft_loss(hidden, weight, targets, ref_logp=batch["ref_logp"], beta=objective.beta or 0.1,
-                                    num_items=totals["sequences"], **common)  # fmt: skip
-        elif mode == "dpo":
-            output = dpo_loss(hidden, weight, targets, ref_logp=batch["ref_logp"], beta=objective.beta or 0.1,
-                              loss_type=objective.dpo_loss_type, num_items=totals["pairs"], **common)  # fmt: skip
-        elif mode == "grpo":
-            output = grpo_loss(
-                hidden, weight, targets, advantages=batch["advantages"], old_logp=batch["old_logp"],
-                ref_logp=batch.get("ref_logp"), beta=objective.beta, aggregation=objective.aggregation,
-                num_items=totals["tokens"] if objective.aggregation == "token-mean" else totals["sequences"],
-                max_response_length=config.rollout.max_new_tokens, **clip, **common,
-            )  # fmt: skip
-        elif mode == "cispo":
-            output = cispo_loss(
-                hidden, weight, targets, advantages=batch["advantages"], old_logp=batch["old_logp"],
-                ref_logp=batch.get("ref_logp"), beta=objective.beta, aggregation=objective.aggregation,
-                num_items=totals["tokens"] if objective.aggregation == "token-mean" else totals["sequences"],
-                max_response_length=config.rollout.max_new_tokens, **clip, **common,
-            )  # fmt: skip
-        elif mode == "gmpo":
-            output = gmpo_loss(hidden, weight, targets, advantages=batch["advantages"], old_logp=batch["old_logp"],
-                               num_items=totals["sequences"], **clip, **common)  # fmt: skip
-        else:
-            output = chord_loss(
-                hidden, weight, targets, is_expert=batch["is_expert"], mu=self.current_mu(),
-                advantages=batch["advantages"], old_logp=batch["old_logp"], use_phi=uses_phi(config), **clip,
-                num_rollout_tokens=totals["rollout_tokens"], num_expert_tokens=totals["expert_tokens"], **common,
-            )  # fmt: skip
+        inputs = {arg: totals[count] for arg, count in objective.normaliser_counts(self.config).items()}
+        inputs.update({name: batch[name] for name in objective.batch_inputs if name in batch})
+        inputs.update(self.objective_options())
+        output = objective.loss(hidden, weight, targets, bias, **inputs, **self.logit_options)
         return output.loss, output.metrics
 
-    def current_mu(self) -> float:
-        return self.mu(self.step) if isinstance(self.mu, MuSchedule) else float(self.mu)
+    def objective_options(self) -> dict:
+        """The objective's loss options at the current step (CHORD's mu follows its schedule)."""
+        return self.objective.options(self.config, self.step)
 
     # ------------------------------------------------------------------------------------------- training
     def train_step(self) -> dict:
@@ -390,8 +329,6 @@ class HybridTrainer:
         metrics.update(step=self.step, loss=loss_total, lr=self.scheduler.get_last_lr()[0],
                        grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                        tokens_per_s=totals["tokens"] / elapsed)  # fmt: skip
-        if self.config.mode == "chord":
-            metrics["mu"] = self.current_mu()
         return metrics
 
     @torch.no_grad()
@@ -464,9 +401,7 @@ class HybridTrainer:
             dist.barrier()
             return final
         try:
-            marker = {"step": self.step, "mode": self.config.mode}
-            if self.config.mode == "chord":
-                marker["mu"] = self.current_mu()
+            marker = {"step": self.step, "mode": self.config.mode, "options": self.objective_options()}
             trainer_state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(), "step": self.step}
             write_checkpoint(final, model=self.model, tokenizer=self.tokenizer, model_state=model_state,
                              trainer_state=trainer_state, marker=marker, keep=self.config.keep_checkpoints)  # fmt: skip

@@ -1,0 +1,107 @@
+"""Objectives as declarations: what each objective needs, read by the trainer (its modes), the tests and the docs.
+
+An objective file defines its loss function (`(hidden, weight, targets, bias=None, *, ...) -> LossOutput`), its
+module, and registers an :class:`Objective` saying what the loss consumes; nothing else needs to change for the
+trainer to offer it as a mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+# What the trainer feeds an objective each step.
+DATA_KINDS = (
+    "demonstrations",  # prompt + response rows
+    "preferences",  # prompt + chosen + rejected rows: the P chosen sequences, then their P rejected twins
+    "rollouts",  # sampled completions of prompts, with rewards and group-normalised advantages
+    "rollouts+demonstrations",  # both in one batch, told apart by `is_expert`
+)
+# The step's global counts a loss can take as normalisers (summed over micro-batches and ranks).
+STEP_COUNTS = ("tokens", "sequences", "pairs", "rollout_tokens", "expert_tokens")
+# Per-batch tensors the trainer can supply (advantages and old_logp come with rollouts; ref_logp from a frozen copy
+# of the starting model; is_expert with rollouts+demonstrations).
+BATCH_INPUTS = ("advantages", "old_logp", "ref_logp", "is_expert")
+
+
+def _no_options(config, step: int) -> dict:
+    return {}
+
+
+def _no_reference(config) -> bool:
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A registered objective.
+
+    name: the trainer's mode. loss: the function form. data: one of DATA_KINDS. normalisers: loss argument ->
+    one of STEP_COUNTS (or a callable of the trainer's config that picks it). batch_inputs: loss arguments from
+    BATCH_INPUTS. options: the loss options under the trainer's config at a step. needs_reference: whether the
+    loss needs ref_logp under that config. token_separable: whether each token's upstream gradient follows from
+    its own statistics and inputs (plus normalisers known in advance). input_mixing: the trainer mixes
+    predicted-token embeddings into the inputs (IFT's temporal residual).
+    """
+
+    name: str
+    loss: Callable[..., Any]
+    data: str
+    normalisers: Mapping[str, str | Callable[[Any], str]] = dataclasses.field(default_factory=dict)
+    batch_inputs: tuple[str, ...] = ()
+    options: Callable[[Any, int], dict] = _no_options
+    needs_reference: Callable[[Any], bool] = _no_reference
+    token_separable: bool = True
+    input_mixing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.data not in DATA_KINDS:
+            raise ValueError(f"objective {self.name!r}: data must be one of {DATA_KINDS}, got {self.data!r}")
+        unknown = set(self.batch_inputs) - set(BATCH_INPUTS)
+        if unknown:
+            raise ValueError(f"objective {self.name!r}: batch_inputs {sorted(unknown)} not among {BATCH_INPUTS}")
+
+    @property
+    def uses_rollouts(self) -> bool:
+        return self.data.startswith("rollouts")
+
+    def normaliser_counts(self, config) -> dict[str, str]:
+        """Loss argument -> the step count it takes, under the trainer's `config`."""
+        counts = {arg: count(config) if callable(count) else count for arg, count in self.normalisers.items()}
+        unknown = set(counts.values()) - set(STEP_COUNTS)
+        if unknown:
+            raise ValueError(f"objective {self.name!r}: normalisers {sorted(unknown)} not among {STEP_COUNTS}")
+        return counts
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register(objective: Objective) -> Objective:
+    """Add `objective` under its name (a trainer mode from then on)."""
+    if objective.name in OBJECTIVES:
+        raise ValueError(f"an objective named {objective.name!r} is already registered")
+    OBJECTIVES[objective.name] = objective
+    return objective
+
+
+def clip_options(config) -> dict:
+    """The clip bounds the trainer's config sets; the objective's own defaults for those it leaves None."""
+    return {k: v for k in ("epsilon_low", "epsilon_high") if (v := getattr(config.objective, k)) is not None}
+
+
+def aggregation_count(config) -> str:
+    """The count an aggregation divides by: tokens for token-mean, sequences otherwise."""
+    return "tokens" if config.objective.aggregation == "token-mean" else "sequences"
+
+
+def policy_gradient_options(config, step: int) -> dict:
+    """KL weight, aggregation (with the Dr. GRPO length) and clip bounds of the GRPO-style objectives."""
+    objective = config.objective
+    return dict(beta=objective.beta, aggregation=objective.aggregation,
+                max_response_length=config.rollout.max_new_tokens, **clip_options(config))  # fmt: skip
+
+
+def needs_kl_reference(config) -> bool:
+    return config.objective.beta > 0

@@ -1,0 +1,68 @@
+"""Objectives as declarations: the registry drives the trainer's modes; a new objective is one definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_hybrid
+from fused_hybrid.objectives import OBJECTIVES, LossOutput, Objective, register
+from fused_hybrid.trainer import ConfigError, HybridTrainer, load_config
+from tests.reference import assert_close_scaled, grads, leaf64, logprobs_entropy64
+
+
+# The README's "Add your own objective" example, as written there.
+def focal_sft_loss(hidden, weight, targets, bias=None, *, gamma=2.0, num_items=None, **head_options):
+    """Focal SFT: each token's NLL weighted by the detached (1 - p)^gamma (confident tokens count less)."""
+    logp = fused_hybrid.linear_logprobs(hidden, weight, targets, bias, **head_options)
+    mask = targets != head_options.get("ignore_index", -100)
+    focus = (1.0 - logp.detach().exp()) ** gamma
+    count = mask.sum().clamp(min=1) if num_items is None else num_items
+    loss = torch.where(mask, -focus * logp, 0.0).sum() / count
+    return LossOutput(loss, {"mean_focus": focus[mask].mean().detach()})
+
+
+@pytest.fixture
+def focal_sft():
+    objective = register(Objective(name="focal_sft", loss=focal_sft_loss, data="demonstrations",
+                                   normalisers={"num_items": "tokens"},
+                                   options=lambda config, step: {"gamma": 2.0}))  # fmt: skip
+    yield objective
+    del OBJECTIVES["focal_sft"]
+
+
+def test_a_registered_objective_is_a_trainer_mode(tmp_path, focal_sft):
+    from tests.test_trainer import config, early_late
+
+    trainer = HybridTrainer(config(tmp_path, "focal_sft", "optim.max_steps=12"), progress=False)
+    assert trainer.objective is focal_sft
+    history = trainer.train()
+    early, late = early_late(history, "loss")
+    assert late < early and all("mean_focus" in h for h in history if "loss" in h)
+    # the example's math, against float64
+    hidden, weight = torch.randn(3, 5, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 5))
+    targets[0, :2] = -100
+    loss = focal_sft_loss(hidden, weight, targets, temperature=0.9).loss
+    h64, w64 = leaf64(hidden), leaf64(weight)
+    logp64, _ = logprobs_entropy64(h64, w64, targets, temperature=0.9)
+    mask = targets != -100
+    expected = (-((1 - logp64.detach().exp()) ** 2) * logp64)[mask].sum() / mask.sum()
+    assert_close_scaled(loss, expected, 1e-5)
+    for got, want in zip(grads(loss, [hidden, weight]), grads(expected, [h64, w64])):
+        assert_close_scaled(got, want, 1e-4, atol=1e-7)
+
+
+def test_every_objective_declares_what_it_needs():
+    assert set(OBJECTIVES) >= {"sft", "dft", "chord", "grpo", "cispo", "gmpo", "dpo", "minor_sft", "ift"}
+    sequence_level = {name for name, objective in OBJECTIVES.items() if not objective.token_separable}
+    assert sequence_level == {"gmpo", "dpo", "minor_sft"}
+    assert {n for n, o in OBJECTIVES.items() if o.uses_rollouts} == {"chord", "grpo", "cispo", "gmpo"}
+    with pytest.raises(ValueError, match="already registered"):
+        register(Objective(name="sft", loss=focal_sft_loss, data="demonstrations"))
+    with pytest.raises(ValueError, match="data must be one of"):
+        Objective(name="x", loss=focal_sft_loss, data="tokens")
+    with pytest.raises(ValueError, match="batch_inputs"):
+        Objective(name="x", loss=focal_sft_loss, data="rollouts", batch_inputs=("rewards",))
+    with pytest.raises(ConfigError, match="mode: 'focal_sft' is not one of"):
+        load_config(None, ["mode=focal_sft"])  # not registered here

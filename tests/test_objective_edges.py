@@ -213,6 +213,8 @@ def test_modules_return_the_loss_and_keep_metrics():
         (fused_hybrid.DPOLoss(loss_type="simpo"), {}),
         (fused_hybrid.MinorSFTLoss(), dict(ref_logp=-torch.rand(targets.shape))),
         (fused_hybrid.IFTLoss(gamma=0.5), {}),
+        (fused_hybrid.CISPOLoss(epsilon_high=0.3, temperature=0.9), inputs),
+        (fused_hybrid.GMPOLoss(), inputs),
     ]
     for module, extra in modules:
         value = module(hidden, weight, targets, loss_mask=loss_mask, **extra)
@@ -421,3 +423,22 @@ def test_a_head_spec_and_its_keywords_give_the_same_loss():
     overridden = fused_hybrid.dft_loss(hidden, weight, targets, head=spec, temperature=1.0).loss
     expected = fused_hybrid.dft_loss(hidden, weight, targets, softcap=3.0, backend="reference").loss
     assert_close_scaled(overridden, expected, 1e-5)
+
+
+def test_modules_are_generated_from_their_function_and_check_options_when_built():
+    hidden, weight, targets, loss_mask = make_batch()
+    inputs = rollout_inputs(targets)
+    module = fused_hybrid.GRPOLoss(epsilon_high=0.28, beta=0.0, backend="torch")
+    expected = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=loss_mask, epsilon_high=0.28,
+                                      backend="torch", **inputs)  # fmt: skip
+    assert torch.equal(module(hidden, weight, targets, loss_mask=loss_mask, **inputs), expected.loss)
+    assert module.metrics.keys() == expected.metrics.keys()
+    assert "grpo_loss" in type(module).__doc__
+    with pytest.raises(ValueError, match="epsilon_low must be < 1"):
+        fused_hybrid.GRPOLoss(epsilon_low=1.5)
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        fused_hybrid.DPOLoss(loss_type="kto")
+    with pytest.raises(TypeError, match=r"GMPOLoss got unknown option\(s\) \['dual_clip'\]"):
+        fused_hybrid.GMPOLoss(dual_clip=3.0)
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['mu'\]"):
+        fused_hybrid.DFTLoss()(hidden, weight, targets, mu=0.1)

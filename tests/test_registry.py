@@ -6,16 +6,17 @@ import pytest
 import torch
 
 import fused_hybrid
-from fused_hybrid.objectives import OBJECTIVES, LossOutput, Objective, register
+from fused_hybrid.objectives import OBJECTIVES, LossOutput, Objective, objective_module, register
 from fused_hybrid.trainer import ConfigError, HybridTrainer, load_config
 from tests.reference import assert_close_scaled, grads, leaf64, logprobs_entropy64
 
 
 # The README's "Add your own objective" example, as written there.
-def focal_sft_loss(hidden, weight, targets, bias=None, *, gamma=2.0, num_items=None, **head_options):
+def focal_sft_loss(hidden, weight, targets, bias=None, *, gamma=2.0, num_items=None, head=None, **head_options):
     """Focal SFT: each token's NLL weighted by the detached (1 - p)^gamma (confident tokens count less)."""
-    logp = fused_hybrid.linear_logprobs(hidden, weight, targets, bias, **head_options)
-    mask = targets != head_options.get("ignore_index", -100)
+    head = fused_hybrid.HeadSpec.resolve(head, head_options)  # temperature, softcap, ignore_index, backend, ...
+    logp = fused_hybrid.linear_head_stats(hidden, weight, targets, bias, head=head).logp
+    mask = targets != head.ignore_index
     focus = (1.0 - logp.detach().exp()) ** gamma
     count = mask.sum().clamp(min=1) if num_items is None else num_items
     loss = torch.where(mask, -focus * logp, 0.0).sum() / count
@@ -51,6 +52,9 @@ def test_a_registered_objective_is_a_trainer_mode(tmp_path, focal_sft):
     assert_close_scaled(loss, expected, 1e-5)
     for got, want in zip(grads(loss, [hidden, weight]), grads(expected, [h64, w64])):
         assert_close_scaled(got, want, 1e-4, atol=1e-7)
+    # and its module form, as the README makes it
+    focal_module = objective_module("FocalSFTLoss", focal_sft_loss, check_options=lambda gamma=2.0: None)
+    assert torch.equal(focal_module(temperature=0.9)(hidden, weight, targets), loss)
 
 
 def test_every_objective_declares_what_it_needs():

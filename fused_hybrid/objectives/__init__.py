@@ -1,7 +1,7 @@
 """The hybrid SFT + RL objectives of LOSSES.md, each a function (returning LossOutput) and an nn.Module
 (returning the scalar loss, with `.metrics`), all on the logits-free core."""
 
-from ._tokens import AGGREGATIONS, LossOutput, aggregate
+from ._tokens import AGGREGATIONS, LossOutput, aggregate, objective_module
 from .chord import CHORDLoss, MuSchedule, chord_loss
 from .cispo import CISPOLoss, cispo_loss
 from .dft import DFTLoss, dft_loss
@@ -17,4 +17,5 @@ __all__ = [
     "AGGREGATIONS", "CHORDLoss", "CISPOLoss", "DFTLoss", "DPOLoss", "GMPOLoss", "GRPOLoss", "IFTLoss", "LossOutput",
     "MinorSFTLoss", "MuSchedule", "aggregate", "chord_loss", "cispo_loss", "dft_loss", "dpo_loss", "gmpo_loss",
     "grpo_loss", "ift_loss", "minor_sft_loss", "sequence_logps", "OBJECTIVES", "Objective", "register", "sft_loss",
+    "objective_module",
 ]  # fmt: skip

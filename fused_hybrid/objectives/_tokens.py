@@ -19,6 +19,8 @@ takes ``head=HeadSpec(...)`` and / or its fields as keywords (``temperature``, `
 from __future__ import annotations
 
 import dataclasses
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -28,7 +30,7 @@ from torch import nn
 from .._reduction import check_num_items, divide_by_count
 from .._validation import check_non_negative, check_sequence_ids
 from ..dispatch import linear_head_stats
-from ..head_spec import HeadSpec
+from ..head_spec import HEAD_OPTIONS, HeadSpec
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -235,3 +237,37 @@ class ObjectiveModule(nn.Module):
     def _finish(self, output: LossOutput) -> torch.Tensor:
         self.metrics = output.metrics
         return output.loss
+
+
+# Keyword arguments of a loss that come with each batch even though they are not tensors.
+_PER_BATCH = ("num_sequences",)
+
+
+def objective_module(name: str, loss: Callable[..., LossOutput], check_options: Callable[..., None]) -> type:
+    """The nn.Module form of `loss`: its options (and the head's) at construction, checked there by
+    `check_options`; its per-batch arguments (tensors, counts, ``num_sequences``) at call."""
+    keyword = [p for p in inspect.signature(loss).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    per_batch = tuple(p.name for p in keyword if "Tensor" in str(p.annotation) or p.name in _PER_BATCH)
+    option_names = tuple(p.name for p in keyword if p.name not in per_batch and p.name != "head")
+
+    def __init__(self, *, head: HeadSpec | None = None, **options) -> None:
+        ObjectiveModule.__init__(self)
+        head_options = {k: options.pop(k) for k in list(options) if k in HEAD_OPTIONS}
+        unknown = sorted(set(options) - set(option_names))
+        if unknown:
+            raise TypeError(f"{name} got unknown option(s) {unknown}; its options are {list(option_names)} and "
+                            f"the head's {list(HEAD_OPTIONS)}")  # fmt: skip
+        check_options(**options)
+        self.options = {**options, "head": HeadSpec.resolve(head, head_options)}
+
+    def forward(self, hidden, weight, targets, bias=None, **inputs) -> torch.Tensor:
+        unknown = sorted(set(inputs) - set(per_batch))
+        if unknown:
+            raise TypeError(f"{name}.forward got unknown argument(s) {unknown}; it takes {list(per_batch)}")
+        return self._finish(loss(hidden, weight, targets, bias, **inputs, **self.options))
+
+    doc = (f"Module form of :func:`{loss.__name__}`: ``{name}(**options)`` with its options {list(option_names)} "
+           f"(and the head's); ``loss_fn(hidden, weight, targets, bias=None, **inputs)`` with {list(per_batch)} "
+           "returns the scalar loss, and ``loss_fn.metrics`` the last call's metrics.")  # fmt: skip
+    module = {"__init__": __init__, "forward": forward, "__doc__": doc, "__module__": loss.__module__}
+    return type(name, (ObjectiveModule,), module)

@@ -7,18 +7,19 @@ import torch
 
 from .._validation import check_non_negative
 from ..head_spec import HeadSpec
-from ._tokens import LossOutput, ObjectiveModule, aggregate, check_aggregation, evaluate_head
+from ._tokens import LossOutput, aggregate, check_aggregation, evaluate_head, objective_module
 from .policy_gradient import LOG_RATIO_LIMIT, k3_kl, log_importance_ratio
 from .registry import Objective, aggregation_count, needs_kl_reference, policy_gradient_options, register
 
 
-def check_weight_clip(epsilon_low: float, epsilon_high: float) -> None:
+def check_cispo_options(*, epsilon_low: float = 1.0, epsilon_high: float = 0.28, beta: float = 0.0,
+                        aggregation: str = "token-mean", max_response_length: int | None = None) -> None:  # fmt: skip
     check_non_negative("epsilon_low", epsilon_low)
     check_non_negative("epsilon_high", epsilon_high)
     if epsilon_low > 1:
-        raise ValueError(
-            f"epsilon_low must be <= 1 (the weight's lower bound is 1 - epsilon_low >= 0), got {epsilon_low}"
-        )
+        raise ValueError(f"epsilon_low must be <= 1 (the weight's lower bound 1 - epsilon_low >= 0), got {epsilon_low}")
+    check_non_negative("beta", beta)
+    check_aggregation(aggregation)
 
 
 def cispo_loss(
@@ -51,9 +52,7 @@ def cispo_loss(
     Metrics: ``policy_loss``, ``clip_frac_low``, ``clip_frac_high`` (tokens whose weight was clipped),
     ``mean_ratio``, ``approx_kl``, ``entropy``, and ``ref_kl`` when ``beta > 0``.
     """
-    check_weight_clip(epsilon_low, epsilon_high)
-    check_non_negative("beta", beta)
-    check_aggregation(aggregation)
+    check_cispo_options(epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, aggregation=aggregation)
     if advantages is None:
         raise ValueError("advantages is required (per token or per sequence)")
     if beta > 0 and ref_logp is None:
@@ -86,40 +85,7 @@ def cispo_loss(
     return LossOutput(reduce(per_token), metrics)
 
 
-class CISPOLoss(ObjectiveModule):
-    """Module form of :func:`cispo_loss`: ``loss_fn(hidden, weight, targets, bias=None, *, advantages,
-    old_logp=None, ref_logp=None, loss_mask=None, sequence_ids=None, num_sequences=None, num_items=None)``."""
-
-    def __init__(self, *, epsilon_low: float = 1.0, epsilon_high: float = 0.28, beta: float = 0.0,
-                 aggregation: str = "token-mean", max_response_length: int | None = None,
-                 head: HeadSpec | None = None, **head_options) -> None:  # fmt: skip
-        super().__init__()
-        check_weight_clip(epsilon_low, epsilon_high)
-        check_non_negative("beta", beta)
-        check_aggregation(aggregation)
-        self.options = dict(
-            epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, aggregation=aggregation,
-            max_response_length=max_response_length, head=HeadSpec.resolve(head, head_options),
-        )  # fmt: skip
-
-    def forward(self, hidden, weight, targets, bias=None, *, advantages, old_logp=None, ref_logp=None,
-                loss_mask=None, sequence_ids=None, num_sequences=None, num_items=None) -> torch.Tensor:  # fmt: skip
-        return self._finish(
-            cispo_loss(
-                hidden,
-                weight,
-                targets,
-                bias,
-                advantages=advantages,
-                old_logp=old_logp,
-                ref_logp=ref_logp,
-                loss_mask=loss_mask,
-                sequence_ids=sequence_ids,
-                num_sequences=num_sequences,
-                num_items=num_items,
-                **self.options,
-            )  # fmt: skip
-        )
+CISPOLoss = objective_module("CISPOLoss", cispo_loss, check_cispo_options)
 
 
 register(Objective(name="cispo", loss=cispo_loss, data="rollouts", normalisers={"num_items": aggregation_count},

@@ -6,8 +6,12 @@ import torch
 
 from .._reduction import check_num_items, check_reduction, reduce_per_token
 from ..head_spec import HeadSpec
-from ._tokens import LossOutput, ObjectiveModule, evaluate_head
+from ._tokens import LossOutput, evaluate_head, objective_module
 from .registry import Objective, register
+
+
+def check_dft_options(*, reduction: str = "mean") -> None:
+    check_reduction(reduction)
 
 
 def dft_loss(
@@ -28,7 +32,7 @@ def dft_loss(
     (per-token losses with the shape of ``targets``). Metrics: ``sft_loss`` (the plain token-mean NLL) and
     ``mean_prob`` (mean target probability).
     """
-    check_reduction(reduction)
+    check_dft_options(reduction=reduction)
     check_num_items(num_items, reduction)
     batch = evaluate_head(
         hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=None, num_sequences=None,
@@ -41,27 +45,7 @@ def dft_loss(
     return LossOutput(loss.reshape(batch.shape) if reduction == "none" else loss, metrics)
 
 
-class DFTLoss(ObjectiveModule):
-    """Module form of :func:`dft_loss`; ``loss_fn(hidden, weight, targets, bias=None, *, loss_mask, num_items)``."""
-
-    def __init__(
-        self,
-        *,
-        reduction: str = "mean",
-        head: HeadSpec | None = None,
-        **head_options,
-    ) -> None:
-        super().__init__()
-        check_reduction(reduction)
-        self.options = dict(
-            reduction=reduction,
-            head=HeadSpec.resolve(head, head_options),
-        )
-
-    def forward(self, hidden, weight, targets, bias=None, *, loss_mask=None, num_items=None) -> torch.Tensor:
-        return self._finish(
-            dft_loss(hidden, weight, targets, bias, loss_mask=loss_mask, num_items=num_items, **self.options)
-        )
+DFTLoss = objective_module("DFTLoss", dft_loss, check_dft_options)
 
 
 register(Objective(name="dft", loss=dft_loss, data="demonstrations", normalisers={"num_items": "tokens"}))

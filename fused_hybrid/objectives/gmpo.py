@@ -8,9 +8,14 @@ import torch
 from .._reduction import check_num_items, divide_by_count
 from .._validation import check_non_negative
 from ..head_spec import HeadSpec
-from ._tokens import LossOutput, ObjectiveModule, evaluate_head
+from ._tokens import LossOutput, evaluate_head, objective_module
 from .policy_gradient import LOG_RATIO_LIMIT, k3_kl
 from .registry import Objective, clip_options, register
+
+
+def check_gmpo_options(*, epsilon_low: float = 0.4, epsilon_high: float = 0.4) -> None:
+    check_non_negative("epsilon_low", epsilon_low)
+    check_non_negative("epsilon_high", epsilon_high)
 
 
 def gmpo_loss(
@@ -39,8 +44,7 @@ def gmpo_loss(
     Metrics: ``clip_frac`` (tokens whose log-ratio was clipped), ``mean_ratio`` (mean over sequences of the
     geometric-mean ratio), ``approx_kl``, ``entropy``.
     """
-    check_non_negative("epsilon_low", epsilon_low)
-    check_non_negative("epsilon_high", epsilon_high)
+    check_gmpo_options(epsilon_low=epsilon_low, epsilon_high=epsilon_high)
     check_num_items(num_items)
     if advantages is None:
         raise ValueError("advantages is required (one per sequence)")
@@ -67,35 +71,7 @@ def gmpo_loss(
     return LossOutput(loss, metrics)
 
 
-class GMPOLoss(ObjectiveModule):
-    """Module form of :func:`gmpo_loss`: ``loss_fn(hidden, weight, targets, bias=None, *, advantages,
-    old_logp=None, loss_mask=None, sequence_ids=None, num_sequences=None, num_items=None)``."""
-
-    def __init__(self, *, epsilon_low: float = 0.4, epsilon_high: float = 0.4, head: HeadSpec | None = None,
-                 **head_options) -> None:  # fmt: skip
-        super().__init__()
-        check_non_negative("epsilon_low", epsilon_low)
-        check_non_negative("epsilon_high", epsilon_high)
-        self.options = dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                            head=HeadSpec.resolve(head, head_options))  # fmt: skip
-
-    def forward(self, hidden, weight, targets, bias=None, *, advantages, old_logp=None, loss_mask=None,
-                sequence_ids=None, num_sequences=None, num_items=None) -> torch.Tensor:  # fmt: skip
-        return self._finish(
-            gmpo_loss(
-                hidden,
-                weight,
-                targets,
-                bias,
-                advantages=advantages,
-                old_logp=old_logp,
-                loss_mask=loss_mask,
-                sequence_ids=sequence_ids,
-                num_sequences=num_sequences,
-                num_items=num_items,
-                **self.options,
-            )  # fmt: skip
-        )
+GMPOLoss = objective_module("GMPOLoss", gmpo_loss, check_gmpo_options)
 
 
 register(Objective(name="gmpo", loss=gmpo_loss, data="rollouts", normalisers={"num_items": "sequences"},

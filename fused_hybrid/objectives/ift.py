@@ -15,7 +15,7 @@ import torch
 from .._reduction import check_num_items, divide_by_count
 from .._validation import check_non_negative
 from ..head_spec import HeadSpec
-from ._tokens import LossOutput, ObjectiveModule, TokenBatch, evaluate_head
+from ._tokens import LossOutput, TokenBatch, evaluate_head, objective_module
 from .registry import Objective, register
 
 
@@ -29,6 +29,12 @@ def ift_token_weights(batch: TokenBatch, gamma: float) -> torch.Tensor:
     propagated = batch.keep(propagated)
     scale = batch.seq_tokens() / batch.seq_sum(propagated).clamp(min=torch.finfo(propagated.dtype).tiny)
     return propagated * batch.to_tokens(scale)
+
+
+def check_ift_options(*, gamma: float = 0.95) -> None:
+    check_non_negative("gamma", gamma)
+    if gamma > 1:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
 
 
 def ift_loss(
@@ -47,9 +53,7 @@ def ift_loss(
 ) -> LossOutput:
     """IFT loss (see the module docstring): mean over sequences with response tokens (or over ``num_items``
     sequences) of the gamma-weighted token-mean NLL. Metrics: ``sft_loss`` (plain token-mean NLL)."""
-    check_non_negative("gamma", gamma)
-    if gamma > 1:
-        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    check_ift_options(gamma=gamma)
     check_num_items(num_items)
     batch = evaluate_head(
         hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
@@ -64,38 +68,7 @@ def ift_loss(
     return LossOutput(loss, {"sft_loss": batch.token_mean(-batch.logp)})
 
 
-class IFTLoss(ObjectiveModule):
-    """Module form of :func:`ift_loss`: ``loss_fn(hidden, weight, targets, bias=None, *, loss_mask=None,
-    sequence_ids=None, num_sequences=None, num_items=None)``."""
-
-    def __init__(
-        self,
-        *,
-        gamma: float = 0.95,
-        head: HeadSpec | None = None,
-        **head_options,
-    ) -> None:
-        super().__init__()
-        check_non_negative("gamma", gamma)
-        if gamma > 1:
-            raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
-        self.options = dict(gamma=gamma, head=HeadSpec.resolve(head, head_options))
-
-    def forward(self, hidden, weight, targets, bias=None, *, loss_mask=None, sequence_ids=None, num_sequences=None,
-                num_items=None) -> torch.Tensor:  # fmt: skip
-        return self._finish(
-            ift_loss(
-                hidden,
-                weight,
-                targets,
-                bias,
-                loss_mask=loss_mask,
-                sequence_ids=sequence_ids,
-                num_sequences=num_sequences,
-                num_items=num_items,
-                **self.options,
-            )  # fmt: skip
-        )
+IFTLoss = objective_module("IFTLoss", ift_loss, check_ift_options)
 
 
 register(Objective(name="ift", loss=ift_loss, data="demonstrations", normalisers={"num_items": "sequences"},

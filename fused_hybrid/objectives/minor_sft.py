@@ -8,9 +8,13 @@ import torch.nn.functional as F
 from .._reduction import check_num_items, divide_by_count
 from .._validation import check_positive
 from ..head_spec import HeadSpec
-from ._tokens import LossOutput, ObjectiveModule, evaluate_head
+from ._tokens import LossOutput, evaluate_head, objective_module
 from .preference import policy_and_reference_sums
 from .registry import Objective, register
+
+
+def check_minor_sft_options(*, beta: float = 0.1, length_normalized: bool = False) -> None:
+    check_positive("beta", beta)
 
 
 def minor_sft_loss(
@@ -41,7 +45,7 @@ def minor_sft_loss(
     ``ref_logp``: the reference policy's log-probs, per token or as per-sequence sums (see ``sequence_logps``).
     Metrics: ``m_theta = mean_i (1/m_i) sum_t (logp_t - ref_logp_t)`` and ``sft_loss`` (token-mean NLL).
     """
-    check_positive("beta", beta)
+    check_minor_sft_options(beta=beta, length_normalized=length_normalized)
     check_num_items(num_items)
     if ref_logp is None:
         raise ValueError("ref_logp is required (per token, or per-sequence sums from sequence_logps)")
@@ -68,40 +72,7 @@ def minor_sft_loss(
     return LossOutput(loss, metrics)
 
 
-class MinorSFTLoss(ObjectiveModule):
-    """Module form of :func:`minor_sft_loss`: ``loss_fn(hidden, weight, targets, bias=None, *, ref_logp,
-    loss_mask=None, sequence_ids=None, num_sequences=None, num_items=None)``."""
-
-    def __init__(
-        self,
-        *,
-        beta: float = 0.1,
-        length_normalized: bool = False,
-        head: HeadSpec | None = None,
-        **head_options,
-    ) -> None:
-        super().__init__()
-        check_positive("beta", beta)
-        self.options = dict(
-            beta=beta, length_normalized=length_normalized, head=HeadSpec.resolve(head, head_options),
-        )  # fmt: skip
-
-    def forward(self, hidden, weight, targets, bias=None, *, ref_logp, loss_mask=None, sequence_ids=None,
-                num_sequences=None, num_items=None) -> torch.Tensor:  # fmt: skip
-        return self._finish(
-            minor_sft_loss(
-                hidden,
-                weight,
-                targets,
-                bias,
-                ref_logp=ref_logp,
-                loss_mask=loss_mask,
-                sequence_ids=sequence_ids,
-                num_sequences=num_sequences,
-                num_items=num_items,
-                **self.options,
-            )  # fmt: skip
-        )
+MinorSFTLoss = objective_module("MinorSFTLoss", minor_sft_loss, check_minor_sft_options)
 
 
 register(Objective(name="minor_sft", loss=minor_sft_loss, data="demonstrations", normalisers={"num_items": "sequences"},

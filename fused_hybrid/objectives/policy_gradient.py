@@ -6,7 +6,7 @@ import torch
 
 from .._validation import check_non_negative
 from ..head_spec import HeadSpec
-from ._tokens import LossOutput, ObjectiveModule, TokenBatch, aggregate, check_aggregation, evaluate_head
+from ._tokens import LossOutput, TokenBatch, aggregate, check_aggregation, evaluate_head, objective_module
 from .registry import Objective, aggregation_count, needs_kl_reference, policy_gradient_options, register
 
 LOG_RATIO_LIMIT = 20.0  # log-ratios are clamped to +-20 before exp (as verl does)
@@ -90,6 +90,17 @@ def policy_metrics(batch: TokenBatch, active: dict[str, torch.Tensor]) -> dict[s
     return metrics
 
 
+def check_grpo_options(*, epsilon_low: float = 0.2, epsilon_high: float = 0.2, dual_clip: float | None = 3.0,
+                       beta: float = 0.0, entropy_coef: float = 0.0, importance_sampling: str = "token",
+                       aggregation: str = "token-mean", max_response_length: int | None = None) -> None:  # fmt: skip
+    check_clip_options(epsilon_low, epsilon_high, dual_clip)
+    check_non_negative("beta", beta)
+    check_non_negative("entropy_coef", entropy_coef)
+    check_aggregation(aggregation)
+    if importance_sampling not in IMPORTANCE_SAMPLING:
+        raise ValueError(f"importance_sampling must be one of {IMPORTANCE_SAMPLING}, got {importance_sampling!r}")
+
+
 def grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -132,10 +143,10 @@ def grpo_loss(
     Metrics: ``policy_loss``, ``clip_frac_low``, ``clip_frac_high``, ``dual_clip_frac``, ``mean_ratio``,
     ``approx_kl`` (k3 of the rollout policy vs the current one), ``entropy``, and ``ref_kl`` when ``beta > 0``.
     """
-    check_clip_options(epsilon_low, epsilon_high, dual_clip)
-    check_non_negative("beta", beta)
-    check_non_negative("entropy_coef", entropy_coef)
-    check_aggregation(aggregation)
+    check_grpo_options(
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, beta=beta, entropy_coef=entropy_coef,
+        importance_sampling=importance_sampling, aggregation=aggregation,
+    )  # fmt: skip
     if advantages is None:
         raise ValueError("advantages is required (per token or per sequence)")
     if beta > 0 and ref_logp is None:
@@ -166,59 +177,7 @@ def grpo_loss(
     return LossOutput(reduce(per_token), metrics)
 
 
-class GRPOLoss(ObjectiveModule):
-    """Module form of :func:`grpo_loss`: options at construction, per-batch tensors at call.
-
-    ``loss_fn(hidden, weight, targets, bias=None, *, advantages, old_logp=None, ref_logp=None, loss_mask=None,
-    sequence_ids=None, num_sequences=None, num_items=None)`` returns the scalar loss; ``loss_fn.metrics`` holds the
-    metrics of the last call.
-    """
-
-    def __init__(
-        self,
-        *,
-        epsilon_low: float = 0.2,
-        epsilon_high: float = 0.2,
-        dual_clip: float | None = 3.0,
-        beta: float = 0.0,
-        entropy_coef: float = 0.0,
-        importance_sampling: str = "token",
-        aggregation: str = "token-mean",
-        max_response_length: int | None = None,
-        head: HeadSpec | None = None,
-        **head_options,
-    ) -> None:
-        super().__init__()
-        check_clip_options(epsilon_low, epsilon_high, dual_clip)
-        check_non_negative("beta", beta)
-        check_non_negative("entropy_coef", entropy_coef)
-        check_aggregation(aggregation)
-        if importance_sampling not in IMPORTANCE_SAMPLING:
-            raise ValueError(f"importance_sampling must be one of {IMPORTANCE_SAMPLING}, got {importance_sampling!r}")
-        self.options = dict(
-            epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, beta=beta,
-            entropy_coef=entropy_coef, importance_sampling=importance_sampling, aggregation=aggregation,
-            max_response_length=max_response_length, head=HeadSpec.resolve(head, head_options),
-        )  # fmt: skip
-
-    def forward(self, hidden, weight, targets, bias=None, *, advantages, old_logp=None, ref_logp=None,
-                loss_mask=None, sequence_ids=None, num_sequences=None, num_items=None) -> torch.Tensor:  # fmt: skip
-        return self._finish(
-            grpo_loss(
-                hidden,
-                weight,
-                targets,
-                bias,
-                advantages=advantages,
-                old_logp=old_logp,
-                ref_logp=ref_logp,
-                loss_mask=loss_mask,
-                sequence_ids=sequence_ids,
-                num_sequences=num_sequences,
-                num_items=num_items,
-                **self.options,
-            )  # fmt: skip
-        )
+GRPOLoss = objective_module("GRPOLoss", grpo_loss, check_grpo_options)
 
 
 register(Objective(name="grpo", loss=grpo_loss, data="rollouts", normalisers={"num_items": aggregation_count},

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .._reduction import check_num_items, divide_by_count
 from .._validation import check_non_negative, check_positive
 from ..head_spec import HeadSpec
-from ._tokens import LossOutput, ObjectiveModule, TokenBatch, evaluate_head
+from ._tokens import LossOutput, TokenBatch, evaluate_head, objective_module
 from .registry import Objective, register
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo")
@@ -56,6 +56,15 @@ def sequence_logps(
     return batch.seq_sum(batch.logp)
 
 
+def check_dpo_options(*, loss_type: str = "sigmoid", beta: float = 0.1, simpo_gamma: float = 0.5,
+                      nll_weight: float = 0.0) -> None:  # fmt: skip
+    if loss_type not in PREFERENCE_LOSSES:
+        raise ValueError(f"loss_type must be one of {PREFERENCE_LOSSES}, got {loss_type!r}")
+    check_positive("beta", beta)
+    check_non_negative("simpo_gamma", simpo_gamma)
+    check_non_negative("nll_weight", nll_weight)
+
+
 def dpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -94,11 +103,7 @@ def dpo_loss(
     ``reward_accuracy`` (rewards: ``beta`` times the policy-reference log-ratio, or
     ``beta * S_bar`` for SimPO).
     """
-    if loss_type not in PREFERENCE_LOSSES:
-        raise ValueError(f"loss_type must be one of {PREFERENCE_LOSSES}, got {loss_type!r}")
-    check_positive("beta", beta)
-    check_non_negative("simpo_gamma", simpo_gamma)
-    check_non_negative("nll_weight", nll_weight)
+    check_dpo_options(loss_type=loss_type, beta=beta, simpo_gamma=simpo_gamma, nll_weight=nll_weight)
     check_num_items(num_items)
     check_num_items(num_chosen_tokens, name="num_chosen_tokens")
     if loss_type != "simpo" and ref_logp is None:
@@ -143,46 +148,7 @@ def dpo_loss(
     return LossOutput(loss, metrics)
 
 
-class DPOLoss(ObjectiveModule):
-    """Module form of :func:`dpo_loss`: ``loss_fn(hidden, weight, targets, bias=None, *, ref_logp=None,
-    loss_mask=None, sequence_ids=None, num_sequences=None, num_items=None, num_chosen_tokens=None)``."""
-
-    def __init__(
-        self,
-        *,
-        loss_type: str = "sigmoid",
-        beta: float = 0.1,
-        simpo_gamma: float = 0.5,
-        nll_weight: float = 0.0,
-        head: HeadSpec | None = None,
-        **head_options,
-    ) -> None:
-        super().__init__()
-        if loss_type not in PREFERENCE_LOSSES:
-            raise ValueError(f"loss_type must be one of {PREFERENCE_LOSSES}, got {loss_type!r}")
-        check_positive("beta", beta)
-        self.options = dict(
-            loss_type=loss_type, beta=beta, simpo_gamma=simpo_gamma, nll_weight=nll_weight,
-            head=HeadSpec.resolve(head, head_options),
-        )  # fmt: skip
-
-    def forward(self, hidden, weight, targets, bias=None, *, ref_logp=None, loss_mask=None, sequence_ids=None,
-                num_sequences=None, num_items=None, num_chosen_tokens=None) -> torch.Tensor:  # fmt: skip
-        return self._finish(
-            dpo_loss(
-                hidden,
-                weight,
-                targets,
-                bias,
-                ref_logp=ref_logp,
-                loss_mask=loss_mask,
-                sequence_ids=sequence_ids,
-                num_sequences=num_sequences,
-                num_items=num_items,
-                num_chosen_tokens=num_chosen_tokens,
-                **self.options,
-            )  # fmt: skip
-        )
+DPOLoss = objective_module("DPOLoss", dpo_loss, check_dpo_options)
 
 
 register(Objective(

@@ -206,7 +206,8 @@ class _FusedHead:
     (read from the config, confirmed by the probe), and the numeric settings the probe has verified."""
 
     def __init__(self, model: nn.Module, objective: str, loss_options: dict, verify: bool) -> None:
-        self.original_forward = model.forward
+        self.model = model
+        self.original_forward = model.forward  # bound, or an instance-level wrapper (an accelerate hook)
         self.loss_fn = _loss_function(objective, loss_options)
         # The probe checks what the patch reads from the model (head input, transform, labels) with the plain
         # cross-entropy, which the model's own loss computes; the objective on top is the package's tested math.
@@ -227,11 +228,11 @@ class _FusedHead:
         return outputs, recorded
 
     def head(self) -> nn.Module:
-        return self.original_forward.__self__.get_output_embeddings()
+        return self.model.get_output_embeddings()
 
     def loss(self, args, kwargs, labels, shift_labels, num_items_in_batch, *, loss_fn=None, shift=None):
         """The fused training loss (+ the router loss) and the model's outputs without logits."""
-        model = self.original_forward.__self__
+        model = self.model
         name = type(model).__name__
         wants_tuple = kwargs.pop("return_dict", None) is False
         if wants_tuple:
@@ -264,7 +265,7 @@ class _FusedHead:
         """Probe once per numeric setting (device, autocast, head dtype); see verify_patch."""
         if not self.verify:
             return
-        setting = _numeric_setting(self.original_forward.__self__)
+        setting = _numeric_setting(self.model)
         if setting not in self.verified_settings:
             verify_patch(self)
             self.verified_settings.add(setting)
@@ -360,7 +361,7 @@ def confirm_transform(fused: _FusedHead, input_ids: torch.Tensor) -> None:
     without a config value the model does not apply after its head (e.g. a scaling it applies to the hidden states
     before the head, which the recorded head input already holds). Independent of the weights, so a near-uniform
     random model shows a missing softcap as clearly as a trained one."""
-    name = type(fused.original_forward.__self__).__name__
+    name = type(fused.model).__name__
 
     def probe_values(hidden):
         return hidden.new_tensor(_TRANSFORM_PROBE_VALUES).expand(*hidden.shape[:-1], len(_TRANSFORM_PROBE_VALUES))
@@ -392,7 +393,7 @@ def verify_patch(fused: _FusedHead) -> None:
     """Confirm the logit transform (confirm_transform) and the label convention, then compare the fused loss and
     a parameter's gradient with the model's own on a probe batch (same dropout masks: the same seed before each
     pass); raise PatchMismatchError naming what differs."""
-    model = fused.original_forward.__self__
+    model = fused.model
     name = type(model).__name__
     hint = "pass verify=False to patch_model to skip this check (the loss is then unchecked)"
     head = model.get_output_embeddings()

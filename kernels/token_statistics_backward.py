@@ -6,7 +6,8 @@ Grid (token blocks, vocabulary blocks). Per tile, with p = exp(z - lse):
     dz *= (1 - (z / softcap)^2) / temperature          (chain through softcap and temperature)
 
 then dhidden[n, :] += dz @ weight[v, :] and dweight[v, :] += dz.T @ hidden[n, :] (and dbias[v] += sum_n dz) are
-added atomically into fp32 buffers. A block of ignored tokens returns at once.
+added atomically into fp32 buffers, with relaxed ordering: the sums need atomicity, not the memory fences of the
+default acq_rel (nothing reads them before the kernel ends). A block of ignored tokens returns at once.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def token_statistics_backward_kernel(
     d_z = tl.where(active[:, None] & mask_v[None, :], d_z * inv_temperature, 0.0)
 
     if COMPUTE_D_BIAS:
-        tl.atomic_add(d_bias_ptr + offs_v, tl.sum(d_z, axis=0), mask=mask_v)
+        tl.atomic_add(d_bias_ptr + offs_v, tl.sum(d_z, axis=0), mask=mask_v, sem="relaxed")
 
     d_z_in = d_z.to(hidden_ptr.dtype.element_ty)  # tensor-core operands in the input dtype, fp32 accumulation
     if IN_INTERPRETER:
@@ -130,7 +131,8 @@ def token_statistics_backward_kernel(
             if IN_INTERPRETER:
                 w = w.to(tl.float32)
             d_h = tl.dot(d_z_in, w, input_precision=DOT_PRECISION)
-            tl.atomic_add(d_hidden_ptr + rows_h * D + offs_d[None, :], d_h, mask=mask_n[:, None] & mask_d[None, :])
+            tl.atomic_add(d_hidden_ptr + rows_h * D + offs_d[None, :], d_h, mask=mask_n[:, None] & mask_d[None, :],
+                          sem="relaxed")  # fmt: skip
         if COMPUTE_D_WEIGHT:
             h = tl.load(
                 hidden_ptr + rows_h * stride_hn + offs_d[None, :] * stride_hd,
@@ -140,7 +142,8 @@ def token_statistics_backward_kernel(
             if IN_INTERPRETER:
                 h = h.to(tl.float32)
             d_w = tl.dot(tl.trans(d_z_in), h, input_precision=DOT_PRECISION)
-            tl.atomic_add(d_weight_ptr + rows_w * D + offs_d[None, :], d_w, mask=mask_v[:, None] & mask_d[None, :])
+            tl.atomic_add(d_weight_ptr + rows_w * D + offs_d[None, :], d_w, mask=mask_v[:, None] & mask_d[None, :],
+                          sem="relaxed")  # fmt: skip
 
 
 def logit_gradients(

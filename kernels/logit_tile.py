@@ -33,8 +33,9 @@ def in_interpreter(device: torch.device) -> bool:
     return device.type != "cuda" or triton_interpreter_enabled()
 
 
-def launch_config(device: torch.device, cuda_config: LaunchConfig) -> LaunchConfig:
-    return INTERPRETER_CONFIG if in_interpreter(device) else cuda_config
+def launch_config(hidden: torch.Tensor, cuda_configs: dict[torch.dtype, LaunchConfig]) -> LaunchConfig:
+    """The interpreter's small tiles, or the pass's CUDA config for the input dtype."""
+    return INTERPRETER_CONFIG if in_interpreter(hidden.device) else cuda_configs[hidden.dtype]
 
 
 def fp32_dot_precision() -> str:

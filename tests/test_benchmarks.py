@@ -98,3 +98,25 @@ def test_long_context_experiment_runs_on_a_scaled_down_model():
 def test_long_context_on_cpu_reports_it_needs_cuda():
     rows = run_long_context(torch.device("cpu"))
     assert rows and all(r["status"] == "needs CUDA (real sizes)" for r in rows)
+
+
+def test_compile_report_reads_the_cubins_triton_builds():
+    """The kernels compile ahead of time for Hopper (tensor cores in use), and the fp32 backward's tiles fit an
+    A100's shared memory (its first config needed 208 KiB of the 164 KiB an sm_80 SM has)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "fused_hybrid.benchmarks.compile_report", "--passes", "forward,backward",
+         "--archs", "sm_90a,sm_80", "--dtypes", "bf16,fp32"],
+        capture_output=True, text=True, check=True, timeout=600,
+    )  # fmt: skip
+    rows = [line.strip("|").split("|") for line in result.stdout.splitlines() if line.startswith("| ")][1:]
+    table = {(r[0].strip(), r[1].strip(), r[2].strip()): [c.strip() for c in r] for r in rows}
+    assert len(table) == 8
+    for (name, arch, dtype), row in table.items():
+        registers, shared, ctas, tensor_core = int(row[5]), int(row[7]), int(row[8]), int(row[9])
+        assert 0 < registers <= 255 and ctas >= 1, (name, arch, dtype)
+        assert shared <= {"sm_80": 164, "sm_90a": 228}[arch] * 1024, (name, arch, dtype)
+        if dtype == "bf16":
+            assert tensor_core > 0, (name, arch)

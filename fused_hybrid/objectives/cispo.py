@@ -8,7 +8,7 @@ import torch
 from .._validation import check_non_negative
 from ..head_spec import HeadSpec
 from ._tokens import LossOutput, aggregate, check_aggregation, evaluate_head, objective_module
-from .policy_gradient import LOG_RATIO_LIMIT, k3_kl, log_importance_ratio
+from .policy_gradient import LOG_RATIO_LIMIT, k3_kl, log_importance_ratio, policy_metrics
 from .registry import Objective, aggregation_count, needs_kl_reference, policy_gradient_options, register
 
 
@@ -66,13 +66,9 @@ def cispo_loss(
     clipped_weight = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
     policy_loss = -clipped_weight * token_advantages * batch.logp
     per_token = policy_loss
-    metrics = {
-        "clip_frac_low": batch.token_mean(ratio < 1.0 - epsilon_low),
-        "clip_frac_high": batch.token_mean(ratio > 1.0 + epsilon_high),
-        "mean_ratio": batch.token_mean(ratio),
-        "approx_kl": batch.token_mean(k3_kl(batch.logp.detach(), batch.logp.detach() - log_ratio)),
-        "entropy": batch.token_mean(batch.entropy),
-    }
+    # the weight's clip, whatever the advantage's sign (CISPO clips weights, not the surrogate)
+    clipped = {"ratio": ratio, "clip_low": ratio < 1.0 - epsilon_low, "clip_high": ratio > 1.0 + epsilon_high}
+    metrics = policy_metrics(batch, clipped)
     if beta > 0:
         kl = k3_kl(batch.logp, batch.per_token(ref_logp, "ref_logp"))
         per_token = per_token + beta * kl

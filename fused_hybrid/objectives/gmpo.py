@@ -53,7 +53,7 @@ def gmpo_loss(
     batch.require_sequences("gmpo_loss")
     seq_advantages = batch.per_sequence(advantages, "advantages").to(batch.logp.dtype)
     old_token_logp = batch.logp.detach() if old_logp is None else batch.per_token(old_logp, "old_logp")
-    log_ratio = batch.keep(batch.logp - old_token_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    log_ratio = (batch.logp - old_token_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)  # 0 outside the loss
     clipped = log_ratio.clamp(-epsilon_low, epsilon_high)
     positive = batch.to_tokens(seq_advantages) > 0
     log_m = torch.where(positive, torch.minimum(log_ratio, clipped), torch.maximum(log_ratio, clipped))

@@ -5,7 +5,10 @@ Each check raises before any kernel launches and names the offending argument an
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+from importlib import resources
 
 import torch
 
@@ -92,8 +95,10 @@ def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
     """Map `backend` to a registered backend or "reference", checking it can run on `hidden`."""
     check_backend_name(backend)
     if backend == "auto":
-        on_cuda = hidden.device.type == "cuda" and hidden.dtype in TRITON_DTYPES
-        return "triton" if on_cuda and triton_import_error() is None else "torch"
+        num_tokens = hidden.numel() // max(hidden.shape[-1], 1)
+        chosen = auto_backend(hidden.device.type, hidden.dtype, num_tokens)
+        runs_triton = hidden.device.type == "cuda" and hidden.dtype in TRITON_DTYPES and triton_import_error() is None
+        return chosen if chosen != "triton" or runs_triton else "chunked"
     if backend == "triton":
         error = triton_import_error()
         if error is not None:
@@ -109,6 +114,23 @@ def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
                 "use backend='torch' for float64"
             )
     return backend
+
+
+@functools.cache
+def _dispatch_table() -> dict:
+    return json.loads(resources.files("fused_hybrid.benchmarks").joinpath("dispatch_table.json").read_text())
+
+
+def auto_backend(device_type: str, dtype: torch.dtype, num_tokens: int) -> str:
+    """The backend that backend="auto" runs: the first rule of the measured table (benchmarks/dispatch_table.json)
+    matching the device type, the dtype and the number of tokens."""
+    table = _dispatch_table()
+    dtype_name = str(dtype).removeprefix("torch.")
+    for rule in table["rules"]:
+        if rule["device"] == device_type and dtype_name in rule.get("dtypes", [dtype_name]) \
+                and num_tokens >= rule["min_tokens"]:  # fmt: skip
+            return rule["backend"]
+    return table["otherwise"]
 
 
 def triton_import_error() -> str | None:

@@ -32,13 +32,19 @@ class HeadStats(NamedTuple):
     sum_z: torch.Tensor
 
 
+DEFAULT_WORKSPACE_BYTES = 1 << 30  # what the chunked engine may hold per chunk: logits and epilogue temporaries
+
+
 @dataclass(frozen=True)
 class LogitTransform:
-    """z = softcap(F.linear(hidden, weight, bias) / temperature); softcap(u) = s * tanh(u / s)."""
+    """z = softcap(F.linear(hidden, weight, bias) / temperature); softcap(u) = s * tanh(u / s); targets equal to
+    `ignore_index` are ignored. `workspace_bytes` bounds the chunked engine's per-chunk buffers (the tile kernels
+    need O(N) memory and ignore it)."""
 
     temperature: float = 1.0
     softcap: float | None = None
     ignore_index: int = -100
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
 
 
 class TokenGradCoefficients(NamedTuple):

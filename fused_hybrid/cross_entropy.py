@@ -7,7 +7,8 @@ from torch import nn
 
 from ._reduction import check_num_items, check_reduction, reduce_per_token
 from ._validation import check_non_negative
-from .dispatch import linear_head_stats
+from .core import HeadStats
+from .dispatch import linear_head_loss
 from .head_spec import HeadSpec
 from .vocab_parallel import VocabParallel
 
@@ -43,28 +44,25 @@ def linear_cross_entropy(
     check_non_negative("z_loss", z_loss)
     check_num_items(num_items, reduction)
 
-    stats = linear_head_stats(
-        hidden,
-        weight,
-        targets,
-        bias,
-        temperature=temperature,
-        softcap=softcap,
-        ignore_index=ignore_index,
-        backend=backend,
-        vocab_parallel=vocab_parallel,
-    )
-    per_token = -stats.logp
-    if label_smoothing > 0:
-        # mean_v z_v is over the whole vocabulary, every slice of it under vocab parallelism
-        vocab_size = (
-            weight.shape[0] if vocab_parallel is None else vocab_parallel.layout(weight.shape[0], weight.device)[1]
-        )
-        per_token = (1.0 - label_smoothing) * per_token + label_smoothing * (stats.lse - stats.sum_z / vocab_size)
-    if z_loss > 0:
-        per_token = per_token + z_loss * stats.lse.square()  # stats are 0 at ignored tokens
+    head = HeadSpec(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
+                    vocab_parallel=vocab_parallel)  # fmt: skip
+    # mean_v z_v is over the whole vocabulary, every slice of it under vocab parallelism
+    vocab_size = weight.shape[0] if vocab_parallel is None else vocab_parallel.layout(weight.shape[0], weight.device)[1]
+    valid = targets != ignore_index
 
-    return reduce_per_token(per_token, targets != ignore_index, reduction, num_items)
+    def loss_of_stats(stats: HeadStats):
+        per_token = -stats.logp
+        if label_smoothing > 0:
+            per_token = (1.0 - label_smoothing) * per_token + label_smoothing * (stats.lse - stats.sum_z / vocab_size)
+        if z_loss > 0:
+            per_token = per_token + z_loss * stats.lse.square()  # stats are 0 at ignored tokens
+        return reduce_per_token(per_token, valid, reduction, num_items), None
+
+    # every scalar reduction is a sum of per-token terms over mask-given counts: the gradient can come with the
+    # forward; reduction="none" leaves the downstream use open (two passes)
+    loss, _ = linear_head_loss(loss_of_stats, hidden, weight, targets, bias, head=head,
+                               token_separable=reduction != "none")  # fmt: skip
+    return loss
 
 
 class FusedLinearCrossEntropyLoss(nn.Module):

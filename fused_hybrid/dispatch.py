@@ -1,16 +1,49 @@
-"""The validated entry to the logits-free core: checks the arguments, then runs the custom op (or the
-vocab-parallel path, or the naive reference) and masks ignored tokens' statistics to 0."""
+"""The validated entries to the logits-free core: they check the arguments, then run the custom op (or the
+vocab-parallel path, or the naive reference) and mask ignored tokens' statistics to 0.
+
+`linear_head_stats` returns differentiable statistics (any downstream use; the backward recomputes the logits).
+`linear_head_loss` takes the loss as a function of the statistics: when that loss is token-separable and the
+chunked engine runs, its gradient is computed inside the forward (three GEMMs, nothing recomputed).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
 from ._ops import token_statistics
 from ._validation import check_head_inputs, check_targets_in_range, resolve_backend
-from .backends import reference
+from .backends import chunked, reference
 from .core import HeadStats, LogitTransform
 from .head_spec import HeadSpec
 from .vocab_parallel import vocab_parallel_head_stats
+
+
+class _Call(NamedTuple):
+    head: HeadSpec
+    backend: str  # resolved
+    hidden_2d: torch.Tensor
+    targets_1d: torch.Tensor
+    transform: LogitTransform
+    leading_shape: torch.Size
+
+
+def _prepare(hidden, weight, targets, bias, head: HeadSpec | None, head_options: dict) -> _Call:
+    head = HeadSpec.resolve(head, head_options)
+    check_head_inputs(hidden, weight, targets, bias)
+    resolved = resolve_backend(head.backend, hidden)
+    vocab_size = weight.shape[0]
+    if head.vocab_parallel is not None:
+        if resolved == "reference":
+            raise ValueError("vocab_parallel runs on the logits-free backends, not on 'reference'")
+        vocab_size = head.vocab_parallel.layout(weight.shape[0], weight.device)[1]
+    check_targets_in_range(targets, vocab_size, head.ignore_index)
+    transform = LogitTransform(temperature=float(head.temperature), softcap=head.softcap,
+                               ignore_index=head.ignore_index, workspace_bytes=head.workspace_bytes)  # fmt: skip
+    return _Call(head, resolved, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).to(torch.int64).contiguous(),
+                 transform, targets.shape)  # fmt: skip
 
 
 def linear_head_stats(
@@ -25,34 +58,98 @@ def linear_head_stats(
     """Validated entry to the core: returns HeadStats with the leading shape of `targets`.
 
     ``head`` (a :class:`fused_hybrid.HeadSpec`) and / or its fields as keywords (``temperature``, ``softcap``,
-    ``ignore_index``, ``backend``, ``vocab_parallel``) say how the logits are formed and computed. With
-    ``vocab_parallel``, `weight` and `bias` are this rank's slice of the head and the statistics are those of the
-    full vocabulary (see fused_hybrid.vocab_parallel).
+    ``ignore_index``, ``backend``, ``workspace_bytes``, ``vocab_parallel``) say how the logits are formed and
+    computed. With ``vocab_parallel``, `weight` and `bias` are this rank's slice of the head and the statistics are
+    those of the full vocabulary (see fused_hybrid.vocab_parallel).
     """
-    head = HeadSpec.resolve(head, head_options)
-    check_head_inputs(hidden, weight, targets, bias)
-    resolved = resolve_backend(head.backend, hidden)
-    vocab_parallel, ignore_index = head.vocab_parallel, head.ignore_index
-    offset, vocab_size = 0, weight.shape[0]
-    if vocab_parallel is not None:
-        if resolved == "reference":
-            raise ValueError("vocab_parallel runs on the logits-free backends, not on 'reference'")
-        offset, vocab_size = vocab_parallel.layout(weight.shape[0], weight.device)
-    check_targets_in_range(targets, vocab_size, ignore_index)
-
-    leading_shape = targets.shape
-    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
-    targets_1d = targets.reshape(-1).to(torch.int64).contiguous()
-    transform = LogitTransform(temperature=float(head.temperature), softcap=head.softcap, ignore_index=ignore_index)
-
-    if resolved == "reference":
+    call = _prepare(hidden, weight, targets, bias, head, head_options)
+    hidden_2d, targets_1d, transform = call.hidden_2d, call.targets_1d, call.transform
+    if call.backend == "reference":
         stats = reference.head_stats(hidden_2d, weight, targets_1d, bias, transform)
-    elif vocab_parallel is not None:
-        stats = vocab_parallel_head_stats(hidden_2d, weight, targets_1d, bias, transform, resolved, vocab_parallel,
-                                          offset)  # fmt: skip
+    elif call.head.vocab_parallel is not None:
+        offset = call.head.vocab_parallel.layout(weight.shape[0], weight.device)[0]
+        stats = vocab_parallel_head_stats(hidden_2d, weight, targets_1d, bias, transform, call.backend,
+                                          call.head.vocab_parallel, offset)  # fmt: skip
     else:
-        raw = token_statistics(hidden_2d, weight, targets_1d, bias, transform, resolved)
+        raw = token_statistics(hidden_2d, weight, targets_1d, bias, transform, call.backend)
         # Ignored tokens read 0; their gradient coefficients are 0 too (see token_grad_coefficients).
-        valid = targets_1d != ignore_index
+        valid = targets_1d != transform.ignore_index
         stats = HeadStats(*(torch.where(valid, statistic, 0.0) for statistic in raw))
-    return HeadStats(*(s.reshape(leading_shape) for s in stats))
+    return HeadStats(*(s.reshape(call.leading_shape) for s in stats))
+
+
+# loss_of_stats(HeadStats with the shape of targets) -> (scalar loss, anything else the caller wants back)
+LossOfStats = Callable[[HeadStats], tuple[torch.Tensor, Any]]
+
+
+def linear_head_loss(
+    loss_of_stats: LossOfStats,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    token_separable: bool,
+    head: HeadSpec | None = None,
+    **head_options,
+) -> tuple[torch.Tensor, Any]:
+    """``loss_of_stats(linear_head_stats(...))``, with the gradient computed inside the forward when it can be.
+
+    That takes: the chunked engine (``backend="chunked"``, or ``"auto"`` choosing it), a loss the caller declares
+    ``token_separable`` (each token's upstream gradient follows from its own statistics and its inputs, with
+    normalisers that depend on masks only), no vocab-parallel head, a gradient due for hidden / weight / bias, and
+    eager mode (under torch.compile the custom op's two passes run). `loss_of_stats` must then depend on no other
+    tensor that requires grad: it is evaluated on detached statistics. It is called once per chunk to give that
+    chunk's upstream gradients (autograd of the loss at those tokens), once on zeros before any GEMM (so that a bad
+    input fails first), and once on the final statistics for the returned value.
+    """
+    call = _prepare(hidden, weight, targets, bias, head, head_options)
+    needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    in_forward = (
+        token_separable and call.backend == "chunked" and call.head.vocab_parallel is None and torch.is_grad_enabled()
+        and any(needs) and not torch.compiler.is_compiling()
+    )  # fmt: skip
+    if not in_forward:
+        return loss_of_stats(linear_head_stats(hidden, weight, targets, bias, head=call.head))
+
+    def shaped(stats: HeadStats) -> HeadStats:
+        return HeadStats(*(s.reshape(call.leading_shape) for s in stats))
+
+    with torch.no_grad():  # every input checked before the first GEMM
+        zeros = torch.zeros(call.targets_1d.shape, dtype=torch.float64 if hidden.dtype == torch.float64 else
+                            torch.float32, device=hidden.device)  # fmt: skip
+        loss_of_stats(shaped(HeadStats(zeros, zeros, zeros, zeros)))
+
+    def chunk_gradients(stats: HeadStats, rows):
+        leaves = [s.detach().requires_grad_() for s in stats]
+        with torch.enable_grad():
+            loss, _ = loss_of_stats(shaped(HeadStats(*leaves)))
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        return tuple(None if g is None else g[rows] for g in grads)
+
+    with torch.no_grad():
+        stats, (d_hidden, d_weight, d_bias) = chunked.statistics_and_gradients(
+            call.hidden_2d.detach(), weight.detach(), call.targets_1d, None if bias is None else bias.detach(),
+            call.transform, chunk_gradients, needs,
+        )  # fmt: skip
+        loss, extras = loss_of_stats(shaped(stats))
+    if d_hidden is not None:
+        d_hidden = d_hidden.reshape(hidden.shape)
+    return _GradientFromForward.apply(loss, hidden, weight, bias, d_hidden, d_weight, d_bias), extras
+
+
+class _GradientFromForward(torch.autograd.Function):
+    """The loss value, with the gradients the forward already computed (scaled by grad_output in backward)."""
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, bias, d_hidden, d_weight, d_bias):
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        ctx.set_materialize_grads(False)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if grad_loss is None:
+            return None, None, None, None, None, None, None
+        grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return None, *grads, None, None, None

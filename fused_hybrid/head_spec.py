@@ -5,19 +5,22 @@ from __future__ import annotations
 import dataclasses
 
 from ._validation import check_backend_name, check_positive
+from .core import DEFAULT_WORKSPACE_BYTES
 from .vocab_parallel import VocabParallel
 
 
 @dataclasses.dataclass(frozen=True)
 class HeadSpec:
     """The logits ``softcap(F.linear(hidden, weight, bias) / temperature)`` (``softcap(u) = s * tanh(u / s)``),
-    the target value ``ignore_index`` whose positions are ignored, the ``backend`` that computes them and, when the
+    the target value ``ignore_index`` whose positions are ignored, the ``backend`` that computes them, the most
+    memory ``workspace_bytes`` the chunked engine may hold per chunk (logits and epilogue temporaries) and, when the
     head is split over a process group, its ``vocab_parallel`` layout. Checked when built."""
 
     temperature: float = 1.0
     softcap: float | None = None
     ignore_index: int = -100
     backend: str = "auto"
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
     vocab_parallel: VocabParallel | None = None
 
     def __post_init__(self) -> None:
@@ -27,6 +30,9 @@ class HeadSpec:
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
         check_backend_name(self.backend)
+        if isinstance(self.workspace_bytes, bool) or not isinstance(self.workspace_bytes, int) \
+                or self.workspace_bytes <= 0:  # fmt: skip
+            raise ValueError(f"workspace_bytes must be a positive int (bytes), got {self.workspace_bytes!r}")
         if self.vocab_parallel is not None and not isinstance(self.vocab_parallel, VocabParallel):
             raise TypeError(f"vocab_parallel must be a fused_hybrid.VocabParallel, got {type(self.vocab_parallel)}")
 

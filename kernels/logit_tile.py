@@ -107,10 +107,17 @@ def logit_tile(
             h = h.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return transform_tile(acc, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def transform_tile(raw, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_BIAS: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr):  # fmt: skip
+    """softcap((raw + bias) / temperature) of fp32 raw logits whose last axis holds the columns `offs_v`."""
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-    acc = acc * inv_temperature
+        raw += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+    raw = raw * inv_temperature
     if HAS_SOFTCAP:
-        # softcap * tanh(acc / softcap), with tanh(x) = 1 - 2 / (exp(2x) + 1) (stable at both ends)
-        acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
-    return acc
+        # softcap * tanh(raw / softcap), with tanh(x) = 1 - 2 / (exp(2x) + 1) (stable at both ends)
+        raw = softcap * (1.0 - 2.0 / (tl.exp(2.0 * raw / softcap) + 1.0))
+    return raw

@@ -23,7 +23,7 @@ from types import ModuleType
 import torch
 
 # name -> module, imported on first use (so that a CPU-only run never imports Triton)
-LOGITS_FREE_BACKENDS = {"torch": ".torch_chunked", "triton": ".triton_backend"}
+LOGITS_FREE_BACKENDS = {"chunked": ".chunked", "torch": ".torch_chunked", "triton": ".triton_backend"}
 # The backend whose backward is deterministic, for torch.use_deterministic_algorithms(True).
 DETERMINISTIC_FALLBACK = "torch"
 

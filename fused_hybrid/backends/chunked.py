@@ -1,0 +1,238 @@
+"""The chunked engine: per chunk of tokens, the logits GEMM (cuBLAS on CUDA), one epilogue that reduces each row
+to its fp32 statistics and, where a gradient is due, turns the logits into dz, then ``dhidden = dz @ W`` and
+``dweight += dz^T @ hidden`` (dweight accumulated in fp32 across chunks).
+
+A chunk holds at most `LogitTransform.workspace_bytes` of logits and epilogue temporaries (default 1 GiB), whatever
+N is. Tokens whose target is ignored are compacted away before any GEMM: that reads the number of loss tokens on
+the host once per call (one sync on CUDA); while a CUDA graph is being captured every token goes through instead.
+
+Two ways to run it:
+- two passes (`partials`, then `backward`), for arbitrary downstream use of the statistics: the backward recomputes
+  each chunk's logits with the same GEMM on the same rows (bit-identical logits) -- four GEMMs in all;
+- the gradient inside the forward (`statistics_and_gradients`), for a token-separable loss: the upstream gradient
+  of a chunk's statistics is known as soon as they are, so dz is formed in the same sweep -- three GEMMs.
+
+The epilogue is Triton's on CUDA (`fused_hybrid.kernels.logit_epilogue`: no N x V temporaries, dz written over
+the logits) and PyTorch's elsewhere (`TorchEpilogue`); `fused_hybrid.backends.torch_chunked` is this engine with
+the PyTorch epilogue on every device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .._validation import triton_import_error
+from ..core import (
+    HeadStats,
+    LogitTransform,
+    TokenGradCoefficients,
+    VocabPartials,
+    finalize_partials,
+    stats_dtype,
+    token_grad_coefficients,
+    transform_logits,
+)
+
+DETERMINISTIC_BACKWARD = True  # GEMMs and row reductions in a fixed order, no atomics
+GEMM_ROW_MULTIPLE = 128  # chunk rows are rounded to it (when the budget allows) so the GEMM tiles stay full
+
+Rows = slice | torch.Tensor  # a chunk's token rows: a range, or the indices of its loss tokens
+
+
+class TorchEpilogue:
+    """The epilogue in PyTorch operations, on any device. It keeps three fp32 buffers of the chunk's size (the
+    transformed logits, z - max and exp(z - max)) and reuses the last two for log p and dz."""
+
+    @staticmethod
+    def bytes_per_logit(dtype: torch.dtype) -> int:
+        return dtype.itemsize + 3 * stats_dtype(dtype).itemsize
+
+    @staticmethod
+    def statistics(logits, targets, bias, transform: LogitTransform):
+        """(VocabPartials of each row, the buffers `gradient` reuses). `targets` is -1 where a row's target is
+        not a column of this weight."""
+        z = transform_logits(logits, bias, transform)
+        row_max = z.amax(-1)
+        shifted = z - row_max[:, None]
+        exp_shifted = torch.exp(shifted)
+        sum_exp = exp_shifted.sum(-1)
+        # sum exp(z - m) * (z - m) as a batched dot product: no third N x V temporary
+        sum_exp_shifted = torch.bmm(exp_shifted.unsqueeze(1), shifted.unsqueeze(2)).view(-1)
+        has_target = targets >= 0
+        target_logit = z.gather(1, torch.where(has_target, targets, 0)[:, None]).squeeze(1)
+        partials = VocabPartials(row_max, sum_exp, sum_exp_shifted, z.sum(-1), torch.where(has_target, target_logit, 0))
+        return partials, (z, shifted, exp_shifted, sum_exp)
+
+    @staticmethod
+    def gradient(logits, state, targets, bias, lse, coefs: TokenGradCoefficients, transform: LogitTransform):
+        """dz (fp32, [rows, V]) from the token coefficients (see core.TokenGradCoefficients); `state` is what
+        `statistics` returned for these logits, or None in a backward that recomputed them."""
+        if state is None:
+            z = transform_logits(logits, bias, transform)
+            # log p <= 0 always; clamping also keeps exp finite for a token whose lse was never swept (a compacted
+            # ignored token reads lse = 0), whose all-zero coefficients then give dz = 0, not inf * 0 = NaN.
+            log_probs = (z - lse[:, None]).clamp_(max=0.0)
+            d_z = torch.exp(log_probs)
+        else:
+            z, log_probs, d_z, sum_exp = state
+            log_probs.sub_(torch.log(sum_exp)[:, None]).clamp_(max=0.0)  # z - max - log s = z - lse
+            d_z.div_(sum_exp[:, None])  # exp(z - max) / s = p
+        if coefs.logp_coef is not None:
+            d_z.mul_(log_probs.mul_(-coefs.logp_coef[:, None]).add_(coefs.prob_coef[:, None]))
+        else:
+            d_z.mul_(coefs.prob_coef[:, None])
+        if coefs.uniform_coef is not None:
+            d_z.add_(coefs.uniform_coef[:, None])
+        has_target = targets >= 0
+        rows = torch.arange(d_z.shape[0], device=d_z.device)
+        # one target per row: a plain indexed add, deterministic on every device
+        d_z[rows, torch.where(has_target, targets, 0)] += torch.where(has_target, coefs.onehot_coef, 0.0).to(d_z.dtype)
+        if transform.softcap is not None:  # d softcap(u)/du = 1 - tanh^2(u / s) = 1 - (z / s)^2
+            d_z.mul_(1.0 - (z / transform.softcap) ** 2)
+        if transform.temperature != 1.0:
+            d_z.div_(transform.temperature)
+        return d_z
+
+
+def default_epilogue(hidden: torch.Tensor):
+    """Triton's epilogue for CUDA tensors of the kernels' dtypes (when Triton imports), PyTorch's otherwise."""
+    if hidden.device.type == "cuda" and hidden.dtype != torch.float64 and triton_import_error() is None:
+        from ..kernels import logit_epilogue
+
+        return logit_epilogue
+    return TorchEpilogue
+
+
+def chunk_rows(num_tokens: int, vocab_size: int, bytes_per_logit: int, workspace_bytes: int) -> int:
+    """Rows per chunk: as many as the workspace holds, spread evenly over the chunks N needs, rounded up to whole
+    GEMM tiles where the budget allows."""
+    most = max(1, workspace_bytes // (vocab_size * bytes_per_logit))
+    num_chunks = -(-num_tokens // most)
+    rows = -(-num_tokens // max(num_chunks, 1))
+    rounded = -(-rows // GEMM_ROW_MULTIPLE) * GEMM_ROW_MULTIPLE
+    return rounded if rounded <= most else rows
+
+
+def plan_chunks(valid: torch.Tensor, vocab_size: int, bytes_per_logit: int, workspace_bytes: int) -> list[Rows]:
+    """The token rows of each chunk: ranges of all tokens, or the indices of the loss tokens when some are
+    ignored (reading their number is the engine's one host sync; skipped during CUDA graph capture)."""
+    num_tokens = valid.shape[0]
+    capturing = valid.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing:
+        loss_tokens = valid.nonzero().squeeze(1)
+        if loss_tokens.numel() < num_tokens:
+            rows = chunk_rows(loss_tokens.numel(), vocab_size, bytes_per_logit, workspace_bytes)
+            return list(loss_tokens.split(rows))
+    rows = chunk_rows(num_tokens, vocab_size, bytes_per_logit, workspace_bytes)
+    return [slice(start, min(start + rows, num_tokens)) for start in range(0, num_tokens, rows)]
+
+
+def local_targets(targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Targets that are columns of this weight, -1 for the others (ignored, or on another vocab-parallel shard)."""
+    return torch.where((targets >= 0) & (targets < vocab_size), targets, -1)
+
+
+class _Gradients:
+    """dhidden, dweight and dbias accumulated chunk by chunk (dweight and dbias in fp32 for half inputs)."""
+
+    def __init__(self, hidden, weight, bias, needs: tuple[bool, bool, bool], compacted: bool) -> None:
+        needs_hidden, needs_weight, needs_bias = needs
+        acc = dict(dtype=stats_dtype(hidden.dtype), device=weight.device)
+        # Rows left out of every chunk (ignored tokens) keep a zero gradient; gradients come back contiguous
+        # whatever the inputs' strides (the custom op's fake implementation says so).
+        new = torch.zeros if compacted else torch.empty
+        self.hidden = new(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs_hidden else None
+        self.weight = torch.zeros(weight.shape, **acc) if needs_weight else None
+        self.bias = torch.zeros(weight.shape[0], **acc) if needs_bias else None
+
+    def add_chunk(self, d_z, logits, rows: Rows, hidden_rows, weight) -> None:
+        """Add the chunk's dz ([rows, V], fp32 or the input dtype; `logits` may be overwritten with it)."""
+        if self.bias is not None:
+            self.bias += d_z.sum(0, dtype=self.bias.dtype)
+        if d_z.dtype != hidden_rows.dtype:
+            d_z = logits.copy_(d_z)
+        if self.hidden is not None:
+            self.hidden[rows] = d_z @ weight
+        if self.weight is not None:
+            accumulate_matmul(self.weight, d_z.T, hidden_rows)
+
+    def result(self, weight, bias):
+        return (
+            self.hidden,
+            None if self.weight is None else self.weight.to(weight.dtype),
+            None if self.bias is None else self.bias.to(bias.dtype),
+        )
+
+
+def accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with acc in fp32 (fp64) and a, b possibly half: cuBLAS writes the fp32 sum directly."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += (a @ b).to(acc.dtype)
+
+
+def partials(hidden, weight, targets, bias, transform: LogitTransform, *, epilogue=None) -> VocabPartials:
+    """Per-token sums over this weight's rows (see VocabPartials), chunk by chunk; 0 for ignored tokens (a token
+    no chunk swept reads max 0 and sum 0, which core.finalize_partials turns into finite statistics)."""
+    epilogue = epilogue or default_epilogue(hidden)
+    num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+    out = torch.zeros(5, num_tokens, dtype=stats_dtype(hidden.dtype), device=hidden.device)
+    column_targets = local_targets(targets, vocab_size)
+    for rows in plan_chunks(targets != transform.ignore_index, vocab_size, epilogue.bytes_per_logit(hidden.dtype),
+                            transform.workspace_bytes):  # fmt: skip
+        chunk_partials, _ = epilogue.statistics(hidden[rows] @ weight.T, column_targets[rows], bias, transform)
+        out[:, rows] = torch.stack(chunk_partials)
+    return VocabPartials(*out)
+
+
+def backward(hidden, weight, targets, bias, lse, coefs: TokenGradCoefficients, transform: LogitTransform,
+             needs: tuple[bool, bool, bool], *, epilogue=None):  # fmt: skip
+    """(d_hidden, d_weight, d_bias), None where not needed, recomputing each chunk's logits."""
+    epilogue = epilogue or default_epilogue(hidden)
+    vocab_size = weight.shape[0]
+    column_targets = local_targets(targets, vocab_size)
+    plan = plan_chunks(targets != transform.ignore_index, vocab_size, epilogue.bytes_per_logit(hidden.dtype),
+                       transform.workspace_bytes)  # fmt: skip
+    grads = _Gradients(hidden, weight, bias, needs, compacted=not all(isinstance(r, slice) for r in plan))
+    if any(needs):
+        for rows in plan:
+            hidden_rows = hidden[rows]
+            logits = hidden_rows @ weight.T
+            chunk_coefs = TokenGradCoefficients(*(None if c is None else c[rows] for c in coefs))
+            d_z = epilogue.gradient(logits, None, column_targets[rows], bias, lse[rows], chunk_coefs, transform)
+            grads.add_chunk(d_z, logits, rows, hidden_rows, weight)
+    return grads.result(weight, bias)
+
+
+# chunk_gradients(statistics so far, rows) -> upstream gradients of (logp, entropy, lse, sum_z) at `rows`
+ChunkGradients = Callable[[HeadStats, Rows], tuple[torch.Tensor | None, ...]]
+
+
+def statistics_and_gradients(hidden, weight, targets, bias, transform: LogitTransform, chunk_gradients: ChunkGradients,
+                             needs: tuple[bool, bool, bool], *, epilogue=None):  # fmt: skip
+    """One sweep, three GEMMs: the finalised statistics [N] (0 at ignored tokens) and (d_hidden, d_weight,
+    d_bias) of a loss whose upstream gradients at a chunk's rows `chunk_gradients` gives from the statistics of the
+    tokens swept so far (those rows included); the loss must be token-separable for that to be its gradient."""
+    epilogue = epilogue or default_epilogue(hidden)
+    vocab_size = weight.shape[0]
+    valid = targets != transform.ignore_index
+    column_targets = local_targets(targets, vocab_size)
+    plan = plan_chunks(valid, vocab_size, epilogue.bytes_per_logit(hidden.dtype), transform.workspace_bytes)
+    grads = _Gradients(hidden, weight, bias, needs, compacted=not all(isinstance(r, slice) for r in plan))
+    statistics = torch.zeros(4, hidden.shape[0], dtype=stats_dtype(hidden.dtype), device=hidden.device)
+    for rows in plan:
+        hidden_rows = hidden[rows]
+        logits = hidden_rows @ weight.T
+        chunk_partials, state = epilogue.statistics(logits, column_targets[rows], bias, transform)
+        chunk_stats = finalize_partials(chunk_partials)
+        statistics[:, rows] = torch.stack(chunk_stats)
+        upstream = chunk_gradients(HeadStats(*statistics), rows)
+        coefs = token_grad_coefficients(upstream, chunk_stats.entropy, valid[rows])
+        d_z = epilogue.gradient(logits, state, column_targets[rows], bias, chunk_stats.lse, coefs, transform)
+        grads.add_chunk(d_z, logits, rows, hidden_rows, weight)
+    return HeadStats(*(torch.where(valid, s, 0.0) for s in statistics)), grads.result(weight, bias)

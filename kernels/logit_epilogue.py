@@ -1,0 +1,171 @@
+"""The chunked engine's epilogue on CUDA: two row-wise passes over a chunk of logits that cuBLAS computed.
+
+`row_statistics_kernel` (grid: rows) sweeps a row of raw logits in BLOCK_V blocks, applies bias, temperature and
+softcap, and keeps per lane the running max m, s = sum exp(z - m) and a = sum exp(z - m) * (z - m) (the algebra
+of the tile kernel's forward: H = log s - a / s has no cancellation), the sum of z and the target logit.
+
+`logit_gradients_kernel` (grid: rows x vocabulary blocks) recomputes z from the raw logits and writes over them,
+in their own dtype, dz = onehot_coef * 1[v = y] + p * (prob_coef - logp_coef * log p) + uniform_coef, chained
+through softcap and temperature, with p = exp(z - lse). Nothing of the chunk's size is allocated: the logits
+buffer becomes the left operand of the two gradient GEMMs.
+
+Both passes are memory-bound (a chunk's logits are read twice and written once); the GEMMs around them do
+D times the work per element.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..core import LogitTransform, TokenGradCoefficients, VocabPartials
+from .logit_tile import in_interpreter, transform_tile
+
+BLOCK_V_STATISTICS = 2048
+BLOCK_V_GRADIENTS = 1024
+NUM_WARPS = 8
+# Small blocks keep the CPU interpreter quick while still exercising multi-block rows and masking.
+INTERPRETER_BLOCK_V = 32
+
+
+@triton.jit
+def row_statistics_kernel(
+    logits_ptr,
+    bias_ptr,
+    targets_ptr,
+    partials_ptr,  # [5, rows] fp32: max m, sum exp(z - m), sum exp(z - m) * (z - m), sum z, z[y]
+    num_rows,
+    V,
+    stride_row,
+    inv_temperature,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    lane_max = tl.full((BLOCK_V,), float("-inf"), dtype=tl.float32)
+    lane_sum_exp = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    lane_sum_exp_shifted = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    lane_sum_z = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for v_start in range(0, V, BLOCK_V):
+        offs_v = v_start + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        raw = tl.load(row_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+        z = transform_tile(raw, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
+        new_max = tl.where(mask_v, tl.maximum(lane_max, z), lane_max)
+        max_shift = tl.where(lane_sum_exp > 0, lane_max - new_max, 0.0)  # 0 before a lane's first value
+        rescale = tl.exp(max_shift)
+        shifted = tl.where(mask_v, z - new_max, 0.0)
+        e = tl.where(mask_v, tl.exp(shifted), 0.0)
+        lane_sum_exp_shifted = rescale * (lane_sum_exp_shifted + lane_sum_exp * max_shift) + e * shifted
+        lane_sum_exp = lane_sum_exp * rescale + e
+        lane_sum_z += tl.where(mask_v, z, 0.0)
+        lane_max = new_max
+
+    # the lanes' sums, shifted to the row's max (lanes that saw no column hold s = 0 and drop out)
+    row_max = tl.max(lane_max, axis=0)
+    seen = lane_sum_exp > 0
+    lane_shift = tl.where(seen, lane_max - row_max, 0.0)
+    lane_rescale = tl.where(seen, tl.exp(lane_shift), 0.0)
+    sum_exp = tl.sum(lane_rescale * lane_sum_exp, axis=0)
+    sum_exp_shifted = tl.sum(lane_rescale * (lane_sum_exp_shifted + lane_sum_exp * lane_shift), axis=0)
+
+    target = tl.load(targets_ptr + row)
+    has_target = target >= 0
+    target_col = tl.where(has_target, target, 0)
+    target_raw = tl.load(row_ptr + target_col).to(tl.float32)
+    target_z = transform_tile(target_raw, bias_ptr, target_col, has_target, inv_temperature, softcap, HAS_BIAS,
+                              HAS_SOFTCAP)  # fmt: skip
+    tl.store(partials_ptr + row, row_max)
+    tl.store(partials_ptr + num_rows + row, sum_exp)
+    tl.store(partials_ptr + 2 * num_rows + row, sum_exp_shifted)
+    tl.store(partials_ptr + 3 * num_rows + row, tl.sum(lane_sum_z, axis=0))
+    tl.store(partials_ptr + 4 * num_rows + row, tl.where(has_target, target_z, 0.0))
+
+
+@triton.jit
+def logit_gradients_kernel(
+    logits_ptr,  # [rows, V] raw logits in, dz out (same dtype)
+    bias_ptr,
+    targets_ptr,
+    lse_ptr,
+    onehot_coef_ptr,
+    prob_coef_ptr,
+    logp_coef_ptr,
+    uniform_coef_ptr,
+    V,
+    stride_row,
+    inv_temperature,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_LOGP_COEF: tl.constexpr,
+    HAS_UNIFORM_COEF: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_v = offs_v < V
+    ptrs = logits_ptr + row.to(tl.int64) * stride_row + offs_v
+    raw = tl.load(ptrs, mask=mask_v, other=0.0).to(tl.float32)
+    z = transform_tile(raw, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
+    log_p = tl.minimum(z - tl.load(lse_ptr + row), 0.0)  # log p <= 0 (see the PyTorch epilogue)
+    p = tl.exp(log_p)
+    prob_coef = tl.load(prob_coef_ptr + row)
+    if HAS_LOGP_COEF:
+        d_z = p * (prob_coef - tl.load(logp_coef_ptr + row) * log_p)
+    else:
+        d_z = p * prob_coef
+    if HAS_UNIFORM_COEF:
+        d_z += tl.load(uniform_coef_ptr + row)
+    d_z += tl.where(offs_v == tl.load(targets_ptr + row), tl.load(onehot_coef_ptr + row), 0.0)
+    if HAS_SOFTCAP:  # d softcap(u)/du = 1 - (z / softcap)^2
+        d_z *= 1.0 - (z / softcap) * (z / softcap)
+    d_z *= inv_temperature
+    tl.store(ptrs, d_z.to(logits_ptr.dtype.element_ty), mask=mask_v)
+
+
+def bytes_per_logit(dtype: torch.dtype) -> int:
+    return dtype.itemsize  # the logits buffer only: dz is written over it
+
+
+def _block_v(logits: torch.Tensor, cuda_block: int) -> int:
+    return INTERPRETER_BLOCK_V if in_interpreter(logits.device) else cuda_block
+
+
+def _transform_arguments(bias, transform: LogitTransform) -> dict:
+    return dict(bias_ptr=bias, inv_temperature=1.0 / transform.temperature,
+                softcap=0.0 if transform.softcap is None else float(transform.softcap),
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=transform.softcap is not None)  # fmt: skip
+
+
+def statistics(logits: torch.Tensor, targets: torch.Tensor, bias, transform: LogitTransform):
+    """(VocabPartials of each row of `logits` [rows, V], None: `gradient` needs nothing kept). `targets` is -1
+    where a row's target is not a column of this weight."""
+    num_rows, vocab_size = logits.shape
+    out = torch.empty(5, num_rows, dtype=torch.float32, device=logits.device)
+    if num_rows > 0:
+        row_statistics_kernel[(num_rows,)](
+            logits, targets_ptr=targets, partials_ptr=out, num_rows=num_rows, V=vocab_size,
+            stride_row=logits.stride(0), **_transform_arguments(bias, transform),
+            BLOCK_V=_block_v(logits, BLOCK_V_STATISTICS), num_warps=NUM_WARPS,
+        )  # fmt: skip
+    return VocabPartials(*out), None
+
+
+def gradient(logits, state, targets, bias, lse, coefs: TokenGradCoefficients, transform: LogitTransform):
+    """dz over `logits` (the same tensor, overwritten; its dtype)."""
+    num_rows, vocab_size = logits.shape
+    block_v = _block_v(logits, BLOCK_V_GRADIENTS)
+    if num_rows > 0:
+        logit_gradients_kernel[(num_rows, triton.cdiv(vocab_size, block_v))](
+            logits, targets_ptr=targets, lse_ptr=lse, onehot_coef_ptr=coefs.onehot_coef,
+            prob_coef_ptr=coefs.prob_coef, logp_coef_ptr=coefs.logp_coef, uniform_coef_ptr=coefs.uniform_coef,
+            V=vocab_size, stride_row=logits.stride(0), **_transform_arguments(bias, transform),
+            HAS_LOGP_COEF=coefs.logp_coef is not None, HAS_UNIFORM_COEF=coefs.uniform_coef is not None,
+            BLOCK_V=block_v, num_warps=NUM_WARPS,
+        )  # fmt: skip
+    return logits

@@ -3,9 +3,12 @@ the inputs and required gradients, the cuBLAS matmul floor, and errors against a
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -71,20 +74,55 @@ def time_loss(loss_fn, problems: list[Problem], *, repeats: int, warmup: int, de
 
 
 def peak_workspace_bytes(loss_fn, problem: Problem, device: torch.device) -> int | None:
-    """Peak bytes a fwd+bwd allocates beyond its inputs and the gradients it must return (CUDA only)."""
-    if device.type != "cuda":
-        return None
+    """Peak bytes a fwd+bwd allocates beyond its inputs and the gradients it must return: the CUDA allocator's
+    peak on a GPU; on a Linux CPU the process's peak resident memory (reset through /proc/self/clear_refs, with
+    glibc returning every large block to the system at once), None where neither can be read."""
     problem.zero_grad()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    baseline = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    loss_fn(problem).backward()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    gradient_bytes = sum(t.grad.numel() * t.grad.element_size() for t in (problem.hidden, problem.weight))
+    gradient_bytes = sum(t.numel() * t.element_size() for t in (problem.hidden, problem.weight))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss_fn(problem).backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        if not _cpu_peak_memory_readable():
+            return None
+        baseline = _resident_bytes("VmRSS")
+        _reset_peak_resident()
+        loss_fn(problem).backward()
+        peak = _resident_bytes("VmHWM")
     problem.zero_grad()
     return max(0, peak - baseline - gradient_bytes)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+@functools.cache
+def _cpu_peak_memory_readable() -> bool:
+    """Whether the peak resident memory can be reset and read here (Linux), after fixing glibc's thresholds so
+    that a freed large block leaves the process at once (the default adapts them, hiding frees from the RSS)."""
+    try:
+        _reset_peak_resident()
+        _resident_bytes("VmHWM")
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 20))
+    except (OSError, ValueError):
+        return False
+
+
+def _resident_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_resident() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def matmul_floor_ms(problem: Problem, *, repeats: int, warmup: int, device: torch.device) -> tuple[float, float]:

@@ -14,6 +14,10 @@ PRESETS = {
     "tiny": (256, 8192),  # CPU-sized
 }
 OBJECTIVES = ("cross_entropy", "logprobs_entropy", "dft", "grpo", "chord", "dpo")
+# random: unit-scale logits, near-uniform softmax. trained: what a trained head gives (the regime Cut Cross-Entropy's
+# filtering is made for): a confident target logit and a heavy-tailed rest, where data-dependent work shows.
+INPUT_DISTRIBUTIONS = ("random", "trained")
+TRAINED_TARGET_MARGIN = 16.0  # the target logit's expected lead over a typical logit
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -58,15 +62,21 @@ def make_problem(
     seq_len: int,
     weight: torch.Tensor | None = None,
     seed: int = 0,
+    distribution: str = "random",
 ) -> Problem:
     """Fresh random inputs for `objective` with `num_tokens` = B * T tokens (T = min(seq_len, num_tokens)).
 
     Logits have unit scale (weight ~ N(0, 1/D)); RL objectives mask the first quarter of each sequence (the
     prompt); DPO has an even number of sequences (chosen then rejected) and a frozen reference head's hidden states.
     Pass `weight` to share one head between problems (it is the largest input).
+
+    ``distribution="trained"``: the head's rows have log-normal norms (a heavy-tailed logit distribution) and each
+    hidden state is noise plus a component along its target's row worth TRAINED_TARGET_MARGIN in the target logit.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+    if distribution not in INPUT_DISTRIBUTIONS:
+        raise ValueError(f"unknown input distribution {distribution!r}; valid: {', '.join(INPUT_DISTRIBUTIONS)}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     length = min(seq_len, num_tokens)
     batch = max(1, num_tokens // length)
@@ -76,10 +86,19 @@ def make_problem(
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
 
-    hidden = randn(batch, length, dim).requires_grad_()
     if weight is None:
-        weight = randn(vocab, dim, scale=dim**-0.5).requires_grad_()
+        weight = torch.randn(vocab, dim, generator=generator) * dim**-0.5
+        if distribution == "trained":
+            weight *= torch.exp(0.4 * torch.randn(vocab, 1, generator=generator))
+        weight = weight.to(device=device, dtype=dtype).requires_grad_()
     targets = torch.randint(0, vocab, (batch, length), generator=generator).to(device)
+    if distribution == "trained":
+        rows = weight.detach().float()[targets]
+        direction = rows / rows.square().sum(-1, keepdim=True)
+        noise = torch.randn(batch, length, dim, generator=generator).to(device)
+        hidden = (noise + TRAINED_TARGET_MARGIN * direction).to(dtype).requires_grad_()
+    else:
+        hidden = randn(batch, length, dim).requires_grad_()
     extras: dict[str, torch.Tensor] = {}
     if objective in ("grpo", "chord", "dpo"):
         loss_mask = torch.ones(batch, length, dtype=torch.long)

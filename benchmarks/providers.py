@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +138,42 @@ def liger_losses(device: torch.device) -> dict[str, LossFn | str]:
     return losses
 
 
+def torch_linear_cross_entropy_losses() -> dict[str, LossFn]:
+    """PyTorch's own F.linear_cross_entropy with its chunked implementation (LinearCrossEntropyOptions())."""
+    options = torch.nn.LinearCrossEntropyOptions()
+    return {
+        "cross_entropy": lambda p: F.linear_cross_entropy(
+            p.hidden.reshape(-1, p.hidden.shape[-1]), p.weight, p.targets.reshape(-1), options=options
+        ),  # fmt: skip
+    }
+
+
+def trl_losses() -> dict[str, LossFn]:
+    """TRL's chunked log-prob function (what its trainers' fused LM head runs), with each loss written in PyTorch on
+    its per-token outputs, as TRL's trainers do."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    def logprobs(p: Problem, outputs=()):
+        hidden = p.hidden.reshape(-1, p.hidden.shape[-1])
+        return ChunkedLogProbFunction.apply(hidden, p.weight, None, p.targets.reshape(-1), 1.0,
+                                            _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs)  # fmt: skip
+
+    def logprobs_entropy(p: Problem) -> torch.Tensor:
+        logp, entropy, *_ = logprobs(p, ("entropy",))
+        return logp.sum() + entropy.sum()
+
+    def grpo(p: Problem) -> torch.Tensor:
+        logp = logprobs(p)[0].view(p.targets.shape)
+        ratio = torch.exp(logp - p.extras["old_logp"])
+        advantages = p.extras["advantages"][:, None]
+        per_token = -torch.minimum(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages)
+        mask = p.extras["loss_mask"].bool()
+        return torch.where(mask, per_token, 0.0).sum() / mask.sum()
+
+    return {"cross_entropy": lambda p: -logprobs(p)[0].mean(), "logprobs_entropy": logprobs_entropy, "grpo": grpo}
+
+
 def cce_losses(filter_eps) -> dict[str, LossFn]:
     from cut_cross_entropy import linear_cross_entropy
 
@@ -155,12 +191,15 @@ class Provider:
     build: Callable[[torch.device], dict[str, LossFn]]
     needs: tuple[str, ...] = ()  # python packages
     needs_cuda: bool = False
-    unavailable_on_cpu: tuple[str, ...] = field(default_factory=tuple)
+    available: Callable[[], bool] = lambda: True  # a version check beyond `needs`
+    missing: str = ""  # why, when `available` says no
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         for package in self.needs:
             if importlib.util.find_spec(package) is None:
                 return f"not installed (pip install {package.replace('_', '-')})"
+        if not self.available():
+            return self.missing
         if self.needs_cuda and device.type != "cuda":
             return "needs CUDA"
         return None
@@ -171,11 +210,41 @@ PROVIDERS = {
     for p in [
         Provider(
             "fused-hybrid",
-            "fused-hybrid, default backend for the device (Triton on CUDA)",
+            "fused-hybrid, backend='auto' (benchmarks/dispatch_table.json)",
             lambda device: fused_hybrid_losses("auto"),
         ),  # fmt: skip
         Provider(
-            "fused-hybrid[torch]", "fused-hybrid, chunked PyTorch backend", lambda device: fused_hybrid_losses("torch")
+            "fused-hybrid[chunked]",
+            "fused-hybrid, chunked engine (cuBLAS + Triton epilogue on CUDA; gradient in the forward where the "
+            "objective is token-separable)",
+            lambda device: fused_hybrid_losses("chunked"),
+        ),  # fmt: skip
+        Provider(
+            "fused-hybrid[tile]",
+            "fused-hybrid, Triton tile kernels (O(N) memory)",
+            lambda device: fused_hybrid_losses("triton"),
+            needs=("triton",),
+            needs_cuda=True,
+        ),  # fmt: skip
+        Provider(
+            "fused-hybrid[torch]",
+            "fused-hybrid, chunked engine in PyTorch operations, two passes",
+            lambda device: fused_hybrid_losses("torch"),
+        ),  # fmt: skip
+        Provider(
+            "torch-linear-ce",
+            "PyTorch's F.linear_cross_entropy, chunked (LinearCrossEntropyOptions())",
+            lambda device: torch_linear_cross_entropy_losses(),
+            available=lambda: hasattr(torch.nn, "LinearCrossEntropyOptions"),
+            missing="needs torch >= 2.13 (F.linear_cross_entropy with LinearCrossEntropyOptions)",
+        ),  # fmt: skip
+        Provider(
+            "trl",
+            "TRL's chunked log-prob function (trl.kernels.ChunkedLogProbFunction), losses in PyTorch",
+            lambda device: trl_losses(),
+            needs=("trl",),
+            available=lambda: importlib.util.find_spec("trl.kernels") is not None,
+            missing="needs trl >= 1.15 (trl.kernels)",
         ),  # fmt: skip
         Provider(
             "naive",

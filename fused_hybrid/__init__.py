@@ -1,8 +1,9 @@
 """fused-hybrid: logits-free fused LM-head losses for hybrid SFT + RL post-training."""
 
+from ._validation import auto_backend
 from .core import HeadStats
 from .cross_entropy import FusedLinearCrossEntropyLoss, linear_cross_entropy
-from .dispatch import linear_head_stats
+from .dispatch import linear_head_loss, linear_head_stats
 from .head_spec import HeadSpec
 from .hf import patch_model, unpatch_model
 from .logprobs import linear_logprobs
@@ -46,6 +47,7 @@ __all__ = [
     "MinorSFTLoss",
     "MuSchedule",
     "VocabParallel",
+    "auto_backend",
     "chord_loss",
     "cispo_loss",
     "dft_loss",
@@ -54,6 +56,7 @@ __all__ = [
     "grpo_loss",
     "ift_loss",
     "linear_cross_entropy",
+    "linear_head_loss",
     "linear_head_stats",
     "linear_logprobs",
     "minor_sft_loss",

@@ -7,7 +7,7 @@ from torch import nn
 
 from ._reduction import check_num_items, check_reduction, reduce_per_token
 from ._validation import check_non_negative
-from .core import HeadStats
+from .core import DEFAULT_WORKSPACE_BYTES, HeadStats
 from .dispatch import linear_head_loss
 from .head_spec import HeadSpec
 from .vocab_parallel import VocabParallel
@@ -27,6 +27,7 @@ def linear_cross_entropy(
     temperature: float = 1.0,
     num_items: int | torch.Tensor | None = None,
     backend: str = "auto",
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
     vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the LM head ``softcap(F.linear(hidden, weight, bias) / temperature)`` (LOSSES.md section 1).
@@ -45,7 +46,7 @@ def linear_cross_entropy(
     check_num_items(num_items, reduction)
 
     head = HeadSpec(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
-                    vocab_parallel=vocab_parallel)  # fmt: skip
+                    workspace_bytes=workspace_bytes, vocab_parallel=vocab_parallel)  # fmt: skip
     # mean_v z_v is over the whole vocabulary, every slice of it under vocab parallelism
     vocab_size = weight.shape[0] if vocab_parallel is None else vocab_parallel.layout(weight.shape[0], weight.device)[1]
     valid = targets != ignore_index
@@ -78,13 +79,14 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         softcap: float | None = None,
         temperature: float = 1.0,
         backend: str = "auto",
+        workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
         vocab_parallel: VocabParallel | None = None,
     ) -> None:
         super().__init__()
         check_reduction(reduction)
         # the head options are checked now, not at the first forward
         HeadSpec(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
-                 vocab_parallel=vocab_parallel)  # fmt: skip
+                 workspace_bytes=workspace_bytes, vocab_parallel=vocab_parallel)  # fmt: skip
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -92,6 +94,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         self.softcap = softcap
         self.temperature = temperature
         self.backend = backend
+        self.workspace_bytes = workspace_bytes
         self.vocab_parallel = vocab_parallel
 
     def forward(
@@ -116,6 +119,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
             temperature=self.temperature,
             num_items=num_items,
             backend=self.backend,
+            workspace_bytes=self.workspace_bytes,
             vocab_parallel=self.vocab_parallel,
         )
 

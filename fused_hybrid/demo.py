@@ -59,11 +59,13 @@ def head_memory(tokens: int, dim: int, vocab: int, device: torch.device) -> dict
             del hidden, weight, targets
         return {"tokens": tokens, "vocab": vocab, "materialised_logits_bytes": measured["reference"],
                 "fused_bytes": measured["auto"], "how": "measured, CUDA allocator"}  # fmt: skip
-    from .backends.torch_chunked import CHUNK_ELEMENTS
+    from .backends.chunked import TorchEpilogue, chunk_rows
+    from .core import DEFAULT_WORKSPACE_BYTES
 
-    chunk_rows = min(tokens, max(1, CHUNK_ELEMENTS // vocab))
+    bytes_per_logit = TorchEpilogue.bytes_per_logit(torch.float32)
+    rows = chunk_rows(tokens, vocab, bytes_per_logit, DEFAULT_WORKSPACE_BYTES)
     return {"tokens": tokens, "vocab": vocab, "materialised_logits_bytes": 2 * tokens * vocab * 4,
-            "fused_bytes": 4 * tokens * 4 + 2 * chunk_rows * vocab * 4, "how": "computed from the shapes"}  # fmt: skip
+            "fused_bytes": 4 * tokens * 4 + rows * vocab * bytes_per_logit, "how": "computed from the shapes"}  # fmt: skip
 
 
 def run_demo(out: str | Path = "demo-report", steps: int = 1200, progress: bool = True) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .core import DEFAULT_WORKSPACE_BYTES
 from .dispatch import linear_head_stats
 from .vocab_parallel import VocabParallel
 
@@ -19,6 +20,7 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
     vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target token (and the entropy of each token's distribution).
@@ -35,8 +37,11 @@ def linear_logprobs(
         softcap: optional tanh logit cap (> 0), as in Gemma 2.
         ignore_index: target value whose positions yield 0 and receive no gradient.
         return_entropy: also return the entropy of each token's distribution.
-        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch elsewhere), ``"triton"``, ``"torch"`` or
-            ``"reference"`` (full logits; for tests and baselines).
+        backend: ``"auto"`` (see :func:`fused_hybrid.auto_backend`), ``"chunked"`` (per token chunk: the logits
+            GEMM, a fused epilogue, the gradient GEMMs; Triton epilogue on CUDA), ``"triton"`` (tile kernels, O(N)
+            memory), ``"torch"`` (the chunked engine in PyTorch operations only) or ``"reference"`` (full logits;
+            for tests and baselines).
+        workspace_bytes: the most the chunked engine holds per chunk (logits and epilogue temporaries).
         vocab_parallel: a :class:`fused_hybrid.VocabParallel` when ``weight`` (and ``bias``) are this rank's slice
             of a head split over a process group; the results are those of the full vocabulary.
 
@@ -55,6 +60,7 @@ def linear_logprobs(
         softcap=softcap,
         ignore_index=ignore_index,
         backend=backend,
+        workspace_bytes=workspace_bytes,
         vocab_parallel=vocab_parallel,
     )
     if return_entropy:

@@ -18,6 +18,20 @@ def _fresh_seed():
     yield seed
 
 
+SMALL_CHUNK_ROWS = 5
+
+
+@pytest.fixture(autouse=True)
+def _several_chunks(monkeypatch):
+    """The test shapes are tiny next to the engine's 1 GiB workspace: cap the chunked engine's chunks at a few rows
+    so that every test runs multi-chunk sweeps with a ragged last chunk (tests of the sizing itself call
+    `chunk_rows` directly and see its real result)."""
+    from fused_hybrid.backends import chunked
+
+    real = chunked.chunk_rows
+    monkeypatch.setattr(chunked, "chunk_rows", lambda *args: min(real(*args), SMALL_CHUNK_ROWS))
+
+
 def pytest_runtest_makereport(item, call):
     if call.when == "call" and call.excinfo is not None and "_fresh_seed" in item.funcargs:
         item.add_report_section("call", "seed", f"torch.manual_seed({item.funcargs['_fresh_seed']})")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import fused_hybrid
 from tests.reference import assert_close_scaled, grads, leaf64, logits64
 
-BACKENDS = ["torch", "triton", "reference"]
+BACKENDS = ["chunked", "torch", "triton", "reference"]
 
 
 def reference_ce64(

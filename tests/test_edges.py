@@ -9,7 +9,7 @@ import fused_hybrid
 from fused_hybrid.backends import torch_chunked, triton_backend
 from tests.reference import assert_close_scaled, grads, leaf64, logprobs_entropy64
 
-BACKENDS = ["torch", "triton", "reference"]
+BACKENDS = ["chunked", "torch", "triton", "reference"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

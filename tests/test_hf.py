@@ -151,19 +151,19 @@ def test_peft_lora_model_with_a_frozen_head():
     expected_loss, expected = loss_and_grads(lora, input_ids, labels)
     fused_hybrid.patch_model(lora)
     seen = []
-    from fused_hybrid.backends import torch_chunked
+    from fused_hybrid.backends import chunked
 
-    original = torch_chunked.backward
+    original = chunked.statistics_and_gradients
 
-    def recording(*args, needs, **kwargs):
-        seen.append(needs)
-        return original(*args, needs=needs, **kwargs)
+    def recording(*args):
+        seen.append(args[-1])  # needs: (hidden, weight, bias)
+        return original(*args)
 
-    torch_chunked.backward = recording
+    chunked.statistics_and_gradients = recording
     try:
         loss, got = loss_and_grads(lora, input_ids, labels)
     finally:
-        torch_chunked.backward = original
+        chunked.statistics_and_gradients = original
     assert seen == [(True, False, False)]  # dhidden only: the frozen head costs no dW work
     assert_close_scaled(loss, expected_loss, 1e-5)
     for name in expected:
@@ -243,14 +243,14 @@ def test_shift_labels_are_used_as_given():
 
 
 def test_only_labelled_tokens_reach_the_head(monkeypatch):
-    from fused_hybrid.backends import torch_chunked
+    from fused_hybrid.backends import chunked
 
     model = fused_hybrid.patch_model(tiny_model("llama"))
     input_ids, labels = batch()
     rows = []
-    original = torch_chunked.partials
-    monkeypatch.setattr(torch_chunked, "partials", lambda hidden, *a, **k: rows.append(hidden.shape[0]) or
-                        original(hidden, *a, **k))  # fmt: skip
+    original = chunked.statistics_and_gradients
+    monkeypatch.setattr(chunked, "statistics_and_gradients", lambda hidden, *a: rows.append(hidden.shape[0]) or
+                        original(hidden, *a))  # fmt: skip
     model(input_ids=input_ids, labels=labels).loss.backward()
     assert rows == [int((labels[:, 1:] != -100).sum())]
 

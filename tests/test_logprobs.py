@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import fused_hybrid
-from fused_hybrid.backends import torch_chunked
+from fused_hybrid.backends import chunked, torch_chunked
 from tests.reference import assert_close_scaled, grads, leaf64, logprobs_entropy64
 
-BACKENDS = ["torch", "triton", "reference"]
+BACKENDS = ["chunked", "torch", "triton", "reference"]
 REL_TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
@@ -33,7 +33,8 @@ def check_against_reference(hidden, weight, targets, bias, dtype, backend, **opt
     actual = grads((logp * g_logp + entropy * g_entropy).sum(), inputs)
 
     inputs64 = [leaf64(t) for t in inputs]
-    logp64, entropy64 = logprobs_entropy64(inputs64[0], inputs64[1], targets, inputs64[2], **options)
+    transform = {k: v for k, v in options.items() if k != "workspace_bytes"}
+    logp64, entropy64 = logprobs_entropy64(inputs64[0], inputs64[1], targets, inputs64[2], **transform)
     expected = grads((logp64 * g_logp.double() + entropy64 * g_entropy.double()).sum(), inputs64)
 
     rel = REL_TOL[dtype]
@@ -121,10 +122,11 @@ def test_gradient_through_one_output_only(backend):
         assert_close_scaled(got, want, 2e-5, name)
 
 
-def test_torch_backend_chunks_match_reference(monkeypatch):
-    monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 3 * 50)  # 3 tokens per chunk
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+def test_a_small_workspace_matches_reference(backend):
+    # 3 tokens per chunk: the PyTorch epilogue holds 16 bytes per fp32 logit
     inputs = make_inputs((20,), 16, 50, torch.float32, bias=True)
-    check_against_reference(*inputs, torch.float32, "torch", softcap=3.0)
+    check_against_reference(*inputs, torch.float32, backend, softcap=3.0, workspace_bytes=3 * 50 * 16)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -149,10 +151,10 @@ def test_gradcheck_torch_backend_fp64():
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
 
 
-def test_auto_backend_on_cpu_is_torch(monkeypatch):
+def test_auto_backend_on_cpu_is_the_chunked_engine(monkeypatch):
     calls = []
-    original = torch_chunked.partials
-    monkeypatch.setattr(torch_chunked, "partials", lambda *a: calls.append(1) or original(*a))
+    original = chunked.partials
+    monkeypatch.setattr(chunked, "partials", lambda *a: calls.append(1) or original(*a))
     hidden, weight, targets, _ = make_inputs((4,), 8, 10, torch.float32)
     fused_hybrid.linear_logprobs(hidden, weight, targets)
     assert calls == [1]

@@ -9,7 +9,7 @@ import fused_hybrid
 from tests import naive_objectives as naive
 from tests.reference import assert_close_scaled, grads, leaf64
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["chunked", "torch", "triton"]
 B, T, D, V = 6, 7, 16, 37
 
 

@@ -74,14 +74,18 @@ class TorchEpilogue:
             # log p <= 0 always; clamping also keeps exp finite for a token whose lse was never swept (a compacted
             # ignored token reads lse = 0), whose all-zero coefficients then give dz = 0, not inf * 0 = NaN.
             log_probs = (z - lse[:, None]).clamp_(max=0.0)
-            d_z = torch.exp(log_probs)
-        else:
-            z, log_probs, d_z, sum_exp = state
-            log_probs.sub_(torch.log(sum_exp)[:, None]).clamp_(max=0.0)  # z - max - log s = z - lse
-            d_z.div_(sum_exp[:, None])  # exp(z - max) / s = p
+            probs = torch.exp(log_probs)
+        else:  # exp(z - max) / s = p, and z - max - log s = z - lse, in the statistics' own buffers
+            z, shifted, probs, sum_exp = state
+            if coefs.logp_coef is None:  # p * prob_coef in one pass
+                probs.mul_((coefs.prob_coef / sum_exp)[:, None])
+            else:
+                probs.div_(sum_exp[:, None])
+                log_probs = shifted.sub_(torch.log(sum_exp)[:, None]).clamp_(max=0.0)
+        d_z = probs
         if coefs.logp_coef is not None:
             d_z.mul_(log_probs.mul_(-coefs.logp_coef[:, None]).add_(coefs.prob_coef[:, None]))
-        else:
+        elif state is None:
             d_z.mul_(coefs.prob_coef[:, None])
         if coefs.uniform_coef is not None:
             d_z.add_(coefs.uniform_coef[:, None])
@@ -109,8 +113,8 @@ def chunk_rows(num_tokens: int, vocab_size: int, bytes_per_logit: int, workspace
     """Rows per chunk: as many as the workspace holds, spread evenly over the chunks N needs, rounded up to whole
     GEMM tiles where the budget allows."""
     most = max(1, workspace_bytes // (vocab_size * bytes_per_logit))
-    num_chunks = -(-num_tokens // most)
-    rows = -(-num_tokens // max(num_chunks, 1))
+    num_chunks = max(1, -(-num_tokens // most))
+    rows = max(1, -(-num_tokens // num_chunks))
     rounded = -(-rows // GEMM_ROW_MULTIPLE) * GEMM_ROW_MULTIPLE
     return rounded if rounded <= most else rows
 

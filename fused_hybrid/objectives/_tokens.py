@@ -29,7 +29,7 @@ from torch import nn
 
 from .._reduction import check_num_items, divide_by_count
 from .._validation import check_non_negative, check_sequence_ids
-from ..dispatch import linear_head_stats
+from ..dispatch import linear_head_loss, linear_head_stats
 from ..head_spec import HEAD_OPTIONS, HeadSpec
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -130,18 +130,24 @@ class TokenBatch:
         return divide_by_count(self.keep(per_token.detach().to(self.logp.dtype)).sum(), self.num_tokens())
 
 
-def evaluate_head(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    bias: torch.Tensor | None,
-    loss_mask: torch.Tensor | None,
-    sequence_ids: torch.Tensor | None,
-    num_sequences: int | None,
-    head: HeadSpec,
-) -> TokenBatch:
-    """Run the logits-free core on the tokens in the loss and describe the batch's layout."""
+@dataclass(frozen=True)
+class _Layout:
+    """How a batch's tokens are laid out, read from the arguments before any statistic exists."""
+
+    mask: torch.Tensor  # [N] bool: the token is in the loss
+    shape: torch.Size
+    seq_index: torch.Tensor | None
+    num_sequences: int | None
+    padded_length: int | None
+    head_targets: torch.Tensor  # targets with the tokens outside the loss set to ignore_index
+
+    def batch(self, stats) -> TokenBatch:
+        return TokenBatch(logp=stats.logp.reshape(-1), entropy=stats.entropy.reshape(-1), mask=self.mask,
+                          shape=self.shape, seq_index=self.seq_index, num_sequences=self.num_sequences,
+                          padded_length=self.padded_length)  # fmt: skip
+
+
+def _layout(targets, loss_mask, sequence_ids, num_sequences, head: HeadSpec) -> _Layout:
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     seq_index, padded_length = None, None
@@ -170,16 +176,53 @@ def evaluate_head(
         in_loss = in_loss & loss_mask.to(device=targets.device, dtype=torch.bool)
     # Tokens outside the loss are handed to the core as ignored, so the kernels skip them.
     head_targets = torch.where(in_loss, targets, head.ignore_index) if loss_mask is not None else targets
-    stats = linear_head_stats(hidden, weight, head_targets, bias, head=head)
-    return TokenBatch(
-        logp=stats.logp.reshape(-1),
-        entropy=stats.entropy.reshape(-1),
-        mask=in_loss.reshape(-1),
-        shape=targets.shape,
-        seq_index=seq_index,
-        num_sequences=num_sequences,
-        padded_length=padded_length,
-    )
+    return _Layout(in_loss.reshape(-1), targets.shape, seq_index, num_sequences, padded_length, head_targets)
+
+
+def evaluate_head(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None,
+    loss_mask: torch.Tensor | None,
+    sequence_ids: torch.Tensor | None,
+    num_sequences: int | None,
+    head: HeadSpec,
+) -> TokenBatch:
+    """Run the logits-free core on the tokens in the loss and describe the batch's layout (differentiable
+    statistics, any downstream use: the objectives whose tokens' gradients depend on each other use this)."""
+    layout = _layout(targets, loss_mask, sequence_ids, num_sequences, head)
+    return layout.batch(linear_head_stats(hidden, weight, layout.head_targets, bias, head=head))
+
+
+def evaluate_objective(
+    math: Callable[[TokenBatch], LossOutput],
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None,
+    loss_mask: torch.Tensor | None,
+    sequence_ids: torch.Tensor | None,
+    num_sequences: int | None,
+    head: HeadSpec,
+    token_separable: bool = True,
+    inputs: tuple = (),
+) -> LossOutput:
+    """``math(batch)`` on the batch the core evaluates, for an objective written as a function of a TokenBatch.
+
+    When ``token_separable`` (each token's gradient follows from its own log-prob, entropy and inputs, with every
+    normaliser given by the masks) and the chunked engine runs, the gradient is computed inside the forward: `math`
+    is also evaluated on the statistics swept so far to give each chunk's upstream gradients (see
+    fused_hybrid.dispatch.linear_head_loss). ``inputs`` are the batch's other tensors: one that requires grad
+    keeps the two-pass path, where autograd reaches it.
+    """
+    layout = _layout(targets, loss_mask, sequence_ids, num_sequences, head)
+    separable = token_separable and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+    loss, metrics = linear_head_loss(lambda stats: math(layout.batch(stats)), hidden, weight, layout.head_targets,
+                                     bias, token_separable=separable, head=head)  # fmt: skip
+    return LossOutput(loss, metrics)
 
 
 def check_aggregation(aggregation: str) -> None:

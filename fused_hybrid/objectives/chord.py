@@ -10,7 +10,7 @@ import torch
 from .._reduction import check_num_items
 from .._validation import check_non_negative
 from ..head_spec import HeadSpec
-from ._tokens import LossOutput, ObjectiveModule, aggregate, evaluate_head
+from ._tokens import LossOutput, ObjectiveModule, TokenBatch, aggregate, evaluate_objective
 from .policy_gradient import check_clip_options, clipped_surrogate, log_importance_ratio, policy_metrics
 from .registry import Objective, clip_options, register
 
@@ -97,43 +97,47 @@ def chord_loss(
     check_num_items(num_expert_tokens, name="num_expert_tokens")
     if advantages is None:
         raise ValueError("advantages is required for the rollout sequences (per token or per sequence)")
-    batch = evaluate_head(
-        hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
+
+    def loss_of_batch(batch: TokenBatch) -> LossOutput:
+        batch.require_sequences("chord_loss")
+        expert_tokens = batch.to_tokens(batch.per_sequence(is_expert, "is_expert").to(torch.bool))
+        rollouts = batch.restrict(~expert_tokens)
+        experts = batch.restrict(expert_tokens)
+
+        # Expert sequences have no rollout policy or advantage: whatever they hold there (even NaN) is replaced.
+        is_rollout = rollouts.mask
+        old_token_logp = None
+        if old_logp is not None:
+            old_token_logp = torch.where(is_rollout, batch.per_token(old_logp, "old_logp"), batch.logp.detach())
+        token_advantages = torch.where(is_rollout, batch.per_token(advantages, "advantages"), 0.0)
+        policy_loss, active = clipped_surrogate(
+            log_importance_ratio(rollouts, old_token_logp, "token"), token_advantages,
+            epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip,
+        )  # fmt: skip
+        grpo_part = aggregate(policy_loss, rollouts, "token-mean", num_items=num_rollout_tokens)
+
+        if use_phi:
+            prob = batch.logp.detach().clamp(max=math.log(cutoff_prob)).exp()
+            phi = prob * (1.0 - prob)
+        else:
+            phi = torch.ones_like(batch.logp)
+        sft_part = aggregate(-phi * batch.logp, experts, "token-mean", num_items=num_expert_tokens)
+
+        metrics = policy_metrics(rollouts, active)
+        metrics.update(
+            # a Python mu is written into the metric by a fill kernel, never copied from the host
+            mu=mu.detach() if isinstance(mu, torch.Tensor) else torch.full_like(grpo_part, mu).detach(),
+            grpo_loss=grpo_part.detach(),
+            sft_loss=experts.token_mean(-batch.logp),
+            mean_phi=experts.token_mean(phi),
+        )
+        return LossOutput((1.0 - mu) * grpo_part + mu * sft_part, metrics)
+
+    return evaluate_objective(
+        loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
         num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
+        token_separable=True, inputs=(advantages, old_logp, mu),
     )  # fmt: skip
-    batch.require_sequences("chord_loss")
-    expert_tokens = batch.to_tokens(batch.per_sequence(is_expert, "is_expert").to(torch.bool))
-    rollouts = batch.restrict(~expert_tokens)
-    experts = batch.restrict(expert_tokens)
-
-    # Expert sequences have no rollout policy or advantage: whatever they hold there (even NaN) is replaced.
-    is_rollout = rollouts.mask
-    old_token_logp = None
-    if old_logp is not None:
-        old_token_logp = torch.where(is_rollout, batch.per_token(old_logp, "old_logp"), batch.logp.detach())
-    token_advantages = torch.where(is_rollout, batch.per_token(advantages, "advantages"), 0.0)
-    policy_loss, active = clipped_surrogate(
-        log_importance_ratio(rollouts, old_token_logp, "token"), token_advantages,
-        epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip,
-    )  # fmt: skip
-    grpo_part = aggregate(policy_loss, rollouts, "token-mean", num_items=num_rollout_tokens)
-
-    if use_phi:
-        prob = batch.logp.detach().clamp(max=math.log(cutoff_prob)).exp()
-        phi = prob * (1.0 - prob)
-    else:
-        phi = torch.ones_like(batch.logp)
-    sft_part = aggregate(-phi * batch.logp, experts, "token-mean", num_items=num_expert_tokens)
-
-    metrics = policy_metrics(rollouts, active)
-    metrics.update(
-        # a Python mu is written into the metric by a fill kernel, never copied from the host
-        mu=mu.detach() if isinstance(mu, torch.Tensor) else torch.full_like(grpo_part, mu).detach(),
-        grpo_loss=grpo_part.detach(),
-        sft_loss=experts.token_mean(-batch.logp),
-        mean_phi=experts.token_mean(phi),
-    )
-    return LossOutput((1.0 - mu) * grpo_part + mu * sft_part, metrics)
 
 
 class CHORDLoss(ObjectiveModule):

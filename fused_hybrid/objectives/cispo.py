@@ -7,7 +7,7 @@ import torch
 
 from .._validation import check_non_negative
 from ..head_spec import HeadSpec
-from ._tokens import LossOutput, aggregate, check_aggregation, evaluate_head, objective_module
+from ._tokens import LossOutput, TokenBatch, aggregate, check_aggregation, evaluate_objective, objective_module
 from .policy_gradient import LOG_RATIO_LIMIT, k3_kl, log_importance_ratio, policy_metrics
 from .registry import Objective, aggregation_count, needs_kl_reference, policy_gradient_options, register
 
@@ -57,28 +57,34 @@ def cispo_loss(
         raise ValueError("advantages is required (per token or per sequence)")
     if beta > 0 and ref_logp is None:
         raise ValueError("ref_logp is required when beta > 0 (the KL term needs the reference log-probs)")
-    batch = evaluate_head(hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-                          num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options))  # fmt: skip
-    token_advantages = batch.per_token(advantages, "advantages")
-    old_token_logp = None if old_logp is None else batch.per_token(old_logp, "old_logp")
-    log_ratio = log_importance_ratio(batch, old_token_logp, "token").detach()
-    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
-    clipped_weight = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
-    policy_loss = -clipped_weight * token_advantages * batch.logp
-    per_token = policy_loss
-    # the weight's clip, whatever the advantage's sign (CISPO clips weights, not the surrogate)
-    clipped = {"ratio": ratio, "clip_low": ratio < 1.0 - epsilon_low, "clip_high": ratio > 1.0 + epsilon_high}
-    metrics = policy_metrics(batch, clipped)
-    if beta > 0:
-        kl = k3_kl(batch.logp, batch.per_token(ref_logp, "ref_logp"))
-        per_token = per_token + beta * kl
-        metrics["ref_kl"] = batch.token_mean(kl)
 
-    def reduce(values):
-        return aggregate(values, batch, aggregation, num_items=num_items, max_response_length=max_response_length)
+    def loss_of_batch(batch: TokenBatch) -> LossOutput:
+        token_advantages = batch.per_token(advantages, "advantages")
+        old_token_logp = None if old_logp is None else batch.per_token(old_logp, "old_logp")
+        log_ratio = log_importance_ratio(batch, old_token_logp, "token").detach()
+        ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+        clipped_weight = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
+        policy_loss = -clipped_weight * token_advantages * batch.logp
+        per_token = policy_loss
+        # the weight's clip, whatever the advantage's sign (CISPO clips weights, not the surrogate)
+        clipped = {"ratio": ratio, "clip_low": ratio < 1.0 - epsilon_low, "clip_high": ratio > 1.0 + epsilon_high}
+        metrics = policy_metrics(batch, clipped)
+        if beta > 0:
+            kl = k3_kl(batch.logp, batch.per_token(ref_logp, "ref_logp"))
+            per_token = per_token + beta * kl
+            metrics["ref_kl"] = batch.token_mean(kl)
 
-    metrics["policy_loss"] = reduce(policy_loss.detach())
-    return LossOutput(reduce(per_token), metrics)
+        def reduce(values):
+            return aggregate(values, batch, aggregation, num_items=num_items, max_response_length=max_response_length)
+
+        metrics["policy_loss"] = reduce(policy_loss.detach())
+        return LossOutput(reduce(per_token), metrics)
+
+    return evaluate_objective(
+        loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
+                          num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
+        token_separable=True, inputs=(advantages, old_logp, ref_logp),
+    )  # fmt: skip
 
 
 CISPOLoss = objective_module("CISPOLoss", cispo_loss, check_cispo_options)

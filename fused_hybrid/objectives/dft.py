@@ -6,7 +6,7 @@ import torch
 
 from .._reduction import check_num_items, check_reduction, reduce_per_token
 from ..head_spec import HeadSpec
-from ._tokens import LossOutput, evaluate_head, objective_module
+from ._tokens import LossOutput, TokenBatch, evaluate_objective, objective_module
 from .registry import Objective, register
 
 
@@ -34,15 +34,19 @@ def dft_loss(
     """
     check_dft_options(reduction=reduction)
     check_num_items(num_items, reduction)
-    batch = evaluate_head(
-        hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=None, num_sequences=None,
+
+    def loss_of_batch(batch: TokenBatch) -> LossOutput:
+        prob = batch.logp.detach().exp()
+        per_token = batch.keep(-prob * batch.logp)
+        metrics = {"sft_loss": batch.token_mean(-batch.logp), "mean_prob": batch.token_mean(prob)}
+        loss = reduce_per_token(per_token, batch.mask, reduction, num_items)
+        return LossOutput(loss.reshape(batch.shape) if reduction == "none" else loss, metrics)
+
+    return evaluate_objective(
+        loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=None, num_sequences=None,
         head=HeadSpec.resolve(head, head_options),
+        token_separable=reduction != "none",
     )  # fmt: skip
-    prob = batch.logp.detach().exp()
-    per_token = batch.keep(-prob * batch.logp)
-    metrics = {"sft_loss": batch.token_mean(-batch.logp), "mean_prob": batch.token_mean(prob)}
-    loss = reduce_per_token(per_token, batch.mask, reduction, num_items)
-    return LossOutput(loss.reshape(batch.shape) if reduction == "none" else loss, metrics)
 
 
 DFTLoss = objective_module("DFTLoss", dft_loss, check_dft_options)

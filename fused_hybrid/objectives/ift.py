@@ -15,7 +15,7 @@ import torch
 from .._reduction import check_num_items, divide_by_count
 from .._validation import check_non_negative
 from ..head_spec import HeadSpec
-from ._tokens import LossOutput, TokenBatch, evaluate_head, objective_module
+from ._tokens import LossOutput, TokenBatch, evaluate_objective, objective_module
 from .registry import Objective, register
 
 
@@ -55,17 +55,21 @@ def ift_loss(
     sequences) of the gamma-weighted token-mean NLL. Metrics: ``sft_loss`` (plain token-mean NLL)."""
     check_ift_options(gamma=gamma)
     check_num_items(num_items)
-    batch = evaluate_head(
-        hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
+
+    def loss_of_batch(batch: TokenBatch) -> LossOutput:
+        batch.require_sequences("ift_loss")
+        weights = ift_token_weights(batch, gamma)
+        tokens = batch.seq_tokens()
+        per_sequence = batch.seq_sum(-weights * batch.logp) / tokens.clamp(min=1)
+        num_seqs = (tokens > 0).sum() if num_items is None else num_items
+        loss = divide_by_count(per_sequence.sum(), num_seqs)
+        return LossOutput(loss, {"sft_loss": batch.token_mean(-batch.logp)})
+
+    return evaluate_objective(
+        loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
         num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
+        token_separable=True,
     )  # fmt: skip
-    batch.require_sequences("ift_loss")
-    weights = ift_token_weights(batch, gamma)
-    tokens = batch.seq_tokens()
-    per_sequence = batch.seq_sum(-weights * batch.logp) / tokens.clamp(min=1)
-    num_seqs = (tokens > 0).sum() if num_items is None else num_items
-    loss = divide_by_count(per_sequence.sum(), num_seqs)
-    return LossOutput(loss, {"sft_loss": batch.token_mean(-batch.logp)})
 
 
 IFTLoss = objective_module("IFTLoss", ift_loss, check_ift_options)

@@ -6,7 +6,7 @@ import torch
 
 from .._validation import check_non_negative
 from ..head_spec import HeadSpec
-from ._tokens import LossOutput, TokenBatch, aggregate, check_aggregation, evaluate_head, objective_module
+from ._tokens import LossOutput, TokenBatch, aggregate, check_aggregation, evaluate_objective, objective_module
 from .registry import Objective, aggregation_count, needs_kl_reference, policy_gradient_options, register
 
 LOG_RATIO_LIMIT = 20.0  # log-ratios are clamped to +-20 before exp (as verl does)
@@ -151,30 +151,34 @@ def grpo_loss(
         raise ValueError("advantages is required (per token or per sequence)")
     if beta > 0 and ref_logp is None:
         raise ValueError("ref_logp is required when beta > 0 (the KL term needs the reference log-probs)")
-    batch = evaluate_head(
-        hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
+
+    def loss_of_batch(batch: TokenBatch) -> LossOutput:
+        token_advantages = batch.per_token(advantages, "advantages")
+        old_token_logp = None if old_logp is None else batch.per_token(old_logp, "old_logp")
+        log_ratio = log_importance_ratio(batch, old_token_logp, importance_sampling)
+        policy_loss, active = clipped_surrogate(
+            log_ratio, token_advantages, epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip
+        )
+        per_token = policy_loss
+        metrics = policy_metrics(batch, active)
+        if beta > 0:
+            kl = k3_kl(batch.logp, batch.per_token(ref_logp, "ref_logp"))
+            per_token = per_token + beta * kl
+            metrics["ref_kl"] = batch.token_mean(kl)
+        if entropy_coef > 0:
+            per_token = per_token - entropy_coef * batch.entropy
+
+        def reduce(values):
+            return aggregate(values, batch, aggregation, num_items=num_items, max_response_length=max_response_length)
+
+        metrics["policy_loss"] = reduce(policy_loss.detach())
+        return LossOutput(reduce(per_token), metrics)
+
+    return evaluate_objective(
+        loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
         num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
+        token_separable=importance_sampling == "token", inputs=(advantages, old_logp, ref_logp),
     )  # fmt: skip
-    token_advantages = batch.per_token(advantages, "advantages")
-    old_token_logp = None if old_logp is None else batch.per_token(old_logp, "old_logp")
-    log_ratio = log_importance_ratio(batch, old_token_logp, importance_sampling)
-    policy_loss, active = clipped_surrogate(
-        log_ratio, token_advantages, epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip
-    )
-    per_token = policy_loss
-    metrics = policy_metrics(batch, active)
-    if beta > 0:
-        kl = k3_kl(batch.logp, batch.per_token(ref_logp, "ref_logp"))
-        per_token = per_token + beta * kl
-        metrics["ref_kl"] = batch.token_mean(kl)
-    if entropy_coef > 0:
-        per_token = per_token - entropy_coef * batch.entropy
-
-    def reduce(values):
-        return aggregate(values, batch, aggregation, num_items=num_items, max_response_length=max_response_length)
-
-    metrics["policy_loss"] = reduce(policy_loss.detach())
-    return LossOutput(reduce(per_token), metrics)
 
 
 GRPOLoss = objective_module("GRPOLoss", grpo_loss, check_grpo_options)

@@ -15,7 +15,7 @@ import torch
 
 from . import report
 from .measure import fp32_reference, matmul_floor_ms, max_errors, peak_workspace_bytes, time_loss
-from .problems import DTYPES, OBJECTIVES, PRESETS, make_problem
+from .problems import DTYPES, INPUT_DISTRIBUTIONS, OBJECTIVES, PRESETS, make_problem
 from .providers import PROVIDERS
 
 MAX_SWEEP_TOKENS = 1 << 20
@@ -43,14 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"keep doubling N past the list until every provider runs out of memory "
                              f"(at most {MAX_SWEEP_TOKENS})")  # fmt: skip
     parser.add_argument("--providers", default="all", help=f"comma list of {', '.join(PROVIDERS)}, or all")
+    parser.add_argument("--inputs", default="random,trained" if on_gpu else "random",
+                        help=f"comma list of input distributions: {', '.join(INPUT_DISTRIBUTIONS)}")  # fmt: skip
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if on_gpu else "float32")
     parser.add_argument("--seq-len", type=int, default=1024 if on_gpu else 64,
                         help="tokens per sequence (the sequence objectives use N / seq-len sequences)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=10 if on_gpu else 3)
     parser.add_argument("--warmup", type=int, default=3 if on_gpu else 1)
     parser.add_argument("--device", default="cuda" if on_gpu else "cpu")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results") if Path("benchmarks").is_dir()
-                        else Path("fused-hybrid-results"), help="results folder (a subfolder per run)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-results"),
+        help="results folder, a subfolder per run (the committed runs live in benchmarks/results)",
+    )
     parser.add_argument(
         "--long-context",
         action="store_true",
@@ -84,6 +90,13 @@ def measure_row(provider, losses, problems, reference, floors, args, device) -> 
         row["peak_bytes"] = peak_workspace_bytes(loss_fn, problems[0], device)
         if reference is not None:
             row["errors"] = max_errors(loss_fn, problems[0], reference)
+        row["tflops"] = (
+            6
+            * problems[0].num_tokens
+            * problems[0].hidden.shape[-1]
+            * problems[0].weight.shape[0]
+            / (timing.fwd_bwd_ms * 1e9)
+        )  # the three matmuls' FLOPs per second achieved
         if floors is not None:
             row["x_floor"] = timing.fwd_bwd_ms / floors[1]
             row["forward_x_matmul"] = timing.forward_ms / floors[0]
@@ -97,14 +110,14 @@ def measure_row(provider, losses, problems, reference, floors, args, device) -> 
     return row
 
 
-def sweep(args, device, providers, objectives, presets, token_counts) -> list[dict]:
+def sweep(args, device, providers, objectives, presets, token_counts, distributions) -> list[dict]:
     dtype = DTYPES[args.dtype]
     built = {}
     for provider in providers:
         if provider.unavailable_reason(device) is None:
             built[provider.name] = provider.build(device)
     rows = []
-    for preset in presets:
+    for preset, inputs in ((p, d) for p in presets for d in distributions):
         dim, vocab = PRESETS[preset]
         for objective in objectives:
             out_of_memory: set[str] = set()
@@ -115,13 +128,15 @@ def sweep(args, device, providers, objectives, presets, token_counts) -> list[di
                 index += 1
                 try:
                     first = make_problem(objective, tokens, dim, vocab, dtype=dtype, device=device,
-                                         seq_len=args.seq_len, seed=1)  # fmt: skip
+                                         seq_len=args.seq_len, seed=1, distribution=inputs)  # fmt: skip
                     second = make_problem(objective, tokens, dim, vocab, dtype=dtype, device=device,
-                                          seq_len=args.seq_len, seed=2, weight=first.weight)  # fmt: skip
+                                          seq_len=args.seq_len, seed=2, weight=first.weight,
+                                          distribution=inputs)  # fmt: skip
                     problems = [first, second]
                 except torch.OutOfMemoryError:
                     rows += [dict(preset=preset, objective=objective, tokens=tokens, provider=p.name, status="OOM "
-                                  "(inputs)", dim=dim, vocab=vocab, dtype=args.dtype) for p in providers]  # fmt: skip
+                                  "(inputs)", dim=dim, vocab=vocab, dtype=args.dtype, inputs=inputs)
+                             for p in providers]  # fmt: skip
                     break
                 floors = None
                 try:
@@ -144,7 +159,7 @@ def sweep(args, device, providers, objectives, presets, token_counts) -> list[di
                         if row["status"] == "OOM":
                             out_of_memory.add(provider.name)
                     row.update(preset=preset, objective=objective, tokens=first.num_tokens, dim=dim, vocab=vocab,
-                               dtype=args.dtype, floor_matmul_ms=None if floors is None else floors[0],
+                               dtype=args.dtype, inputs=inputs, floor_matmul_ms=None if floors is None else floors[0],
                                floor_three_matmuls_ms=None if floors is None else floors[1])  # fmt: skip
                     group.append(row)
                     print(_progress(row), flush=True)
@@ -165,7 +180,7 @@ def fused_reference(objective: str, num_logits: int):
     """The fp32 reference: naive full logits where they fit, else the chunked backend (tested against float64)."""
     from .providers import fused_hybrid_losses
 
-    backend = "reference" if num_logits <= REFERENCE_MAX_LOGITS else "torch"
+    backend = "reference" if num_logits <= REFERENCE_MAX_LOGITS else "torch"  # "torch": two passes, PyTorch only
     return fused_hybrid_losses(backend)[objective]
 
 
@@ -195,7 +210,9 @@ def main(argv=None) -> None:
 
     env = report.environment(device)
     print(f"fused-hybrid bench on {env['device']}", flush=True)
-    rows = [] if args.long_context_only else sweep(args, device, providers, objectives, presets, token_counts)
+    distributions = parse_names(args.inputs, INPUT_DISTRIBUTIONS, "input distribution", parser)
+    rows = [] if args.long_context_only else sweep(args, device, providers, objectives, presets, token_counts,
+                                                   distributions)  # fmt: skip
     long_context = None
     if args.long_context or args.long_context_only:
         from .long_context import run_long_context

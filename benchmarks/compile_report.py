@@ -20,7 +20,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from fused_hybrid.kernels import token_statistics_backward, token_statistics_forward  # noqa: E402
+from fused_hybrid.kernels import logit_epilogue, token_statistics_backward, token_statistics_forward  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -30,19 +30,50 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
 REGISTERS_PER_SM = 65536
 MAX_CTAS_PER_SM = 32
-# The pass, its kernel and launch config, and the feature flags compiled in (the heaviest variant).
+
+
+def _tile_pass(kernel, configs, flags):
+    """A tile kernel: its launch config per dtype, the feature flags compiled in (the heaviest variant)."""
+
+    def build(dtype: str):
+        config = configs[DTYPES[dtype]]
+        constexprs = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_N=config.block_n, BLOCK_V=config.block_v,
+                          BLOCK_D=config.block_d, DOT_PRECISION="ieee" if dtype == "fp32" else None,
+                          IN_INTERPRETER=False, **flags)  # fmt: skip
+        text = f"{config.block_n}x{config.block_v}x{config.block_d} w{config.num_warps} s{config.num_stages}"
+        return kernel, constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages), text
+
+    return build
+
+
+def _epilogue_pass(kernel, block_v, flags):
+    """A chunked-engine epilogue kernel (row-wise, no tensor cores by design)."""
+
+    def build(dtype: str):
+        constexprs = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_V=block_v, **flags)
+        options = dict(num_warps=logit_epilogue.NUM_WARPS, num_stages=1)
+        return kernel, constexprs, options, f"BLOCK_V {block_v} w{logit_epilogue.NUM_WARPS}"
+
+    return build
+
+
 PASSES = {
-    "forward": (token_statistics_forward.token_statistics_forward_kernel, token_statistics_forward.CUDA_CONFIGS, {}),
-    "backward": (
+    "forward": _tile_pass(token_statistics_forward.token_statistics_forward_kernel,
+                          token_statistics_forward.CUDA_CONFIGS, {}),  # fmt: skip
+    "backward": _tile_pass(
         token_statistics_backward.token_statistics_backward_kernel,
         token_statistics_backward.CUDA_CONFIGS,
         dict(
             HAS_LOGP_COEF=True, HAS_UNIFORM_COEF=True, COMPUTE_D_HIDDEN=True, COMPUTE_D_WEIGHT=True, COMPUTE_D_BIAS=True
         ),
     ),  # fmt: skip
+    "epilogue_statistics": _epilogue_pass(logit_epilogue.row_statistics_kernel, logit_epilogue.BLOCK_V_STATISTICS, {}),
+    "epilogue_gradients": _epilogue_pass(logit_epilogue.logit_gradients_kernel, logit_epilogue.BLOCK_V_GRADIENTS,
+                                         dict(HAS_LOGP_COEF=True, HAS_UNIFORM_COEF=True)),  # fmt: skip
 }
+TENSOR_CORE_PASSES = ("forward", "backward")  # the epilogues are row-wise reductions: memory-bound, no MMA
 POINTER_TYPES = {"targets_ptr": "*i64"}  # the other pointers: the input dtype for inputs, fp32 for statistics
-INPUT_POINTERS = ("hidden_ptr", "weight_ptr", "bias_ptr")
+INPUT_POINTERS = ("hidden_ptr", "weight_ptr", "bias_ptr", "logits_ptr")
 FLOAT_SCALARS = ("inv_temperature", "softcap")
 
 
@@ -67,16 +98,12 @@ def _cuobjdump(*args: str) -> str:
 
 def compile_pass(name: str, arch: str, dtype: str = "bf16") -> dict:
     """One row of the report: the pass compiled for `arch` with its CUDA launch config."""
-    kernel, configs, flags = PASSES[name]
-    config = configs[DTYPES[dtype]]
-    precision = "ieee" if dtype == "fp32" else None
-    constexprs = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_N=config.block_n, BLOCK_V=config.block_v,
-                      BLOCK_D=config.block_d, DOT_PRECISION=precision, IN_INTERPRETER=False, **flags)  # fmt: skip
+    kernel, constexprs, options, config_text = PASSES[name](dtype)
     capability = ARCHITECTURES[arch]
     compiled = triton.compile(
         ASTSource(kernel, _signature(kernel, constexprs, dtype), constexprs=constexprs),
         target=GPUTarget("cuda", capability, 32),
-        options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
+        options=options,
     )
     with tempfile.TemporaryDirectory() as folder:
         cubin = os.path.join(folder, "kernel.cubin")
@@ -87,13 +114,13 @@ def compile_pass(name: str, arch: str, dtype: str = "bf16") -> dict:
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
     shared = compiled.metadata.shared
-    threads = 32 * config.num_warps
+    threads = 32 * options["num_warps"]
     ctas = min(REGISTERS_PER_SM // (registers * threads), MAX_CTAS_PER_SM)
     if shared:
         ctas = min(ctas, SHARED_PER_SM[capability] // shared)
     return {
         "pass": name, "arch": arch, "dtype": dtype, "triton": triton.__version__,
-        "config": f"{config.block_n}x{config.block_v}x{config.block_d} w{config.num_warps} s{config.num_stages}",
+        "config": config_text,
         "registers": registers, "stack_bytes": stack, "shared_bytes": shared, "ctas_per_sm": ctas,
         "tensor_core": len(re.findall(r"\bH(?:G)?MMA\b", sass)), "fences": len(re.findall(r"\bMEMBAR\b", sass)),
     }  # fmt: skip

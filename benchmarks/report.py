@@ -77,17 +77,16 @@ def markdown(env: dict, rows: list[dict], long_context: list[dict] | None = None
              "Times are medians over steps (CUDA events on a GPU, the host clock on a CPU) after warm-up, rotating two "
              "input sets. `x floor`: fwd+bwd over the three "
              "N x D x V cuBLAS matmuls of loss + gradients measured in the same run; `fwd x mm`: forward over one "
-             "such matmul; `x fused`: over fused-hybrid's time. Memory: peak bytes beyond inputs and gradients. "
+             "such matmul; `x fused`: over fused-hybrid's time; TFLOP/s: the three matmuls' 6 N D V FLOPs over the "
+             "fwd+bwd time. Memory: peak bytes beyond inputs and gradients (CUDA allocator on a GPU, peak resident "
+             "memory on a CPU). "
              "Errors: max |error| / max |fp32 reference| of loss, dhidden, dweight.", ""]  # fmt: skip
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["preset"], row["objective"]), []).append(row)
-    for (preset, objective), group in groups.items():
+    for (preset, objective, inputs), group in _groups(rows).items():
         first = group[0]
-        lines += [f"## {objective}, {preset} (D {first['dim']}, V {first['vocab']}, {first['dtype']})", "",
-                  "| N | provider | fwd ms | bwd ms | fwd+bwd ms | x floor | fwd x mm | x fused | peak MiB "
-                  "| err loss / dh / dw | status |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
+        lines += [f"## {objective}, {preset} (D {first['dim']}, V {first['vocab']}, {first['dtype']}), {inputs} inputs",
+                  "", "| N | provider | fwd ms | bwd ms | fwd+bwd ms | x floor | TFLOP/s | fwd x mm | x fused "
+                  "| peak MiB | err loss / dh / dw | status |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
         for row in group:
             err = row.get("errors")
             err_text = "-" if not err else " / ".join(f"{err[k]:.1e}" for k in ("loss", "d_hidden", "d_weight"))
@@ -95,7 +94,8 @@ def markdown(env: dict, rows: list[dict], long_context: list[dict] | None = None
             lines.append(
                 f"| {row['tokens']} | {row['provider']} | {_fmt(row.get('forward_ms'), '.2f')} "
                 f"| {_fmt(row.get('backward_ms'), '.2f')} | {_fmt(row.get('fwd_bwd_ms'), '.2f')} "
-                f"| {_fmt(row.get('x_floor'), '.2f')} | {_fmt(row.get('forward_x_matmul'), '.2f')} "
+                f"| {_fmt(row.get('x_floor'), '.2f')} | {_fmt(row.get('tflops'), '.2f')} "
+                f"| {_fmt(row.get('forward_x_matmul'), '.2f')} "
                 f"| {_fmt(row.get('x_fused_hybrid'), '.2f')} | {_fmt(peak, '.0f')} | {err_text} | {row['status']} |"
             )
         lines.append("")
@@ -112,6 +112,14 @@ def markdown(env: dict, rows: list[dict], long_context: list[dict] | None = None
     return "\n".join(lines)
 
 
+def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Rows by (preset, objective, input distribution), in run order."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["preset"], row["objective"], row.get("inputs", "random")), []).append(row)
+    return groups
+
+
 def plots(folder: Path, rows: list[dict]) -> list[Path]:
     import matplotlib
 
@@ -119,10 +127,7 @@ def plots(folder: Path, rows: list[dict]) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["preset"], row["objective"]), []).append(row)
-    for (preset, objective), group in groups.items():
+    for (preset, objective, inputs), group in _groups(rows).items():
         fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
         for provider in dict.fromkeys(r["provider"] for r in group):
             points = [r for r in group if r["provider"] == provider and r.get("fwd_bwd_ms") is not None]
@@ -140,9 +145,9 @@ def plots(folder: Path, rows: list[dict]) -> list[Path]:
             ax.set_ylabel(label)
             ax.grid(True, which="both", alpha=0.3)
         ax_time.legend(fontsize=8)
-        fig.suptitle(f"{objective}, {preset}")
+        fig.suptitle(f"{objective}, {preset}, {inputs} inputs")
         fig.tight_layout()
-        path = folder / f"{preset}-{objective}.png"
+        path = folder / f"{preset}-{objective}-{inputs}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)

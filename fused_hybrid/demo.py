@@ -65,7 +65,8 @@ def head_memory(tokens: int, dim: int, vocab: int, device: torch.device) -> dict
     bytes_per_logit = TorchEpilogue.bytes_per_logit(torch.float32)
     rows = chunk_rows(tokens, vocab, bytes_per_logit, DEFAULT_WORKSPACE_BYTES)
     return {"tokens": tokens, "vocab": vocab, "materialised_logits_bytes": 2 * tokens * vocab * 4,
-            "fused_bytes": 4 * tokens * 4 + rows * vocab * bytes_per_logit, "how": "computed from the shapes"}  # fmt: skip
+            "fused_bytes": 4 * tokens * 4 + rows * vocab * bytes_per_logit,
+            "how": "computed from the shapes"}  # fmt: skip
 
 
 def run_demo(out: str | Path = "demo-report", steps: int = 1200, progress: bool = True) -> Path:

@@ -139,16 +139,21 @@ def local_targets(targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 class _Gradients:
-    """dhidden, dweight and dbias accumulated chunk by chunk (dweight and dbias in fp32 for half inputs)."""
+    """dhidden, dweight and dbias accumulated chunk by chunk (dweight and dbias in fp32 for half inputs). With a
+    single chunk, dweight is that chunk's GEMM written in the weight's dtype (cuBLAS sums in fp32 inside): no
+    V x D fp32 buffer at all."""
 
-    def __init__(self, hidden, weight, bias, needs: tuple[bool, bool, bool], compacted: bool) -> None:
+    def __init__(self, hidden, weight, bias, needs: tuple[bool, bool, bool], plan: list[Rows]) -> None:
         needs_hidden, needs_weight, needs_bias = needs
         acc = dict(dtype=stats_dtype(hidden.dtype), device=weight.device)
         # Rows left out of every chunk (ignored tokens) keep a zero gradient; gradients come back contiguous
         # whatever the inputs' strides (the custom op's fake implementation says so).
+        compacted = not all(isinstance(rows, slice) for rows in plan)
         new = torch.zeros if compacted else torch.empty
         self.hidden = new(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs_hidden else None
-        self.weight = torch.zeros(weight.shape, **acc) if needs_weight else None
+        self.single_chunk = len(plan) == 1
+        self.weight = torch.zeros(weight.shape, **acc) if needs_weight and not self.single_chunk else None
+        self.needs_weight = needs_weight
         self.bias = torch.zeros(weight.shape[0], **acc) if needs_bias else None
 
     def add_chunk(self, d_z, logits, rows: Rows, hidden_rows, weight) -> None:
@@ -159,10 +164,14 @@ class _Gradients:
             d_z = logits.copy_(d_z)
         if self.hidden is not None:
             self.hidden[rows] = d_z @ weight
-        if self.weight is not None:
+        if self.needs_weight and self.single_chunk:
+            self.weight = d_z.T @ hidden_rows
+        elif self.needs_weight:
             accumulate_matmul(self.weight, d_z.T, hidden_rows)
 
     def result(self, weight, bias):
+        if self.needs_weight and self.weight is None:  # no token reached the head
+            self.weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
         return (
             self.hidden,
             None if self.weight is None else self.weight.to(weight.dtype),
@@ -202,7 +211,7 @@ def backward(hidden, weight, targets, bias, lse, coefs: TokenGradCoefficients, t
     column_targets = local_targets(targets, vocab_size)
     plan = plan_chunks(targets != transform.ignore_index, vocab_size, epilogue.bytes_per_logit(hidden.dtype),
                        transform.workspace_bytes)  # fmt: skip
-    grads = _Gradients(hidden, weight, bias, needs, compacted=not all(isinstance(r, slice) for r in plan))
+    grads = _Gradients(hidden, weight, bias, needs, plan)
     if any(needs):
         for rows in plan:
             hidden_rows = hidden[rows]
@@ -227,7 +236,7 @@ def statistics_and_gradients(hidden, weight, targets, bias, transform: LogitTran
     valid = targets != transform.ignore_index
     column_targets = local_targets(targets, vocab_size)
     plan = plan_chunks(valid, vocab_size, epilogue.bytes_per_logit(hidden.dtype), transform.workspace_bytes)
-    grads = _Gradients(hidden, weight, bias, needs, compacted=not all(isinstance(r, slice) for r in plan))
+    grads = _Gradients(hidden, weight, bias, needs, plan)
     statistics = torch.zeros(4, hidden.shape[0], dtype=stats_dtype(hidden.dtype), device=hidden.device)
     for rows in plan:
         hidden_rows = hidden[rows]

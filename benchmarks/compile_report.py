@@ -58,8 +58,9 @@ def _epilogue_pass(kernel, block_v, flags):
 
 
 PASSES = {
-    "forward": _tile_pass(token_statistics_forward.token_statistics_forward_kernel,
-                          token_statistics_forward.CUDA_CONFIGS, {}),  # fmt: skip
+    "forward": _tile_pass(
+        token_statistics_forward.token_statistics_forward_kernel, token_statistics_forward.CUDA_CONFIGS, {}
+    ),  # fmt: skip
     "backward": _tile_pass(
         token_statistics_backward.token_statistics_backward_kernel,
         token_statistics_backward.CUDA_CONFIGS,
@@ -68,8 +69,11 @@ PASSES = {
         ),
     ),  # fmt: skip
     "epilogue_statistics": _epilogue_pass(logit_epilogue.row_statistics_kernel, logit_epilogue.BLOCK_V_STATISTICS, {}),
-    "epilogue_gradients": _epilogue_pass(logit_epilogue.logit_gradients_kernel, logit_epilogue.BLOCK_V_GRADIENTS,
-                                         dict(HAS_LOGP_COEF=True, HAS_UNIFORM_COEF=True)),  # fmt: skip
+    "epilogue_gradients": _epilogue_pass(
+        logit_epilogue.logit_gradients_kernel,
+        logit_epilogue.BLOCK_V_GRADIENTS,
+        dict(HAS_LOGP_COEF=True, HAS_UNIFORM_COEF=True),
+    ),  # fmt: skip
 }
 TENSOR_CORE_PASSES = ("forward", "backward")  # the epilogues are row-wise reductions: memory-bound, no MMA
 POINTER_TYPES = {"targets_ptr": "*i64"}  # the other pointers: the input dtype for inputs, fp32 for statistics

@@ -75,7 +75,6 @@ PASSES = {
         dict(HAS_LOGP_COEF=True, HAS_UNIFORM_COEF=True),
     ),  # fmt: skip
 }
-TENSOR_CORE_PASSES = ("forward", "backward")  # the epilogues are row-wise reductions: memory-bound, no MMA
 POINTER_TYPES = {"targets_ptr": "*i64"}  # the other pointers: the input dtype for inputs, fp32 for statistics
 INPUT_POINTERS = ("hidden_ptr", "weight_ptr", "bias_ptr", "logits_ptr")
 FLOAT_SCALARS = ("inv_temperature", "softcap")

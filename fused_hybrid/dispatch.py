@@ -16,7 +16,7 @@ import torch
 from ._ops import token_statistics
 from ._validation import check_head_inputs, check_targets_in_range, resolve_backend
 from .backends import chunked, reference
-from .core import HeadStats, LogitTransform
+from .core import HeadStats, LogitTransform, stats_dtype
 from .head_spec import HeadSpec
 from .vocab_parallel import vocab_parallel_head_stats
 
@@ -62,7 +62,10 @@ def linear_head_stats(
     computed. With ``vocab_parallel``, `weight` and `bias` are this rank's slice of the head and the statistics are
     those of the full vocabulary (see fused_hybrid.vocab_parallel).
     """
-    call = _prepare(hidden, weight, targets, bias, head, head_options)
+    return _head_stats(_prepare(hidden, weight, targets, bias, head, head_options), weight, bias)
+
+
+def _head_stats(call: _Call, weight, bias) -> HeadStats:
     hidden_2d, targets_1d, transform = call.hidden_2d, call.targets_1d, call.transform
     if call.backend == "reference":
         stats = reference.head_stats(hidden_2d, weight, targets_1d, bias, transform)
@@ -110,14 +113,13 @@ def linear_head_loss(
         and any(needs) and not torch.compiler.is_compiling()
     )  # fmt: skip
     if not in_forward:
-        return loss_of_stats(linear_head_stats(hidden, weight, targets, bias, head=call.head))
+        return loss_of_stats(_head_stats(call, weight, bias))  # the arguments are checked once
 
     def shaped(stats: HeadStats) -> HeadStats:
         return HeadStats(*(s.reshape(call.leading_shape) for s in stats))
 
     with torch.no_grad():  # every input checked before the first GEMM
-        zeros = torch.zeros(call.targets_1d.shape, dtype=torch.float64 if hidden.dtype == torch.float64 else
-                            torch.float32, device=hidden.device)  # fmt: skip
+        zeros = torch.zeros(call.targets_1d.shape, dtype=stats_dtype(hidden.dtype), device=hidden.device)
         loss_of_stats(shaped(HeadStats(zeros, zeros, zeros, zeros)))
 
     def chunk_gradients(stats: HeadStats, rows):

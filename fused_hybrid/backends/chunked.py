@@ -20,6 +20,7 @@ the PyTorch epilogue on every device.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -138,6 +139,20 @@ def local_targets(targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return torch.where((targets >= 0) & (targets < vocab_size), targets, -1)
 
 
+class _Sweep(NamedTuple):
+    epilogue: object
+    column_targets: torch.Tensor  # targets that are columns of this weight, -1 for the others
+    plan: list[Rows]
+
+
+def _sweep(hidden, weight, targets, transform: LogitTransform, epilogue) -> _Sweep:
+    """What every pass over the chunks needs: the epilogue, the targets in this weight's columns, the chunks."""
+    epilogue = epilogue or default_epilogue(hidden)
+    plan = plan_chunks(targets != transform.ignore_index, weight.shape[0], epilogue.bytes_per_logit(hidden.dtype),
+                       transform.workspace_bytes)  # fmt: skip
+    return _Sweep(epilogue, local_targets(targets, weight.shape[0]), plan)
+
+
 class _Gradients:
     """dhidden, dweight and dbias accumulated chunk by chunk (dweight and dbias in fp32 for half inputs). With a
     single chunk, dweight is that chunk's GEMM written in the weight's dtype (cuBLAS sums in fp32 inside): no
@@ -192,12 +207,9 @@ def accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
 def partials(hidden, weight, targets, bias, transform: LogitTransform, *, epilogue=None) -> VocabPartials:
     """Per-token sums over this weight's rows (see VocabPartials), chunk by chunk; 0 for ignored tokens (a token
     no chunk swept reads max 0 and sum 0, which core.finalize_partials turns into finite statistics)."""
-    epilogue = epilogue or default_epilogue(hidden)
-    num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
-    out = torch.zeros(5, num_tokens, dtype=stats_dtype(hidden.dtype), device=hidden.device)
-    column_targets = local_targets(targets, vocab_size)
-    for rows in plan_chunks(targets != transform.ignore_index, vocab_size, epilogue.bytes_per_logit(hidden.dtype),
-                            transform.workspace_bytes):  # fmt: skip
+    epilogue, column_targets, plan = _sweep(hidden, weight, targets, transform, epilogue)
+    out = torch.zeros(5, hidden.shape[0], dtype=stats_dtype(hidden.dtype), device=hidden.device)
+    for rows in plan:
         chunk_partials, _ = epilogue.statistics(hidden[rows] @ weight.T, column_targets[rows], bias, transform)
         out[:, rows] = torch.stack(chunk_partials)
     return VocabPartials(*out)
@@ -206,11 +218,7 @@ def partials(hidden, weight, targets, bias, transform: LogitTransform, *, epilog
 def backward(hidden, weight, targets, bias, lse, coefs: TokenGradCoefficients, transform: LogitTransform,
              needs: tuple[bool, bool, bool], *, epilogue=None):  # fmt: skip
     """(d_hidden, d_weight, d_bias), None where not needed, recomputing each chunk's logits."""
-    epilogue = epilogue or default_epilogue(hidden)
-    vocab_size = weight.shape[0]
-    column_targets = local_targets(targets, vocab_size)
-    plan = plan_chunks(targets != transform.ignore_index, vocab_size, epilogue.bytes_per_logit(hidden.dtype),
-                       transform.workspace_bytes)  # fmt: skip
+    epilogue, column_targets, plan = _sweep(hidden, weight, targets, transform, epilogue)
     grads = _Gradients(hidden, weight, bias, needs, plan)
     if any(needs):
         for rows in plan:
@@ -231,11 +239,8 @@ def statistics_and_gradients(hidden, weight, targets, bias, transform: LogitTran
     """One sweep, three GEMMs: the finalised statistics [N] (0 at ignored tokens) and (d_hidden, d_weight,
     d_bias) of a loss whose upstream gradients at a chunk's rows `chunk_gradients` gives from the statistics of the
     tokens swept so far (those rows included); the loss must be token-separable for that to be its gradient."""
-    epilogue = epilogue or default_epilogue(hidden)
-    vocab_size = weight.shape[0]
+    epilogue, column_targets, plan = _sweep(hidden, weight, targets, transform, epilogue)
     valid = targets != transform.ignore_index
-    column_targets = local_targets(targets, vocab_size)
-    plan = plan_chunks(valid, vocab_size, epilogue.bytes_per_logit(hidden.dtype), transform.workspace_bytes)
     grads = _Gradients(hidden, weight, bias, needs, plan)
     statistics = torch.zeros(4, hidden.shape[0], dtype=stats_dtype(hidden.dtype), device=hidden.device)
     for rows in plan:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import report
-from .measure import fp32_reference, matmul_floor_ms, max_errors, peak_workspace_bytes, time_loss
+from .measure import fp32_reference, kept_tile_fraction, matmul_floor_ms, max_errors, peak_workspace_bytes, time_loss
 from .problems import DTYPES, INPUT_DISTRIBUTIONS, OBJECTIVES, PRESETS, make_problem
 from .providers import PROVIDERS
 
@@ -90,6 +90,8 @@ def measure_row(provider, losses, problems, reference, floors, args, device) -> 
         row["peak_bytes"] = peak_workspace_bytes(loss_fn, problems[0], device)
         if reference is not None:
             row["errors"] = max_errors(loss_fn, problems[0], reference)
+        if provider.filters_gradients:
+            row["tiles_kept"] = kept_tile_fraction(loss_fn, problems[0])
         row["tflops"] = (
             6
             * problems[0].num_tokens

@@ -13,6 +13,7 @@ import argparse
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 # The kernels are compiled, not interpreted: the variable must be off before triton is imported.
@@ -24,24 +25,23 @@ from fused_hybrid.kernels import logit_epilogue, token_statistics_backward, toke
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-ARCHITECTURES = {"sm_80": 80, "sm_90a": 90}
+from .compile_gate import ARCHITECTURES, SHARED_PER_SM, violations  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Shared memory per SM usable by CTAs, bytes.
-SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
 REGISTERS_PER_SM = 65536
 MAX_CTAS_PER_SM = 32
 
 
 def _tile_pass(kernel, configs, flags):
-    """A tile kernel: its launch config per dtype, the feature flags compiled in (the heaviest variant)."""
+    """A tile kernel: every launch config it ships for the dtype, with the feature flags compiled in (the heaviest
+    variant)."""
 
     def build(dtype: str):
-        config = configs[DTYPES[dtype]]
-        constexprs = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_N=config.block_n, BLOCK_V=config.block_v,
-                          BLOCK_D=config.block_d, DOT_PRECISION="ieee" if dtype == "fp32" else None,
-                          IN_INTERPRETER=False, **flags)  # fmt: skip
-        text = f"{config.block_n}x{config.block_v}x{config.block_d} w{config.num_warps} s{config.num_stages}"
-        return kernel, constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages), text
+        for config in configs[DTYPES[dtype]]:
+            constexprs = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_N=config.block_n, BLOCK_V=config.block_v,
+                              BLOCK_D=config.block_d, DOT_PRECISION="ieee" if dtype == "fp32" else None,
+                              IN_INTERPRETER=False, **flags)  # fmt: skip
+            yield kernel, constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages), str(config)
 
     return build
 
@@ -52,7 +52,7 @@ def _epilogue_pass(kernel, block_v, flags):
     def build(dtype: str):
         constexprs = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_V=block_v, **flags)
         options = dict(num_warps=logit_epilogue.NUM_WARPS, num_stages=1)
-        return kernel, constexprs, options, f"BLOCK_V {block_v} w{logit_epilogue.NUM_WARPS}"
+        yield kernel, constexprs, options, f"BLOCK_V {block_v} w{logit_epilogue.NUM_WARPS}"
 
     return build
 
@@ -65,7 +65,13 @@ PASSES = {
         token_statistics_backward.token_statistics_backward_kernel,
         token_statistics_backward.CUDA_CONFIGS,
         dict(
-            HAS_LOGP_COEF=True, HAS_UNIFORM_COEF=True, COMPUTE_D_HIDDEN=True, COMPUTE_D_WEIGHT=True, COMPUTE_D_BIAS=True
+            HAS_LOGP_COEF=True,
+            HAS_UNIFORM_COEF=True,
+            COMPUTE_D_HIDDEN=True,
+            COMPUTE_D_WEIGHT=True,
+            COMPUTE_D_BIAS=True,
+            FILTER=True,
+            GROUP_N=token_statistics_backward.GROUP_N,
         ),
     ),  # fmt: skip
     "epilogue_statistics": _epilogue_pass(logit_epilogue.row_statistics_kernel, logit_epilogue.BLOCK_V_STATISTICS, {}),
@@ -75,9 +81,9 @@ PASSES = {
         dict(HAS_LOGP_COEF=True, HAS_UNIFORM_COEF=True),
     ),  # fmt: skip
 }
-POINTER_TYPES = {"targets_ptr": "*i64"}  # the other pointers: the input dtype for inputs, fp32 for statistics
+POINTER_TYPES = {"targets_ptr": "*i64", "tile_counts_ptr": "*i32"}  # other pointers: the input dtype or fp32
 INPUT_POINTERS = ("hidden_ptr", "weight_ptr", "bias_ptr", "logits_ptr")
-FLOAT_SCALARS = ("inv_temperature", "softcap")
+FLOAT_SCALARS = ("inv_temperature", "softcap", "filter_threshold")
 
 
 def _signature(kernel, constexprs: dict, dtype: str) -> dict:
@@ -99,9 +105,12 @@ def _cuobjdump(*args: str) -> str:
     return subprocess.run([tool, *args], capture_output=True, text=True, check=True).stdout
 
 
-def compile_pass(name: str, arch: str, dtype: str = "bf16") -> dict:
-    """One row of the report: the pass compiled for `arch` with its CUDA launch config."""
-    kernel, constexprs, options, config_text = PASSES[name](dtype)
+def compile_pass(name: str, arch: str, dtype: str = "bf16") -> list[dict]:
+    """The report's rows for one pass: each launch config it ships, compiled for `arch`."""
+    return [_compile(name, arch, dtype, *variant) for variant in PASSES[name](dtype)]
+
+
+def _compile(name, arch, dtype, kernel, constexprs, options, config_text) -> dict:
     capability = ARCHITECTURES[arch]
     compiled = triton.compile(
         ASTSource(kernel, _signature(kernel, constexprs, dtype), constexprs=constexprs),
@@ -129,19 +138,52 @@ def compile_pass(name: str, arch: str, dtype: str = "bf16") -> dict:
     }  # fmt: skip
 
 
+def run_in_fresh_venv(triton_version: str, argv: list[str]) -> int:
+    """This report with `argv` under another Triton: a throw-away virtual environment that sees this
+    one's packages (torch, fused-hybrid) and gets `triton==<version>` from the package index."""
+    import venv
+
+    with tempfile.TemporaryDirectory() as folder:
+        venv.EnvBuilder(system_site_packages=True, with_pip=True).create(folder)
+        python = os.path.join(folder, "bin", "python")
+        subprocess.run([python, "-m", "pip", "install", "--quiet", f"triton=={triton_version}"], check=True)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        return subprocess.run([python, "-m", "benchmarks.compile_report", *argv], env=env, cwd=root).returncode
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passes", default=",".join(PASSES))
     parser.add_argument("--archs", default=",".join(ARCHITECTURES))
     parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 on a spill, too much shared memory, a "
+        "half-precision tile kernel without tensor cores or an epilogue below two CTAs per SM",
+    )
+    parser.add_argument("--triton", metavar="VERSION", help="run under triton==VERSION in a throw-away virtual "
+                        "environment (e.g. 3.6.0, the GPU machines' version)")  # fmt: skip
     args = parser.parse_args(argv)
-    rows = [compile_pass(name, arch, dtype) for name in args.passes.split(",") for arch in args.archs.split(",")
-            for dtype in args.dtypes.split(",")]  # fmt: skip
+    if args.triton and args.triton != triton.__version__:
+        same = [f"--passes={args.passes}", f"--archs={args.archs}", f"--dtypes={args.dtypes}"]
+        sys.exit(run_in_fresh_venv(args.triton, same + (["--check"] if args.check else [])))
+    rows = [row for name in args.passes.split(",") for arch in args.archs.split(",")
+            for dtype in args.dtypes.split(",") for row in compile_pass(name, arch, dtype)]  # fmt: skip
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+    if args.check:
+        found = violations(rows)
+        for line in found:
+            print(f"GATE: {line}", file=sys.stderr)
+        if found:
+            sys.exit(1)
+        print(f"gate passed: {len(rows)} kernel builds, Triton {triton.__version__}")
     return rows
 
 

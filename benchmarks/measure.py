@@ -174,6 +174,17 @@ def max_errors(loss_fn, problem: Problem, reference: dict[str, torch.Tensor]) ->
     return errors
 
 
+def kept_tile_fraction(loss_fn, problem: Problem) -> float:
+    """The fraction of the tile kernels' backward tiles that gradient filtering kept, over one fwd+bwd."""
+    from fused_hybrid.kernels.token_statistics_backward import count_filtered_tiles
+
+    problem.zero_grad()
+    with count_filtered_tiles() as tiles:
+        loss_fn(problem).backward()
+    problem.zero_grad()
+    return tiles.kept_fraction
+
+
 def fp32_reference(loss_fn, problem: Problem) -> dict[str, torch.Tensor]:
     """Loss and gradients of `loss_fn` on an fp32 copy of `problem`."""
     upcast = problem.upcast(torch.float32)

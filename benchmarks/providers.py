@@ -23,22 +23,30 @@ LossFn = Callable[[Problem], torch.Tensor]
 # A provider's losses map objectives to a LossFn, or to the reason it cannot run that objective here.
 
 
-def fused_hybrid_losses(backend: str) -> dict[str, LossFn]:
+# Cut Cross-Entropy's default threshold, relative to each token's gradient scale here (see HeadSpec)
+GRADIENT_FILTER = 2.0**-12
+
+
+def fused_hybrid_losses(backend: str, **head_options) -> dict[str, LossFn]:
+    head = fused_hybrid.HeadSpec(backend=backend, **head_options)
+
     def logprobs_entropy(p: Problem) -> torch.Tensor:
         logp, entropy = fused_hybrid.linear_logprobs(p.hidden, p.weight, p.targets, return_entropy=True,
-                                                     backend=backend)  # fmt: skip
+                                                     backend=backend, **head_options)  # fmt: skip
         return logp.sum() + entropy.sum()
 
     def dpo(p: Problem) -> torch.Tensor:
         ref = fused_hybrid.sequence_logps(p.extras["ref_hidden"], p.weight.detach(), p.targets,
-                                          loss_mask=p.extras["loss_mask"], backend=backend)  # fmt: skip
+                                          loss_mask=p.extras["loss_mask"], head=head)  # fmt: skip
         return fused_hybrid.dpo_loss(p.hidden, p.weight, p.targets, ref_logp=ref, loss_mask=p.extras["loss_mask"],
-                                     backend=backend).loss  # fmt: skip
+                                     head=head).loss  # fmt: skip
 
     return {
-        "cross_entropy": lambda p: fused_hybrid.linear_cross_entropy(p.hidden, p.weight, p.targets, backend=backend),
+        "cross_entropy": lambda p: fused_hybrid.linear_cross_entropy(
+            p.hidden, p.weight, p.targets, backend=backend, **head_options
+        ),  # fmt: skip
         "logprobs_entropy": logprobs_entropy,
-        "dft": lambda p: fused_hybrid.dft_loss(p.hidden, p.weight, p.targets, backend=backend).loss,
+        "dft": lambda p: fused_hybrid.dft_loss(p.hidden, p.weight, p.targets, head=head).loss,
         "grpo": lambda p: (
             fused_hybrid.grpo_loss(
                 p.hidden,
@@ -48,7 +56,7 @@ def fused_hybrid_losses(backend: str) -> dict[str, LossFn]:
                 old_logp=p.extras["old_logp"],
                 loss_mask=p.extras["loss_mask"],
                 dual_clip=None,
-                backend=backend,
+                head=head,
             ).loss
         ),  # fmt: skip
         "chord": lambda p: (
@@ -62,7 +70,7 @@ def fused_hybrid_losses(backend: str) -> dict[str, LossFn]:
                 advantages=p.extras["advantages"],
                 old_logp=p.extras["old_logp"],
                 loss_mask=p.extras["loss_mask"],
-                backend=backend,
+                head=head,
             ).loss
         ),  # fmt: skip
         "dpo": dpo,
@@ -193,6 +201,7 @@ class Provider:
     needs_cuda: bool = False
     available: Callable[[], bool] = lambda: True  # a version check beyond `needs`
     missing: str = ""  # why, when `available` says no
+    filters_gradients: bool = False  # report the fraction of tiles its backward kept
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         for package in self.needs:
@@ -225,6 +234,15 @@ PROVIDERS = {
             lambda device: fused_hybrid_losses("triton"),
             needs=("triton",),
             needs_cuda=True,
+        ),  # fmt: skip
+        Provider(
+            "fused-hybrid[tile,filter]",
+            f"fused-hybrid, Triton tile kernels with gradient filtering (threshold {GRADIENT_FILTER:.1e} of each "
+            "token's gradient scale)",
+            lambda device: fused_hybrid_losses("triton", gradient_filter=GRADIENT_FILTER),
+            needs=("triton",),
+            needs_cuda=True,
+            filters_gradients=True,
         ),  # fmt: skip
         Provider(
             "fused-hybrid[torch]",

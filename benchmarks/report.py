@@ -80,13 +80,14 @@ def markdown(env: dict, rows: list[dict], long_context: list[dict] | None = None
              "such matmul; `x fused`: over fused-hybrid's time; TFLOP/s: the three matmuls' 6 N D V FLOPs over the "
              "fwd+bwd time. Memory: peak bytes beyond inputs and gradients (CUDA allocator on a GPU, peak resident "
              "memory on a CPU). "
-             "Errors: max |error| / max |fp32 reference| of loss, dhidden, dweight.", ""]  # fmt: skip
+             "Errors: max |error| / max |fp32 reference| of loss, dhidden, dweight. Tiles kept: the fraction of "
+             "the tile backward's tiles whose GEMM work gradient filtering kept.", ""]  # fmt: skip
     for (preset, objective, inputs), group in _groups(rows).items():
         first = group[0]
         lines += [f"## {objective}, {preset} (D {first['dim']}, V {first['vocab']}, {first['dtype']}), {inputs} inputs",
                   "", "| N | provider | fwd ms | bwd ms | fwd+bwd ms | x floor | TFLOP/s | fwd x mm | x fused "
-                  "| peak MiB | err loss / dh / dw | status |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
+                  "| peak MiB | err loss / dh / dw | tiles kept | status |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]  # fmt: skip
         for row in group:
             err = row.get("errors")
             err_text = "-" if not err else " / ".join(f"{err[k]:.1e}" for k in ("loss", "d_hidden", "d_weight"))
@@ -96,7 +97,8 @@ def markdown(env: dict, rows: list[dict], long_context: list[dict] | None = None
                 f"| {_fmt(row.get('backward_ms'), '.2f')} | {_fmt(row.get('fwd_bwd_ms'), '.2f')} "
                 f"| {_fmt(row.get('x_floor'), '.2f')} | {_fmt(row.get('tflops'), '.2f')} "
                 f"| {_fmt(row.get('forward_x_matmul'), '.2f')} "
-                f"| {_fmt(row.get('x_fused_hybrid'), '.2f')} | {_fmt(peak, '.0f')} | {err_text} | {row['status']} |"
+                f"| {_fmt(row.get('x_fused_hybrid'), '.2f')} | {_fmt(peak, '.0f')} | {err_text} "
+                f"| {_fmt(row.get('tiles_kept'), '.2f')} | {row['status']} |"
             )
         lines.append("")
     if long_context:

@@ -22,15 +22,16 @@ def _token_statistics(
     softcap: float | None,
     ignore_index: int,
     workspace_bytes: int,
+    gradient_filter: float | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    transform = LogitTransform(temperature, softcap, ignore_index, workspace_bytes)
+    transform = LogitTransform(temperature, softcap, ignore_index, workspace_bytes, gradient_filter)
     partials = logits_free_backend(backend).partials(hidden, weight, targets, bias, transform)
     return tuple(s.contiguous() for s in finalize_partials(partials))
 
 
 @_token_statistics.register_fake
-def _(hidden, weight, targets, bias, temperature, softcap, ignore_index, workspace_bytes, backend):
+def _(hidden, weight, targets, bias, temperature, softcap, ignore_index, workspace_bytes, gradient_filter, backend):
     out = hidden.new_empty(hidden.shape[0], dtype=stats_dtype(hidden.dtype))
     return out, torch.empty_like(out), torch.empty_like(out), torch.empty_like(out)
 
@@ -50,6 +51,7 @@ def _token_statistics_backward(
     softcap: float | None,
     ignore_index: int,
     workspace_bytes: int,
+    gradient_filter: float | None,
     backend: str,
     needs_hidden: bool,
     needs_weight: bool,
@@ -58,7 +60,8 @@ def _token_statistics_backward(
     """(dhidden, dweight, dbias); a gradient that is not needed comes back as an empty tensor (no work done)."""
     coefs = TokenGradCoefficients(onehot_coef, prob_coef, logp_coef, uniform_coef)
     grads = backward_backend(backend).backward(
-        hidden, weight, targets, bias, lse, coefs, LogitTransform(temperature, softcap, ignore_index, workspace_bytes),
+        hidden, weight, targets, bias, lse, coefs,
+        LogitTransform(temperature, softcap, ignore_index, workspace_bytes, gradient_filter),
         needs=(needs_hidden, needs_weight, needs_bias),
     )  # fmt: skip
     return tuple(hidden.new_empty(0) if g is None else g for g in grads)
@@ -66,7 +69,7 @@ def _token_statistics_backward(
 
 @_token_statistics_backward.register_fake
 def _(hidden, weight, targets, bias, lse, onehot_coef, prob_coef, logp_coef, uniform_coef, temperature, softcap,
-      ignore_index, workspace_bytes, backend, needs_hidden, needs_weight, needs_bias):  # fmt: skip
+      ignore_index, workspace_bytes, gradient_filter, backend, needs_hidden, needs_weight, needs_bias):  # fmt: skip
     # Every backend returns contiguous gradients, whatever the strides of hidden / weight (a transposed view):
     # new_empty(shape) is contiguous where empty_like would copy the input's strides.
     return (
@@ -87,16 +90,16 @@ def statistics_backward(
     coefs = fold_gradients(grads, entropy, valid)
     d_hidden, d_weight, d_bias = _token_statistics_backward(
         hidden, weight, targets, bias, lse, *coefs, transform.temperature, transform.softcap, transform.ignore_index,
-        transform.workspace_bytes, backend, needs_hidden, needs_weight, needs_bias,
+        transform.workspace_bytes, transform.gradient_filter, backend, needs_hidden, needs_weight, needs_bias,
     )  # fmt: skip
     return (d_hidden if needs_hidden else None, d_weight if needs_weight else None, d_bias if needs_bias else None)
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets, bias, temperature, softcap, ignore_index, workspace_bytes, backend = inputs
+    hidden, weight, targets, bias, *transform_options, backend = inputs
     _, entropy, lse, _ = output
     ctx.save_for_backward(hidden, weight, targets, bias, lse, entropy)
-    ctx.options = (LogitTransform(temperature, softcap, ignore_index, workspace_bytes), backend)
+    ctx.options = (LogitTransform(*transform_options), backend)
     # An output nobody used gets None, not a zero tensor, so its term of the backward costs no work.
     ctx.set_materialize_grads(False)
 
@@ -109,7 +112,7 @@ def _backward(ctx, g_logp, g_entropy, g_lse, g_sum_z):
         hidden, weight, targets, bias, lse, entropy, targets != transform.ignore_index,
         (g_logp, g_entropy, g_lse, g_sum_z), transform, backend, (needs_hidden, needs_weight, needs_bias),
     )  # fmt: skip
-    return d_hidden, d_weight, None, d_bias, None, None, None, None, None
+    return d_hidden, d_weight, None, d_bias, None, None, None, None, None, None
 
 
 _token_statistics.register_autograd(_backward, setup_context=_setup_context)
@@ -118,4 +121,5 @@ _token_statistics.register_autograd(_backward, setup_context=_setup_context)
 def token_statistics(hidden, weight, targets, bias, transform: LogitTransform, backend: str) -> HeadStats:
     """Raw (unmasked) statistics through the custom op."""
     return HeadStats(*_token_statistics(hidden, weight, targets, bias, transform.temperature, transform.softcap,
-                                        transform.ignore_index, transform.workspace_bytes, backend))  # fmt: skip
+                                        transform.ignore_index, transform.workspace_bytes, transform.gradient_filter,
+                                        backend))  # fmt: skip

@@ -39,12 +39,14 @@ DEFAULT_WORKSPACE_BYTES = 1 << 30  # what the chunked engine may hold per chunk:
 class LogitTransform:
     """z = softcap(F.linear(hidden, weight, bias) / temperature); softcap(u) = s * tanh(u / s); targets equal to
     `ignore_index` are ignored. `workspace_bytes` bounds the chunked engine's per-chunk buffers (the tile kernels
-    need O(N) memory and ignore it)."""
+    need O(N) memory and ignore it); `gradient_filter`, when set, lets the tile kernels' backward skip a tile whose
+    every |dz| is below it times the token's gradient scale (the chunked engine's GEMMs are dense and ignore it)."""
 
     temperature: float = 1.0
     softcap: float | None = None
     ignore_index: int = -100
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+    gradient_filter: float | None = None
 
 
 class TokenGradCoefficients(NamedTuple):

@@ -28,6 +28,7 @@ def linear_cross_entropy(
     num_items: int | torch.Tensor | None = None,
     backend: str = "auto",
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    gradient_filter: float | None = None,
     vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the LM head ``softcap(F.linear(hidden, weight, bias) / temperature)`` (LOSSES.md section 1).
@@ -46,7 +47,8 @@ def linear_cross_entropy(
     check_num_items(num_items, reduction)
 
     head = HeadSpec(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
-                    workspace_bytes=workspace_bytes, vocab_parallel=vocab_parallel)  # fmt: skip
+                    workspace_bytes=workspace_bytes, gradient_filter=gradient_filter,
+                    vocab_parallel=vocab_parallel)  # fmt: skip
     # mean_v z_v is over the whole vocabulary, every slice of it under vocab parallelism
     vocab_size = weight.shape[0] if vocab_parallel is None else vocab_parallel.layout(weight.shape[0], weight.device)[1]
     valid = targets != ignore_index
@@ -62,7 +64,7 @@ def linear_cross_entropy(
     # every scalar reduction is a sum of per-token terms over mask-given counts: the gradient can come with the
     # forward; reduction="none" leaves the downstream use open (two passes)
     loss, _ = linear_head_loss(loss_of_stats, hidden, weight, targets, bias, head=head,
-                               token_separable=reduction != "none")  # fmt: skip
+                               separable=reduction != "none")  # fmt: skip
     return loss
 
 
@@ -80,13 +82,15 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         temperature: float = 1.0,
         backend: str = "auto",
         workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+        gradient_filter: float | None = None,
         vocab_parallel: VocabParallel | None = None,
     ) -> None:
         super().__init__()
         check_reduction(reduction)
         # the head options are checked now, not at the first forward
         HeadSpec(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
-                 workspace_bytes=workspace_bytes, vocab_parallel=vocab_parallel)  # fmt: skip
+                 workspace_bytes=workspace_bytes, gradient_filter=gradient_filter,
+                 vocab_parallel=vocab_parallel)  # fmt: skip
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -95,6 +99,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         self.temperature = temperature
         self.backend = backend
         self.workspace_bytes = workspace_bytes
+        self.gradient_filter = gradient_filter
         self.vocab_parallel = vocab_parallel
 
     def forward(
@@ -120,6 +125,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
             num_items=num_items,
             backend=self.backend,
             workspace_bytes=self.workspace_bytes,
+            gradient_filter=self.gradient_filter,
             vocab_parallel=self.vocab_parallel,
         )
 

@@ -41,7 +41,8 @@ def _prepare(hidden, weight, targets, bias, head: HeadSpec | None, head_options:
         vocab_size = head.vocab_parallel.layout(weight.shape[0], weight.device)[1]
     check_targets_in_range(targets, vocab_size, head.ignore_index)
     transform = LogitTransform(temperature=float(head.temperature), softcap=head.softcap,
-                               ignore_index=head.ignore_index, workspace_bytes=head.workspace_bytes)  # fmt: skip
+                               ignore_index=head.ignore_index, workspace_bytes=head.workspace_bytes,
+                               gradient_filter=head.gradient_filter)  # fmt: skip
     return _Call(head, resolved, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).to(torch.int64).contiguous(),
                  transform, targets.shape)  # fmt: skip
 
@@ -58,9 +59,9 @@ def linear_head_stats(
     """Validated entry to the core: returns HeadStats with the leading shape of `targets`.
 
     ``head`` (a :class:`fused_hybrid.HeadSpec`) and / or its fields as keywords (``temperature``, ``softcap``,
-    ``ignore_index``, ``backend``, ``workspace_bytes``, ``vocab_parallel``) say how the logits are formed and
-    computed. With ``vocab_parallel``, `weight` and `bias` are this rank's slice of the head and the statistics are
-    those of the full vocabulary (see fused_hybrid.vocab_parallel).
+    ``ignore_index``, ``backend``, ``workspace_bytes``, ``gradient_filter``, ``vocab_parallel``) say how the logits
+    are formed and computed. With ``vocab_parallel``, `weight` and `bias` are this rank's slice of the head and the
+    statistics are those of the full vocabulary (see fused_hybrid.vocab_parallel).
     """
     return _head_stats(_prepare(hidden, weight, targets, bias, head, head_options), weight, bias)
 
@@ -92,15 +93,18 @@ def linear_head_loss(
     targets: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    token_separable: bool,
+    separable: bool,
+    groups: torch.Tensor | None = None,
     head: HeadSpec | None = None,
     **head_options,
 ) -> tuple[torch.Tensor, Any]:
     """``loss_of_stats(linear_head_stats(...))``, with the gradient computed inside the forward when it can be.
 
     That takes: the chunked engine (``backend="chunked"``, or ``"auto"`` choosing it), a loss the caller declares
-    ``token_separable`` (each token's upstream gradient follows from its own statistics and its inputs, with
-    normalisers that depend on masks only), no vocab-parallel head, a gradient due for hidden / weight / bias, and
+    ``separable`` (a sum of terms each depending on one token's statistics and inputs, with normalisers that depend
+    on masks only; with ``groups``, a group id >= 0 per token of the shape of `targets`, each term depends on one
+    group's tokens: a sequence, a preference pair, and chunks hold whole groups, the two-pass path running when a
+    group alone exceeds the workspace), no vocab-parallel head, a gradient due for hidden / weight / bias, and
     eager mode (under torch.compile the custom op's two passes run). `loss_of_stats` must then depend on no other
     tensor that requires grad: it is evaluated on detached statistics. It is called once per chunk to give that
     chunk's upstream gradients (autograd of the loss at those tokens), once on zeros before any GEMM (so that a bad
@@ -109,7 +113,7 @@ def linear_head_loss(
     call = _prepare(hidden, weight, targets, bias, head, head_options)
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     in_forward = (
-        token_separable and call.backend == "chunked" and call.head.vocab_parallel is None and torch.is_grad_enabled()
+        separable and call.backend == "chunked" and call.head.vocab_parallel is None and torch.is_grad_enabled()
         and any(needs) and not torch.compiler.is_compiling()
     )  # fmt: skip
     if not in_forward:
@@ -130,10 +134,14 @@ def linear_head_loss(
         return tuple(None if g is None else g[rows] for g in grads)
 
     with torch.no_grad():
-        stats, (d_hidden, d_weight, d_bias) = chunked.statistics_and_gradients(
+        swept = chunked.statistics_and_gradients(
             call.hidden_2d.detach(), weight.detach(), call.targets_1d, None if bias is None else bias.detach(),
-            call.transform, chunk_gradients, needs,
+            call.transform, chunk_gradients, needs, groups=None if groups is None else groups.reshape(-1),
         )  # fmt: skip
+    if swept is None:  # a group too large for one chunk
+        return loss_of_stats(_head_stats(call, weight, bias))
+    stats, (d_hidden, d_weight, d_bias) = swept
+    with torch.no_grad():
         loss, extras = loss_of_stats(shaped(stats))
     if d_hidden is not None:
         d_hidden = d_hidden.reshape(hidden.shape)

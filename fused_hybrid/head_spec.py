@@ -13,14 +13,17 @@ from .vocab_parallel import VocabParallel
 class HeadSpec:
     """The logits ``softcap(F.linear(hidden, weight, bias) / temperature)`` (``softcap(u) = s * tanh(u / s)``),
     the target value ``ignore_index`` whose positions are ignored, the ``backend`` that computes them, the most
-    memory ``workspace_bytes`` the chunked engine may hold per chunk (logits and epilogue temporaries) and, when the
-    head is split over a process group, its ``vocab_parallel`` layout. Checked when built."""
+    memory ``workspace_bytes`` the chunked engine may hold per chunk (logits and epilogue temporaries), the
+    ``gradient_filter`` threshold of the tile kernels' backward (None: exact; e.g. ``2**-12``: a tile whose every
+    |dz| is below it times its token's gradient scale skips its GEMM work) and, when the head is split over a
+    process group, its ``vocab_parallel`` layout. Checked when built."""
 
     temperature: float = 1.0
     softcap: float | None = None
     ignore_index: int = -100
     backend: str = "auto"
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+    gradient_filter: float | None = None
     vocab_parallel: VocabParallel | None = None
 
     def __post_init__(self) -> None:
@@ -33,6 +36,11 @@ class HeadSpec:
         if isinstance(self.workspace_bytes, bool) or not isinstance(self.workspace_bytes, int) \
                 or self.workspace_bytes <= 0:  # fmt: skip
             raise ValueError(f"workspace_bytes must be a positive int (bytes), got {self.workspace_bytes!r}")
+        if self.gradient_filter is not None:
+            check_positive("gradient_filter", self.gradient_filter)
+            if self.gradient_filter >= 1:
+                raise ValueError(f"gradient_filter must lie in (0, 1) (relative to a token's gradient scale), "
+                                 f"got {self.gradient_filter}")  # fmt: skip
         if self.vocab_parallel is not None and not isinstance(self.vocab_parallel, VocabParallel):
             raise TypeError(f"vocab_parallel must be a fused_hybrid.VocabParallel, got {type(self.vocab_parallel)}")
 

@@ -21,6 +21,7 @@ def linear_logprobs(
     return_entropy: bool = False,
     backend: str = "auto",
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    gradient_filter: float | None = None,
     vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target token (and the entropy of each token's distribution).
@@ -42,6 +43,8 @@ def linear_logprobs(
             memory), ``"torch"`` (the chunked engine in PyTorch operations only) or ``"reference"`` (full logits;
             for tests and baselines).
         workspace_bytes: the most the chunked engine holds per chunk (logits and epilogue temporaries).
+        gradient_filter: tile kernels only: skip the backward work of a tile whose every |dz| is below this
+            fraction of its token's gradient scale (e.g. ``2**-12``); None computes every tile.
         vocab_parallel: a :class:`fused_hybrid.VocabParallel` when ``weight`` (and ``bias``) are this rank's slice
             of a head split over a process group; the results are those of the full vocabulary.
 
@@ -61,6 +64,7 @@ def linear_logprobs(
         ignore_index=ignore_index,
         backend=backend,
         workspace_bytes=workspace_bytes,
+        gradient_filter=gradient_filter,
         vocab_parallel=vocab_parallel,
     )
     if return_entropy:

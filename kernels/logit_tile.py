@@ -20,6 +20,9 @@ class LaunchConfig(NamedTuple):
     num_warps: int
     num_stages: int
 
+    def __str__(self) -> str:
+        return f"{self.block_n}x{self.block_v}x{self.block_d} w{self.num_warps} s{self.num_stages}"
+
     def launch_options(self) -> dict:
         return dict(BLOCK_N=self.block_n, BLOCK_V=self.block_v, BLOCK_D=self.block_d, num_warps=self.num_warps,
                     num_stages=self.num_stages)  # fmt: skip
@@ -33,9 +36,11 @@ def in_interpreter(device: torch.device) -> bool:
     return device.type != "cuda" or triton_interpreter_enabled()
 
 
-def launch_config(hidden: torch.Tensor, cuda_configs: dict[torch.dtype, LaunchConfig]) -> LaunchConfig:
-    """The interpreter's small tiles, or the pass's CUDA config for the input dtype."""
-    return INTERPRETER_CONFIG if in_interpreter(hidden.device) else cuda_configs[hidden.dtype]
+def launch_candidates(
+    hidden: torch.Tensor, cuda_configs: dict[torch.dtype, tuple[LaunchConfig, ...]]
+) -> tuple[LaunchConfig, ...]:
+    """The interpreter's small tiles, or the pass's CUDA configs for the input dtype (the first is the default)."""
+    return (INTERPRETER_CONFIG,) if in_interpreter(hidden.device) else cuda_configs[hidden.dtype]
 
 
 def fp32_dot_precision() -> str:

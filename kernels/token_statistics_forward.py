@@ -14,15 +14,20 @@ import triton
 import triton.language as tl
 
 from ..core import LogitTransform, VocabPartials, merge_partials
-from .logit_tile import LaunchConfig, launch_config, logit_tile, tile_arguments
+from .autotune import run_tuned, tokens_bucket
+from .logit_tile import LaunchConfig, launch_candidates, logit_tile, tile_arguments
 
-_HALF_CONFIG = LaunchConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
-# fp32 tiles take twice the bytes: half the depth and a stage fewer keep the backward within sm_80's shared memory
-# and cut the spills (benchmarks/compile_report.py).
+# Spill-free on sm_80 and sm_90a with Triton 3.6 and 3.9 (benchmarks/compile_report.py --check); the first of each
+# list is the default, the rest are timed on CUDA (autotune.py). 128 x 128 tiles spill once the five running
+# statistics are live beside the accumulator. fp32 tiles take twice the bytes per element.
+_HALF_CONFIGS = (
+    LaunchConfig(block_n=128, block_v=64, block_d=32, num_warps=8, num_stages=3),
+    LaunchConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=3),
+)
 CUDA_CONFIGS = {
-    torch.float16: _HALF_CONFIG,
-    torch.bfloat16: _HALF_CONFIG,
-    torch.float32: LaunchConfig(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=2),
+    torch.float16: _HALF_CONFIGS,
+    torch.bfloat16: _HALF_CONFIGS,
+    torch.float32: (LaunchConfig(block_n=64, block_v=64, block_d=32, num_warps=8, num_stages=2),),
 }
 
 
@@ -135,18 +140,25 @@ def vocabulary_partials(
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     if num_tokens == 0:
         return VocabPartials(*torch.zeros(5, 0, dtype=torch.float32, device=hidden.device))
-    cfg = launch_config(hidden, CUDA_CONFIGS)
-    token_blocks = triton.cdiv(num_tokens, cfg.block_n)
-    vocab_tiles = triton.cdiv(vocab_size, cfg.block_v)
-    # Split V across programs when there are too few token blocks to fill the device.
-    splits = min(vocab_tiles, max(1, triton.cdiv(_target_programs(hidden.device), token_blocks)))
-    tiles_per_split = triton.cdiv(vocab_tiles, splits)
-    splits = triton.cdiv(vocab_tiles, tiles_per_split)
+    arguments = tile_arguments(hidden, weight, bias, transform)
 
-    split_partials = torch.empty(5, splits, num_tokens, dtype=torch.float32, device=hidden.device)
-    token_statistics_forward_kernel[(token_blocks, splits)](
-        targets_ptr=targets, partials_ptr=split_partials, N=num_tokens, V=vocab_size,
-        vocab_per_split=tiles_per_split * cfg.block_v, ignore_index=transform.ignore_index,
-        **tile_arguments(hidden, weight, bias, transform), **cfg.launch_options(),
-    )  # fmt: skip
+    def launch(cfg: LaunchConfig) -> torch.Tensor:
+        token_blocks = triton.cdiv(num_tokens, cfg.block_n)
+        vocab_tiles = triton.cdiv(vocab_size, cfg.block_v)
+        # Split V across programs when there are too few token blocks to fill the device. Token blocks vary fastest
+        # in the launch order, so the programs running together sweep the same weight tiles (L2 reuse).
+        splits = min(vocab_tiles, max(1, triton.cdiv(_target_programs(hidden.device), token_blocks)))
+        tiles_per_split = triton.cdiv(vocab_tiles, splits)
+        splits = triton.cdiv(vocab_tiles, tiles_per_split)
+        split_partials = torch.empty(5, splits, num_tokens, dtype=torch.float32, device=hidden.device)
+        token_statistics_forward_kernel[(token_blocks, splits)](
+            targets_ptr=targets, partials_ptr=split_partials, N=num_tokens, V=vocab_size,
+            vocab_per_split=tiles_per_split * cfg.block_v, ignore_index=transform.ignore_index,
+            **arguments, **cfg.launch_options(),
+        )  # fmt: skip
+        return split_partials
+
+    key = (hidden.dtype, tokens_bucket(num_tokens), vocab_size, hidden.shape[1], bias is not None,
+           transform.softcap is not None)  # fmt: skip
+    split_partials = run_tuned("forward", key, launch_candidates(hidden, CUDA_CONFIGS), launch)
     return merge_partials(VocabPartials(*split_partials))

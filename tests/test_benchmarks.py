@@ -100,26 +100,39 @@ def test_long_context_on_cpu_reports_it_needs_cuda():
     assert rows and all(r["status"] == "needs CUDA (real sizes)" for r in rows)
 
 
-def test_compile_report_reads_the_cubins_triton_builds():
-    """The kernels compile ahead of time for Hopper (tile kernels on tensor cores, epilogues spill-free), and the
-    fp32 backward's tiles fit an A100's shared memory (its first config needed 208 KiB of the 164 KiB of an sm_80
-    SM)."""
+def test_compile_gate_every_shipped_launch_config_is_spill_free():
+    """Every kernel and launch config the package ships compiles ahead of time for sm_80 and sm_90a with zero
+    spills, shared memory within the SM's, half-precision tile kernels on tensor cores and epilogues at two or more
+    CTAs per SM (`--check`); the fp32 backward's tiles fit an A100 (its first config needed 208 KiB of 164)."""
     import subprocess
     import sys
 
+    from fused_hybrid.kernels import token_statistics_backward, token_statistics_forward
+
     result = subprocess.run(
-        [sys.executable, "-m", "fused_hybrid.benchmarks.compile_report", "--passes",
+        [sys.executable, "-m", "fused_hybrid.benchmarks.compile_report", "--check", "--passes",
          "forward,backward,epilogue_statistics,epilogue_gradients", "--archs", "sm_90a,sm_80", "--dtypes", "bf16,fp32"],
-        capture_output=True, text=True, check=True, timeout=600,
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    rows = [line.strip("|").split("|") for line in result.stdout.splitlines() if line.startswith("| ")][1:]
-    table = {(r[0].strip(), r[1].strip(), r[2].strip()): [c.strip() for c in r] for r in rows}
-    assert len(table) == 16
-    for (name, arch, dtype), row in table.items():
-        registers, stack, shared, ctas, tensor_core = (int(row[i]) for i in (5, 6, 7, 8, 9))
-        assert 0 < registers <= 255 and ctas >= 1, (name, arch, dtype)
-        assert shared <= {"sm_80": 164, "sm_90a": 228}[arch] * 1024, (name, arch, dtype)
-        if name.startswith("epilogue"):  # the chunked engine's epilogues: no spills, several CTAs per SM
-            assert stack == 0 and ctas >= 2, (name, arch, dtype)
-        elif dtype == "bf16":
-            assert tensor_core > 0, (name, arch)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in result.stdout.splitlines()
+            if line.startswith("| ")][1:]  # fmt: skip
+    shipped = sum(len(module.CUDA_CONFIGS[dtype]) for module in (token_statistics_forward, token_statistics_backward)
+                  for dtype in (torch.bfloat16, torch.float32))  # fmt: skip
+    assert len(rows) == 2 * (shipped + 4)  # two architectures; two epilogues in two dtypes
+    for row in rows:
+        stack, shared = int(row[6]), int(row[7])
+        assert stack == 0 and shared <= {"sm_80": 164, "sm_90a": 228}[row[1]] * 1024, row
+
+
+def test_compile_gate_refuses_a_spilling_config():
+    """The gate's check is not vacuous: a row with spills, a bf16 tile kernel off the tensor cores or an epilogue
+    at one CTA per SM fails it."""
+    from fused_hybrid.benchmarks.compile_gate import violations
+
+    row = {"pass": "forward", "arch": "sm_90a", "dtype": "bf16", "triton": "x", "config": "c", "registers": 255,
+           "stack_bytes": 0, "shared_bytes": 1024, "ctas_per_sm": 1, "tensor_core": 4, "fences": 0}  # fmt: skip
+    assert violations([row]) == []
+    assert "spills 64 bytes" in violations([dict(row, stack_bytes=64)])[0]
+    assert "tensor-core" in violations([dict(row, tensor_core=0)])[0]
+    assert "CTA per SM" in violations([dict(row, **{"pass": "epilogue_statistics"})])[0]

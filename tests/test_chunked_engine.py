@@ -73,18 +73,37 @@ def test_chunk_rows_fill_the_workspace_evenly():
     assert chunk_rows(0, vocab, per_logit, budget) >= 1
 
 
-@pytest.mark.parametrize("name", list(SEPARABLE))
-def test_gradient_in_forward_matches_two_passes(name, monkeypatch):
-    loss_fn = SEPARABLE[name]
-    hidden, weight, targets = batch()
+# Objectives that are sums of per-sequence (or per-pair) terms: chunks hold whole sequences (pairs).
+GROUPED = {
+    "gspo": lambda h, w, t, **k: (
+        fused_hybrid.grpo_loss(
+            h, w, t, **rollouts(t), importance_sampling="sequence", aggregation="seq-mean-token-mean", **k
+        ).loss
+    ),  # fmt: skip
+    "gmpo": lambda h, w, t, **k: fused_hybrid.gmpo_loss(h, w, t, **rollouts(t), **k).loss,
+    "minor_sft": lambda h, w, t, **k: fused_hybrid.minor_sft_loss(h, w, t, ref_logp=-torch.rand(t.shape), **k).loss,
+    "dpo_sigmoid": lambda h, w, t, **k: (
+        fused_hybrid.dpo_loss(h, w, t, ref_logp=-torch.rand(t.shape), nll_weight=0.3, **k).loss
+    ),  # fmt: skip
+    "dpo_ipo": lambda h, w, t, **k: (
+        fused_hybrid.dpo_loss(h, w, t, ref_logp=-torch.rand(t.shape), loss_type="ipo", **k).loss
+    ),  # fmt: skip
+    "simpo": lambda h, w, t, **k: fused_hybrid.dpo_loss(h, w, t, loss_type="simpo", **k).loss,
+}
+
+
+def engine_against_two_passes(loss_fn, monkeypatch, hidden, weight, targets) -> tuple[dict, list]:
+    """Run `loss_fn` on the chunked engine and on the two-pass path with the same inputs; assert the same loss and
+    gradients; return the engine's call counts and the token rows of each chunk."""
     seed = torch.seed()
     torch.manual_seed(seed)
     two_pass = loss_fn(hidden, weight, targets, backend="torch")
     expected = grads(two_pass, [hidden, weight])
 
     calls = {"statistics": 0, "gradients": 0, "recomputed": 0, "fused": 0}
+    chunks = []
     real_statistics, real_gradient = TorchEpilogue.statistics, TorchEpilogue.gradient
-    real_sweep = chunked.statistics_and_gradients
+    real_sweep, real_plan = chunked.statistics_and_gradients, chunked.plan_chunks
 
     def statistics(logits, *args):
         calls["statistics"] += 1
@@ -95,8 +114,14 @@ def test_gradient_in_forward_matches_two_passes(name, monkeypatch):
         calls["recomputed"] += state is None
         return real_gradient(logits, state, *args)
 
+    def plan(valid, *args):
+        planned = real_plan(valid, *args)
+        chunks.append((valid, planned))
+        return planned
+
     monkeypatch.setattr(TorchEpilogue, "statistics", staticmethod(statistics))
     monkeypatch.setattr(TorchEpilogue, "gradient", staticmethod(gradient))
+    monkeypatch.setattr(chunked, "plan_chunks", plan)
     monkeypatch.setattr(
         chunked,
         "statistics_and_gradients",
@@ -106,10 +131,46 @@ def test_gradient_in_forward_matches_two_passes(name, monkeypatch):
     torch.manual_seed(seed)  # the same rollout inputs
     fused = loss_fn(hidden, weight, targets, backend="chunked")
     got = grads(fused, [hidden, weight])
+    assert_close_scaled(fused, two_pass.detach(), 1e-6, "loss", atol=1e-7)
+    for label, a, b in zip(("d_hidden", "d_weight"), got, expected):
+        assert_close_scaled(a, b, 1e-5, label, atol=1e-7)
+    return calls, chunks
+
+
+@pytest.mark.parametrize("name", list(SEPARABLE))
+def test_gradient_in_forward_matches_two_passes(name, monkeypatch):
+    calls, _ = engine_against_two_passes(SEPARABLE[name], monkeypatch, *batch())
     # one sweep of several chunks (5 rows each in the tests), each chunk's logits formed once and used for both
     assert calls["fused"] == 1 and calls["recomputed"] == 0
     assert calls["statistics"] == calls["gradients"] >= 2
-    assert_close_scaled(fused, two_pass.detach(), 1e-6, "loss", atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(GROUPED))
+def test_sequence_level_objectives_take_whole_sequences_per_chunk(name, monkeypatch):
+    hidden, weight, targets = batch(rows=6, length=9)
+    calls, chunks = engine_against_two_passes(GROUPED[name], monkeypatch, hidden, weight, targets)
+    assert calls["fused"] == 1 and calls["recomputed"] == 0 and calls["statistics"] == calls["gradients"] >= 2
+    groups = torch.arange(6).repeat_interleave(9)
+    if name.startswith(("dpo", "simpo")):
+        groups = groups % 3  # pair i: sequences i and i + 3
+    ((loss_tokens, plan),) = chunks
+    for rows in plan:  # every group a chunk touches has all its loss tokens there
+        for group in groups[rows].unique():
+            assert set(rows.tolist()) >= set(((groups == group) & loss_tokens).nonzero().squeeze(1).tolist())
+
+
+def test_a_sequence_larger_than_the_workspace_takes_two_passes(monkeypatch):
+    hidden, weight, targets = batch(rows=4, length=9, ignore_fraction=0.0)
+    inputs = dict(rollouts(targets), loss_mask=torch.ones_like(targets))
+    budget = 8 * V * TorchEpilogue.bytes_per_logit(torch.float32)  # 8 rows: less than one sequence of 9
+    recomputes = []
+    real_backward = chunked.backward
+    monkeypatch.setattr(chunked, "backward", lambda *a, **k: recomputes.append(1) or real_backward(*a, **k))
+    loss = fused_hybrid.gmpo_loss(hidden, weight, targets, **inputs, backend="chunked", workspace_bytes=budget).loss
+    got = grads(loss, [hidden, weight])
+    expected = grads(fused_hybrid.gmpo_loss(hidden, weight, targets, **inputs, backend="reference").loss,
+                     [hidden, weight])  # fmt: skip
+    assert recomputes == [1]  # the two-pass path's backward
     for label, a, b in zip(("d_hidden", "d_weight"), got, expected):
         assert_close_scaled(a, b, 1e-5, label, atol=1e-7)
 
@@ -204,7 +265,7 @@ def test_triton_epilogue_matches_pytorch(dtype, transform):
     got = logit_epilogue.gradient(buffer, None, targets, bias, lse, coefs, transform)
     assert got.data_ptr() == buffer.data_ptr() and got.dtype == dtype  # dz written over the logits
     torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=1e-2 if dtype != torch.float32 else 1e-5,
-                               atol=1e-2 if dtype != torch.float32 else 1e-6)  # fmt: skip
+                               atol=1e-2 if dtype != torch.float32 else 4e-6)  # fmt: skip
 
 
 def transform_reference(logits, bias, transform):

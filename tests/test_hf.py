@@ -155,9 +155,9 @@ def test_peft_lora_model_with_a_frozen_head():
 
     original = chunked.statistics_and_gradients
 
-    def recording(*args):
+    def recording(*args, **kwargs):
         seen.append(args[-1])  # needs: (hidden, weight, bias)
-        return original(*args)
+        return original(*args, **kwargs)
 
     chunked.statistics_and_gradients = recording
     try:
@@ -249,8 +249,8 @@ def test_only_labelled_tokens_reach_the_head(monkeypatch):
     input_ids, labels = batch()
     rows = []
     original = chunked.statistics_and_gradients
-    monkeypatch.setattr(chunked, "statistics_and_gradients", lambda hidden, *a: rows.append(hidden.shape[0]) or
-                        original(hidden, *a))  # fmt: skip
+    monkeypatch.setattr(chunked, "statistics_and_gradients", lambda hidden, *a, **k: rows.append(hidden.shape[0])
+                        or original(hidden, *a, **k))  # fmt: skip
     model(input_ids=input_ids, labels=labels).loss.backward()
     assert rows == [int((labels[:, 1:] != -100).sum())]
 

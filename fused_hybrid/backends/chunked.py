@@ -110,21 +110,33 @@ def default_epilogue(hidden: torch.Tensor):
     return TorchEpilogue
 
 
+def workspace_rows(vocab_size: int, bytes_per_logit: int, workspace_bytes: int) -> int:
+    """The most rows a chunk may have."""
+    return max(1, workspace_bytes // (vocab_size * bytes_per_logit))
+
+
 def chunk_rows(num_tokens: int, vocab_size: int, bytes_per_logit: int, workspace_bytes: int) -> int:
     """Rows per chunk: as many as the workspace holds, spread evenly over the chunks N needs, rounded up to whole
     GEMM tiles where the budget allows."""
-    most = max(1, workspace_bytes // (vocab_size * bytes_per_logit))
+    most = workspace_rows(vocab_size, bytes_per_logit, workspace_bytes)
     num_chunks = max(1, -(-num_tokens // most))
     rows = max(1, -(-num_tokens // num_chunks))
     rounded = -(-rows // GEMM_ROW_MULTIPLE) * GEMM_ROW_MULTIPLE
     return rounded if rounded <= most else rows
 
 
-def plan_chunks(valid: torch.Tensor, vocab_size: int, bytes_per_logit: int, workspace_bytes: int) -> list[Rows]:
+def plan_chunks(valid: torch.Tensor, vocab_size: int, bytes_per_logit: int, workspace_bytes: int,
+                groups: torch.Tensor | None = None) -> list[Rows] | None:  # fmt: skip
     """The token rows of each chunk: ranges of all tokens, or the indices of the loss tokens when some are
-    ignored (reading their number is the engine's one host sync; skipped during CUDA graph capture)."""
+    ignored (reading their number is the engine's one host sync; skipped during CUDA graph capture).
+
+    With `groups` (a group id >= 0 per token: a sequence, a preference pair), every chunk holds whole groups' loss
+    tokens, groups in id order: None when that cannot be done, because one group alone exceeds the workspace or
+    because a CUDA graph is being captured (the group sizes are read on the host)."""
     num_tokens = valid.shape[0]
     capturing = valid.is_cuda and torch.cuda.is_current_stream_capturing()
+    if groups is not None:
+        return None if capturing else _group_chunks(valid, groups, vocab_size, bytes_per_logit, workspace_bytes)
     if not capturing:
         loss_tokens = valid.nonzero().squeeze(1)
         if loss_tokens.numel() < num_tokens:
@@ -132,6 +144,25 @@ def plan_chunks(valid: torch.Tensor, vocab_size: int, bytes_per_logit: int, work
             return list(loss_tokens.split(rows))
     rows = chunk_rows(num_tokens, vocab_size, bytes_per_logit, workspace_bytes)
     return [slice(start, min(start + rows, num_tokens)) for start in range(0, num_tokens, rows)]
+
+
+def _group_chunks(valid, groups, vocab_size, bytes_per_logit, workspace_bytes) -> list[Rows] | None:
+    loss_tokens = valid.nonzero().squeeze(1)
+    token_groups = groups[loss_tokens]
+    order = loss_tokens[torch.argsort(token_groups, stable=True)]
+    sizes = [size for size in torch.bincount(token_groups).tolist() if size]
+    if not sizes:  # no loss token: one empty chunk, as plan_chunks gives
+        return [loss_tokens]
+    # chunks of about the engine's usual size, or of the largest group's when that is larger and fits
+    limit = max(chunk_rows(len(order), vocab_size, bytes_per_logit, workspace_bytes), max(sizes))
+    if limit > workspace_rows(vocab_size, bytes_per_logit, workspace_bytes):
+        return None
+    chunk_sizes = [0]
+    for size in sizes:
+        if chunk_sizes[-1] + size > limit:
+            chunk_sizes.append(0)
+        chunk_sizes[-1] += size
+    return list(order.split(chunk_sizes))
 
 
 def local_targets(targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -145,11 +176,12 @@ class _Sweep(NamedTuple):
     plan: list[Rows]
 
 
-def _sweep(hidden, weight, targets, transform: LogitTransform, epilogue) -> _Sweep:
-    """What every pass over the chunks needs: the epilogue, the targets in this weight's columns, the chunks."""
+def _sweep(hidden, weight, targets, transform: LogitTransform, epilogue, groups=None) -> _Sweep:
+    """What every pass over the chunks needs: the epilogue, the targets in this weight's columns, the chunks (None
+    when `groups` cannot be kept whole)."""
     epilogue = epilogue or default_epilogue(hidden)
     plan = plan_chunks(targets != transform.ignore_index, weight.shape[0], epilogue.bytes_per_logit(hidden.dtype),
-                       transform.workspace_bytes)  # fmt: skip
+                       transform.workspace_bytes, groups)  # fmt: skip
     return _Sweep(epilogue, local_targets(targets, weight.shape[0]), plan)
 
 
@@ -235,11 +267,14 @@ ChunkGradients = Callable[[HeadStats, Rows], tuple[torch.Tensor | None, ...]]
 
 
 def statistics_and_gradients(hidden, weight, targets, bias, transform: LogitTransform, chunk_gradients: ChunkGradients,
-                             needs: tuple[bool, bool, bool], *, epilogue=None):  # fmt: skip
+                             needs: tuple[bool, bool, bool], *, groups=None, epilogue=None):  # fmt: skip
     """One sweep, three GEMMs: the finalised statistics [N] (0 at ignored tokens) and (d_hidden, d_weight,
     d_bias) of a loss whose upstream gradients at a chunk's rows `chunk_gradients` gives from the statistics of the
-    tokens swept so far (those rows included); the loss must be token-separable for that to be its gradient."""
-    epilogue, column_targets, plan = _sweep(hidden, weight, targets, transform, epilogue)
+    tokens swept so far (those rows included). That is its gradient when the loss is token-separable, or, with
+    `groups` (see plan_chunks), separable over the groups; None when the groups cannot be kept whole."""
+    epilogue, column_targets, plan = _sweep(hidden, weight, targets, transform, epilogue, groups)
+    if plan is None:
+        return None
     valid = targets != transform.ignore_index
     grads = _Gradients(hidden, weight, bias, needs, plan)
     statistics = torch.zeros(4, hidden.shape[0], dtype=stats_dtype(hidden.dtype), device=hidden.device)

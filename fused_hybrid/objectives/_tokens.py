@@ -207,21 +207,31 @@ def evaluate_objective(
     sequence_ids: torch.Tensor | None,
     num_sequences: int | None,
     head: HeadSpec,
-    token_separable: bool = True,
+    separable: bool = True,
+    groups: str | None = None,
     inputs: tuple = (),
 ) -> LossOutput:
     """``math(batch)`` on the batch the core evaluates, for an objective written as a function of a TokenBatch.
 
-    When ``token_separable`` (each token's gradient follows from its own log-prob, entropy and inputs, with every
-    normaliser given by the masks) and the chunked engine runs, the gradient is computed inside the forward: `math`
-    is also evaluated on the statistics swept so far to give each chunk's upstream gradients (see
-    fused_hybrid.dispatch.linear_head_loss). ``inputs`` are the batch's other tensors: one that requires grad
-    keeps the two-pass path, where autograd reaches it.
+    When ``separable`` (a sum of terms each depending on one token's log-prob, entropy and inputs, with every
+    normaliser given by the masks; with ``groups="sequence"`` on one sequence's tokens, with ``groups="pair"`` on
+    one preference pair's: sequence i and i + P of 2P) and the chunked engine runs, the gradient is computed inside
+    the forward: `math` is also evaluated on the statistics swept so far to give each chunk's upstream gradients
+    (see fused_hybrid.dispatch.linear_head_loss). ``inputs`` are the batch's other tensors: one that requires grad
+    keeps the two-pass path, where autograd reaches it, as does a batch without sequences for grouped terms.
     """
     layout = _layout(targets, loss_mask, sequence_ids, num_sequences, head)
-    separable = token_separable and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+    separable = separable and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+    group_ids = None
+    if groups is not None:
+        if groups not in ("sequence", "pair"):
+            raise ValueError(f"groups must be 'sequence', 'pair' or None, got {groups!r}")
+        if layout.seq_index is None or (groups == "pair" and layout.num_sequences % 2):
+            separable = False  # math says what is missing
+        else:
+            group_ids = layout.seq_index if groups == "sequence" else layout.seq_index % (layout.num_sequences // 2)
     loss, metrics = linear_head_loss(lambda stats: math(layout.batch(stats)), hidden, weight, layout.head_targets,
-                                     bias, token_separable=separable, head=head)  # fmt: skip
+                                     bias, separable=separable, groups=group_ids, head=head)  # fmt: skip
     return LossOutput(loss, metrics)
 
 

@@ -83,7 +83,7 @@ def cispo_loss(
     return evaluate_objective(
         loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
                           num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
-        token_separable=True, inputs=(advantages, old_logp, ref_logp),
+        separable=True, inputs=(advantages, old_logp, ref_logp),
     )  # fmt: skip
 
 

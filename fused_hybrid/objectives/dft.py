@@ -45,7 +45,7 @@ def dft_loss(
     return evaluate_objective(
         loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=None, num_sequences=None,
         head=HeadSpec.resolve(head, head_options),
-        token_separable=reduction != "none",
+        separable=reduction != "none",
     )  # fmt: skip
 
 

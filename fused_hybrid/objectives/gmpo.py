@@ -8,7 +8,7 @@ import torch
 from .._reduction import check_num_items, divide_by_count
 from .._validation import check_non_negative
 from ..head_spec import HeadSpec
-from ._tokens import LossOutput, evaluate_head, objective_module
+from ._tokens import LossOutput, TokenBatch, evaluate_objective, objective_module
 from .policy_gradient import LOG_RATIO_LIMIT, k3_kl
 from .registry import Objective, clip_options, register
 
@@ -48,27 +48,36 @@ def gmpo_loss(
     check_num_items(num_items)
     if advantages is None:
         raise ValueError("advantages is required (one per sequence)")
-    batch = evaluate_head(hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-                          num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options))  # fmt: skip
-    batch.require_sequences("gmpo_loss")
-    seq_advantages = batch.per_sequence(advantages, "advantages").to(batch.logp.dtype)
-    old_token_logp = batch.logp.detach() if old_logp is None else batch.per_token(old_logp, "old_logp")
-    log_ratio = (batch.logp - old_token_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)  # 0 outside the loss
-    clipped = log_ratio.clamp(-epsilon_low, epsilon_high)
-    positive = batch.to_tokens(seq_advantages) > 0
-    log_m = torch.where(positive, torch.minimum(log_ratio, clipped), torch.maximum(log_ratio, clipped))
-    seq_tokens = batch.seq_tokens()
-    has_tokens = seq_tokens > 0
-    geometric_ratio = torch.exp(batch.seq_sum(log_m) / seq_tokens.clamp(min=1))
-    objective = torch.where(has_tokens, seq_advantages * geometric_ratio, 0.0)
-    loss = -divide_by_count(objective.sum(), has_tokens.sum() if num_items is None else num_items)
-    metrics = {
-        "clip_frac": batch.token_mean(log_m.detach() != log_ratio.detach()),
-        "mean_ratio": divide_by_count(torch.where(has_tokens, geometric_ratio.detach(), 0.0).sum(), has_tokens.sum()),
-        "approx_kl": batch.token_mean(k3_kl(batch.logp.detach(), old_token_logp)),
-        "entropy": batch.token_mean(batch.entropy),
-    }
-    return LossOutput(loss, metrics)
+
+    def loss_of_batch(batch: TokenBatch) -> LossOutput:
+        batch.require_sequences("gmpo_loss")
+        seq_advantages = batch.per_sequence(advantages, "advantages").to(batch.logp.dtype)
+        old_token_logp = batch.logp.detach() if old_logp is None else batch.per_token(old_logp, "old_logp")
+        log_ratio = (batch.logp - old_token_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)  # 0 outside the loss
+        clipped = log_ratio.clamp(-epsilon_low, epsilon_high)
+        positive = batch.to_tokens(seq_advantages) > 0
+        log_m = torch.where(positive, torch.minimum(log_ratio, clipped), torch.maximum(log_ratio, clipped))
+        seq_tokens = batch.seq_tokens()
+        has_tokens = seq_tokens > 0
+        geometric_ratio = torch.exp(batch.seq_sum(log_m) / seq_tokens.clamp(min=1))
+        objective = torch.where(has_tokens, seq_advantages * geometric_ratio, 0.0)
+        loss = -divide_by_count(objective.sum(), has_tokens.sum() if num_items is None else num_items)
+        metrics = {
+            "clip_frac": batch.token_mean(log_m.detach() != log_ratio.detach()),
+            "mean_ratio": divide_by_count(
+                torch.where(has_tokens, geometric_ratio.detach(), 0.0).sum(), has_tokens.sum()
+            ),
+            "approx_kl": batch.token_mean(k3_kl(batch.logp.detach(), old_token_logp)),
+            "entropy": batch.token_mean(batch.entropy),
+        }
+        return LossOutput(loss, metrics)
+
+    # a sum over sequences of terms each depending on one sequence's tokens: chunks hold whole sequences
+    return evaluate_objective(
+        loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
+        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options), groups="sequence",
+        inputs=(advantages, old_logp),
+    )  # fmt: skip
 
 
 GMPOLoss = objective_module("GMPOLoss", gmpo_loss, check_gmpo_options)

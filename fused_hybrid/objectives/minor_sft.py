@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from .._reduction import check_num_items, divide_by_count
 from .._validation import check_positive
 from ..head_spec import HeadSpec
-from ._tokens import LossOutput, evaluate_head, objective_module
+from ._tokens import LossOutput, TokenBatch, evaluate_objective, objective_module
 from .preference import policy_and_reference_sums
 from .registry import Objective, register
 
@@ -49,27 +49,32 @@ def minor_sft_loss(
     check_num_items(num_items)
     if ref_logp is None:
         raise ValueError("ref_logp is required (per token, or per-sequence sums from sequence_logps)")
-    batch = evaluate_head(
-        hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
+
+    def loss_of_batch(batch: TokenBatch) -> LossOutput:
+        batch.require_sequences("minor_sft_loss")
+        policy, reference = policy_and_reference_sums(batch, ref_logp)
+        tokens = batch.seq_tokens()
+        has_tokens = tokens > 0
+        lengths = tokens.clamp(min=1)
+        delta = policy - reference
+        if length_normalized:
+            losses = -(2.0 / beta) * F.logsigmoid(beta * delta / lengths)
+        else:
+            losses = -(2.0 / (beta * lengths)) * F.logsigmoid(beta * delta)
+        num_seqs = has_tokens.sum() if num_items is None else num_items
+        loss = divide_by_count(torch.where(has_tokens, losses, 0.0).sum(), num_seqs)
+        metrics = {
+            "m_theta": divide_by_count(torch.where(has_tokens, delta.detach() / lengths, 0.0).sum(), has_tokens.sum()),
+            "sft_loss": batch.token_mean(-batch.logp),
+        }
+        return LossOutput(loss, metrics)
+
+    # a sum of terms each depending on one sequence's tokens: chunks hold whole sequences
+    return evaluate_objective(
+        loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
+        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options), groups="sequence",
+        inputs=(ref_logp,),
     )  # fmt: skip
-    batch.require_sequences("minor_sft_loss")
-    policy, reference = policy_and_reference_sums(batch, ref_logp)
-    tokens = batch.seq_tokens()
-    has_tokens = tokens > 0
-    lengths = tokens.clamp(min=1)
-    delta = policy - reference
-    if length_normalized:
-        losses = -(2.0 / beta) * F.logsigmoid(beta * delta / lengths)
-    else:
-        losses = -(2.0 / (beta * lengths)) * F.logsigmoid(beta * delta)
-    num_seqs = has_tokens.sum() if num_items is None else num_items
-    loss = divide_by_count(torch.where(has_tokens, losses, 0.0).sum(), num_seqs)
-    metrics = {
-        "m_theta": divide_by_count(torch.where(has_tokens, delta.detach() / lengths, 0.0).sum(), has_tokens.sum()),
-        "sft_loss": batch.token_mean(-batch.logp),
-    }
-    return LossOutput(loss, metrics)
 
 
 MinorSFTLoss = objective_module("MinorSFTLoss", minor_sft_loss, check_minor_sft_options)

@@ -177,7 +177,7 @@ def grpo_loss(
     return evaluate_objective(
         loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
         num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
-        token_separable=importance_sampling == "token", inputs=(advantages, old_logp, ref_logp),
+        groups=None if importance_sampling == "token" else "sequence", inputs=(advantages, old_logp, ref_logp),
     )  # fmt: skip
 
 

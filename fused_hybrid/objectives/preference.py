@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .._reduction import check_num_items, divide_by_count
 from .._validation import check_non_negative, check_positive
 from ..head_spec import HeadSpec
-from ._tokens import LossOutput, TokenBatch, evaluate_head, objective_module
+from ._tokens import LossOutput, TokenBatch, evaluate_head, evaluate_objective, objective_module
 from .registry import Objective, register
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo")
@@ -108,44 +108,48 @@ def dpo_loss(
     check_num_items(num_chosen_tokens, name="num_chosen_tokens")
     if loss_type != "simpo" and ref_logp is None:
         raise ValueError(f"ref_logp is required for loss_type={loss_type!r} (see sequence_logps)")
-    batch = evaluate_head(
-        hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
-    )  # fmt: skip
-    batch.require_sequences("dpo_loss")
-    if batch.num_sequences % 2:
-        raise ValueError(
-            f"dpo_loss needs an even number of sequences (P chosen then P rejected), got {batch.num_sequences}"
-        )
-    pairs = batch.num_sequences // 2
-    policy, reference = policy_and_reference_sums(batch, None if loss_type == "simpo" else ref_logp)
-    lengths = batch.seq_tokens().clamp(min=1)
-    if loss_type == "simpo":
-        rewards = beta * policy / lengths
-        losses = -F.logsigmoid(rewards[:pairs] - rewards[pairs:] - simpo_gamma)
-    elif loss_type == "sigmoid":
-        rewards = beta * (policy - reference)
-        losses = -F.logsigmoid(rewards[:pairs] - rewards[pairs:])
-    else:
-        log_ratio = (policy - reference) / lengths
-        rewards = beta * log_ratio
-        losses = (log_ratio[:pairs] - log_ratio[pairs:] - 1.0 / (2.0 * beta)) ** 2
-    preference = divide_by_count(losses.sum(), pairs if num_items is None else num_items)
 
-    chosen = batch.restrict(batch.seq_index < pairs)
-    nll = divide_by_count(chosen.keep(-batch.logp).sum(),
-                          chosen.num_tokens() if num_chosen_tokens is None else num_chosen_tokens)  # fmt: skip
-    loss = preference + nll_weight * nll if nll_weight > 0 else preference
-    rewards = rewards.detach()
-    metrics = {
-        "preference_loss": preference.detach(),
-        "nll_loss": nll.detach(),
-        "reward_chosen": rewards[:pairs].mean(),
-        "reward_rejected": rewards[pairs:].mean(),
-        "reward_margin": (rewards[:pairs] - rewards[pairs:]).mean(),
-        "reward_accuracy": (rewards[:pairs] > rewards[pairs:]).to(rewards.dtype).mean(),
-    }
-    return LossOutput(loss, metrics)
+    def loss_of_batch(batch: TokenBatch) -> LossOutput:
+        batch.require_sequences("dpo_loss")
+        if batch.num_sequences % 2:
+            raise ValueError(
+                f"dpo_loss needs an even number of sequences (P chosen then P rejected), got {batch.num_sequences}"
+            )
+        pairs = batch.num_sequences // 2
+        policy, reference = policy_and_reference_sums(batch, None if loss_type == "simpo" else ref_logp)
+        lengths = batch.seq_tokens().clamp(min=1)
+        if loss_type == "simpo":
+            rewards = beta * policy / lengths
+            losses = -F.logsigmoid(rewards[:pairs] - rewards[pairs:] - simpo_gamma)
+        elif loss_type == "sigmoid":
+            rewards = beta * (policy - reference)
+            losses = -F.logsigmoid(rewards[:pairs] - rewards[pairs:])
+        else:
+            log_ratio = (policy - reference) / lengths
+            rewards = beta * log_ratio
+            losses = (log_ratio[:pairs] - log_ratio[pairs:] - 1.0 / (2.0 * beta)) ** 2
+        preference = divide_by_count(losses.sum(), pairs if num_items is None else num_items)
+
+        chosen = batch.restrict(batch.seq_index < pairs)
+        nll = divide_by_count(chosen.keep(-batch.logp).sum(),
+                              chosen.num_tokens() if num_chosen_tokens is None else num_chosen_tokens)  # fmt: skip
+        loss = preference + nll_weight * nll if nll_weight > 0 else preference
+        rewards = rewards.detach()
+        metrics = {
+            "preference_loss": preference.detach(),
+            "nll_loss": nll.detach(),
+            "reward_chosen": rewards[:pairs].mean(),
+            "reward_rejected": rewards[pairs:].mean(),
+            "reward_margin": (rewards[:pairs] - rewards[pairs:]).mean(),
+            "reward_accuracy": (rewards[:pairs] > rewards[pairs:]).to(rewards.dtype).mean(),
+        }
+        return LossOutput(loss, metrics)
+
+    # a sum of terms each depending on one pair's tokens (sequences i and i + P): chunks hold whole pairs
+    return evaluate_objective(
+        loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
+        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options), groups="pair", inputs=(ref_logp,),
+    )  # fmt: skip
 
 
 DPOLoss = objective_module("DPOLoss", dpo_loss, check_dpo_options)

@@ -7,7 +7,7 @@ from torch import nn
 
 from ._reduction import check_num_items, check_reduction, reduce_per_token
 from ._validation import check_non_negative
-from .core import DEFAULT_WORKSPACE_BYTES, HeadStats
+from .core import HeadStats
 from .dispatch import linear_head_loss
 from .head_spec import HeadSpec
 from .vocab_parallel import VocabParallel
@@ -27,7 +27,7 @@ def linear_cross_entropy(
     temperature: float = 1.0,
     num_items: int | torch.Tensor | None = None,
     backend: str = "auto",
-    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    workspace_bytes: int | None = None,
     gradient_filter: float | None = None,
     vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor:
@@ -81,7 +81,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         softcap: float | None = None,
         temperature: float = 1.0,
         backend: str = "auto",
-        workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+        workspace_bytes: int | None = None,
         gradient_filter: float | None = None,
         vocab_parallel: VocabParallel | None = None,
     ) -> None:

@@ -60,10 +60,10 @@ def head_memory(tokens: int, dim: int, vocab: int, device: torch.device) -> dict
         return {"tokens": tokens, "vocab": vocab, "materialised_logits_bytes": measured["reference"],
                 "fused_bytes": measured["auto"], "how": "measured, CUDA allocator"}  # fmt: skip
     from .backends.chunked import TorchEpilogue, chunk_rows
-    from .core import DEFAULT_WORKSPACE_BYTES
+    from .core import default_workspace_bytes
 
     bytes_per_logit = TorchEpilogue.bytes_per_logit(torch.float32)
-    rows = chunk_rows(tokens, vocab, bytes_per_logit, DEFAULT_WORKSPACE_BYTES)
+    rows = chunk_rows(tokens, vocab, bytes_per_logit, default_workspace_bytes(device))
     return {"tokens": tokens, "vocab": vocab, "materialised_logits_bytes": 2 * tokens * vocab * 4,
             "fused_bytes": 4 * tokens * 4 + rows * vocab * bytes_per_logit,
             "how": "computed from the shapes"}  # fmt: skip

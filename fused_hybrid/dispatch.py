@@ -16,7 +16,7 @@ import torch
 from ._ops import token_statistics
 from ._validation import check_head_inputs, check_targets_in_range, resolve_backend
 from .backends import chunked, reference
-from .core import HeadStats, LogitTransform, stats_dtype
+from .core import HeadStats, LogitTransform, default_workspace_bytes, stats_dtype
 from .head_spec import HeadSpec
 from .vocab_parallel import vocab_parallel_head_stats
 
@@ -41,7 +41,8 @@ def _prepare(hidden, weight, targets, bias, head: HeadSpec | None, head_options:
         vocab_size = head.vocab_parallel.layout(weight.shape[0], weight.device)[1]
     check_targets_in_range(targets, vocab_size, head.ignore_index)
     transform = LogitTransform(temperature=float(head.temperature), softcap=head.softcap,
-                               ignore_index=head.ignore_index, workspace_bytes=head.workspace_bytes,
+                               ignore_index=head.ignore_index,
+                               workspace_bytes=head.workspace_bytes or default_workspace_bytes(hidden.device),
                                gradient_filter=head.gradient_filter)  # fmt: skip
     return _Call(head, resolved, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).to(torch.int64).contiguous(),
                  transform, targets.shape)  # fmt: skip

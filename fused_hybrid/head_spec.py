@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 from ._validation import check_backend_name, check_positive
-from .core import DEFAULT_WORKSPACE_BYTES
 from .vocab_parallel import VocabParallel
 
 
@@ -13,7 +12,8 @@ from .vocab_parallel import VocabParallel
 class HeadSpec:
     """The logits ``softcap(F.linear(hidden, weight, bias) / temperature)`` (``softcap(u) = s * tanh(u / s)``),
     the target value ``ignore_index`` whose positions are ignored, the ``backend`` that computes them, the most
-    memory ``workspace_bytes`` the chunked engine may hold per chunk (logits and epilogue temporaries), the
+    memory ``workspace_bytes`` the chunked engine may hold per chunk (logits and epilogue temporaries; None: 1 GiB
+    on CUDA, 256 MiB elsewhere), the
     ``gradient_filter`` threshold of the tile kernels' backward (None: exact; e.g. ``2**-12``: a tile whose every
     |dz| is below it times its token's gradient scale skips its GEMM work) and, when the head is split over a
     process group, its ``vocab_parallel`` layout. Checked when built."""
@@ -22,7 +22,7 @@ class HeadSpec:
     softcap: float | None = None
     ignore_index: int = -100
     backend: str = "auto"
-    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+    workspace_bytes: int | None = None
     gradient_filter: float | None = None
     vocab_parallel: VocabParallel | None = None
 
@@ -33,8 +33,9 @@ class HeadSpec:
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
         check_backend_name(self.backend)
-        if isinstance(self.workspace_bytes, bool) or not isinstance(self.workspace_bytes, int) \
-                or self.workspace_bytes <= 0:  # fmt: skip
+        if self.workspace_bytes is not None and (isinstance(self.workspace_bytes, bool)
+                                                 or not isinstance(self.workspace_bytes, int)
+                                                 or self.workspace_bytes <= 0):  # fmt: skip
             raise ValueError(f"workspace_bytes must be a positive int (bytes), got {self.workspace_bytes!r}")
         if self.gradient_filter is not None:
             check_positive("gradient_filter", self.gradient_filter)

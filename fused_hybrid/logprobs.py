@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .core import DEFAULT_WORKSPACE_BYTES
 from .dispatch import linear_head_stats
 from .vocab_parallel import VocabParallel
 
@@ -20,7 +19,7 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
-    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    workspace_bytes: int | None = None,
     gradient_filter: float | None = None,
     vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +41,8 @@ def linear_logprobs(
             GEMM, a fused epilogue, the gradient GEMMs; Triton epilogue on CUDA), ``"triton"`` (tile kernels, O(N)
             memory), ``"torch"`` (the chunked engine in PyTorch operations only) or ``"reference"`` (full logits;
             for tests and baselines).
-        workspace_bytes: the most the chunked engine holds per chunk (logits and epilogue temporaries).
+        workspace_bytes: the most the chunked engine holds per chunk (logits and epilogue temporaries); None: 1 GiB
+            on CUDA, 256 MiB elsewhere.
         gradient_filter: tile kernels only: skip the backward work of a tile whose every |dz| is below this
             fraction of its token's gradient scale (e.g. ``2**-12``); None computes every tile.
         vocab_parallel: a :class:`fused_hybrid.VocabParallel` when ``weight`` (and ``bias``) are this rank's slice

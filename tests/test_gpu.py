@@ -14,9 +14,12 @@ from tests.reference import assert_close_scaled, grads, leaf64, logprobs_entropy
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
 @pytest.mark.parametrize("dtype, rel", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
 @pytest.mark.parametrize("options", [dict(), dict(softcap=30.0, temperature=0.8)])
-def test_compiled_kernels_match_reference(dtype, rel, options):
+def test_compiled_kernels_match_reference(backend, dtype, rel, options):
+    """The compiled tile kernels (every launch config timed on the first call) and the chunked engine (cuBLAS and
+    the compiled epilogue; several chunks under a small workspace) against float64."""
     n, d, v = 1000, 384, 5003
     hidden = torch.randn(n, d, device="cuda").to(dtype).requires_grad_()
     weight = (torch.randn(v, d, device="cuda") / d**0.5).to(dtype).requires_grad_()
@@ -25,7 +28,8 @@ def test_compiled_kernels_match_reference(dtype, rel, options):
     targets[:100] = -100
     g_logp, g_entropy = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
 
-    logp, entropy = fused_hybrid.linear_logprobs(hidden, weight, targets, bias, return_entropy=True, **options)
+    logp, entropy = fused_hybrid.linear_logprobs(hidden, weight, targets, bias, return_entropy=True, backend=backend,
+                                                 workspace_bytes=64 << 20, **options)  # fmt: skip
     actual = grads((logp * g_logp + entropy * g_entropy).sum(), [hidden, weight, bias])
     leaves = [leaf64(t) for t in (hidden, weight, bias)]
     logp64, entropy64 = logprobs_entropy64(leaves[0], leaves[1], targets, leaves[2], **options)
@@ -159,3 +163,42 @@ def test_cuda_graph_capture_and_replay():
     reference = fused_hybrid.linear_cross_entropy(new_hidden.float(), weight.detach().float(), targets,
                                                   backend="torch")  # fmt: skip
     assert abs(static_loss.item() - reference.item()) < 2e-2
+
+
+def test_autotuning_picks_a_shipped_config_per_problem():
+    from fused_hybrid.kernels import autotune, token_statistics_backward, token_statistics_forward
+
+    hidden = torch.randn(700, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(3001, 256, device="cuda") / 16).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 3001, (700,), device="cuda")
+    fused_hybrid.linear_cross_entropy(hidden, weight, targets, backend="triton").backward()
+    chosen = {entry["pass_name"]: entry for entry in autotune.tuned_configs() if entry["key"][2] == 3001}
+    shipped = {"forward": token_statistics_forward.CUDA_CONFIGS, "backward": token_statistics_backward.CUDA_CONFIGS}
+    for name, entry in chosen.items():
+        assert tuple(entry["config"].values()) in shipped[name][torch.bfloat16]
+    assert set(chosen) == {"forward", "backward"}
+
+
+def test_gradient_filter_on_trained_like_inputs_stays_within_naive_bf16_error():
+    from fused_hybrid.kernels.token_statistics_backward import count_filtered_tiles
+
+    from benchmarks.problems import make_problem
+
+    problem = make_problem("cross_entropy", 2048, 1024, 32000, dtype=torch.bfloat16, device=torch.device("cuda"),
+                           seq_len=2048, distribution="trained")  # fmt: skip
+    hidden, weight, targets = problem.hidden.detach().reshape(-1, 1024), problem.weight.detach(), problem.targets
+    targets = targets.reshape(-1)
+    leaves = [hidden.double().requires_grad_(), weight.double().requires_grad_()]
+    expected = grads(logprobs_entropy64(*leaves, targets)[0].sum(), leaves)
+
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with count_filtered_tiles() as tiles:
+        filtered = grads(fused_hybrid.linear_logprobs(h, w, targets, backend="triton", gradient_filter=2.0**-12).sum(),
+                         [h, w])  # fmt: skip
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logits = (h @ w.T).float().log_softmax(-1)
+    naive = grads(logits.gather(-1, targets[:, None]).sum(), [h, w])
+    assert tiles.kept_fraction < 1.0
+    for got, ours, want in zip(naive, filtered, expected):
+        naive_error = (got.double() - want).abs().max()
+        assert (ours.double() - want).abs().max() <= naive_error

@@ -10,7 +10,8 @@ SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
 
 def violations(rows: list[dict]) -> list[str]:
     """What the gate refuses: any spill (stack bytes), shared memory beyond the SM's, a half-precision tile kernel
-    off the tensor cores, an epilogue with fewer than two CTAs per SM (it is memory-bound: it needs occupancy)."""
+    off the tensor cores (off HGMMA on sm_90a), an epilogue with fewer than two CTAs per SM (it is memory-bound:
+    it needs occupancy)."""
     found = []
     for row in rows:
         where = f"{row['pass']} {row['arch']} {row['dtype']} {row['config']} (Triton {row['triton']})"
@@ -22,6 +23,9 @@ def violations(rows: list[dict]) -> list[str]:
             found.append(f"{where}: no CTA fits an SM")
         if row["pass"].startswith("epilogue") and row["ctas_per_sm"] < 2:
             found.append(f"{where}: {row['ctas_per_sm']} CTA per SM")
-        if not row["pass"].startswith("epilogue") and row["dtype"] != "fp32" and not row["tensor_core"]:
+        half_precision_tiles = not row["pass"].startswith("epilogue") and row["dtype"] != "fp32"
+        if half_precision_tiles and not row["tensor_core"]:
             found.append(f"{where}: no tensor-core instruction")
+        elif half_precision_tiles and row["arch"] == "sm_90a" and not row["hgmma"]:
+            found.append(f"{where}: no HGMMA (Hopper's warpgroup MMA)")
     return found

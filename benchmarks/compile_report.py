@@ -135,6 +135,7 @@ def _compile(name, arch, dtype, kernel, constexprs, options, config_text) -> dic
         "config": config_text,
         "registers": registers, "stack_bytes": stack, "shared_bytes": shared, "ctas_per_sm": ctas,
         "tensor_core": len(re.findall(r"\bH(?:G)?MMA\b", sass)), "fences": len(re.findall(r"\bMEMBAR\b", sass)),
+        "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
     }  # fmt: skip
 
 

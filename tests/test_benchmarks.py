@@ -131,8 +131,10 @@ def test_compile_gate_refuses_a_spilling_config():
     from fused_hybrid.benchmarks.compile_gate import violations
 
     row = {"pass": "forward", "arch": "sm_90a", "dtype": "bf16", "triton": "x", "config": "c", "registers": 255,
-           "stack_bytes": 0, "shared_bytes": 1024, "ctas_per_sm": 1, "tensor_core": 4, "fences": 0}  # fmt: skip
+           "stack_bytes": 0, "shared_bytes": 1024, "ctas_per_sm": 1, "tensor_core": 4, "fences": 0,
+           "hgmma": 4}  # fmt: skip
     assert violations([row]) == []
     assert "spills 64 bytes" in violations([dict(row, stack_bytes=64)])[0]
-    assert "tensor-core" in violations([dict(row, tensor_core=0)])[0]
+    assert "tensor-core" in violations([dict(row, tensor_core=0, hgmma=0)])[0]
+    assert "HGMMA" in violations([dict(row, hgmma=0)])[0]
     assert "CTA per SM" in violations([dict(row, **{"pass": "epilogue_statistics"})])[0]

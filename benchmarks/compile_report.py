@@ -75,6 +75,7 @@ PASSES = {
         ),
     ),  # fmt: skip
     "epilogue_statistics": _epilogue_pass(logit_epilogue.row_statistics_kernel, logit_epilogue.BLOCK_V_STATISTICS, {}),
+    "epilogue_extras": _epilogue_pass(logit_epilogue.row_extras_kernel, logit_epilogue.BLOCK_V_STATISTICS, {}),
     "epilogue_gradients": _epilogue_pass(
         logit_epilogue.logit_gradients_kernel,
         logit_epilogue.BLOCK_V_GRADIENTS,

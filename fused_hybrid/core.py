@@ -130,6 +130,16 @@ class VocabPartials(NamedTuple):
     target_logit: torch.Tensor
 
 
+class RowExtras(NamedTuple):
+    """Two more per-token sums over the whole vocabulary, taken on demand (TRL's fused head asks for them):
+    q = sum exp(2 (z - m)) with m the row's max logit, so that log sum p^2 = log q - 2 log s, and the largest logit
+    of the columns before the target (-inf when there are none), so that the target is the arg-max (first maximum,
+    as torch.argmax) when z[y] >= m and z[y] > that."""
+
+    sum_exp_sq: torch.Tensor
+    max_before_target: torch.Tensor
+
+
 def rescale_to_max(partials: VocabPartials, token_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each slice's (sum exp, sum exp * shifted) taken relative to the common maximum `token_max` >= its own.
 

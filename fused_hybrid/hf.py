@@ -67,11 +67,16 @@ def head_transform(model: nn.Module) -> HeadTransform:
     if logit_scale:
         temperature /= float(logit_scale)
     logits_scaling = getattr(config, "logits_scaling", None)  # Granite: logits / logits_scaling
-    if logits_scaling:
+    if logits_scaling and str(getattr(config, "model_type", "")).startswith("hyperclovax"):
+        temperature /= float(logits_scaling)  # HyperCLOVA X (MuP): logits * logits_scaling
+    elif logits_scaling:
         temperature *= float(logits_scaling)
     lm_head_multiplier = getattr(config, "lm_head_multiplier", None)  # Falcon-H1: logits * lm_head_multiplier
     if lm_head_multiplier:
         temperature /= float(lm_head_multiplier)
+    output_multiplier = getattr(config, "output_multiplier", None)  # Muse Glimmer / Spark: logits * it, pre-softcap
+    if output_multiplier:
+        temperature /= float(output_multiplier)
     caps = {getattr(config, name, None) for name in _SOFTCAP_NAMES} - {None}
     if len(caps) > 1:
         raise PatchMismatchError(f"{type(model).__name__}: the config sets several different logit softcaps {caps}")

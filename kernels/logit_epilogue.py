@@ -4,6 +4,9 @@
 softcap, and keeps per lane the running max m, s = sum exp(z - m) and a = sum exp(z - m) * (z - m) (the algebra
 of the tile kernel's forward: H = log s - a / s has no cancellation), the sum of z and the target logit.
 
+`row_extras_kernel` (grid: rows), on demand, sweeps a row once more, given its max m: sum exp(2 (z - m)) and the
+largest logit before the target column (see core.RowExtras).
+
 `logit_gradients_kernel` (grid: rows x vocabulary blocks) recomputes z from the raw logits and writes over them,
 in their own dtype, dz = onehot_coef * 1[v = y] + p * (prob_coef - logp_coef * log p) + uniform_coef, chained
 through softcap and temperature, with p = exp(z - lse). Nothing of the chunk's size is allocated: the logits
@@ -19,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core import LogitTransform, TokenGradCoefficients, VocabPartials
+from ..core import LogitTransform, RowExtras, TokenGradCoefficients, VocabPartials
 from .logit_tile import in_interpreter, transform_tile
 
 BLOCK_V_STATISTICS = 2048
@@ -84,6 +87,39 @@ def row_statistics_kernel(
     tl.store(partials_ptr + 2 * num_rows + row, sum_exp_shifted)
     tl.store(partials_ptr + 3 * num_rows + row, tl.sum(lane_sum_z, axis=0))
     tl.store(partials_ptr + 4 * num_rows + row, tl.where(has_target, target_z, 0.0))
+
+
+@triton.jit
+def row_extras_kernel(
+    logits_ptr,
+    bias_ptr,
+    targets_ptr,
+    max_ptr,  # [rows] the row's max logit (VocabPartials.max)
+    extras_ptr,  # [2, rows] fp32: sum exp(2 (z - m)), max of z before the target column
+    num_rows,
+    V,
+    stride_row,
+    inv_temperature,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    row_max = tl.load(max_ptr + row)
+    target = tl.load(targets_ptr + row)  # -1: no target column, nothing before it counts
+    lane_sum_exp_sq = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    lane_before = tl.full((BLOCK_V,), float("-inf"), dtype=tl.float32)
+    for v_start in range(0, V, BLOCK_V):
+        offs_v = v_start + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        raw = tl.load(row_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+        z = transform_tile(raw, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
+        lane_sum_exp_sq += tl.where(mask_v, tl.exp(2.0 * (z - row_max)), 0.0)
+        lane_before = tl.maximum(lane_before, tl.where(mask_v & (offs_v < target), z, float("-inf")))
+    tl.store(extras_ptr + row, tl.sum(lane_sum_exp_sq, axis=0))
+    tl.store(extras_ptr + num_rows + row, tl.max(lane_before, axis=0))
 
 
 @triton.jit
@@ -154,6 +190,20 @@ def statistics(logits: torch.Tensor, targets: torch.Tensor, bias, transform: Log
             BLOCK_V=_block_v(logits, BLOCK_V_STATISTICS), num_warps=NUM_WARPS,
         )  # fmt: skip
     return VocabPartials(*out), None
+
+
+def extras(logits: torch.Tensor, state, targets: torch.Tensor, bias, transform: LogitTransform,
+           row_max: torch.Tensor) -> RowExtras:  # fmt: skip
+    """RowExtras of each row of `logits`, given the rows' max logits (one more read of the chunk)."""
+    num_rows, vocab_size = logits.shape
+    out = torch.empty(2, num_rows, dtype=torch.float32, device=logits.device)
+    if num_rows > 0:
+        row_extras_kernel[(num_rows,)](
+            logits, targets_ptr=targets, max_ptr=row_max, extras_ptr=out, num_rows=num_rows, V=vocab_size,
+            stride_row=logits.stride(0), **_transform_arguments(bias, transform),
+            BLOCK_V=_block_v(logits, BLOCK_V_STATISTICS), num_warps=NUM_WARPS,
+        )  # fmt: skip
+    return RowExtras(*out)
 
 
 def gradient(logits, state, targets, bias, lse, coefs: TokenGradCoefficients, transform: LogitTransform):

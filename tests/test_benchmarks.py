@@ -111,7 +111,8 @@ def test_compile_gate_every_shipped_launch_config_is_spill_free():
 
     result = subprocess.run(
         [sys.executable, "-m", "fused_hybrid.benchmarks.compile_report", "--check", "--passes",
-         "forward,backward,epilogue_statistics,epilogue_gradients", "--archs", "sm_90a,sm_80", "--dtypes", "bf16,fp32"],
+         "forward,backward,epilogue_statistics,epilogue_extras,epilogue_gradients", "--archs", "sm_90a,sm_80",
+         "--dtypes", "bf16,fp32"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -119,7 +120,7 @@ def test_compile_gate_every_shipped_launch_config_is_spill_free():
             if line.startswith("| ")][1:]  # fmt: skip
     shipped = sum(len(module.CUDA_CONFIGS[dtype]) for module in (token_statistics_forward, token_statistics_backward)
                   for dtype in (torch.bfloat16, torch.float32))  # fmt: skip
-    assert len(rows) == 2 * (shipped + 4)  # two architectures; two epilogues in two dtypes
+    assert len(rows) == 2 * (shipped + 6)  # two architectures; three epilogues in two dtypes
     for row in rows:
         stack, shared = int(row[6]), int(row[7])
         assert stack == 0 and shared <= {"sm_80": 164, "sm_90a": 228}[row[1]] * 1024, row

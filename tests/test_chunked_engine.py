@@ -270,9 +270,13 @@ def test_triton_epilogue_matches_pytorch(dtype, transform):
     logits = (torch.randn(rows, vocab) * 3).to(dtype)
     bias = torch.randn(vocab).to(dtype)
     targets = torch.randint(-1, vocab, (rows,))
-    want, _ = TorchEpilogue.statistics(logits.clone(), targets, bias, transform)
+    want, state = TorchEpilogue.statistics(logits.clone(), targets, bias, transform)
     got, _ = logit_epilogue.statistics(logits.clone(), targets, bias, transform)
     for name, a, b in zip(want._fields, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    want_extras = TorchEpilogue.extras(logits, state, targets, bias, transform, want.max)
+    got_extras = logit_epilogue.extras(logits.clone(), None, targets, bias, transform, want.max)
+    for name, a, b in zip(want_extras._fields, got_extras, want_extras):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
     lse = torch.logsumexp(transform_reference(logits, bias, transform), -1).float()
     upstream = tuple(torch.randn(rows) for _ in range(4))

@@ -21,6 +21,9 @@ FAMILIES = {
         dict(head_dim=8, final_logit_softcapping=5.0, attn_logit_softcapping=None, query_pre_attn_scalar=8),
     ),  # fmt: skip
     "phi3": ("Phi3Config", dict(pad_token_id=0)),
+    # logit multipliers under their families' names: HyperCLOVA X multiplies by logits_scaling, Granite divides
+    "hyperclovax": ("HyperCLOVAXConfig", dict(logits_scaling=2.5, tie_word_embeddings=False)),
+    "granite": ("GraniteConfig", dict(logits_scaling=4.0)),
 }
 
 

@@ -28,6 +28,7 @@ from .._validation import triton_import_error
 from ..core import (
     HeadStats,
     LogitTransform,
+    RowExtras,
     TokenGradCoefficients,
     VocabPartials,
     finalize_partials,
@@ -65,6 +66,15 @@ class TorchEpilogue:
         target_logit = z.gather(1, torch.where(has_target, targets, 0)[:, None]).squeeze(1)
         partials = VocabPartials(row_max, sum_exp, sum_exp_shifted, z.sum(-1), torch.where(has_target, target_logit, 0))
         return partials, (z, shifted, exp_shifted, sum_exp)
+
+    @staticmethod
+    def extras(logits, state, targets, bias, transform: LogitTransform, row_max) -> RowExtras:
+        """RowExtras of each row from `statistics`' buffers (before `gradient` reuses them)."""
+        z, shifted, _, _ = state
+        sum_exp_sq = torch.exp(2.0 * shifted).sum(-1)
+        columns = torch.arange(z.shape[1], device=z.device)
+        before = torch.where(columns[None, :] < targets[:, None], z, float("-inf")).amax(-1)
+        return RowExtras(sum_exp_sq, before)
 
     @staticmethod
     def gradient(logits, state, targets, bias, lse, coefs: TokenGradCoefficients, transform: LogitTransform):
@@ -187,17 +197,20 @@ def _sweep(hidden, weight, targets, transform: LogitTransform, epilogue, groups=
 
 class _Gradients:
     """dhidden, dweight and dbias accumulated chunk by chunk (dweight and dbias in fp32 for half inputs). With a
-    single chunk, dweight is that chunk's GEMM written in the weight's dtype (cuBLAS sums in fp32 inside): no
-    V x D fp32 buffer at all."""
+    single chunk, dweight is that chunk's GEMM written in its output dtype (cuBLAS sums in fp32 inside): no
+    V x D fp32 buffer at all. The gradients come back in the inputs' dtypes, or in `grad_dtypes` (hidden, weight,
+    bias), e.g. fp32 for fp32 parameters that an autocast region computes in bf16."""
 
-    def __init__(self, hidden, weight, bias, needs: tuple[bool, bool, bool], plan: list[Rows]) -> None:
+    def __init__(self, hidden, weight, bias, needs: tuple[bool, bool, bool], plan: list[Rows],
+                 grad_dtypes: tuple | None = None) -> None:  # fmt: skip
         needs_hidden, needs_weight, needs_bias = needs
+        self.grad_dtypes = grad_dtypes or (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         acc = dict(dtype=stats_dtype(hidden.dtype), device=weight.device)
         # Rows left out of every chunk (ignored tokens) keep a zero gradient; gradients come back contiguous
         # whatever the inputs' strides (the custom op's fake implementation says so).
         compacted = not all(isinstance(rows, slice) for rows in plan)
         new = torch.zeros if compacted else torch.empty
-        self.hidden = new(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs_hidden else None
+        self.hidden = new(hidden.shape, dtype=self.grad_dtypes[0], device=hidden.device) if needs_hidden else None
         self.single_chunk = len(plan) == 1
         self.weight = torch.zeros(weight.shape, **acc) if needs_weight and not self.single_chunk else None
         self.needs_weight = needs_weight
@@ -210,9 +223,9 @@ class _Gradients:
         if d_z.dtype != hidden_rows.dtype:
             d_z = logits.copy_(d_z)
         if self.hidden is not None:
-            self.hidden[rows] = d_z @ weight
+            self.hidden[rows] = matmul_to(d_z, weight, self.hidden.dtype)
         if self.needs_weight and self.single_chunk:
-            self.weight = d_z.T @ hidden_rows
+            self.weight = matmul_to(d_z.T, hidden_rows, self.grad_dtypes[1])
         elif self.needs_weight:
             accumulate_matmul(self.weight, d_z.T, hidden_rows)
 
@@ -221,9 +234,19 @@ class _Gradients:
             self.weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
         return (
             self.hidden,
-            None if self.weight is None else self.weight.to(weight.dtype),
-            None if self.bias is None else self.bias.to(bias.dtype),
+            None if self.weight is None else self.weight.to(self.grad_dtypes[1]),
+            None if self.bias is None else self.bias.to(self.grad_dtypes[2]),
         )
+
+
+def matmul_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b written in `dtype` (wider than the operands' for fp32 gradients of half operands: cuBLAS writes the
+    fp32 sum directly; elsewhere the operands are upcast)."""
+    if a.dtype == dtype:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=dtype)
+    return a.to(dtype) @ b.to(dtype)
 
 
 def accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -239,19 +262,31 @@ def accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
 def partials(hidden, weight, targets, bias, transform: LogitTransform, *, epilogue=None) -> VocabPartials:
     """Per-token sums over this weight's rows (see VocabPartials), chunk by chunk; 0 for ignored tokens (a token
     no chunk swept reads max 0 and sum 0, which core.finalize_partials turns into finite statistics)."""
+    return partials_and_extras(hidden, weight, targets, bias, transform, extras=False, epilogue=epilogue)[0]
+
+
+def partials_and_extras(hidden, weight, targets, bias, transform: LogitTransform, *, extras: bool,
+                        epilogue=None) -> tuple[VocabPartials, RowExtras | None]:  # fmt: skip
+    """VocabPartials and, with `extras`, RowExtras (sum exp(2 (z - m)), the max logit before the target) from the
+    same sweep: one more read of each chunk's logits, no more GEMMs."""
     epilogue, column_targets, plan = _sweep(hidden, weight, targets, transform, epilogue)
-    out = torch.zeros(5, hidden.shape[0], dtype=stats_dtype(hidden.dtype), device=hidden.device)
+    out = torch.zeros(7 if extras else 5, hidden.shape[0], dtype=stats_dtype(hidden.dtype), device=hidden.device)
     for rows in plan:
-        chunk_partials, _ = epilogue.statistics(hidden[rows] @ weight.T, column_targets[rows], bias, transform)
-        out[:, rows] = torch.stack(chunk_partials)
-    return VocabPartials(*out)
+        logits = hidden[rows] @ weight.T
+        chunk_partials, state = epilogue.statistics(logits, column_targets[rows], bias, transform)
+        out[:5, rows] = torch.stack(chunk_partials)
+        if extras:
+            chunk_extras = epilogue.extras(logits, state, column_targets[rows], bias, transform, chunk_partials.max)
+            out[5:, rows] = torch.stack(chunk_extras)
+    return VocabPartials(*out[:5]), RowExtras(*out[5:]) if extras else None
 
 
 def backward(hidden, weight, targets, bias, lse, coefs: TokenGradCoefficients, transform: LogitTransform,
-             needs: tuple[bool, bool, bool], *, epilogue=None):  # fmt: skip
-    """(d_hidden, d_weight, d_bias), None where not needed, recomputing each chunk's logits."""
+             needs: tuple[bool, bool, bool], *, grad_dtypes: tuple | None = None, epilogue=None):  # fmt: skip
+    """(d_hidden, d_weight, d_bias), None where not needed, recomputing each chunk's logits; in the inputs' dtypes
+    or in `grad_dtypes` (hidden, weight, bias)."""
     epilogue, column_targets, plan = _sweep(hidden, weight, targets, transform, epilogue)
-    grads = _Gradients(hidden, weight, bias, needs, plan)
+    grads = _Gradients(hidden, weight, bias, needs, plan, grad_dtypes)
     if any(needs):
         for rows in plan:
             hidden_rows = hidden[rows]

@@ -1,0 +1,1 @@
+"""Integrations with other training stacks: `fused_hybrid.integrations.trl` (TRL's fused LM head)."""

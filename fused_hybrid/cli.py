@@ -1,10 +1,21 @@
-"""The `fused-hybrid` command: `demo`, `train CONFIG`, `bench`."""
+"""The `fused-hybrid` command: `demo`, `train CONFIG`, `bench`, `--version`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
+from pathlib import Path
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fused-hybrid")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -14,12 +25,21 @@ def main(argv: list[str] | None = None) -> None:
 
         bench_main(argv[1:])
         return
+    from .trainer import registered_modes
+
     parser = argparse.ArgumentParser(prog="fused-hybrid", description="Logits-free fused LM-head losses.")
+    parser.add_argument("--version", action="version", version=f"fused-hybrid {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="SFT vs CHORD on a synthetic addition task, with a report folder")
     demo.add_argument("--out", default="demo-report", help="report folder (default: demo-report)")
     demo.add_argument("--steps", type=int, default=1200, help="optimizer steps per run (default: 1200)")
-    train = commands.add_parser("train", help="train with a YAML or TOML config")
+    train = commands.add_parser(
+        "train", help="train with a YAML or TOML config",
+        description=f"Train with a YAML or TOML config. Modes (the `mode` key): {', '.join(registered_modes())}. "
+        "The config keys, their defaults and ranges are documented in fused_hybrid/trainer/config.py and in the "
+        "README's trainer section; examples/ has complete configs. A run resumes from the newest checkpoint in "
+        "its output_dir when the settings match (--set resume=false starts fresh there).",
+    )  # fmt: skip
     train.add_argument("config", help="a .yaml, .yml or .toml file")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting, e.g. --set optim.max_steps=100 (repeatable)")  # fmt: skip
@@ -28,14 +48,35 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     if args.command == "demo":
+        if args.steps < 1:
+            parser.exit(2, f"fused-hybrid demo: --steps: {args.steps} is out of range; allowed: >= 1\n")
         from .demo import run_demo
 
         run_demo(args.out, steps=args.steps)
     elif args.command == "train":
-        from .trainer import ConfigError, HybridTrainer, load_config
+        train_command(parser, args.config, args.overrides)
 
-        try:
-            config = load_config(args.config, args.overrides)
-        except ConfigError as error:
-            parser.exit(2, f"fused-hybrid train: config error: {error}\n")
-        HybridTrainer(config).train()
+
+def train_command(parser: argparse.ArgumentParser, config_path: str, overrides: list[str]) -> None:
+    """Run `train`: a user error (config, data, output folder) prints one line and exits 2, leaving no run folder
+    this command created; Ctrl-C saves a checkpoint and says how to resume."""
+    from .trainer import HybridTrainer, UserError, load_config
+
+    trainer = None
+    output_dir = None
+    try:
+        config = load_config(config_path, overrides)
+        output_dir = Path(config.output_dir)
+        existed = output_dir.exists()
+        trainer = HybridTrainer(config)
+        start = trainer.step
+        trainer.train()
+    except UserError as error:
+        if output_dir is not None and not existed:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        parser.exit(2, f"fused-hybrid train: error: {error}\n")
+    except KeyboardInterrupt:
+        step = "" if trainer is None else f" at step {trainer.step}"
+        parser.exit(130, f"\nfused-hybrid train: interrupted{step}; run the same command to resume\n")
+    if trainer.step > start:
+        print(f"fused-hybrid train: done, step {trainer.step} of {config.optim.max_steps}; run folder {output_dir}")

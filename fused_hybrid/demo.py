@@ -105,7 +105,7 @@ def report(out: Path, runs: dict, steps: int) -> None:
     fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)
     for mode, run in runs.items():
-        plot_history(run["history"], out / f"{mode}-curves.png", title=mode.upper())
+        plot_history(run["history"], out / f"{mode}-curves.png", title=mode.upper(), mode=mode)
 
     lines = ["# fused-hybrid demo: SFT vs CHORD on addition", "",
              f"{steps} optimizer steps each, same initial model and data; device "

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .cross_entropy import linear_cross_entropy
+from .head_spec import HEAD_OPTIONS
 from .objectives.dft import dft_loss
 
 OBJECTIVES = ("cross_entropy", "dft")
@@ -191,8 +192,12 @@ def _loss_function(objective: str, loss_options: dict):
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     function = dft_loss if objective == "dft" else linear_cross_entropy
-    accepted = set(inspect.signature(function).parameters) - {"hidden", "weight", "targets", "bias", "num_items",
-                                                              "temperature", "softcap", "ignore_index"}  # fmt: skip
+    parameters = inspect.signature(function).parameters
+    named = {n for n, p in parameters.items() if p.kind != inspect.Parameter.VAR_KEYWORD} - {"head"}
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):  # **head_options
+        named |= set(HEAD_OPTIONS)
+    # the model's own transform (temperature, softcap) and the labels' ignore index come from the model
+    accepted = named - {"hidden", "weight", "targets", "bias", "num_items", "temperature", "softcap", "ignore_index"}
     unknown = sorted(set(loss_options) - accepted)
     if unknown:
         raise TypeError(f"patch_model got unknown loss option(s) {unknown} for objective={objective!r}; "

@@ -275,6 +275,9 @@ def test_the_probe_runs_again_when_the_precision_changes(monkeypatch):
 def test_patch_options_are_checked_when_patching_and_unmaterialised_models_need_verify_false():
     with pytest.raises(TypeError, match=r"unknown loss option\(s\) \['label_smothing'\]"):
         fused_hybrid.patch_model(tiny_model("llama"), label_smothing=0.1)
+    with pytest.raises(TypeError, match=r"unknown loss option\(s\) \['lable_smoothing'\].*'backend'"):
+        fused_hybrid.patch_model(tiny_model("llama"), objective="dft", lable_smoothing=0.1)
+    fused_hybrid.unpatch_model(fused_hybrid.patch_model(tiny_model("llama"), objective="dft", backend="torch"))
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON))
     with pytest.raises(fused_hybrid.hf.PatchMismatchError, match="not materialised.*verify=False"):

@@ -14,7 +14,7 @@ pytest.importorskip("datasets")
 from fused_hybrid.cli import main as cli_main  # noqa: E402
 from fused_hybrid.demo import run_demo  # noqa: E402
 from fused_hybrid.objectives.chord import trainer_mu  # noqa: E402
-from fused_hybrid.trainer import ConfigError, HybridTrainer, load_config  # noqa: E402
+from fused_hybrid.trainer import ConfigError, HybridTrainer, UserError, load_config  # noqa: E402
 from fused_hybrid.trainer.rewards import RewardError  # noqa: E402
 
 TINY = "{hidden_size: 48, intermediate_size: 96, num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 2}"
@@ -132,7 +132,7 @@ def test_a_failed_save_leaves_no_checkpoint(tmp_path, monkeypatch):
 
 def test_a_foreign_checkpoint_folder_is_refused(tmp_path):
     (tmp_path / "sft" / "checkpoint-0000100").mkdir(parents=True)
-    with pytest.raises(ValueError, match="not a fused-hybrid checkpoint"):
+    with pytest.raises(UserError, match="not a fused-hybrid checkpoint"):
         HybridTrainer(config(tmp_path, "sft"), progress=False)
 
 
@@ -143,16 +143,17 @@ def test_missing_columns_are_named(tmp_path):
         HybridTrainer(config(tmp_path, "sft", f"data.path={path}"), progress=False)
 
 
-def test_a_prompt_longer_than_max_length_is_a_logged_skip(tmp_path, caplog):
+def test_a_prompt_longer_than_max_length_is_dropped_once_with_a_warning(tmp_path, caplog):
     rows = [{"prompt": "1" * 40, "response": "2"}] + [{"prompt": f"{i}+1=", "response": str(i + 1)} for i in range(50)]
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    trainer = HybridTrainer(config(tmp_path, "sft", f"data.path={path}", "data.max_length=20", "optim.batch_size=51"),
-                            progress=False)  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="fused_hybrid.trainer"):
-        for _ in range(3):
-            trainer.train_step()
-    assert "skipping a sample: its prompt has" in caplog.text
+        trainer = HybridTrainer(config(tmp_path, "sft", f"data.path={path}", "data.max_length=20",
+                                       "optim.batch_size=40"), progress=False)  # fmt: skip
+    assert "skipping 1 of" in caplog.text and "data.max_length=20" in caplog.text
+    assert "1" * 40 not in list(trainer.train_rows["prompt"])
+    for _ in range(2):
+        trainer.train_step()
 
 
 @pytest.mark.parametrize("reward, words", [("tests.test_trainer.raises", "raised KeyError"),

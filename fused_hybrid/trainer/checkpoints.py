@@ -1,7 +1,9 @@
-"""Checkpoints of the trainer: found by their marker, gathered under FSDP2, written atomically."""
+"""Checkpoints of the trainer: found by their marker, gathered under FSDP2, written atomically; a resume checks
+that the saved run is the one the config describes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -10,7 +12,45 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import TrainConfig, UserError
+
 CHECKPOINT_MARKER = "fused_hybrid_checkpoint.json"
+
+
+class ResumeError(UserError):
+    """The output folder holds a run that the config does not describe."""
+
+
+def run_settings(config: TrainConfig) -> dict:
+    """What makes a run the same run: its mode, its objective's settings and its data (not its length: raising
+    optim.max_steps continues a finished run)."""
+    return {"mode": config.mode, "objective": dataclasses.asdict(config.objective), "data.path": config.data.path}
+
+
+def _flat(settings: dict) -> dict:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def marker_of(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / CHECKPOINT_MARKER).read_text())
+
+
+def check_same_run(checkpoint: Path, config: TrainConfig) -> None:
+    """Refuse to resume `checkpoint` under settings other than those it was trained with."""
+    marker = marker_of(checkpoint)
+    saved = _flat(marker.get("settings", {"mode": marker.get("mode")}))
+    now = _flat(run_settings(config))
+    differ = [f"{key}={saved[key]!r} there, {now.get(key)!r} now" for key in saved if saved[key] != now.get(key)]
+    if differ:
+        raise ResumeError(f"output_dir {config.output_dir!r} holds a run (step {marker['step']}) trained with other "
+                          f"settings: {'; '.join(differ)}. Resuming it would go on under the new ones: start fresh "
+                          "with --set resume=false (replaces that run) or choose another output_dir")  # fmt: skip
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -20,10 +60,10 @@ def checkpoints(output_dir: Path) -> list[Path]:
         return found
     for folder in sorted(output_dir.glob("checkpoint-*")):
         if not (folder / CHECKPOINT_MARKER).is_file():
-            raise ValueError(f"{folder} is not a fused-hybrid checkpoint (no {CHECKPOINT_MARKER}); "
+            raise ResumeError(f"{folder} is not a fused-hybrid checkpoint (no {CHECKPOINT_MARKER}); "
                              "move it away or choose another output_dir")  # fmt: skip
         found.append(folder)
-    return sorted(found, key=lambda f: json.loads((f / CHECKPOINT_MARKER).read_text())["step"])
+    return sorted(found, key=lambda f: marker_of(f)["step"])
 
 
 def full_states(policy: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict | None, dict]:

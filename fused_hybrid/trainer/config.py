@@ -1,6 +1,8 @@
 """Training configuration: nested dataclasses read from YAML or TOML, with `--set section.key=value` overrides.
 
-Errors name the key and what it accepts (the allowed keys of a section, the allowed values of a choice).
+Every value is checked when the config is built: errors name the key, the value and what it accepts (the allowed
+keys of a section, the values of a choice, the range of a number). Each setting is documented by its comment
+below (the README's trainer section lists the modes and sections).
 """
 
 from __future__ import annotations
@@ -18,8 +20,22 @@ def registered_modes() -> tuple[str, ...]:
     return tuple(sorted(OBJECTIVES))
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Something the user can fix (a config value, a data file, an output folder); the message says what. The CLI
+    prints it as one line and exits non-zero."""
+
+
+class ConfigError(UserError):
     """A configuration value or key is not accepted; the message names it."""
+
+
+# Ranges of the numeric settings: (lowest, highest, lowest allowed, highest allowed[, why]); None: unbounded.
+def _at_least(low, why: str = ""):
+    return (low, None, True, True, why)
+
+
+_POSITIVE = (0, None, False, True)
+_FRACTION = (0, 1, True, True)
 
 
 @dataclasses.dataclass
@@ -34,6 +50,7 @@ class ModelConfig:
     precision: str = "auto"
 
     CHOICES = {"precision": ("auto", "float32", "bfloat16")}
+    RANGES: typing.ClassVar[dict] = {}
 
 
 @dataclasses.dataclass
@@ -50,6 +67,9 @@ class DataConfig:
     synthetic_size: int = 4000
     synthetic_digits: int = 2
 
+    RANGES: typing.ClassVar[dict] = {"max_length": _at_least(2), "eval_size": _at_least(0),
+                                     "synthetic_size": _at_least(1), "synthetic_digits": _at_least(1)}  # fmt: skip
+
 
 @dataclasses.dataclass
 class OptimConfig:
@@ -61,13 +81,24 @@ class OptimConfig:
     grad_accum: int = 1  # micro-batches per step
     max_grad_norm: float = 1.0
 
+    RANGES: typing.ClassVar[dict] = {"learning_rate": _POSITIVE, "weight_decay": _at_least(0),
+                                     "warmup_steps": _at_least(0), "max_steps": _at_least(1),
+                                     "batch_size": _at_least(1), "grad_accum": _at_least(1),
+                                     "max_grad_norm": _POSITIVE}  # fmt: skip
+
 
 @dataclasses.dataclass
 class RolloutConfig:
     prompts_per_step: int = 8
+    # completions per prompt; advantages are normalised within a group, so one completion has nothing to compare to
     group_size: int = 4
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling temperature (> 0; the logits of the loss use the same)
     max_new_tokens: int = 8
+
+    RANGES: typing.ClassVar[dict] = {"prompts_per_step": _at_least(1),
+                                     "group_size": _at_least(2, "a lone completion has no group to be compared with: "
+                                                             "every group-normalised advantage would be 0"),
+                                     "temperature": _POSITIVE, "max_new_tokens": _at_least(1)}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -89,6 +120,10 @@ class ObjectiveConfig:
     ift_lambda: float = 0.2  # IFT input mixing
     reward: str = "exact_match"  # "exact_match", "numeric", or a dotted path to a callable
 
+    RANGES: typing.ClassVar[dict] = {"mu": _FRACTION, "mu_warmup_steps": _at_least(0), "mu_decay_steps": _at_least(0),
+                                     "mu_peak": _FRACTION, "mu_valley": _FRACTION, "epsilon_low": _POSITIVE,
+                                     "epsilon_high": _POSITIVE, "beta": _at_least(0), "gamma": (0, 1, False, True),
+                                     "ift_lambda": _FRACTION}  # fmt: skip
     CHOICES = {
         "chord_preset": (None, "chord-mu", "chord-phi"),
         "aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
@@ -116,6 +151,23 @@ class TrainConfig:
     parallel: str = "ddp"
 
     CHOICES = {"mode": registered_modes, "parallel": ("ddp", "fsdp2")}
+    RANGES: typing.ClassVar[dict] = {"seed": _at_least(0), "log_every": _at_least(1), "eval_every": _at_least(1),
+                                     "save_every": _at_least(1), "keep_checkpoints": _at_least(1)}  # fmt: skip
+
+
+def _check_range(value, bounds, key: str) -> None:
+    low, high, low_allowed, high_allowed, why = (*bounds, "")[:5]
+    below = low is not None and (value < low if low_allowed else value <= low)
+    above = high is not None and (value > high if high_allowed else value >= high)
+    if below or above or value != value or value in (float("inf"), float("-inf")):  # NaN and infinities too
+        parts = []
+        if low is not None:
+            parts.append(f"{'>=' if low_allowed else '>'} {low}")
+        if high is not None:
+            parts.append(f"{'<=' if high_allowed else '<'} {high}")
+        reason = f" ({why})" if why else ""
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed: {' and '.join(parts) or 'a finite number'}"
+                          f"{reason}")  # fmt: skip
 
 
 def _field_types(cls) -> dict[str, object]:
@@ -192,11 +244,29 @@ def _build(cls, values: dict, prefix: str):
         if choices is not None and kwargs[key] not in choices:
             allowed = ", ".join("null" if c is None else str(c) for c in choices)
             raise ConfigError(f"{full}: {kwargs[key]!r} is not one of the allowed values: {allowed}")
+        bounds = cls.RANGES.get(key) if hasattr(cls, "RANGES") else None
+        if bounds is not None and kwargs[key] is not None:
+            _check_range(kwargs[key], bounds, full)
     return cls(**kwargs)
 
 
 def config_from_dict(values: dict) -> TrainConfig:
-    return _build(TrainConfig, values, "")
+    config = _build(TrainConfig, values, "")
+    check_across_sections(config)
+    return config
+
+
+def check_across_sections(config: TrainConfig) -> None:
+    """The rules that tie one setting to another, and the model folder."""
+    rows_per_step = config.optim.batch_size
+    if OBJECTIVES[config.mode].uses_rollouts:
+        rows_per_step = config.rollout.prompts_per_step * config.rollout.group_size
+    if config.optim.grad_accum > rows_per_step:
+        raise ConfigError(f"optim.grad_accum: {config.optim.grad_accum} micro-batches for {rows_per_step} sequences "
+                          f"per step leaves some empty; allowed: <= {rows_per_step}")  # fmt: skip
+    if config.model.path is not None and not Path(config.model.path).is_dir():
+        raise ConfigError(f"model.path: {config.model.path!r}: no such folder (a local Hugging Face model folder, "
+                          "or leave it out for a tiny model built from model.tiny)")  # fmt: skip
 
 
 def _set_dotted(values: dict, dotted: str) -> None:

@@ -10,13 +10,14 @@ Columns (names configurable in the `data` section):
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
 
 import torch
 
-from .config import DataConfig
+from .config import DataConfig, UserError
 from .text import prompt_ids, response_ids
 
 logger = logging.getLogger("fused_hybrid.trainer")
@@ -36,24 +37,71 @@ def addition_task(size: int, digits: int, seed: int) -> list[dict]:
 ADDITION_CHARACTERS = "0123456789+="
 
 
-def load_dataset(config: DataConfig, seed: int):
-    """A `datasets.Dataset` from `config.path`."""
+class DataError(UserError):
+    """The data cannot be used as given; the message names the file, the row or the column."""
+
+
+def load_dataset(config: DataConfig, seed: int, text_columns: list[str]):
+    """A `datasets.Dataset` from `config.path`, whose `text_columns` are present and hold strings."""
     import datasets
 
     if config.path == "synthetic:addition":
         return datasets.Dataset.from_list(addition_task(config.synthetic_size, config.synthetic_digits, seed))
     path = Path(config.path)
     if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise DataError(f"data.path {config.path!r}: a folder, but not one written by datasets' save_to_disk") \
+                from None  # fmt: skip
         if isinstance(loaded, datasets.DatasetDict):
             loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
-        return loaded
-    if not path.is_file():
-        raise ValueError(f"data.path {config.path!r}: no such file or folder (or use 'synthetic:addition')")
-    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
-    if kind is None:
-        raise ValueError(f"data.path {config.path!r}: expected a .jsonl, .json or .parquet file, or a dataset folder")
-    return datasets.load_dataset(kind, data_files=str(path), split="train")
+        rows = None
+    elif not path.is_file():
+        raise DataError(f"data.path {config.path!r}: no such file or folder (or use 'synthetic:addition')")
+    elif path.suffix in (".jsonl", ".json"):
+        rows = _json_rows(path, config.path)
+    elif path.suffix == ".parquet":
+        loaded, rows = datasets.load_dataset("parquet", data_files=str(path), split="train"), None
+    else:
+        raise DataError(f"data.path {config.path!r}: expected a .jsonl, .json or .parquet file, or a dataset folder")
+    columns = rows[0].keys() if rows is not None else loaded.column_names
+    check_columns(list(columns), text_columns, config.path)
+    _check_text(rows if rows is not None else loaded.select_columns(text_columns), text_columns, config.path)
+    return datasets.Dataset.from_list(rows) if rows is not None else loaded
+
+
+def _json_rows(path: Path, name: str) -> list[dict]:
+    """The rows of a JSON Lines file (or a JSON list of objects), each checked to be an object."""
+    text = path.read_text()
+    try:
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = []
+            for number, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise DataError(f"data.path {name!r}, line {number}: not valid JSON ({error.msg})") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"data.path {name!r}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    if not rows:
+        raise DataError(f"data.path {name!r}: no rows (the file is empty)")
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"data.path {name!r}, row {number}: expected an object with named columns, got {row!r}")
+    return rows
+
+
+def _check_text(rows, columns: list[str], name: str) -> None:
+    """Every value of the text columns is a string (a number or null where text belongs is named, not coerced)."""
+    for number, row in enumerate(rows, start=1):
+        for column in columns:
+            value = row.get(column) if isinstance(row, dict) else row[column]
+            if not isinstance(value, str):
+                raise DataError(f"data.path {name!r}, row {number}: column {column!r} holds {value!r}; expected text")
 
 
 def required_columns(data_kind: str, config: DataConfig, reward_columns: tuple[str, ...]) -> list[str]:
@@ -67,22 +115,17 @@ def required_columns(data_kind: str, config: DataConfig, reward_columns: tuple[s
     return [config.prompt_column, config.response_column]
 
 
-def check_columns(dataset, columns: list[str], path: str) -> None:
-    missing = [c for c in columns if c not in dataset.column_names]
+def check_columns(present: list[str], columns: list[str], path: str) -> None:
+    missing = [c for c in columns if c not in present]
     if missing:
-        raise ValueError(
-            f"dataset {path!r} lacks the column(s) {missing} this mode needs; it has {dataset.column_names} "
-            "(rename them in the data section: prompt_column, response_column, ...)"
-        )
+        raise DataError(f"data.path {path!r} lacks the column(s) {missing} this mode needs; it has {present} "
+                        "(or name them in the data section: prompt_column, response_column, ...)")  # fmt: skip
 
 
-def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]] | None:
-    """(input ids, labels) of prompt + response, labels only on the response; None (and a log line) when the
-    prompt alone does not fit `max_length`. A response that does not fit is truncated."""
+def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of prompt + response, labels only on the response. The trainer keeps only prompts that
+    leave room for a response; a response that does not fit is truncated."""
     prompt_part = prompt_ids(tokenizer, prompt)
-    if len(prompt_part) >= max_length:
-        logger.warning("skipping a sample: its prompt has %d tokens, max_length is %d", len(prompt_part), max_length)
-        return None
     ids = (prompt_part + response_ids(tokenizer, response))[:max_length]
     labels = [IGNORE_INDEX] * len(prompt_part) + ids[len(prompt_part) :]
     return ids, labels

@@ -8,6 +8,9 @@ import copy
 import logging
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -19,11 +22,12 @@ from ..logprobs import linear_logprobs
 from ..objectives import (
     OBJECTIVES,
 )
-from .checkpoints import checkpoints, full_states, write_checkpoint
+from .checkpoints import check_same_run, checkpoints, full_states, run_settings, write_checkpoint
 from .config import TrainConfig
 from .data import (
     ADDITION_CHARACTERS,
     IGNORE_INDEX,
+    DataError,
     check_columns,
     encode_pair,
     load_dataset,
@@ -65,26 +69,28 @@ class HybridTrainer:
         self.output_dir = Path(config.output_dir)
         existing = checkpoints(self.output_dir)
         resume_from = existing[-1] if config.resume and existing else None
+        if resume_from is not None:
+            check_same_run(resume_from, config)
 
         torch.manual_seed(config.seed)
         self.objective = OBJECTIVES[config.mode]
         self.reward_fn = load_reward(config.objective.reward) if self.objective.uses_rollouts else None
         reward_columns = self._reward_columns()
-        self.dataset = load_dataset(config.data, config.seed)
-        check_columns(
-            self.dataset, required_columns(self.objective.data, config.data, reward_columns), config.data.path
-        )
+        self.dataset = load_dataset(config.data, config.seed, required_columns(self.objective.data, config.data, ()))
+        check_columns(self.dataset.column_names, required_columns(self.objective.data, config.data, reward_columns),
+                      config.data.path)  # fmt: skip
         self.has_answers = all(c in self.dataset.column_names for c in reward_columns or BUILT_IN_COLUMNS)
         eval_size = min(config.data.eval_size, len(self.dataset) // 5) if self.has_answers else 0
         self.eval_rows = self.dataset.select(range(eval_size)) if eval_size else None
         self.train_rows = self.dataset.select(range(eval_size, len(self.dataset)))
         if len(self.train_rows) == 0:
-            raise ValueError(f"dataset {config.data.path!r} has no training rows")
+            raise DataError(f"data.path {config.data.path!r}: no training rows (data.eval_size takes them all)")
 
         source = resume_from
         if source is None and config.model.path is not None:
             source = Path(config.model.path)
         self.tokenizer, self.model = build_model(config, source, self._characters, self.device)
+        self.train_rows = self._rows_that_fit(self.train_rows)
         self.reference = frozen_copy(self.model) if self._needs_reference() else None
         self.frozen_embeddings = (
             copy.deepcopy(self.model.get_input_embeddings()).requires_grad_(False)
@@ -140,6 +146,21 @@ class HybridTrainer:
         finally:
             if sharded:
                 self.policy.reshard()
+
+    def _rows_that_fit(self, rows):
+        """The rows whose prompt leaves room for a response within data.max_length (the others are dropped once,
+        with a warning, so that no step meets a batch of them)."""
+        data = self.config.data
+        lengths = [len(prompt_ids(self.tokenizer, prompt)) for prompt in rows[data.prompt_column]]
+        keep = [i for i, length in enumerate(lengths) if length < data.max_length]
+        if not keep:
+            raise DataError(f"data.max_length: {data.max_length} tokens leave no room for a response after any "
+                            f"prompt of {data.path!r} (the shortest prompt has {min(lengths)} tokens)")  # fmt: skip
+        if len(keep) < len(rows):
+            logger.warning("skipping %d of %d training rows: their prompt leaves no room for a response within "
+                           "data.max_length=%d", len(rows) - len(keep), len(rows), data.max_length)  # fmt: skip
+            rows = rows.select(keep)
+        return rows
 
     def _reward_columns(self) -> tuple[str, ...]:
         if not self.objective.uses_rollouts:
@@ -204,8 +225,7 @@ class HybridTrainer:
 
     def _sft_pairs(self, rows, response_column: str):
         data = self.config.data
-        pairs = [encode_pair(self.tokenizer, r[data.prompt_column], r[response_column], data.max_length) for r in rows]
-        return [p for p in pairs if p is not None]
+        return [encode_pair(self.tokenizer, r[data.prompt_column], r[response_column], data.max_length) for r in rows]
 
     def _split(self, items: list, parts: int) -> list[list]:
         parts = max(1, min(parts, len(items)))
@@ -229,8 +249,6 @@ class HybridTrainer:
             rows = self._sample_rows(config.optim.batch_size, generator)
             chosen = self._sft_pairs(rows, config.data.chosen_column)
             rejected = self._sft_pairs(rows, config.data.rejected_column)
-            if len(chosen) != len(rejected):
-                raise ValueError("a DPO prompt was skipped for one response only; raise data.max_length")
             pair_chunks = self._split(list(zip(chosen, rejected)), accum)
             micro = [pad_batch([c for c, _ in chunk] + [r for _, r in chunk], self.tokenizer.pad_token_id, self.device)
                      for chunk in pair_chunks]  # fmt: skip
@@ -355,33 +373,75 @@ class HybridTrainer:
         texts = [r[data.prompt_column] for r in self.eval_rows]
         return {"accuracy": compute_rewards(reward_fn, texts, completions, columns).mean().item()}
 
+    @property
+    def complete(self) -> bool:
+        return self.step >= self.config.optim.max_steps
+
     def train(self) -> list[dict]:
-        """Run to `optim.max_steps`, logging, evaluating and checkpointing; returns the metrics history."""
+        """Run to `optim.max_steps`, logging, evaluating and checkpointing; returns the metrics history. A run
+        resumed at its last step has nothing to do. Ctrl-C ends the step under way, saves a checkpoint and raises
+        KeyboardInterrupt (a second Ctrl-C stops at once)."""
         config = self.config
+        if self.complete:
+            logger.info("the run in %s is complete (step %d of %d); raise optim.max_steps to train on",
+                        self.output_dir, self.step, config.optim.max_steps)  # fmt: skip
+            return self.history
+        if self.step == 0 and self.rank == 0:
+            self._clear_previous_run()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         writer = tensorboard_writer(self.output_dir) if self.rank == 0 else None
         bar = progress_bar(config.optim.max_steps, self.step, enabled=self.progress)
-        if self.step == 0 and self.eval_rows is not None:
-            self._log({"step": 0, **self.evaluate()}, writer)
-        while self.step < config.optim.max_steps:
-            metrics = self.train_step()
-            if self.step % config.eval_every == 0 or self.step == config.optim.max_steps:
-                metrics.update(self.evaluate())
-            if self.step % config.log_every == 0 or "accuracy" in metrics or self.step == config.optim.max_steps:
-                self._log(metrics, writer)
-            if self.step % config.save_every == 0 or self.step == config.optim.max_steps:
-                self.save_checkpoint()
+        saved_at = self.step
+        try:
+            if self.step == 0 and self.eval_rows is not None:
+                self._log({"step": 0, **self.evaluate()}, writer)
+            with _interrupt_at_step_end() as interrupted:
+                while not self.complete:
+                    if interrupted():
+                        if self.step > saved_at:
+                            self.save_checkpoint()
+                        raise KeyboardInterrupt
+                    metrics = self._logged_step(writer)
+                    if self.step % config.save_every == 0 or self.complete:
+                        self.save_checkpoint()
+                        saved_at = self.step
+                    if bar is not None:
+                        bar.update(1)
+                        shown = ("loss", "reward", "mu", "accuracy", "tokens_per_s")
+                        bar.set_postfix({k: f"{metrics[k]:.3g}" for k in shown if k in metrics})
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "reward", "mu", "accuracy", "tokens_per_s")
-                                 if k in metrics})  # fmt: skip
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
+                bar.close()
+            if writer is not None:
+                writer.close()
         if self.rank == 0:
-            plot_history(self.history, self.output_dir / "curves.png", title=f"{config.mode} training")
+            plot_history(self.history, self.output_dir / "curves.png", title=f"{config.mode} training",
+                         mode=config.mode)  # fmt: skip
         return self.history
+
+    def _logged_step(self, writer) -> dict:
+        """One optimizer step, evaluated and logged when due."""
+        config = self.config
+        metrics = self.train_step()
+        if self.step % config.eval_every == 0 or self.complete:
+            metrics.update(self.evaluate())
+        if self.step % config.log_every == 0 or "accuracy" in metrics or self.complete:
+            self._log(metrics, writer)
+        return metrics
+
+    def _clear_previous_run(self) -> None:
+        """A fresh start in a folder that holds a run (resume=false): that run's checkpoints, metrics, curves and
+        TensorBoard events go, so nothing of it is appended to or mixed in."""
+        old = checkpoints(self.output_dir)
+        leftovers = [self.output_dir / name for name in ("metrics.jsonl", "curves.png", "tensorboard")]
+        if old or any(p.exists() for p in leftovers):
+            logger.info("starting fresh in %s: removing the previous run (%d checkpoints, its metrics)",
+                        self.output_dir, len(old))  # fmt: skip
+        for path in [*old, *leftovers]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
 
     def _log(self, metrics: dict, writer) -> None:
         self.history.append(metrics)
@@ -401,7 +461,12 @@ class HybridTrainer:
             dist.barrier()
             return final
         try:
-            marker = {"step": self.step, "mode": self.config.mode, "options": self.objective_options()}
+            marker = {
+                "step": self.step,
+                "mode": self.config.mode,
+                "options": self.objective_options(),
+                "settings": run_settings(self.config),
+            }
             trainer_state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(), "step": self.step}
             write_checkpoint(final, model=self.model, tokenizer=self.tokenizer, model_state=model_state,
                              trainer_state=trainer_state, marker=marker, keep=self.config.keep_checkpoints)  # fmt: skip
@@ -409,6 +474,28 @@ class HybridTrainer:
             if self.world > 1:
                 dist.barrier()
         return final
+
+
+@contextlib.contextmanager
+def _interrupt_at_step_end():
+    """Within the block, a first Ctrl-C (SIGINT) is only noted: the yielded function says whether it came, so the
+    loop stops at a step boundary; the handler is then the previous one again, and a second Ctrl-C acts at once.
+    Outside the main thread (where signals cannot be handled) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    came = []
+
+    def note(signum, frame):
+        came.append(signum)
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield lambda: bool(came)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def concat_rows(first: dict, second: dict, pad_token_id: int) -> dict:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..hf import enable_activation_checkpointing, head_inputs, recorded_head_input, verified_head_transform
-from .config import TrainConfig
+from .config import TrainConfig, UserError
 from .text import CharTokenizer, load_tokenizer
 
 
@@ -85,8 +85,13 @@ def build_model(config: TrainConfig, source: Path | None, characters, device: to
     import transformers
 
     if source is not None:
-        tokenizer = load_tokenizer(source)
-        model = transformers.AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
+        try:
+            tokenizer = load_tokenizer(source)
+            model = transformers.AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"{source}: not a Hugging Face causal-LM folder with a tokenizer ({first_line})") \
+                from None  # fmt: skip
     else:
         tokenizer = CharTokenizer(characters())
         model_config = transformers.LlamaConfig(

@@ -45,14 +45,23 @@ def progress_bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="training", dynamic_ncols=True)
 
 
-def plot_history(history: list[dict], path: Path, title: str, label: str | None = None) -> None:
-    """PNG of every logged curve (loss, reward, accuracy, mu, ...) against the step."""
+# The curves that say what a mode is doing: CHORD's two parts, not their mu-weighted sum (which falls as mu decays
+# whether or not anything is learnt); DPO's reward margin and accuracy, not only its loss.
+PANELS = {
+    "chord": ("sft_loss", "grpo_loss", "mu", "reward", "accuracy"),
+    "dpo": ("loss", "reward_margin", "reward_accuracy"),
+}
+DEFAULT_PANELS = ("loss", "reward", "accuracy", "entropy")
+
+
+def plot_history(history: list[dict], path: Path, title: str, label: str | None = None, mode: str = "") -> None:
+    """PNG of the logged curves of `mode` against the step (see PANELS)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in ("loss", "accuracy", "reward", "mu", "sft_loss", "grpo_loss") if any(k in h for h in history)]
+    keys = [k for k in PANELS.get(mode, DEFAULT_PANELS) if any(k in h for h in history)]
     if not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)

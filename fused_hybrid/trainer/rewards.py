@@ -13,6 +13,8 @@ import re
 
 import torch
 
+from .config import ConfigError
+
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -44,13 +46,13 @@ def load_reward(spec: str):
         return BUILT_IN[spec]
     module_name, _, attribute = spec.replace(":", ".").rpartition(".")
     if not module_name:
-        raise ValueError(f"objective.reward {spec!r}: use {', '.join(BUILT_IN)} or a dotted path module.function")
+        raise ConfigError(f"objective.reward {spec!r}: use {', '.join(BUILT_IN)} or a dotted path module.function")
     try:
         function = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"objective.reward {spec!r} cannot be imported: {error}") from error
+        raise ConfigError(f"objective.reward {spec!r} cannot be imported: {error}") from None
     if not callable(function):
-        raise ValueError(f"objective.reward {spec!r} is not callable")
+        raise ConfigError(f"objective.reward {spec!r} is not callable")
     return function
 
 

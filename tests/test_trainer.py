@@ -194,15 +194,24 @@ def test_example_configs_are_valid():
         load_config(path)
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    out = run_demo(tmp_path / "report", steps=4, progress=False)
+def test_demo_runs_end_to_end_and_restores_its_base_model(tmp_path):
+    from fused_hybrid.demo import METHODS, METRICS
+
+    out = run_demo(tmp_path / "report", steps=4, progress=False, base_steps=6, seeds=1)
     summary = json.loads((out / "metrics.json").read_text())
-    assert set(summary) == {"sft", "chord", "memory"}
-    memory = summary["memory"]
-    assert memory["tokens"] > 0 and memory["materialised_logits_bytes"] == 2 * memory["tokens"] * memory["vocab"] * 4
+    assert set(summary["methods"]) == set(METHODS) and summary["base_steps"] == 6
+    for method in METHODS:
+        for key in METRICS:
+            value = summary["methods"][method][key]["mean"]
+            assert 0.0 <= value <= (1.0 if "accuracy" in key else 10.0), (method, key)
+    large = summary["memory"]["vocab_128256"]
+    assert large["materialised_bytes"] == 2 * summary["memory"]["tokens"] * 128256 * 4
     text = (out / "metrics.md").read_text()
-    assert "| SFT |" in text and "| CHORD |" in text and "materialised fp32 logits" in text
-    assert (out / "curves.png").stat().st_size > 0
+    assert all(f"| {method} |" in text for method in METHODS) and "128,256" in text
+    assert all((out / f"{key}.png").stat().st_size > 0 for key in METRICS)
+    stamp = (out / "base-model" / "demo_base.json").read_text()
+    run_demo(out, steps=2, progress=False, base_steps=6, seeds=1, methods=("sft",))  # restores the base
+    assert (out / "base-model" / "demo_base.json").read_text() == stamp
 
 
 def test_prompts_go_through_the_chat_template_when_the_tokenizer_has_one():
@@ -216,3 +225,12 @@ def test_prompts_go_through_the_chat_template_when_the_tokenizer_has_one():
         "{% for m in messages %}t3 {{ m['content'] }} t4{% endfor %}{% if add_generation_prompt %} t7{% endif %}"
     )
     assert prompt_ids(tokenizer, "t5 t6") == [3, 5, 6, 4, 7]
+
+
+def test_no_training_row_repeats_an_evaluation_prompt(tmp_path):
+    """2-digit addition has 10,000 problems: 400 random rows repeat some; the held-out ones must not be trained on."""
+    trainer = HybridTrainer(config(tmp_path, "sft", "data.synthetic_size=3000", "data.synthetic_digits=1",
+                                   "data.eval_size=50"), progress=False)  # fmt: skip
+    held_out = set(trainer.eval_rows["prompt"])
+    assert held_out and not held_out & set(trainer.train_rows["prompt"])
+    assert len(trainer.train_rows) > 0

@@ -45,6 +45,9 @@ class ModelConfig:
     tiny: dict = dataclasses.field(default_factory=lambda: dict(
         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
     ))  # fmt: skip
+    # Tiny models: the character tokenizer's alphabet (None: every character of the data), so that a model can
+    # later read a task whose data it has not seen.
+    characters: str | None = None
     gradient_checkpointing: bool = False
     # "auto": bf16 autocast on CUDA, fp32 elsewhere.
     precision: str = "auto"

@@ -83,6 +83,14 @@ class HybridTrainer:
         eval_size = min(config.data.eval_size, len(self.dataset) // 5) if self.has_answers else 0
         self.eval_rows = self.dataset.select(range(eval_size)) if eval_size else None
         self.train_rows = self.dataset.select(range(eval_size, len(self.dataset)))
+        if self.eval_rows is not None:  # held out means held out: no training row repeats an evaluation prompt
+            held_out = set(self.eval_rows[config.data.prompt_column])
+            column = self.train_rows[config.data.prompt_column]
+            kept = [i for i, prompt in enumerate(column) if prompt not in held_out]
+            if len(kept) < len(column):
+                logger.info("dropping %d training rows whose prompt is also an evaluation prompt",
+                            len(column) - len(kept))  # fmt: skip
+                self.train_rows = self.train_rows.select(kept)
         if len(self.train_rows) == 0:
             raise DataError(f"data.path {config.data.path!r}: no training rows (data.eval_size takes them all)")
 
@@ -173,6 +181,8 @@ class HybridTrainer:
         return self.objective.needs_reference(self.config)
 
     def _characters(self) -> str:
+        if self.config.model.characters:
+            return self.config.model.characters
         if self.config.data.path == "synthetic:addition":
             return ADDITION_CHARACTERS
         text_columns = [c for c in self.dataset.column_names if isinstance(self.dataset[0][c], str)]
@@ -350,13 +360,14 @@ class HybridTrainer:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Greedy accuracy on the held-out prompts (needs the answer column)."""
-        if self.eval_rows is None:
+    def evaluate(self, rows=None) -> dict:
+        """Greedy accuracy on the held-out prompts, or on `rows` (a Dataset with the prompt and answer columns)."""
+        rows = self.eval_rows if rows is None else rows
+        if rows is None:
             return {}
         data = self.config.data
         reward_fn = self.reward_fn or BUILT_IN["exact_match"]
-        prompts = [prompt_ids(self.tokenizer, r[data.prompt_column])[-(data.max_length - 1) :] for r in self.eval_rows]
+        prompts = [prompt_ids(self.tokenizer, r[data.prompt_column])[-(data.max_length - 1) :] for r in rows]
         inputs = pad_prompts_left(prompts, self.tokenizer.pad_token_id, self.device)
         self.model.eval()
         self.model.config.use_cache = True
@@ -369,9 +380,23 @@ class HybridTrainer:
         self.model.train()
         completions = [self.tokenizer.decode(g, skip_special_tokens=True)
                        for g in generated[:, inputs["input_ids"].shape[1] :].tolist()]  # fmt: skip
-        columns = {c: list(self.eval_rows[c]) for c in self.eval_rows.column_names if c != data.prompt_column}
-        texts = [r[data.prompt_column] for r in self.eval_rows]
+        columns = {c: list(rows[c]) for c in rows.column_names if c != data.prompt_column}
+        texts = [r[data.prompt_column] for r in rows]
         return {"accuracy": compute_rewards(reward_fn, texts, completions, columns).mean().item()}
+
+    @torch.no_grad()
+    def policy_entropy(self, rows) -> float:
+        """The policy's mean next-token entropy (nats) over the response tokens of `rows` (prompt, response)."""
+        data = self.config.data
+        pairs = self._sft_pairs(rows, data.response_column)
+        batch = pad_batch(pairs, self.tokenizer.pad_token_id, self.device)
+        self.model.eval()
+        try:
+            hidden, weight, bias, targets = self._head_inputs(self.policy, batch)
+            _, entropy = linear_logprobs(hidden, weight, targets, bias, return_entropy=True, **self.logit_options)
+        finally:
+            self.model.train()
+        return float(entropy.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1))
 
     @property
     def complete(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 from pathlib import Path
 
 import torch
@@ -197,6 +198,13 @@ def _progress(row: dict) -> str:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--gpu-suite" in argv:  # the whole GPU session in one command (benchmarks/gpu_suite.py)
+        from .gpu_suite import main as gpu_suite
+
+        argv.remove("--gpu-suite")
+        gpu_suite(argv)
+        return
     parser = build_parser()
     args = parser.parse_args(argv)
     objectives = parse_names(args.objectives, OBJECTIVES, "objective", parser)

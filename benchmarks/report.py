@@ -160,5 +160,10 @@ def write(folder: Path, env: dict, rows: list[dict], long_context: list[dict] | 
     (folder / "results.json").write_text(json.dumps({"environment": env, "rows": rows,
                                                      "long_context": long_context}, indent=2))  # fmt: skip
     (folder / "results.md").write_text(markdown(env, rows, long_context))
+    if torch.cuda.is_available():  # the launch configs the tile kernels' autotuning chose in this run
+        from fused_hybrid.kernels.autotune import tuned_configs
+
+        if tuned_configs():
+            (folder / "tuned_configs.json").write_text(json.dumps(tuned_configs(), indent=2, default=str))
     if rows:
         plots(folder, rows)

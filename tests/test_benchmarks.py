@@ -139,3 +139,40 @@ def test_compile_gate_refuses_a_spilling_config():
     assert "tensor-core" in violations([dict(row, tensor_core=0, hgmma=0)])[0]
     assert "HGMMA" in violations([dict(row, hgmma=0)])[0]
     assert "CTA per SM" in violations([dict(row, **{"pass": "epilogue_statistics"})])[0]
+
+
+def test_gpu_suite_dry_run_checks_every_stage_against_the_benchmarks_own_checks(tmp_path, capsys):
+    """`fused-hybrid bench --gpu-suite --dry-run`: every stage's command passes the benchmark's argument checks, so
+    a GPU session never spends its minutes on a typo; a misspelt preset would be caught here."""
+    from benchmarks import gpu_suite
+
+    gpu_suite.main(["--dry-run", "--out", str(tmp_path), "--wheels", str(tmp_path)])
+    printed = capsys.readouterr().out
+    for stage in ("install", "peers", "gpu-tests", "cross-entropy", "rl-objectives", "other-heads", "long-context"):
+        assert f"[{stage}]" in printed
+    assert "llama3-8b" in printed and "qwen2.5-7b,gemma2-2b" in printed and "65536" in printed
+    assert "logprobs_entropy,grpo,chord,dpo" in printed and "random,trained" in printed
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+    with pytest.raises(SystemExit):
+        gpu_suite.check_bench_arguments(["--presets", "llama3-8", "--out", str(tmp_path)])
+
+
+def test_gpu_suite_runs_its_stages_within_their_limits_and_archives_them(tmp_path, monkeypatch):
+    import sys
+
+    from benchmarks import gpu_suite
+
+    def plan(folder, wheels, site):
+        return [gpu_suite.Stage("quick", [sys.executable, "-c", "print('measured')"], 0.5),
+                gpu_suite.Stage("hangs", [sys.executable, "-c", "import time; time.sleep(60)"], 0.01),
+                gpu_suite.Stage("fails", [sys.executable, "-c", "raise SystemExit(3)"], 0.5)]  # fmt: skip
+
+    monkeypatch.setattr(gpu_suite, "plan", plan)
+    monkeypatch.setattr(gpu_suite, "MIN_STAGE_SECONDS", 1.0)
+    folder = gpu_suite.main(["--out", str(tmp_path), "--minutes", "1"])
+    results = {r["stage"]: r for r in json.loads((folder / "suite.json").read_text())}
+    assert results["quick"]["status"] == "ok" and "measured" in (folder / "quick.log").read_text()
+    assert results["hangs"]["status"].startswith("stopped at its limit") and results["hangs"]["seconds"] < 10
+    assert results["fails"]["status"] == "exit 3"
+    assert folder.with_suffix(".tar.gz").stat().st_size > 0
+    assert "| fails | exit 3 |" in (folder / "summary.md").read_text()

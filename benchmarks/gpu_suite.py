@@ -1,0 +1,183 @@
+"""One command for a GPU session: `fused-hybrid bench --gpu-suite` (or `python -m benchmarks.gpu_suite`).
+
+On a bare GPU machine with its own torch and Triton, in about 25 minutes, stage by stage (each a subprocess with
+its own time limit, so one that hangs or fails never costs the others):
+
+0. `install`: this checkout, editable, without dependencies or network (the machine has torch and Triton);
+1. `peers`: install the carried wheels of the pure-Python peers (PEER_PACKAGES) from `--wheels` without network,
+   into a folder the later stages put on their path (`--download-wheels DIR`, run where pip reaches the package
+   index, fetches them for the GPU machine's Python);
+2. `gpu-tests`: the GPU tests (compiled kernels against float64, sync-free and CUDA-graph capture, autotuning,
+   gradient filtering, deterministic mode) and the compile gate on the machine's Triton;
+3. `cross-entropy`: the Llama-3-8B head (D 4096, V 128256) at N 4096, 16384 and 65536, bf16, random and
+   trained-like inputs, every provider: the figures the targets are stated for;
+4. `rl-objectives`: log-probs + entropy, GRPO, CHORD and DPO at the same head, N 4096 and 16384;
+5. `other-heads`: Qwen2.5-7B and Gemma-2-2B heads, cross-entropy and log-probs + entropy, N 4096 to 65536;
+6. `long-context`: the longest training step that fits;
+
+then `summary.md` (each stage's status and time), the tuned launch configs each benchmark stage chose, and one
+`<folder>.tar.gz` of everything (a single file to bring back). `--dry-run` checks every stage's command against
+the benchmark's own argument checks and prints the plan, running nothing: the tests do that on the CPU, so that
+GPU time is never spent on a typo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SUITE_MINUTES = 25.0
+# the peers the benchmark compares against and what they import that the GPU image lacks
+PEER_PACKAGES = ("liger-kernel", "cut-cross-entropy", "trl", "datasets", "dill", "multiprocess")
+GPU_PYTHON = "3.12"
+ROOT = Path(__file__).resolve().parents[1]
+HEAD_TOKENS = "4096,16384,65536"
+MIN_STAGE_SECONDS = 30.0
+
+
+@dataclass
+class Stage:
+    name: str
+    command: list[str]
+    share: float  # of the suite's time, at most
+    bench_arguments: list[str] | None = None  # for the dry run's checks
+
+
+def _bench(name: str, share: float, folder: Path, *arguments: str) -> Stage:
+    bench_arguments = [*arguments, "--out", str(folder / name)]
+    return Stage(name, [sys.executable, "-m", "benchmarks", *bench_arguments], share, bench_arguments)
+
+
+def plan(folder: Path, wheels: Path | None, site: Path) -> list[Stage]:
+    """The stages, in the order of what a GPU session most needs measured."""
+    stages = [Stage("install", [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                                "-e", str(ROOT)], 0.04)]  # fmt: skip
+    if wheels is not None:
+        stages.append(Stage("peers", [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                                      "--no-compile", "--upgrade", "--target", str(site),
+                                      *sorted(str(w) for w in wheels.glob("*.whl"))], 0.04))  # fmt: skip
+    stages.append(Stage("gpu-tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                      "tests/test_gpu.py", "tests/test_benchmarks.py::test_compile_gate_every_"
+                                      "shipped_launch_config_is_spill_free"], 0.12))  # fmt: skip
+    stages.append(_bench("cross-entropy", 0.30, folder, "--presets", "llama3-8b", "--objectives", "cross_entropy",
+                         "--tokens", HEAD_TOKENS, "--inputs", "random,trained", "--providers", "all",
+                         "--repeats", "5", "--warmup", "2"))  # fmt: skip
+    stages.append(_bench("rl-objectives", 0.25, folder, "--presets", "llama3-8b", "--objectives",
+                         "logprobs_entropy,grpo,chord,dpo", "--tokens", "4096,16384", "--inputs", "random,trained",
+                         "--providers", "all", "--repeats", "5", "--warmup", "2"))  # fmt: skip
+    stages.append(_bench("other-heads", 0.17, folder, "--presets", "qwen2.5-7b,gemma2-2b", "--objectives",
+                         "cross_entropy,logprobs_entropy", "--tokens", HEAD_TOKENS, "--inputs", "random",
+                         "--providers", "all", "--repeats", "5", "--warmup", "2"))  # fmt: skip
+    stages.append(_bench("long-context", 0.12, folder, "--long-context-only"))
+    return stages
+
+
+def gpu_folder_name() -> str:
+    import torch
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no-GPU"
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
+    return f"{slug}-{datetime.date.today().isoformat()}"
+
+
+def check_bench_arguments(arguments: list[str]) -> None:
+    """The benchmark's own argument checks (names of presets, objectives, providers, inputs), without running."""
+    from .cli import build_parser, parse_names
+    from .problems import INPUT_DISTRIBUTIONS, OBJECTIVES, PRESETS
+    from .providers import PROVIDERS
+
+    parser = build_parser()
+    args = parser.parse_args(arguments)
+    parse_names(args.objectives, OBJECTIVES, "objective", parser)
+    parse_names(args.presets, list(PRESETS), "preset", parser)
+    parse_names(args.providers, list(PROVIDERS), "provider", parser)
+    parse_names(args.inputs, INPUT_DISTRIBUTIONS, "input distribution", parser)
+    [int(n) for n in args.tokens.split(",")]
+
+
+def run_stage(stage: Stage, seconds: float, env: dict, log: Path) -> dict:
+    begin = time.perf_counter()
+    with log.open("w") as output:
+        try:
+            code = subprocess.run(stage.command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                  timeout=max(MIN_STAGE_SECONDS, seconds)).returncode  # fmt: skip
+            status = "ok" if code == 0 else f"exit {code}"
+        except subprocess.TimeoutExpired:
+            status = f"stopped at its limit ({seconds:.0f} s)"
+    return {"stage": stage.name, "status": status, "seconds": round(time.perf_counter() - begin, 1),
+            "log": log.name}  # fmt: skip
+
+
+def download_wheels(folder: Path) -> None:
+    """The peers' installed versions as wheels for the GPU machine's Python (pure-Python ones: any platform)."""
+    from importlib.metadata import version
+
+    folder.mkdir(parents=True, exist_ok=True)
+    platforms = [f"--platform=manylinux_2_{n}_x86_64" for n in (17, 27, 28)] + ["--platform=manylinux2014_x86_64"]
+    for package in PEER_PACKAGES:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                        f"--python-version={GPU_PYTHON}", "--implementation=cp", *platforms, "-d", str(folder),
+                        f"{package}=={version(package)}"], check=True)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="fused-hybrid bench --gpu-suite", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="where the results folder goes")
+    parser.add_argument("--wheels", type=Path, help="folder of carried wheels of the peers, installed offline")
+    parser.add_argument("--minutes", type=float, default=SUITE_MINUTES, help="the whole suite's time budget")
+    parser.add_argument("--dry-run", action="store_true", help="check and print the plan, run nothing")
+    parser.add_argument("--download-wheels", type=Path, metavar="DIR",
+                        help=f"fetch the peers' wheels for the GPU machine (Python {GPU_PYTHON}) into DIR and stop")
+    args = parser.parse_args(argv)
+    if args.download_wheels is not None:
+        download_wheels(args.download_wheels)
+        return args.download_wheels
+    if args.wheels is not None and not args.wheels.is_dir():
+        parser.error(f"--wheels {str(args.wheels)!r}: no such folder")
+    folder = args.out / gpu_folder_name()
+    site = args.out / "peer-site"
+    stages = plan(folder, args.wheels, site)
+    for stage in stages:
+        if stage.bench_arguments is not None:
+            check_bench_arguments(stage.bench_arguments)
+    if args.dry_run:
+        for stage in stages:
+            print(f"[{stage.name}] at most {stage.share * args.minutes:.1f} min: {' '.join(stage.command)}")
+        return folder
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [str(site.resolve()), str(ROOT), os.environ.get("PYTHONPATH")]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(p for p in paths if p))
+    deadline = time.perf_counter() + 60 * args.minutes
+    results = []
+    for stage in stages:
+        left = deadline - time.perf_counter()
+        if left < MIN_STAGE_SECONDS:
+            results.append({"stage": stage.name, "status": "not run: the suite's time was spent", "seconds": 0})
+            continue
+        print(f"[{stage.name}] ...", flush=True)
+        results.append(run_stage(stage, min(left, stage.share * 60 * args.minutes * 1.5), env,
+                                 folder / f"{stage.name}.log"))  # fmt: skip
+        print(f"[{stage.name}] {results[-1]['status']} in {results[-1]['seconds']} s", flush=True)
+    (folder / "suite.json").write_text(json.dumps(results, indent=2))
+    lines = [f"# GPU suite: {folder.name}", "", "| stage | status | seconds |", "|---|---|---:|"]
+    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in results]
+    (folder / "summary.md").write_text("\n".join(lines) + "\n")
+    archive = folder.with_suffix(".tar.gz")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    print(f"results in {folder} and {archive}")
+    return folder
+
+
+if __name__ == "__main__":
+    main()

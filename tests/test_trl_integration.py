@@ -47,10 +47,14 @@ def test_every_field_and_gradient_matches_trls_transform(options):
     weight = (torch.randn(v, d) / 3).requires_grad_()
     bias = (torch.randn(v) * 0.1).requires_grad_()
     targets = torch.randint(0, v, (n,))
-    weight.data[7] = weight.data[3]  # a tie: argmax picks column 3, so a target 7 on it is not top-1
+    # An exact tie, whatever order a GEMM sums in: these tokens' hidden states have one nonzero component, and
+    # columns 3 and 7 hold the same value there (z = 90 + b, far above every other column). argmax picks column 3,
+    # so a target 7 on the tie is not top-1.
+    hidden.data[:4] = 0.0
+    hidden.data[:4, 5] = 10.0
+    weight.data[3, 5] = weight.data[7, 5] = 9.0
     bias.data[7] = bias.data[3]
     targets[:4] = torch.tensor([3, 7, 3, 7])
-    hidden.data[:4] = weight.data[3] * 20
     g_logp, g_entropy = torch.randn(n), torch.randn(n)
     args = (options["temperature"], 32, options["softcap"], options["logit_scale"], OUTPUTS)
 

@@ -27,16 +27,28 @@ def _trl_own_head_after_each_test():
     integration.uninstall()
 
 
-def trl_reference(hidden, weight, bias, targets, temperature, softcap, logit_scale):
-    """TRL's documented per-token fields in float64: z = softcap(logit_scale * (h w + b)) / temperature."""
+def trl_logits64(hidden, weight, bias, temperature, softcap, logit_scale) -> torch.Tensor:
+    """TRL's documented transform in float64: z = softcap(logit_scale * (h w + b)) / temperature."""
     z = logit_scale * (hidden.double() @ weight.double().T + bias.double())
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
+    return z / temperature
+
+
+def trl_reference(hidden, weight, bias, targets, temperature, softcap, logit_scale):
+    """TRL's per-token fields from the float64 logits."""
+    z = trl_logits64(hidden, weight, bias, temperature, softcap, logit_scale)
     log_p = torch.log_softmax(z, -1)
     p = log_p.exp()
     return (log_p.gather(1, targets[:, None])[:, 0], -(p * log_p).sum(-1), torch.logsumexp(2 * log_p, -1),
             z.mean(-1), z.argmax(-1) == targets)  # fmt: skip
+
+
+def reference_margin(hidden, weight, bias, targets, options) -> torch.Tensor:
+    """The target's float64 logit minus the best other column's: near 0, fp32 rounding (a saturated softcap)
+    decides which is the arg-max."""
+    z = trl_logits64(hidden, weight, bias, options["temperature"], options["softcap"], options["logit_scale"])
+    return z.gather(1, targets[:, None])[:, 0] - z.scatter(1, targets[:, None], float("-inf")).amax(-1)
 
 
 @pytest.mark.parametrize("options", [dict(temperature=1.0, softcap=None, logit_scale=1.0),
@@ -63,8 +75,9 @@ def test_every_field_and_gradient_matches_trls_transform(options):
     reference = trl_reference(hidden, weight, bias, targets, options["temperature"], options["softcap"],
                               options["logit_scale"])  # fmt: skip
     for name, got, trl_value, want in zip(OUTPUTS, ours, theirs, reference):
-        if name == "is_top1":
-            assert torch.equal(got, want) and torch.equal(got, trl_value)
+        if name == "is_top1":  # exact where fp32 can tell: the target's lead (or lag) above fp32 rounding
+            clear = (reference_margin(hidden, weight, bias, targets, options).abs() > 1e-4) | (torch.arange(n) < 4)
+            assert torch.equal(got[clear], want[clear]) and torch.equal(got[clear], trl_value[clear])
             assert got[:4].tolist() == [True, False, True, False]
         else:
             assert_close_scaled(got, want, 2e-6, name)

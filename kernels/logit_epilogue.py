@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..core import LogitTransform, RowExtras, TokenGradCoefficients, VocabPartials
-from .logit_tile import in_interpreter, transform_tile
+from .logit_tile import in_interpreter, logit_gradient, transform_tile
 
 BLOCK_V_STATISTICS = 2048
 BLOCK_V_GRADIENTS = 1024
@@ -148,19 +148,11 @@ def logit_gradients_kernel(
     ptrs = logits_ptr + row.to(tl.int64) * stride_row + offs_v
     raw = tl.load(ptrs, mask=mask_v, other=0.0).to(tl.float32)
     z = transform_tile(raw, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
-    log_p = tl.minimum(z - tl.load(lse_ptr + row), 0.0)  # log p <= 0 (see the PyTorch epilogue)
-    p = tl.exp(log_p)
-    prob_coef = tl.load(prob_coef_ptr + row)
-    if HAS_LOGP_COEF:
-        d_z = p * (prob_coef - tl.load(logp_coef_ptr + row) * log_p)
-    else:
-        d_z = p * prob_coef
-    if HAS_UNIFORM_COEF:
-        d_z += tl.load(uniform_coef_ptr + row)
-    d_z += tl.where(offs_v == tl.load(targets_ptr + row), tl.load(onehot_coef_ptr + row), 0.0)
-    if HAS_SOFTCAP:  # d softcap(u)/du = 1 - (z / softcap)^2
-        d_z *= 1.0 - (z / softcap) * (z / softcap)
-    d_z *= inv_temperature
+    is_target = offs_v == tl.load(targets_ptr + row)
+    d_z = logit_gradient(z, tl.load(lse_ptr + row), is_target, tl.load(onehot_coef_ptr + row),
+                         tl.load(prob_coef_ptr + row), tl.load(logp_coef_ptr + row) if HAS_LOGP_COEF else 0.0,
+                         tl.load(uniform_coef_ptr + row) if HAS_UNIFORM_COEF else 0.0, inv_temperature, softcap,
+                         HAS_LOGP_COEF, HAS_UNIFORM_COEF, HAS_SOFTCAP)  # fmt: skip
     tl.store(ptrs, d_z.to(logits_ptr.dtype.element_ty), mask=mask_v)
 
 

@@ -1,5 +1,6 @@
 """A [BLOCK_N, BLOCK_V] tile of z = softcap(F.linear(hidden, weight, bias) / temperature), in fp32, shared by both
-passes, and the host side both launches share: launch configs, the fp32 dot precision and the tile's arguments."""
+passes, the logits' gradient from the per-token coefficients (the tile backward's and the chunked epilogue's), and
+the host side both launches share: launch configs, the fp32 dot precision and the tile's arguments."""
 
 from __future__ import annotations
 
@@ -126,3 +127,24 @@ def transform_tile(raw, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_
         # softcap * tanh(raw / softcap), with tanh(x) = 1 - 2 / (exp(2x) + 1) (stable at both ends)
         raw = softcap * (1.0 - 2.0 / (tl.exp(2.0 * raw / softcap) + 1.0))
     return raw
+
+
+@triton.jit
+def logit_gradient(z, lse, is_target, onehot_coef, prob_coef, logp_coef, uniform_coef, inv_temperature, softcap,
+                   HAS_LOGP_COEF: tl.constexpr, HAS_UNIFORM_COEF: tl.constexpr, HAS_SOFTCAP: tl.constexpr):  # fmt: skip
+    """dz = onehot_coef * 1[v = y] + p * (prob_coef - logp_coef * log p) + uniform_coef (core.TokenGradCoefficients),
+    chained through softcap and temperature, for transformed logits z; the per-token arguments broadcast against z
+    (a tile's [BLOCK_N, 1] columns, or a row's scalars)."""
+    log_p = tl.minimum(z - lse, 0.0)  # log p <= 0, also where a recomputed z exceeds lse by a rounding
+    p = tl.exp(log_p)
+    if HAS_LOGP_COEF:
+        d_z = p * (prob_coef - logp_coef * log_p)
+    else:
+        d_z = p * prob_coef
+    if HAS_UNIFORM_COEF:
+        d_z += uniform_coef
+    d_z += tl.where(is_target, onehot_coef, 0.0)
+    if HAS_SOFTCAP:  # d softcap(u)/du = 1 - (z / softcap)^2
+        capped = z / softcap
+        d_z = d_z * (1.0 - capped * capped)
+    return d_z * inv_temperature

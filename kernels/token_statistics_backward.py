@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..core import LogitTransform, TokenGradCoefficients
 from .autotune import run_tuned, tokens_bucket
-from .logit_tile import LaunchConfig, launch_candidates, logit_tile, tile_arguments
+from .logit_tile import LaunchConfig, launch_candidates, logit_gradient, logit_tile, tile_arguments
 
 # Spill-free on sm_80 and sm_90a with Triton 3.6 and 3.9 (benchmarks/compile_report.py --check); the first of each
 # list is the default, the rest are timed on CUDA (autotune.py). A 128 x 128 tile spills: dz, the gradient blocks
@@ -127,20 +127,13 @@ def token_statistics_backward_kernel(
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     onehot_coef = tl.load(onehot_coef_ptr + offs_n, mask=mask_n, other=0.0)
     prob_coef = tl.load(prob_coef_ptr + offs_n, mask=mask_n, other=0.0)
-    log_p = z - lse[:, None]
-    p = tl.exp(log_p)
-    if HAS_LOGP_COEF:
-        logp_coef = tl.load(logp_coef_ptr + offs_n, mask=mask_n, other=0.0)
-        d_z = p * (prob_coef[:, None] - logp_coef[:, None] * log_p)
-    else:
-        d_z = p * prob_coef[:, None]
-    if HAS_UNIFORM_COEF:
-        d_z += tl.load(uniform_coef_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
-    d_z += tl.where(offs_v[None, :] == targets[:, None], onehot_coef[:, None], 0.0)
-    if HAS_SOFTCAP:
-        capped = z / softcap
-        d_z = d_z * (1.0 - capped * capped)
-    d_z = tl.where(active[:, None] & mask_v[None, :], d_z * inv_temperature, 0.0)
+    logp_coef = tl.load(logp_coef_ptr + offs_n, mask=mask_n, other=0.0) if HAS_LOGP_COEF else 0.0
+    uniform_coef = tl.load(uniform_coef_ptr + offs_n, mask=mask_n, other=0.0) if HAS_UNIFORM_COEF else 0.0
+    d_z = logit_gradient(z, lse[:, None], offs_v[None, :] == targets[:, None], onehot_coef[:, None],
+                         prob_coef[:, None], logp_coef[:, None] if HAS_LOGP_COEF else 0.0,
+                         uniform_coef[:, None] if HAS_UNIFORM_COEF else 0.0, inv_temperature, softcap, HAS_LOGP_COEF,
+                         HAS_UNIFORM_COEF, HAS_SOFTCAP)  # fmt: skip
+    d_z = tl.where(active[:, None] & mask_v[None, :], d_z, 0.0)
 
     if COMPUTE_D_BIAS:
         tl.atomic_add(d_bias_ptr + offs_v, tl.sum(d_z, axis=0), mask=mask_v, sem="relaxed")

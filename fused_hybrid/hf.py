@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import math
 import types
 
 import torch
@@ -39,6 +40,11 @@ _SOFTCAP_NAMES = ("final_logit_softcapping", "logits_soft_cap", "output_logit_so
 
 class PatchMismatchError(ValueError):
     """The fused loss of a patched model differs from the model's own loss, or could not be checked."""
+
+
+class UnsupportedHeadError(TypeError):
+    """The model's output embeddings compute something the patch cannot express as ``F.linear`` of an effective
+    weight (a LoRA adapter on the head, a head subclass with a forward of its own); the message names the class."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,18 +91,60 @@ def head_transform(model: nn.Module) -> HeadTransform:
     return HeadTransform(temperature=temperature, softcap=caps.pop() if caps else None, vocab_size=unpadded)
 
 
+def is_column_scaled_head(head: nn.Module) -> bool:
+    """A linear head that multiplies each logit column by a learned scale (Dory's ``DoryLMHead``):
+    ``logits_v = (h . W_v + b_v) * logit_scale_v * logit_scale_factor``."""
+    scale = getattr(head, "logit_scale", None)
+    return (
+        isinstance(head, nn.Linear) and isinstance(scale, nn.Parameter) and tuple(scale.shape) == (head.out_features,)
+        and isinstance(getattr(head, "logit_scale_factor", None), (int, float))
+    )  # fmt: skip
+
+
+def check_fusable_head(model: nn.Module) -> None:
+    """Raise UnsupportedHeadError unless the output embeddings are a plain nn.Linear or a column-scaled one."""
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear or is_column_scaled_head(head):
+        return
+    name, kind = type(model).__name__, type(head).__name__
+    if type(head).__module__.startswith("peft"):
+        reason = f"a PEFT adapter layer ({kind}): leave lm_head out of the adapter's target_modules"
+    elif isinstance(head, nn.Linear):
+        reason = (f"{kind}, a subclass of nn.Linear with a forward of its own, which the patch cannot read as a "
+                  "linear map of the hidden states")  # fmt: skip
+    else:
+        reason = f"{kind}, not an nn.Linear"
+    raise UnsupportedHeadError(
+        f"{name}: the output embeddings are {reason}; fused-hybrid fuses plain nn.Linear heads and heads that scale "
+        "each logit column by a learned logit_scale"
+    )
+
+
+def effective_head(head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) whose F.linear gives the head's logits. A column-scaled head (is_column_scaled_head) is the
+    linear head with rows W'_v = c_v W_v and b'_v = c_v b_v, c = logit_scale * logit_scale_factor: a V x D
+    temporary the size of the weight, never N x V; autograd gives the scale its gradient, the row-wise dot of W
+    with the gradient of W' (times the factor)."""
+    if not is_column_scaled_head(head):
+        return head.weight, head.bias
+    scale = head.logit_scale.to(head.weight.dtype) * head.logit_scale_factor
+    bias = None if head.bias is None else head.bias * scale
+    return head.weight * scale[:, None], bias
+
+
 def head_inputs(
     hidden: torch.Tensor, head: nn.Linear, vocab_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(hidden, weight, bias) in one dtype: the autocast dtype when autocast is on (as F.linear would compute
-    the head), else the head's dtype; the weight and bias cut to `vocab_size` rows when the head is padded.
-    The casts and cuts are differentiable, so the gradients reach the parameters."""
+    the head), else the head's dtype; the effective weight and bias of a column-scaled head (effective_head), cut
+    to `vocab_size` rows when the head is padded. The casts and cuts are differentiable, so the gradients reach the
+    parameters."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = head.weight.dtype
-    weight, bias = head.weight, head.bias
+    weight, bias = effective_head(head)
     if vocab_size is not None and vocab_size < weight.shape[0]:
         weight = weight[:vocab_size]
         bias = None if bias is None else bias[:vocab_size]
@@ -267,9 +315,9 @@ class _FusedHead:
             if coefficient is None:
                 raise PatchMismatchError(f"{name} returns a router aux_loss but no router_aux_loss_coef to weigh it")
             loss = loss + coefficient * aux_loss.to(loss.device)
-        fields = {k: v for k, v in outputs.items() if k not in ("loss", "logits")}
-        outputs = type(outputs)(loss=loss, **fields)
-        return outputs.to_tuple() if wants_tuple else outputs
+        if wants_tuple:  # the model's own positions: the loss first, None where the logits would be
+            return (loss, *(None if k == "logits" else v for k, v in outputs.items() if k != "loss"))
+        return type(outputs)(loss=loss, **{k: v for k, v in outputs.items() if k not in ("loss", "logits")})
 
     def check(self) -> None:
         """Probe once per numeric setting (device, autocast, head dtype); see verify_patch."""
@@ -304,13 +352,7 @@ def patch_model(model: nn.Module, objective: str = "cross_entropy", *, verify: b
             raise TypeError(f"model must be a transformers causal LM (it has no {needed}); got {type(target).__name__}")
     if is_patched(model):
         raise ValueError("model is already patched; call unpatch_model(model) first")
-    head = target.get_output_embeddings()
-    if type(head) is not nn.Linear:
-        raise TypeError(
-            f"{type(target).__name__}: the output embeddings must be a plain nn.Linear to be fused, got "
-            f"{type(head).__name__} (a LoRA adapter on the LM head is not supported: leave lm_head out of "
-            "target_modules)"
-        )
+    check_fusable_head(target)
     fused = _FusedHead(target, objective, loss_options, verify)
     original_forward = fused.original_forward
 
@@ -344,13 +386,28 @@ def _numeric_setting(model: nn.Module) -> tuple:
     return weight.device, torch.get_autocast_dtype(device_type) if autocasting else None, weight.dtype
 
 
-def probe_batch(model: nn.Module, device: torch.device, *, batch: int = 2, length: int = 12):
+def probe_length(model: nn.Module, shortest: int = 12) -> int:
+    """A probe sequence length the model accepts in training: `shortest`, or what the config demands (Reformer:
+    exactly the product of its axial position grid when it has one, else a multiple of its attention chunk
+    lengths)."""
+    config = text_config(model)
+    grid = getattr(config, "axial_pos_shape", None)
+    if getattr(config, "axial_pos_embds", False) and grid:
+        return math.prod(grid)
+    chunks = [getattr(config, name, None) for name in ("lsh_attn_chunk_length", "local_attn_chunk_length")]
+    chunks = [c for c in chunks if isinstance(c, int) and c > 0]
+    multiple = math.lcm(*chunks) if chunks else 1
+    return -(-shortest // multiple) * multiple
+
+
+def probe_batch(model: nn.Module, device: torch.device, *, batch: int = 2):
     """Fixed random token ids in the model's vocabulary and independent random labels, the first 3 ignored (a
     prompt): no position's label is its own input, so neither label convention makes the loss trivially small."""
     vocab = [model.get_output_embeddings().weight.shape[0], model.get_input_embeddings().weight.shape[0]]
     vocab += [v for v in (getattr(text_config(model), "vocab_size", None), head_transform(model).vocab_size) if v]
     generator = torch.Generator().manual_seed(20_26)
-    input_ids, labels = torch.randint(0, min(vocab), (2, batch, length), generator=generator).to(device)
+    shape = (2, batch, probe_length(model))
+    input_ids, labels = torch.randint(0, min(vocab), shape, generator=generator).to(device)
     labels[:, :3] = IGNORE_INDEX
     return input_ids, labels
 

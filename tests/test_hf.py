@@ -283,3 +283,79 @@ def test_patch_options_are_checked_when_patching_and_unmaterialised_models_need_
     with pytest.raises(fused_hybrid.hf.PatchMismatchError, match="not materialised.*verify=False"):
         fused_hybrid.patch_model(model)
     assert fused_hybrid.hf.is_patched(fused_hybrid.patch_model(model, verify=False))
+
+
+def test_a_tuple_output_keeps_the_models_positions():
+    """return_dict=False: (loss, None where the logits would be, then the rest in the model's own order)."""
+    model = tiny_model("llama")
+    input_ids, labels = batch()
+    options = dict(return_dict=False, use_cache=False, output_hidden_states=True)
+    own = model(input_ids=input_ids, labels=labels, **options)
+    fused_hybrid.patch_model(model)
+    fused = model(input_ids=input_ids, labels=labels, **options)
+    assert len(fused) == len(own) and fused[1] is None and own[1].shape[-1] == 97
+    assert_close_scaled(fused[0], own[0], 1e-5, "loss")
+    for got, want in zip(fused[2], own[2]):  # the hidden states of every layer
+        torch.testing.assert_close(got, want)
+
+
+def column_scaled_model():
+    """A tiny Dory model (its head multiplies each logit column by a learned scale), the scales spread out."""
+    if not hasattr(transformers, "DoryConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Dory family")
+    from tests import model_zoo
+
+    model = model_zoo.tiny_causal_lm("dory")
+    with torch.no_grad():
+        model.lm_head.logit_scale.mul_(torch.rand_like(model.lm_head.logit_scale) * 1.5 + 0.25)
+    return model
+
+
+def test_a_column_scaled_head_is_fused_with_its_scale_and_its_scales_gradient():
+    model = column_scaled_model()
+    input_ids, labels = batch(vocab=model.config.vocab_size)
+    expected_loss, expected = loss_and_grads(model, input_ids, labels)
+    fused_hybrid.patch_model(model)
+    loss, got = loss_and_grads(model, input_ids, labels)
+    assert_close_scaled(loss, expected_loss, 1e-5, "loss")
+    assert "lm_head.logit_scale" in got and got.keys() == expected.keys()
+    for name in expected:
+        assert_close_scaled(got[name], expected[name], 1e-4, name, atol=1e-7)
+
+
+def test_a_head_with_a_forward_of_its_own_is_refused_naming_what_it_is():
+    class OffsetHead(torch.nn.Linear):
+        def forward(self, hidden):
+            return super().forward(hidden) + 1.0
+
+    model = tiny_model("llama")
+    model.lm_head = OffsetHead(32, 97, bias=False)
+    with pytest.raises(fused_hybrid.hf.UnsupportedHeadError, match=r"LlamaForCausalLM.*OffsetHead, a subclass of "
+                       r"nn.Linear with a forward of its own") as refused:  # fmt: skip
+        fused_hybrid.patch_model(model)
+    assert "LoRA" not in str(refused.value) and not fused_hybrid.hf.is_patched(model)
+
+
+@pytest.mark.parametrize("chunk, axial", [(8, None), (4, (4, 4))])
+def test_the_probe_takes_a_length_the_model_accepts_in_training(chunk, axial):
+    """Reformer trains only on sequences that are a multiple of its chunk lengths (and exactly as long as its
+    axial position grid): the probe must run on such a length, so that verify=True patches it. Local attention only:
+    LSH attention hashes with a seed drawn afresh on every training forward, so no two runs of the model agree."""
+    grid = dict(axial_pos_embds=True, axial_pos_shape=axial, axial_pos_embds_dim=(8, 8)) if axial else {}
+    grid.setdefault("axial_pos_embds", False)
+    config = transformers.ReformerConfig(
+        vocab_size=61, hidden_size=16, attention_head_size=8, num_attention_heads=2, feed_forward_size=32,
+        attn_layers=["local", "local"], lsh_attn_chunk_length=chunk, local_attn_chunk_length=chunk, num_buckets=2,
+        is_decoder=True, max_position_embeddings=64, hidden_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0,
+        **grid,
+    )  # fmt: skip
+    model = transformers.ReformerModelWithLMHead(config).train()
+    length = fused_hybrid.hf.probe_length(model)
+    assert length == 16 and length % chunk == 0
+    input_ids = torch.randint(0, 61, (2, length))
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    expected_loss, _ = loss_and_grads(model, input_ids, labels)
+    fused_hybrid.patch_model(model)  # verify=True
+    loss, _ = loss_and_grads(model, input_ids, labels)
+    assert_close_scaled(loss, expected_loss, 1e-5, "loss")

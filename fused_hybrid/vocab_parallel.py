@@ -10,6 +10,7 @@ that reduces it later, e.g. with a reduce-scatter under sequence parallelism).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -61,12 +62,17 @@ class VocabParallel:
         return sum(sizes[:rank]), total
 
 
-def shard_targets(targets: torch.Tensor, offset: int, local_vocab: int, ignore_index: int) -> torch.Tensor:
-    """Targets in this slice's coordinates; a target on another slice becomes an index no column matches."""
-    elsewhere = local_vocab if ignore_index != local_vocab else local_vocab + 1
+# The ignore index of the local targets: negative, so that no column of any slice equals it. The caller's own
+# ignore_index may be a token id (the pad id, 0) that is a local column of some slice.
+LOCAL_IGNORE_INDEX = -1
+
+
+def shard_targets(targets: torch.Tensor, offset: int, local_vocab: int, valid: torch.Tensor) -> torch.Tensor:
+    """Targets in this slice's coordinates: LOCAL_IGNORE_INDEX where not `valid`; a target on another slice
+    becomes `local_vocab`, which no column matches and which is not ignored (its token's sums still count here)."""
     local = targets - offset
     in_slice = (local >= 0) & (local < local_vocab)
-    return torch.where(targets == ignore_index, ignore_index, torch.where(in_slice, local, elsewhere))
+    return torch.where(valid, torch.where(in_slice, local, local_vocab), LOCAL_IGNORE_INDEX)
 
 
 def all_reduce_partials(partials: VocabPartials, group) -> VocabPartials:
@@ -110,7 +116,8 @@ class _VocabParallelStatistics(torch.autograd.Function):
 
 def vocab_parallel_head_stats(hidden, weight, targets, bias, transform: LogitTransform, backend: str,
                               parallel: VocabParallel, offset: int) -> HeadStats:  # fmt: skip
-    local_targets = shard_targets(targets, offset, weight.shape[0], transform.ignore_index)
     valid = targets != transform.ignore_index
-    return HeadStats(*_VocabParallelStatistics.apply(hidden, weight, local_targets, valid, bias, transform, backend,
-                                                    parallel))  # fmt: skip
+    local_targets = shard_targets(targets, offset, weight.shape[0], valid)
+    local_transform = dataclasses.replace(transform, ignore_index=LOCAL_IGNORE_INDEX)
+    return HeadStats(*_VocabParallelStatistics.apply(hidden, weight, local_targets, valid, bias, local_transform,
+                                                    backend, parallel))  # fmt: skip

@@ -41,7 +41,7 @@ def check_against_reference(hidden, weight, targets, bias, dtype, backend, **opt
     # log-probs and entropies are O(log V): compare them on an absolute scale of 1 (dtype-relative).
     assert (logp.double() - logp64).abs().max() <= rel * max(1.0, logp64.abs().max()), "logp"
     assert (entropy.double() - entropy64).abs().max() <= rel * max(1.0, entropy64.abs().max()), "entropy"
-    ignored = targets == -100
+    ignored = targets == options.get("ignore_index", -100)
     assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all()
     for name, got, want in zip(("d_hidden", "d_weight", "d_bias"), actual, expected):
         if want is None:
@@ -59,6 +59,14 @@ def check_against_reference(hidden, weight, targets, bias, dtype, backend, **opt
 def test_fp32_matches_reference(backend, n_shape, dim, vocab):
     inputs = make_inputs(n_shape, dim, vocab, torch.float32)
     check_against_reference(*inputs, torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ignore_index", [0, 5])  # a token id, as pipelines that ignore the pad id use
+def test_an_ignore_index_that_is_a_token_id(backend, ignore_index):
+    hidden, weight, targets, bias = make_inputs((31,), 24, 70, torch.float32, bias=True)
+    targets[targets == -100] = ignore_index
+    check_against_reference(hidden, weight, targets, bias, torch.float32, backend, ignore_index=ignore_index)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,5 +1,5 @@
-"""Vocab-parallel head with gloo at world sizes 2 and 4 on CPU, both backends, against one process with the
-whole head. Each case runs in freshly spawned processes; results come back through files."""
+"""Vocab-parallel head with gloo at world sizes 2 and 4 on CPU, every backend, against one process with the
+whole head on full logits. Each case runs in freshly spawned processes; results come back through files."""
 
 from __future__ import annotations
 
@@ -17,21 +17,25 @@ N, D, V = 41, 12, 37
 SPLITS = {2: [20, 17], 4: [10, 9, 12, 6]}  # uneven slices
 
 
-def inputs():
+def inputs(ignore_index=-100):
+    """Fixed inputs, the ignored tokens marked with `ignore_index`. Targets 20 and 23 are the second slice's local
+    columns 0 and 3 (at world size 2): an ignore_index of 0 or 3 (a pad id) must not drop them there."""
     generator = torch.Generator().manual_seed(1234)
     hidden = torch.randn(N, D, generator=generator)
     weight = torch.randn(V, D, generator=generator) / 2
     bias = torch.randn(V, generator=generator) / 4
     targets = torch.randint(0, V, (N,), generator=generator)
-    targets[::5] = -100
-    targets[:18] = -100  # a whole block of prompt, which the Triton forward skips
+    targets[targets == ignore_index] = (ignore_index + 1) % V
+    targets[31], targets[32] = 20, 23
+    targets[::5] = ignore_index
+    targets[:18] = ignore_index  # a whole block of prompt, which the Triton forward skips
     upstream = torch.randn(2, N, generator=generator)
     return hidden, weight, bias, targets, upstream
 
 
-def losses(hidden, weight, bias, targets, upstream, backend, vocab_parallel=None):
+def losses(hidden, weight, bias, targets, upstream, backend, vocab_parallel=None, ignore_index=-100):
     """Every path that reaches the head: log-probs + entropy, cross-entropy with smoothing and z-loss, GRPO."""
-    options = dict(backend=backend, vocab_parallel=vocab_parallel)
+    options = dict(backend=backend, vocab_parallel=vocab_parallel, ignore_index=ignore_index)
     logp, entropy = fused_hybrid.linear_logprobs(hidden, weight, targets, bias, return_entropy=True, softcap=4.0,
                                                  **options)  # fmt: skip
     ce = fused_hybrid.linear_cross_entropy(hidden, weight, targets, bias, label_smoothing=0.1, z_loss=1e-2, **options)
@@ -47,23 +51,23 @@ def losses(hidden, weight, bias, targets, upstream, backend, vocab_parallel=None
     return (logp * upstream[0]).sum() + (entropy * upstream[1]).sum() + ce + grpo  # fmt: skip
 
 
-def worker(rank, world, init_file, out_dir, backend, reduce_hidden_grad, deterministic):
+def worker(rank, world, init_file, out_dir, backend, reduce_hidden_grad, deterministic, ignore_index):
     torch.use_deterministic_algorithms(deterministic)  # before the process group: set after, gloo aborts at exit
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    hidden, weight, bias, targets, upstream = inputs()
+    hidden, weight, bias, targets, upstream = inputs(ignore_index)
     start = sum(SPLITS[world][:rank])
     rows = slice(start, start + SPLITS[world][rank])
     hidden = hidden.requires_grad_()
     weight_slice = weight[rows].clone().requires_grad_()
     bias_slice = bias[rows].clone().requires_grad_()
     parallel = fused_hybrid.VocabParallel(vocab_size=V, reduce_hidden_grad=reduce_hidden_grad)
-    total = losses(hidden, weight_slice, bias_slice, targets, upstream, backend, parallel)
+    total = losses(hidden, weight_slice, bias_slice, targets, upstream, backend, parallel, ignore_index)
     total.backward()
     result = {"loss": total.detach(), "d_hidden": hidden.grad, "d_weight": weight_slice.grad,
               "d_bias": bias_slice.grad, "rows": (rows.start, rows.stop)}  # fmt: skip
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     try:
-        fused_hybrid.linear_logprobs(hidden, weight_slice, targets, backend=backend,
+        fused_hybrid.linear_logprobs(hidden, weight_slice, targets, backend=backend, ignore_index=ignore_index,
                                      vocab_parallel=fused_hybrid.VocabParallel(vocab_size=V + 1))  # fmt: skip
         raised = ""
     except ValueError as error:
@@ -72,17 +76,23 @@ def worker(rank, world, init_file, out_dir, backend, reduce_hidden_grad, determi
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("world, reduce_hidden_grad, deterministic", [(2, True, False), (4, True, True),
-                                                                     (2, False, False)])  # fmt: skip
-def test_vocab_parallel_matches_one_process(tmp_path, backend, world, reduce_hidden_grad, deterministic):
-    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path), backend, reduce_hidden_grad, deterministic),
-             nprocs=world)  # fmt: skip
-    hidden, weight, bias, targets, upstream = inputs()
+# (backend, world, reduce_hidden_grad, deterministic, ignore_index)
+CASES = [(backend, *case, -100) for backend in ("torch", "triton")
+         for case in ((2, True, False), (4, True, True), (2, False, False))]  # fmt: skip
+# an ignore_index that is a token id (0, or a pad id) and a local column of the second slice: every backend
+CASES += [(backend, 2, True, False, ignore) for backend in ("torch", "chunked", "triton") for ignore in (0, 3)]
+
+
+@pytest.mark.parametrize("backend, world, reduce_hidden_grad, deterministic, ignore_index", CASES)
+def test_vocab_parallel_matches_one_process(tmp_path, backend, world, reduce_hidden_grad, deterministic, ignore_index):
+    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path), backend, reduce_hidden_grad, deterministic,
+                           ignore_index), nprocs=world)  # fmt: skip
+    hidden, weight, bias, targets, upstream = inputs(ignore_index)
     hidden.requires_grad_()
     weight.requires_grad_()
     bias.requires_grad_()
-    expected = losses(hidden, weight, bias, targets, upstream, "torch")
+    # one process with the whole head, on full logits
+    expected = losses(hidden, weight, bias, targets, upstream, "reference", ignore_index=ignore_index)
     expected.backward()
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     partial_hidden = torch.zeros_like(hidden)

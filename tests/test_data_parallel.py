@@ -140,3 +140,42 @@ def test_rollout_mode_generates_and_checkpoints_under_data_parallel(tmp_path, pa
 
     assert reduced(histories[0]) == reduced(histories[1])
     assert (tmp_path / parallel / "checkpoint-0000002" / "fused_hybrid_checkpoint.json").is_file()
+
+
+PREFERENCE_OVERRIDES = [
+    "mode=dpo", "model.tiny={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4, "
+    "num_key_value_heads: 2}", "data.eval_size=0", "optim.batch_size=8", "optim.learning_rate=3e-3",
+    "optim.warmup_steps=1", "optim.max_steps=2", "objective.beta=0.5",
+]  # fmt: skip
+
+
+def preference_worker(rank, init_file, out_dir, data_path):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    from fused_hybrid.trainer import HybridTrainer, load_config
+
+    config = load_config(None, [*PREFERENCE_OVERRIDES, f"data.path={data_path}", f"output_dir={out_dir}/ddp",
+                                "parallel=ddp", "optim.grad_accum=2"])  # fmt: skip
+    trainer = HybridTrainer(config, progress=False)
+    torch.save([trainer.train_step() for _ in range(2)], os.path.join(out_dir, f"steps{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_logged_metrics_at_two_ranks_match_one_process(tmp_path):
+    """Each rank's metrics are its share of the step: the logged values (the loss parts summed over the ranks, the
+    means weighted by their counts) are those of one process on the whole batch in one micro-batch."""
+    from fused_hybrid.trainer import HybridTrainer, load_config
+    from tests.test_trainer import preference_file
+
+    data_path = preference_file(tmp_path)
+    mp.spawn(preference_worker, args=(str(tmp_path / "init"), str(tmp_path), str(data_path)), nprocs=WORLD)
+    single = HybridTrainer(load_config(None, [*PREFERENCE_OVERRIDES, f"data.path={data_path}",
+                                              f"output_dir={tmp_path}/single"]), progress=False)  # fmt: skip
+    expected = [single.train_step() for _ in range(2)]
+    assert {"preference_loss", "nll_loss", "reward_margin", "reward_accuracy"} <= set(expected[0])
+    for rank in range(WORLD):
+        for step, (got, want) in enumerate(zip(torch.load(tmp_path / f"steps{rank}.pt"), expected), start=1):
+            assert set(got) == set(want)
+            for key in set(want) - {"tokens_per_s"}:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (
+                    f"step {step} {key}: {got[key]} on rank {rank} of {WORLD}, {want[key]} in one process"
+                )

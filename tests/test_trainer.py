@@ -72,15 +72,61 @@ def test_rollout_modes_raise_the_reward(tmp_path, mode):
         assert all(h["mu"] == pytest.approx(0.2) for h in history if "mu" in h)
 
 
-def test_dpo_learns_preferences_from_jsonl(tmp_path):
+def preference_file(folder):
+    """A JSONL of addition prompts with the right sum chosen and a wrong one rejected."""
     rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": f"99{a}"} for a in range(20) for b in range(5)]
-    path = tmp_path / "prefs.jsonl"
+    path = folder / "prefs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_dpo_learns_preferences_from_jsonl(tmp_path):
+    path = preference_file(tmp_path)
     history = HybridTrainer(config(tmp_path, "dpo", f"data.path={path}", "optim.grad_accum=2", "objective.beta=0.5"),
                             progress=False).train()  # fmt: skip
     early, late = early_late(history, "loss")
     assert late < early
     assert early_late(history, "reward_accuracy")[1] > 0.6
+
+
+# The same two steps at grad_accum 1, 2 and 4. Rollouts of up to 8 tokens end at different lengths (so that the
+# token-mean policy loss is not 0); CHORD with 3 expert rows among 19, so that some micro-batches hold none.
+ROLLOUT_EXTRA = ["objective.reward=tests.test_trainer.starts_with_seven", "rollout.temperature=1.0",
+                 "rollout.max_new_tokens=8"]  # fmt: skip
+ACCUMULATED_MODES = {
+    "grpo": ROLLOUT_EXTRA,
+    "chord": [*ROLLOUT_EXTRA, "objective.mu=0.3", "optim.batch_size=3"],
+    "dpo": ["objective.beta=0.5", "optim.batch_size=8"],
+}
+
+
+def comparable(metrics):
+    """Every logged value of a step but the wall-clock throughput."""
+    return {k: v for k, v in metrics.items() if k != "tokens_per_s"}
+
+
+@pytest.mark.parametrize("mode", sorted(ACCUMULATED_MODES))
+def test_logged_metrics_do_not_depend_on_grad_accum(tmp_path, mode):
+    """Micro-batches are one batch cut in parts: each step logs what the whole batch would (the loss parts already
+    divided by the step's counts summed, the local means weighted by their counts), whatever grad_accum."""
+    extra = list(ACCUMULATED_MODES[mode])
+    if mode == "dpo":
+        extra.append(f"data.path={preference_file(tmp_path)}")
+    runs = {}
+    for accum in (1, 2, 4):
+        trainer = HybridTrainer(config(tmp_path / f"accum{accum}", mode, f"optim.grad_accum={accum}", *extra),
+                                progress=False)  # fmt: skip
+        runs[accum] = [comparable(trainer.train_step()) for _ in range(2)]
+    whole = runs[1]
+    logged = set(whole[0]) - {"step", "lr", "grad_norm", "loss", "reward"}
+    assert logged and logged <= set(whole[1]), f"{mode} logs no objective metric"
+    for accum in (2, 4):
+        for step, (got, want) in enumerate(zip(runs[accum], whole), start=1):
+            assert set(got) == set(want)
+            for key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (
+                    f"{mode} step {step} {key}: {got[key]} at grad_accum={accum}, {want[key]} at grad_accum=1"
+                )
 
 
 def test_resume_gives_the_state_of_an_uninterrupted_run(tmp_path):

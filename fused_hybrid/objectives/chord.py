@@ -11,7 +11,13 @@ from .._reduction import check_num_items
 from .._validation import check_non_negative
 from ..head_spec import HeadSpec
 from ._tokens import LossOutput, ObjectiveModule, TokenBatch, aggregate, evaluate_objective
-from .policy_gradient import check_clip_options, clipped_surrogate, log_importance_ratio, policy_metrics
+from .policy_gradient import (
+    POLICY_METRICS,
+    check_clip_options,
+    clipped_surrogate,
+    log_importance_ratio,
+    policy_metrics,
+)
 from .registry import Objective, clip_options, register
 
 
@@ -234,4 +240,6 @@ register(Objective(
     name="chord", loss=chord_loss, data="rollouts+demonstrations",
     normalisers={"num_rollout_tokens": "rollout_tokens", "num_expert_tokens": "expert_tokens"},
     batch_inputs=("is_expert", "advantages", "old_logp"), options=_trainer_options,
+    metric_counts={"mu": "constant", "grpo_loss": "sum", "sft_loss": "expert_tokens", "mean_phi": "expert_tokens",
+                   **dict.fromkeys(POLICY_METRICS, "rollout_tokens")},
 ))  # fmt: skip

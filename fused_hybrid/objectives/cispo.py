@@ -8,7 +8,7 @@ import torch
 from .._validation import check_non_negative
 from ..head_spec import HeadSpec
 from ._tokens import LossOutput, TokenBatch, aggregate, check_aggregation, evaluate_objective, objective_module
-from .policy_gradient import LOG_RATIO_LIMIT, k3_kl, log_importance_ratio, policy_metrics
+from .policy_gradient import LOG_RATIO_LIMIT, POLICY_METRICS, k3_kl, log_importance_ratio, policy_metrics
 from .registry import Objective, aggregation_count, needs_kl_reference, policy_gradient_options, register
 
 
@@ -92,4 +92,6 @@ CISPOLoss = objective_module("CISPOLoss", cispo_loss, check_cispo_options)
 
 register(Objective(name="cispo", loss=cispo_loss, data="rollouts", normalisers={"num_items": aggregation_count},
                    batch_inputs=("advantages", "old_logp", "ref_logp"), options=policy_gradient_options,
-                   needs_reference=needs_kl_reference))  # fmt: skip
+                   needs_reference=needs_kl_reference,
+                   metric_counts={"policy_loss": "sum", "ref_kl": "tokens",
+                                  **dict.fromkeys(POLICY_METRICS, "tokens")}))  # fmt: skip

@@ -52,4 +52,5 @@ def dft_loss(
 DFTLoss = objective_module("DFTLoss", dft_loss, check_dft_options)
 
 
-register(Objective(name="dft", loss=dft_loss, data="demonstrations", normalisers={"num_items": "tokens"}))
+register(Objective(name="dft", loss=dft_loss, data="demonstrations", normalisers={"num_items": "tokens"},
+                   metric_counts={"sft_loss": "tokens", "mean_prob": "tokens"}))  # fmt: skip

@@ -85,4 +85,6 @@ GMPOLoss = objective_module("GMPOLoss", gmpo_loss, check_gmpo_options)
 
 register(Objective(name="gmpo", loss=gmpo_loss, data="rollouts", normalisers={"num_items": "sequences"},
                    batch_inputs=("advantages", "old_logp"), options=lambda config, step: clip_options(config),
-                   token_separable=False))  # fmt: skip
+                   token_separable=False,
+                   metric_counts={"clip_frac": "tokens", "mean_ratio": "sequences", "approx_kl": "tokens",
+                                  "entropy": "tokens"}))  # fmt: skip

@@ -76,4 +76,5 @@ IFTLoss = objective_module("IFTLoss", ift_loss, check_ift_options)
 
 
 register(Objective(name="ift", loss=ift_loss, data="demonstrations", normalisers={"num_items": "sequences"},
-                   options=lambda config, step: {"gamma": config.objective.gamma}, input_mixing=True))  # fmt: skip
+                   options=lambda config, step: {"gamma": config.objective.gamma}, input_mixing=True,
+                   metric_counts={"sft_loss": "tokens"}))  # fmt: skip

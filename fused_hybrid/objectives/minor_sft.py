@@ -82,4 +82,5 @@ MinorSFTLoss = objective_module("MinorSFTLoss", minor_sft_loss, check_minor_sft_
 
 register(Objective(name="minor_sft", loss=minor_sft_loss, data="demonstrations", normalisers={"num_items": "sequences"},
                    batch_inputs=("ref_logp",), options=lambda config, step: {"beta": config.objective.beta or 0.1},
-                   needs_reference=lambda config: True, token_separable=False))  # fmt: skip
+                   needs_reference=lambda config: True, token_separable=False,
+                   metric_counts={"m_theta": "sequences", "sft_loss": "tokens"}))  # fmt: skip

@@ -12,6 +12,8 @@ from .registry import Objective, aggregation_count, needs_kl_reference, policy_g
 LOG_RATIO_LIMIT = 20.0  # log-ratios are clamped to +-20 before exp (as verl does)
 KL_LIMIT = 10.0  # the k3 estimate is clamped to +-10
 IMPORTANCE_SAMPLING = ("token", "sequence")
+# policy_metrics' keys: means over the batch's loss tokens
+POLICY_METRICS = ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "mean_ratio", "approx_kl", "entropy")
 
 
 def check_clip_options(epsilon_low: float, epsilon_high: float, dual_clip: float | None) -> None:
@@ -186,4 +188,6 @@ GRPOLoss = objective_module("GRPOLoss", grpo_loss, check_grpo_options)
 
 register(Objective(name="grpo", loss=grpo_loss, data="rollouts", normalisers={"num_items": aggregation_count},
                    batch_inputs=("advantages", "old_logp", "ref_logp"), options=policy_gradient_options,
-                   needs_reference=needs_kl_reference))  # fmt: skip
+                   needs_reference=needs_kl_reference,
+                   metric_counts={"policy_loss": "sum", "ref_kl": "tokens",
+                                  **dict.fromkeys(POLICY_METRICS, "tokens")}))  # fmt: skip

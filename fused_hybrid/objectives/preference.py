@@ -156,7 +156,10 @@ DPOLoss = objective_module("DPOLoss", dpo_loss, check_dpo_options)
 
 
 register(Objective(
-    name="dpo", loss=dpo_loss, data="preferences", normalisers={"num_items": "pairs"}, batch_inputs=("ref_logp",),
+    name="dpo", loss=dpo_loss, data="preferences", batch_inputs=("ref_logp",),
+    normalisers={"num_items": "pairs", "num_chosen_tokens": "chosen_tokens"},
     options=lambda config, step: {"beta": config.objective.beta or 0.1, "loss_type": config.objective.dpo_loss_type},
     needs_reference=lambda config: config.objective.dpo_loss_type != "simpo", token_separable=False,
+    metric_counts={"preference_loss": "sum", "nll_loss": "sum", "reward_chosen": "pairs", "reward_rejected": "pairs",
+                   "reward_margin": "pairs", "reward_accuracy": "pairs"},
 ))  # fmt: skip

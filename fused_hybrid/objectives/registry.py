@@ -18,8 +18,15 @@ DATA_KINDS = (
     "rollouts",  # sampled completions of prompts, with rewards and group-normalised advantages
     "rollouts+demonstrations",  # both in one batch, told apart by `is_expert`
 )
-# The step's global counts a loss can take as normalisers (summed over micro-batches and ranks).
-STEP_COUNTS = ("tokens", "sequences", "pairs", "rollout_tokens", "expert_tokens")
+# The step's global counts a loss can take as normalisers (summed over micro-batches and ranks): loss tokens,
+# sequences with a loss token, preference pairs, loss tokens of the chosen responses, of rollouts, of experts.
+STEP_COUNTS = ("tokens", "sequences", "pairs", "chosen_tokens", "rollout_tokens", "expert_tokens")
+# How a metric of one micro-batch combines into the step's (see Objective.metric_counts): "sum", "constant", or
+# one of STEP_COUNTS (a mean over this micro-batch's own items of that kind).
+SUMMED = "sum"
+CONSTANT = "constant"
+METRIC_COUNTS = (SUMMED, CONSTANT, *STEP_COUNTS)
+DEFAULT_METRIC_COUNT = "tokens"
 # Per-batch tensors the trainer can supply (advantages and old_logp come with rollouts; ref_logp from a frozen copy
 # of the starting model; is_expert with rollouts+demonstrations).
 BATCH_INPUTS = ("advantages", "old_logp", "ref_logp", "is_expert")
@@ -43,6 +50,18 @@ class Objective:
     loss needs ref_logp under that config. token_separable: whether each token's upstream gradient follows from
     its own statistics and inputs (plus normalisers known in advance). input_mixing: the trainer mixes
     predicted-token embeddings into the inputs (IFT's temporal residual).
+
+    metric_counts: metric -> how its value on one micro-batch combines over a step's micro-batches and ranks into
+    the value one batch holding them all would give (what the trainer logs, whatever grad_accum and world size):
+
+    - "sum": the metric is already divided by a step count among `normalisers` (a loss part over ``num_items``):
+      the values are summed, as the loss is;
+    - one of STEP_COUNTS: the metric is a mean over the micro-batch's own items of that kind (its loss tokens,
+      its sequences with a loss token, its pairs, ...): the mean weighted by those counts, so that a micro-batch
+      with none of them (CHORD's without an expert token) counts for nothing (0 when no micro-batch has any);
+    - "constant": the same value in every micro-batch (an option, such as CHORD's mu): their mean.
+
+    A metric not named is a mean over the micro-batch's loss tokens ("tokens").
     """
 
     name: str
@@ -54,6 +73,7 @@ class Objective:
     needs_reference: Callable[[Any], bool] = _no_reference
     token_separable: bool = True
     input_mixing: bool = False
+    metric_counts: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.data not in DATA_KINDS:
@@ -61,6 +81,13 @@ class Objective:
         unknown = set(self.batch_inputs) - set(BATCH_INPUTS)
         if unknown:
             raise ValueError(f"objective {self.name!r}: batch_inputs {sorted(unknown)} not among {BATCH_INPUTS}")
+        unknown = {name: count for name, count in self.metric_counts.items() if count not in METRIC_COUNTS}
+        if unknown:
+            raise ValueError(f"objective {self.name!r}: metric_counts {unknown} not among {METRIC_COUNTS}")
+
+    def metric_count(self, metric: str) -> str:
+        """How `metric` combines over micro-batches and ranks: one of METRIC_COUNTS (see metric_counts)."""
+        return self.metric_counts.get(metric, DEFAULT_METRIC_COUNT)
 
     @property
     def uses_rollouts(self) -> bool:

@@ -22,6 +22,7 @@ from ..logprobs import linear_logprobs
 from ..objectives import (
     OBJECTIVES,
 )
+from ..objectives.registry import CONSTANT, SUMMED
 from .checkpoints import check_same_run, checkpoints, full_states, run_settings, write_checkpoint
 from .config import TrainConfig
 from .data import (
@@ -134,13 +135,12 @@ class HybridTrainer:
         self.history: list[dict] = self._read_history() if resume_from is not None else []
 
     # ----------------------------------------------------------------------------------------------- set-up
-    def _all_reduce(self, values: list[float], average: bool = False) -> list[float]:
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        """`values` summed over the ranks (a mean travels as its total and its count, see _step_metrics)."""
         if self.world == 1:
             return values
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
-        if average:
-            tensor /= self.world
         return tensor.tolist()
 
     @contextlib.contextmanager
@@ -248,7 +248,8 @@ class HybridTrainer:
             return sample_rollouts(self.model, self.tokenizer, rows, self.config, self.reward_fn, self.device)
 
     def step_batches(self, generator: torch.Generator) -> tuple[list[dict], dict, dict]:
-        """(micro-batches, global normalisers, step metrics) for one optimizer step of the configured mode."""
+        """(micro-batches, global normalisers, step metrics) for one optimizer step of the configured mode; the
+        step metrics as (total, count) over this rank's rows (the reward: its sum and the number of rollouts)."""
         config, data = self.config, self.objective.data
         accum = config.optim.grad_accum
         metrics: dict = {}
@@ -265,7 +266,7 @@ class HybridTrainer:
         else:
             prompts = self._sample_rows(config.rollout.prompts_per_step, generator)
             rollout = self.rollouts(prompts)
-            metrics["reward"] = rollout["rewards"].mean().item()
+            metrics["reward"] = (rollout["rewards"].sum().item(), rollout["rewards"].numel())
             rows = {k: rollout[k] for k in ("input_ids", "attention_mask", "labels", "advantages")}
             rows["is_expert"] = torch.zeros(len(rollout["advantages"]), dtype=torch.bool, device=self.device)
             if data == "rollouts+demonstrations":
@@ -289,23 +290,28 @@ class HybridTrainer:
             batch["ref_logp"] = self._token_logps(self.reference_head, batch)
 
     @staticmethod
-    def _normalisers(micro: list[dict]) -> dict:
-        """Global counts over the whole step, so that accumulated micro-batches give the full-batch gradient."""
-        tokens = [(b["labels"][:, 1:] != IGNORE_INDEX) for b in micro]
-        totals = {
-            "tokens": sum(int(t.sum()) for t in tokens),
-            "sequences": sum(int((t.sum(-1) > 0).sum()) for t in tokens),
-            "pairs": sum(b["labels"].shape[0] // 2 for b in micro),
+    def _counts(batch: dict) -> dict[str, int]:
+        """One micro-batch's counts (registry.STEP_COUNTS): summed over the step, the normalisers that make the
+        accumulated micro-batches give the full-batch gradient; on their own, the weights of its mean metrics."""
+        tokens = batch["labels"][:, 1:] != IGNORE_INDEX
+        pairs = batch["labels"].shape[0] // 2  # preference batches: the P chosen rows, then their P rejected twins
+        counts = {
+            "tokens": int(tokens.sum()),
+            "sequences": int((tokens.sum(-1) > 0).sum()),
+            "pairs": pairs,
+            "chosen_tokens": int(tokens[:pairs].sum()),
         }
-        if "is_expert" in micro[0]:
-            totals["expert_tokens"] = sum(int(t[b["is_expert"]].sum()) for t, b in zip(tokens, micro))
-            totals["rollout_tokens"] = totals["tokens"] - totals["expert_tokens"]
-        return totals
+        if "is_expert" in batch:
+            counts["expert_tokens"] = int(tokens[batch["is_expert"]].sum())
+            counts["rollout_tokens"] = counts["tokens"] - counts["expert_tokens"]
+        return counts
 
     def _global_normalisers(self, micro: list[dict]) -> dict:
-        """The step's counts summed over every rank (each rank divides by the global count)."""
-        totals = self._normalisers(micro)
-        return dict(zip(totals, (int(v) for v in self._all_reduce([float(v) for v in totals.values()]))))
+        """The step's counts summed over every micro-batch and rank (each rank divides by the global count)."""
+        counts = [self._counts(b) for b in micro]
+        names = list(counts[0])
+        totals = self._all_reduce([float(sum(c[k] for c in counts)) for k in names])
+        return dict(zip(names, (int(v) for v in totals)))
 
     # ------------------------------------------------------------------------------------------------ loss
     def micro_loss(self, batch: dict, totals: dict):
@@ -330,34 +336,59 @@ class HybridTrainer:
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
         torch.manual_seed(self.config.seed * 1_000_003 + self.step)  # sampling in generate(): same after a resume
         begin = time.perf_counter()
-        micro, totals, metrics = self.step_batches(generator)
+        micro, totals, step_parts = self.step_batches(generator)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_total = 0.0
-        objective_metrics: dict = {}
+        # metric -> [total, count] over this rank's micro-batches (count None: a summed metric)
+        parts: dict[str, list] = {key: list(pair) for key, pair in step_parts.items()}  # the reward: (sum, rollouts)
         for batch in micro:
             loss, batch_metrics = self.micro_loss(batch, totals)
             # DDP and FSDP2 average gradients over ranks; each rank's loss is already its share of the global sum.
             (loss * self.world).backward()
-            loss_total += loss.detach()
-            for key, value in batch_metrics.items():  # metrics: the mean over micro-batches
-                objective_metrics[key] = objective_metrics.get(key, 0.0) + value / len(micro)
+            self._add_metrics(parts, {"loss": loss.detach(), **batch_metrics}, self._counts(batch))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.optim.max_grad_norm)
-        names = sorted(objective_metrics)
-        averaged = self._all_reduce([float(objective_metrics[k]) for k in names] + [metrics.get("reward", 0.0)],
-                                    average=True)  # fmt: skip
-        objective_metrics = dict(zip(names, averaged[:-1]))
-        if "reward" in metrics:
-            metrics["reward"] = averaged[-1]
-        (loss_total,) = self._all_reduce([float(loss_total)])
+        metrics = self._step_metrics(parts)
+        loss_total = metrics.pop("loss")
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         elapsed = time.perf_counter() - begin
-        metrics.update({k: float(v) for k, v in objective_metrics.items()})
         metrics.update(step=self.step, loss=loss_total, lr=self.scheduler.get_last_lr()[0],
                        grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                        tokens_per_s=totals["tokens"] / elapsed)  # fmt: skip
         return metrics
+
+    def _add_metrics(self, parts: dict[str, list], batch_metrics: dict, counts: dict[str, int]) -> None:
+        """Add one micro-batch's metrics to `parts` by the objective's rule for each (Objective.metric_counts): a
+        metric already divided by the step's global count (the loss, its parts) adds its value, to be summed; a
+        mean over the micro-batch's own tokens, sequences or pairs adds value * count and that count, so the step
+        logs their weighted mean (a micro-batch with none counts for nothing); a constant adds value * 1 and 1."""
+        for key, value in batch_metrics.items():
+            kind = SUMMED if key == "loss" else self.objective.metric_count(key)
+            if kind == SUMMED:
+                weight = None
+            elif kind == CONSTANT:
+                weight = 1
+            elif kind in counts:
+                weight = counts[kind]
+            else:
+                raise ValueError(f"objective {self.objective.name!r}: metric {key!r} is declared a mean over "
+                                 f"{kind!r}, which {self.objective.data!r} batches do not count")  # fmt: skip
+            entry = parts.setdefault(key, [0.0, None if weight is None else 0])
+            entry[0] = entry[0] + (value if weight is None else value * weight)
+            if weight is not None:
+                entry[1] += weight
+
+    def _step_metrics(self, parts: dict[str, list]) -> dict[str, float]:
+        """The logged metrics from this rank's (total, count) pairs: totals and counts summed over the ranks (one
+        all-reduce), then each summed metric is its total and each mean its total / count (0 with no count)."""
+        names = sorted(parts)
+        flat = [float(v) for k in names for v in (parts[k][0], parts[k][1] or 0)]
+        reduced = self._all_reduce(flat)
+        out = {}
+        for i, key in enumerate(names):
+            total, count = reduced[2 * i], reduced[2 * i + 1]
+            out[key] = total if parts[key][1] is None else (total / count if count > 0 else 0.0)
+        return out
 
     @torch.no_grad()
     def evaluate(self, rows=None) -> dict:

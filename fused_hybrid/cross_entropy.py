@@ -13,6 +13,15 @@ from .head_spec import HeadSpec
 from .vocab_parallel import VocabParallel
 
 
+def check_cross_entropy_options(reduction: str, label_smoothing: float, z_loss: float) -> None:
+    """The loss's own options, checked by the function and when the module is built."""
+    check_reduction(reduction)
+    check_non_negative("label_smoothing", label_smoothing)
+    if label_smoothing > 1:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    check_non_negative("z_loss", z_loss)
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -39,11 +48,7 @@ def linear_cross_entropy(
     all-ignored batch gives 0 with zero gradients. ``reduction="none"`` returns the per-token losses with the
     shape of ``targets``.
     """
-    check_reduction(reduction)
-    check_non_negative("label_smoothing", label_smoothing)
-    if label_smoothing > 1:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    check_non_negative("z_loss", z_loss)
+    check_cross_entropy_options(reduction, label_smoothing, z_loss)
     check_num_items(num_items, reduction)
 
     head = HeadSpec(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
@@ -86,8 +91,8 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         vocab_parallel: VocabParallel | None = None,
     ) -> None:
         super().__init__()
-        check_reduction(reduction)
-        # the head options are checked now, not at the first forward
+        # every option is checked now, not at the first forward
+        check_cross_entropy_options(reduction, label_smoothing, z_loss)
         HeadSpec(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
                  workspace_bytes=workspace_bytes, gradient_filter=gradient_filter,
                  vocab_parallel=vocab_parallel)  # fmt: skip

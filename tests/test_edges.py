@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,3 +147,19 @@ def test_backends_are_looked_up_by_name_and_a_registered_one_runs(tmp_path, monk
     import counting_backend
 
     assert counting_backend.calls == ["partials", "backward"]
+
+
+@pytest.mark.parametrize("count", [np.int64(7), np.float64(7.0), torch.tensor(7), torch.tensor(7.0), 7, 7.0])
+def test_counts_are_taken_as_users_pass_them(count):
+    """NumPy scalars (a count from a data pipeline) included."""
+    hidden, weight, targets = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    expected = fused_hybrid.linear_cross_entropy(hidden, weight, targets, reduction="sum") / 7
+    torch.testing.assert_close(fused_hybrid.linear_cross_entropy(hidden, weight, targets, num_items=count), expected)
+
+
+def test_a_loss_mask_of_zeros_and_ones_selects_as_a_bool_mask_does():
+    hidden, weight, targets = torch.randn(2, 5, 8), torch.randn(10, 8), torch.randint(0, 10, (2, 5))
+    loss_mask = (torch.rand(2, 5) < 0.6).float()
+    expected = fused_hybrid.dft_loss(hidden, weight, targets, loss_mask=loss_mask.bool()).loss
+    for mask in (loss_mask, loss_mask.long()):
+        torch.testing.assert_close(fused_hybrid.dft_loss(hidden, weight, targets, loss_mask=mask).loss, expected)

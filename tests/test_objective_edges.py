@@ -444,3 +444,25 @@ def test_modules_are_generated_from_their_function_and_check_options_when_built(
         fused_hybrid.GMPOLoss(dual_clip=3.0)
     with pytest.raises(TypeError, match=r"unknown argument\(s\) \['mu'\]"):
         fused_hybrid.DFTLoss()(hidden, weight, targets, mu=0.1)
+
+
+@pytest.mark.parametrize(
+    "objective, options",
+    [
+        (fused_hybrid.grpo_loss, dict(advantages=torch.randn(B), old_logp="per sequence")),
+        (fused_hybrid.grpo_loss, dict(advantages=torch.randn(B), beta=0.1, ref_logp="per sequence")),
+        (fused_hybrid.cispo_loss, dict(advantages=torch.randn(B), old_logp="per sequence")),
+        (fused_hybrid.cispo_loss, dict(advantages=torch.randn(B), beta=0.1, ref_logp="per sequence")),
+        (fused_hybrid.gmpo_loss, dict(advantages=torch.randn(B), old_logp="per sequence")),
+        (fused_hybrid.chord_loss, dict(advantages=torch.randn(B), is_expert=torch.arange(B) < 1, mu=0.5,
+                                       old_logp="per sequence")),  # fmt: skip
+    ],
+)
+def test_a_per_sequence_log_prob_is_refused_not_spread_over_the_tokens(objective, options):
+    """A rollout engine's summed sequence log-probs ([B]) are not per-token log-probs: broadcasting them to every
+    token gave ratios of exp(logp_t - sum_t' logp_t')."""
+    hidden, weight, targets, _ = make_batch()
+    name = next(k for k, v in options.items() if v == "per sequence")
+    options[name] = torch.randn(B) * T
+    with pytest.raises(ValueError, match=rf"{name} must have shape \({B}, {T}\) \(per token\), one log-prob per token"):
+        objective(hidden, weight, targets, **options)

@@ -115,3 +115,49 @@ def test_head_spec_is_checked_when_built():
         fused_hybrid.HeadSpec(backend="cuda")
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['temprature'\]"):
         fused_hybrid.DFTLoss(temprature=0.5)
+
+
+@pytest.mark.parametrize(
+    "num_items, error, words",
+    [
+        (torch.tensor(-5), ValueError, "num_items must be a whole number >= 0"),
+        (torch.tensor(0.5), ValueError, "num_items must be a whole number >= 0"),
+        (torch.tensor(float("nan")), ValueError, "num_items must be a whole number >= 0"),
+        (torch.tensor(True), TypeError, "num_items must be a count"),
+        (2.5, ValueError, "num_items must be a whole number >= 0"),
+        (-1, ValueError, "num_items must be a whole number >= 0"),
+        ("12", TypeError, "num_items must be a number or a scalar tensor"),
+    ],
+)
+def test_a_meaningless_count_is_refused_not_coerced(num_items, error, words):
+    """A count below 1 used to become 1 (the empty-batch guard): a negative or fractional one is an error."""
+    for call in (
+        lambda: fused_hybrid.linear_cross_entropy(*good(), num_items=num_items),
+        lambda: fused_hybrid.dft_loss(*good(), num_items=num_items),
+    ):
+        with pytest.raises(error, match=words):
+            call()
+
+
+@pytest.mark.parametrize("mask_value", [0.5, -1, 2])
+def test_a_loss_mask_that_is_not_a_selection_is_refused(mask_value):
+    hidden, weight, targets, _ = good()
+    loss_mask = torch.ones(targets.shape)
+    loss_mask[1] = mask_value
+    with pytest.raises(ValueError, match=rf"loss_mask must be bool or hold only 0 and 1.*found {float(mask_value)}"):
+        fused_hybrid.dft_loss(hidden, weight, targets, loss_mask=loss_mask)
+
+
+@pytest.mark.parametrize(
+    "build, words",
+    [
+        (lambda: fused_hybrid.FusedLinearCrossEntropyLoss(label_smoothing=2.0), "label_smoothing must lie in [0, 1]"),
+        (lambda: fused_hybrid.FusedLinearCrossEntropyLoss(z_loss=-1), "z_loss must be a finite number >= 0"),
+        (lambda: fused_hybrid.CHORDLoss(cutoff_prob=5), "cutoff_prob must lie in (0, 1]"),
+        (lambda: fused_hybrid.CHORDLoss(epsilon_low=2.0), "epsilon_low"),
+    ],
+)
+def test_modules_check_their_options_when_built(build, words):
+    with pytest.raises(ValueError) as info:
+        build()
+    assert words in str(info.value)

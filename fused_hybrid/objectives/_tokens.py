@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .._reduction import check_num_items, divide_by_count
-from .._validation import check_non_negative, check_sequence_ids
+from .._validation import check_non_negative, check_sequence_ids, fail_where
 from ..dispatch import linear_head_loss, linear_head_stats
 from ..head_spec import HEAD_OPTIONS, HeadSpec
 
@@ -74,20 +74,24 @@ class TokenBatch:
     def num_tokens(self) -> torch.Tensor:
         return self.mask.sum()
 
-    def per_token(self, value: torch.Tensor, name: str) -> torch.Tensor:
-        """`value` given per token (shape of targets) or per sequence ([num_sequences]) -> float [N], 0 outside the
-        loss."""
+    def per_token(self, value: torch.Tensor, name: str, *, per_sequence: bool = True) -> torch.Tensor:
+        """`value` given per token (shape of targets) or, with `per_sequence`, per sequence ([num_sequences], each
+        sequence's value on all its tokens) -> float [N], 0 outside the loss. Log-probs (``old_logp``, ``ref_logp``)
+        are per token only: a rollout engine's per-sequence sum spread over the tokens would be silently wrong."""
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if value.device != self.logp.device:
             raise ValueError(f"{name} is on {value.device}, the batch on {self.logp.device}")
         if value.shape == self.shape:
             return self.keep(value.reshape(-1).to(self.logp.dtype))
-        if self.num_sequences is not None and value.shape == (self.num_sequences,):
+        if per_sequence and self.num_sequences is not None and value.shape == (self.num_sequences,):
             return self.keep(value.to(self.logp.dtype)[self.seq_index])
         expected = f"{tuple(self.shape)} (per token)"
-        if self.num_sequences is not None:
+        if per_sequence and self.num_sequences is not None:
             expected += f" or ({self.num_sequences},) (per sequence)"
+        elif self.num_sequences is not None and value.shape == (self.num_sequences,):
+            expected += (", one log-prob per token: a per-sequence value (a sum of the sequence's log-probs) cannot "
+                         "be spread over its tokens")  # fmt: skip
         raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
 
     def per_sequence(self, value: torch.Tensor, name: str) -> torch.Tensor:
@@ -173,6 +177,10 @@ def _layout(targets, loss_mask, sequence_ids, num_sequences, head: HeadSpec) -> 
         if not isinstance(loss_mask, torch.Tensor) or loss_mask.shape != targets.shape:
             got = tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else type(loss_mask).__name__
             raise ValueError(f"loss_mask must have the shape of targets {tuple(targets.shape)}, got {got}")
+        if loss_mask.dtype != torch.bool:  # a mask selects: a weight such as 0.5, or a -1, is not one
+            fail_where((loss_mask != 0) & (loss_mask != 1),
+                       "loss_mask must be bool or hold only 0 and 1 (it selects the loss tokens)",
+                       lambda bad: f"found {loss_mask[bad][0].item()}")  # fmt: skip
         in_loss = in_loss & loss_mask.to(device=targets.device, dtype=torch.bool)
     # Tokens outside the loss are handed to the core as ignored, so the kernels skip them.
     head_targets = torch.where(in_loss, targets, head.ignore_index) if loss_mask is not None else targets

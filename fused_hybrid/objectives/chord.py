@@ -50,6 +50,14 @@ class MuSchedule:
         return self.valley
 
 
+def check_chord_options(cutoff_prob, epsilon_low, epsilon_high, dual_clip) -> None:
+    """CHORD's options besides mu, checked by the function and when the module is built."""
+    check_clip_options(epsilon_low, epsilon_high, dual_clip)
+    check_non_negative("cutoff_prob", cutoff_prob)
+    if not 0.0 < cutoff_prob <= 1.0:
+        raise ValueError(f"cutoff_prob must lie in (0, 1], got {cutoff_prob}")
+
+
 def check_mu(mu, name: str = "mu") -> None:
     if isinstance(mu, torch.Tensor):
         if mu.numel() != 1:
@@ -95,10 +103,7 @@ def chord_loss(
     policy metrics of :func:`grpo_loss` over the rollout tokens.
     """
     check_mu(mu)
-    check_clip_options(epsilon_low, epsilon_high, dual_clip)
-    check_non_negative("cutoff_prob", cutoff_prob)
-    if not 0.0 < cutoff_prob <= 1.0:
-        raise ValueError(f"cutoff_prob must lie in (0, 1], got {cutoff_prob}")
+    check_chord_options(cutoff_prob, epsilon_low, epsilon_high, dual_clip)
     check_num_items(num_rollout_tokens, name="num_rollout_tokens")
     check_num_items(num_expert_tokens, name="num_expert_tokens")
     if advantages is None:
@@ -114,7 +119,9 @@ def chord_loss(
         is_rollout = rollouts.mask
         old_token_logp = None
         if old_logp is not None:
-            old_token_logp = torch.where(is_rollout, batch.per_token(old_logp, "old_logp"), batch.logp.detach())
+            old_token_logp = torch.where(
+                is_rollout, batch.per_token(old_logp, "old_logp", per_sequence=False), batch.logp.detach()
+            )
         token_advantages = torch.where(is_rollout, batch.per_token(advantages, "advantages"), 0.0)
         policy_loss, active = clipped_surrogate(
             log_importance_ratio(rollouts, old_token_logp, "token"), token_advantages,
@@ -168,7 +175,7 @@ class CHORDLoss(ObjectiveModule):
         super().__init__()
         if not isinstance(mu, MuSchedule):
             check_mu(mu)
-        check_clip_options(epsilon_low, epsilon_high, dual_clip)
+        check_chord_options(cutoff_prob, epsilon_low, epsilon_high, dual_clip)
         self.mu = mu
         self.options = dict(
             use_phi=use_phi, cutoff_prob=cutoff_prob, epsilon_low=epsilon_low, epsilon_high=epsilon_high,

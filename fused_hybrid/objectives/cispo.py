@@ -60,7 +60,7 @@ def cispo_loss(
 
     def loss_of_batch(batch: TokenBatch) -> LossOutput:
         token_advantages = batch.per_token(advantages, "advantages")
-        old_token_logp = None if old_logp is None else batch.per_token(old_logp, "old_logp")
+        old_token_logp = None if old_logp is None else batch.per_token(old_logp, "old_logp", per_sequence=False)
         log_ratio = log_importance_ratio(batch, old_token_logp, "token").detach()
         ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
         clipped_weight = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
@@ -70,7 +70,7 @@ def cispo_loss(
         clipped = {"ratio": ratio, "clip_low": ratio < 1.0 - epsilon_low, "clip_high": ratio > 1.0 + epsilon_high}
         metrics = policy_metrics(batch, clipped)
         if beta > 0:
-            kl = k3_kl(batch.logp, batch.per_token(ref_logp, "ref_logp"))
+            kl = k3_kl(batch.logp, batch.per_token(ref_logp, "ref_logp", per_sequence=False))
             per_token = per_token + beta * kl
             metrics["ref_kl"] = batch.token_mean(kl)
 

@@ -52,7 +52,9 @@ def gmpo_loss(
     def loss_of_batch(batch: TokenBatch) -> LossOutput:
         batch.require_sequences("gmpo_loss")
         seq_advantages = batch.per_sequence(advantages, "advantages").to(batch.logp.dtype)
-        old_token_logp = batch.logp.detach() if old_logp is None else batch.per_token(old_logp, "old_logp")
+        old_token_logp = (
+            batch.logp.detach() if old_logp is None else batch.per_token(old_logp, "old_logp", per_sequence=False)
+        )
         log_ratio = (batch.logp - old_token_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)  # 0 outside the loss
         clipped = log_ratio.clamp(-epsilon_low, epsilon_high)
         positive = batch.to_tokens(seq_advantages) > 0

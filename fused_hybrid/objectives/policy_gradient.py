@@ -156,7 +156,7 @@ def grpo_loss(
 
     def loss_of_batch(batch: TokenBatch) -> LossOutput:
         token_advantages = batch.per_token(advantages, "advantages")
-        old_token_logp = None if old_logp is None else batch.per_token(old_logp, "old_logp")
+        old_token_logp = None if old_logp is None else batch.per_token(old_logp, "old_logp", per_sequence=False)
         log_ratio = log_importance_ratio(batch, old_token_logp, importance_sampling)
         policy_loss, active = clipped_surrogate(
             log_ratio, token_advantages, epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip
@@ -164,7 +164,7 @@ def grpo_loss(
         per_token = policy_loss
         metrics = policy_metrics(batch, active)
         if beta > 0:
-            kl = k3_kl(batch.logp, batch.per_token(ref_logp, "ref_logp"))
+            kl = k3_kl(batch.logp, batch.per_token(ref_logp, "ref_logp", per_sequence=False))
             per_token = per_token + beta * kl
             metrics["ref_kl"] = batch.token_mean(kl)
         if entropy_coef > 0:

@@ -454,8 +454,10 @@ def test_modules_are_generated_from_their_function_and_check_options_when_built(
         (fused_hybrid.cispo_loss, dict(advantages=torch.randn(B), old_logp="per sequence")),
         (fused_hybrid.cispo_loss, dict(advantages=torch.randn(B), beta=0.1, ref_logp="per sequence")),
         (fused_hybrid.gmpo_loss, dict(advantages=torch.randn(B), old_logp="per sequence")),
-        (fused_hybrid.chord_loss, dict(advantages=torch.randn(B), is_expert=torch.arange(B) < 1, mu=0.5,
-                                       old_logp="per sequence")),  # fmt: skip
+        (
+            fused_hybrid.chord_loss,
+            dict(advantages=torch.randn(B), is_expert=torch.arange(B) < 1, mu=0.5, old_logp="per sequence"),
+        ),  # fmt: skip
     ],
 )
 def test_a_per_sequence_log_prob_is_refused_not_spread_over_the_tokens(objective, options):

@@ -9,7 +9,7 @@ For each token t with logits row z (never materialised beyond a tile or chunk) t
     sumz_t  = sum_v z_v                            (label smoothing needs mean_v z_v)
 
 and, in backward, turns the per-token upstream gradients into dhidden / dweight / dbias by recomputing logit
-tiles. Every objective of LOSSES.md reaches the logits only through these statistics.
+tiles. Every objective reaches the logits only through these statistics (docs/objectives.md, "Statistics core").
 
 The backends (fused_hybrid.backends) compute the vocabulary partials and the backward; the custom op
 (fused_hybrid._ops) finalises them; fused_hybrid.dispatch is the validated entry. This module imports none of them.
@@ -74,7 +74,7 @@ def token_grad_coefficients(
 ) -> TokenGradCoefficients:
     """Fold the upstream gradients of (logp, H, lse, sum_z) into the per-token coefficients of dz.
 
-    With p = softmax(z) (LOSSES.md, preamble):
+    With p = softmax(z) (docs/objectives.md, "Statistics core"):
         dlogp/dz_v = 1[v = y] - p_v
         dH/dz_v    = -p_v * (log p_v + H)
         dlse/dz_v  = p_v

@@ -40,7 +40,8 @@ def linear_cross_entropy(
     gradient_filter: float | None = None,
     vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of the LM head ``softcap(F.linear(hidden, weight, bias) / temperature)`` (LOSSES.md section 1).
+    """Cross-entropy of the LM head ``softcap(F.linear(hidden, weight, bias) / temperature)``
+    (docs/objectives.md, "Cross-entropy and SFT").
 
     Per token: ``(1 - eps) * (-logp) + eps * (lse - mean_v z_v) + z_loss * lse**2`` (eps = ``label_smoothing``),
     0 at ignored tokens. ``reduction="mean"`` divides the sum by the number of non-ignored tokens, or by

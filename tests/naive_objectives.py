@@ -1,4 +1,4 @@
-"""Naive float64 implementations of every objective, written straight from LOSSES.md.
+"""Naive float64 implementations of every objective, written straight from docs/objectives.md.
 
 Full logits, plain autograd, and explicit loops over sequences in the [B, T] layout, so that nothing is shared
 with the package's vectorised code.

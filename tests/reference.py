@@ -1,4 +1,5 @@
-"""Independent float64 references written straight from LOSSES.md, with the full logits and plain autograd."""
+"""Independent float64 references written straight from docs/objectives.md, with the full logits and plain
+autograd."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ def rollout_inputs(targets):
     )
 
 
-def compare(fused_fn, naive_fn, hidden, weight, targets, rel=1e-4, **kwargs):
+def compare(fused_fn, naive_fn, hidden, weight, targets, rel=1e-4, loss_atol=1e-6, **kwargs):
     """Loss and grads of hidden and weight: fused (given dtype) vs naive (float64 copies)."""
     output = fused_fn(hidden, weight, targets, **kwargs)
     assert isinstance(output, fused_hybrid.LossOutput)
@@ -42,7 +42,7 @@ def compare(fused_fn, naive_fn, hidden, weight, targets, rel=1e-4, **kwargs):
     h64, w64 = leaf64(hidden), leaf64(weight)
     expected_loss = naive_fn(h64, w64, targets, **naive_kwargs)
     expected = grads(expected_loss, [h64, w64])
-    assert_close_scaled(output.loss, expected_loss, rel, "loss", atol=1e-6)
+    assert_close_scaled(output.loss, expected_loss, rel, "loss", atol=loss_atol)
     for name, got, want in zip(("d_hidden", "d_weight"), actual, expected):
         assert_close_scaled(got, want, rel, name, atol=1e-7)
     return output
@@ -167,8 +167,11 @@ def test_bf16_against_float64(backend, name):
         "minor_sft": dict(ref_logp=ref_logp),
         "ift": {},
     }[name]
+    # A policy loss is a mean of +-A r_t terms that nearly cancel: judge its error on the terms' scale (bf16 log-probs
+    # are ~1e-2 off, and so are the ratios), not on the small net value.
+    loss_atol = 1e-2 * extra["advantages"].abs().mean().item() if "advantages" in extra else 1e-6
     compare(getattr(fused_hybrid, f"{name}_loss"), getattr(naive, name), hidden, weight, targets, rel=4e-2,
-            loss_mask=loss_mask, backend=backend, **extra)  # fmt: skip
+            loss_atol=loss_atol, loss_mask=loss_mask, backend=backend, **extra)  # fmt: skip
 
 
 def test_packed_layout_equals_padded_layout():

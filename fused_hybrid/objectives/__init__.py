@@ -1,4 +1,4 @@
-"""The hybrid SFT + RL objectives of LOSSES.md, each a function (returning LossOutput) and an nn.Module
+"""The hybrid SFT + RL objectives (docs/objectives.md), each a function (returning LossOutput) and an nn.Module
 (returning the scalar loss, with `.metrics`), all on the logits-free core."""
 
 from ._tokens import AGGREGATIONS, LossOutput, aggregate, objective_module

@@ -256,7 +256,7 @@ def aggregate(
     num_items=None,
     max_response_length: int | None = None,
 ) -> torch.Tensor:
-    """Reduce per-token losses to a scalar (LOSSES.md section 5, "Aggregation").
+    """Reduce per-token losses to a scalar (docs/objectives.md, "Aggregation").
 
     - ``token-mean``: sum over loss tokens / number of loss tokens;
     - ``seq-mean-token-mean``: mean over sequences of each sequence's token mean;

@@ -1,4 +1,5 @@
-"""CHORD (LOSSES.md section 3): on-policy GRPO and phi-weighted SFT on expert data, mixed by a scheduled mu."""
+"""CHORD (docs/objectives.md, "CHORD"): on-policy GRPO and phi-weighted SFT on expert data, mixed by a scheduled
+mu."""
 
 from __future__ import annotations
 

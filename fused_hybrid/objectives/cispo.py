@@ -1,5 +1,6 @@
-"""CISPO (MiniMax-M1, LOSSES.md section 5): the clipped importance weight as a stop-gradient coefficient on logp,
-so that every token keeps its gradient (no token is clipped out of the update, only its weight is bounded)."""
+"""CISPO, from MiniMax-M1 (docs/objectives.md, "CISPO"): the clipped importance weight as a stop-gradient
+coefficient on logp, so that every token keeps its gradient (no token is clipped out of the update, only its
+weight is bounded)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DFT, Dynamic Fine-Tuning (LOSSES.md section 2): token NLL weighted by the detached token probability."""
+"""DFT, Dynamic Fine-Tuning (docs/objectives.md, "DFT"): token NLL weighted by the detached token probability."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""GMPO, Geometric-Mean Policy Optimization (LOSSES.md section 5): per sequence, the geometric mean of the token
-importance ratios, each clipped in log space, so that one outlier token cannot dominate the sequence's update."""
+"""GMPO, Geometric-Mean Policy Optimization (docs/objectives.md, "GMPO"): per sequence, the geometric mean of the
+token importance ratios, each clipped in log space, so that one outlier token cannot dominate the sequence's
+update."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""IFT, Intuitive Fine-Tuning (LOSSES.md section 7): the loss part, NLL with gamma-propagated token weights.
+"""IFT, Intuitive Fine-Tuning (docs/objectives.md, "IFT"): the loss part, NLL with gamma-propagated token weights.
 
 IFT credits each response position t with the discounted NLL of everything it leads to,
 ``G_t = sum_{k >= t} gamma^(k-t) * (-logp_k)``. Summed over t, token k is counted with weight

@@ -1,4 +1,4 @@
-"""MinorSFT (LOSSES.md section 4): SFT with a DPO-style brake toward a frozen reference policy."""
+"""MinorSFT (docs/objectives.md, "MinorSFT"): SFT with a DPO-style brake toward a frozen reference policy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""PPO / GRPO / GSPO clipped surrogate with an optional k3 KL term and entropy bonus (LOSSES.md section 5)."""
+"""PPO / GRPO / GSPO clipped surrogate with an optional k3 KL term and entropy bonus
+(docs/objectives.md, "Clipped surrogate")."""
 
 from __future__ import annotations
 

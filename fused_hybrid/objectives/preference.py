@@ -1,4 +1,5 @@
-"""DPO family (LOSSES.md section 6): sigmoid DPO, IPO and SimPO, with an optional NLL term on the chosen responses.
+"""DPO family (docs/objectives.md, "Preference"): sigmoid DPO, IPO and SimPO, with an optional NLL term on the
+chosen responses.
 
 Layout: a batch of 2P sequences, the P chosen responses first and then the P rejected ones in the same prompt
 order (sequence i is chosen, sequence P + i its rejected twin), in either the [2P, T] or the packed layout.

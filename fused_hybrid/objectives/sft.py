@@ -1,4 +1,5 @@
-"""SFT (LOSSES.md section 1): the token-mean cross-entropy of the demonstrations, as an objective."""
+"""SFT (docs/objectives.md, "Cross-entropy and SFT"): the token-mean cross-entropy of the demonstrations, as an
+objective."""
 
 from __future__ import annotations
 

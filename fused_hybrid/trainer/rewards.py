@@ -75,7 +75,7 @@ def compute_rewards(function, prompts: list[str], completions: list[str], column
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """A_i = (R_i - mean_group R) / (std_group R + 1e-6) (LOSSES.md section 3)."""
+    """A_i = (R_i - mean_group R) / (std_group R + 1e-6) (docs/objectives.md, "Group-normalised advantages")."""
     grouped = rewards.reshape(-1, group_size)
     std = grouped.std(dim=1, keepdim=True, unbiased=False) if group_size > 1 else torch.zeros_like(grouped[:, :1])
     return ((grouped - grouped.mean(dim=1, keepdim=True)) / (std + 1e-6)).reshape(-1)

@@ -24,15 +24,44 @@ from .vocab_parallel import vocab_parallel_head_stats
 class _Call(NamedTuple):
     head: HeadSpec
     backend: str  # resolved
-    hidden_2d: torch.Tensor
+    hidden_2d: torch.Tensor  # hidden, weight and bias in the compute dtype (in_compute_dtype)
+    weight: torch.Tensor
+    bias: torch.Tensor | None
     targets_1d: torch.Tensor
     transform: LogitTransform
     leading_shape: torch.Size
+    given: tuple  # (hidden [N, D], weight, bias) as the caller gave them, before any autocast cast
+
+
+def in_compute_dtype(hidden, weight, bias):
+    """(hidden, weight, bias) in the dtype the head computes in: under torch.autocast, the autocast dtype for
+    every floating input but float64, as F.linear would cast them. The engines then run with autocast off on
+    these operands, so that the backward recomputes exactly the forward's logits (autocast does not reach a
+    backward, so recomputing from the original fp32 operands would pair fp32 logits with a bf16 log-sum-exp).
+    The casts are differentiable: the gradients reach the original tensors in their dtypes."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def _autocast_off(device_type: str):
+    return torch.autocast(device_type, enabled=False)
 
 
 def _prepare(hidden, weight, targets, bias, head: HeadSpec | None, head_options: dict) -> _Call:
     head = HeadSpec.resolve(head, head_options)
+    given = (hidden, weight, bias)
+    if isinstance(hidden, torch.Tensor):
+        hidden, weight, bias = in_compute_dtype(hidden, weight, bias)
     check_head_inputs(hidden, weight, targets, bias)
+    given = (given[0].reshape(-1, hidden.shape[-1]), *given[1:])
     resolved = resolve_backend(head.backend, hidden)
     vocab_size = weight.shape[0]
     if head.vocab_parallel is not None:
@@ -44,8 +73,8 @@ def _prepare(hidden, weight, targets, bias, head: HeadSpec | None, head_options:
                                ignore_index=head.ignore_index,
                                workspace_bytes=head.workspace_bytes or default_workspace_bytes(hidden.device),
                                gradient_filter=head.gradient_filter)  # fmt: skip
-    return _Call(head, resolved, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).to(torch.int64).contiguous(),
-                 transform, targets.shape)  # fmt: skip
+    return _Call(head, resolved, hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                 targets.reshape(-1).to(torch.int64).contiguous(), transform, targets.shape, given)  # fmt: skip
 
 
 def linear_head_stats(
@@ -64,21 +93,22 @@ def linear_head_stats(
     are formed and computed. With ``vocab_parallel``, `weight` and `bias` are this rank's slice of the head and the
     statistics are those of the full vocabulary (see fused_hybrid.vocab_parallel).
     """
-    return _head_stats(_prepare(hidden, weight, targets, bias, head, head_options), weight, bias)
+    call = _prepare(hidden, weight, targets, bias, head, head_options)
+    with _autocast_off(call.hidden_2d.device.type):
+        return _head_stats(call)
 
 
-def _head_stats(call: _Call, weight, bias) -> HeadStats:
-    hidden_2d, targets_1d, transform = call.hidden_2d, call.targets_1d, call.transform
+def _head_stats(call: _Call) -> HeadStats:
+    head_inputs = (call.hidden_2d, call.weight, call.targets_1d, call.bias, call.transform)
     if call.backend == "reference":
-        stats = reference.head_stats(hidden_2d, weight, targets_1d, bias, transform)
+        stats = reference.head_stats(*head_inputs)
     elif call.head.vocab_parallel is not None:
-        offset = call.head.vocab_parallel.layout(weight.shape[0], weight.device)[0]
-        stats = vocab_parallel_head_stats(hidden_2d, weight, targets_1d, bias, transform, call.backend,
-                                          call.head.vocab_parallel, offset)  # fmt: skip
+        offset = call.head.vocab_parallel.layout(call.weight.shape[0], call.weight.device)[0]
+        stats = vocab_parallel_head_stats(*head_inputs, call.backend, call.head.vocab_parallel, offset)
     else:
-        raw = token_statistics(hidden_2d, weight, targets_1d, bias, transform, call.backend)
+        raw = token_statistics(*head_inputs, call.backend)
         # Ignored tokens read 0; their gradient coefficients are 0 too (see token_grad_coefficients).
-        valid = targets_1d != transform.ignore_index
+        valid = call.targets_1d != call.transform.ignore_index
         stats = HeadStats(*(torch.where(valid, statistic, 0.0) for statistic in raw))
     return HeadStats(*(s.reshape(call.leading_shape) for s in stats))
 
@@ -112,13 +142,19 @@ def linear_head_loss(
     input fails first), and once on the final statistics for the returned value.
     """
     call = _prepare(hidden, weight, targets, bias, head, head_options)
+    with _autocast_off(call.hidden_2d.device.type):
+        return _head_loss(loss_of_stats, call, separable, groups)
+
+
+def _head_loss(loss_of_stats: LossOfStats, call: _Call, separable: bool, groups) -> tuple[torch.Tensor, Any]:
+    hidden, weight, bias = call.hidden_2d, call.weight, call.bias
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     in_forward = (
         separable and call.backend == "chunked" and call.head.vocab_parallel is None and torch.is_grad_enabled()
         and any(needs) and not torch.compiler.is_compiling()
     )  # fmt: skip
     if not in_forward:
-        return loss_of_stats(_head_stats(call, weight, bias))  # the arguments are checked once
+        return loss_of_stats(_head_stats(call))  # the arguments are checked once
 
     def shaped(stats: HeadStats) -> HeadStats:
         return HeadStats(*(s.reshape(call.leading_shape) for s in stats))
@@ -134,19 +170,22 @@ def linear_head_loss(
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         return tuple(None if g is None else g[rows] for g in grads)
 
+    # The gradients come back in the dtypes of the tensors the caller gave: an fp32 parameter that autocast
+    # computes in bf16 gets its fp32 sum, never rounded to bf16.
+    given_hidden, given_weight, given_bias = call.given
+    grad_dtypes = (given_hidden.dtype, given_weight.dtype, None if given_bias is None else given_bias.dtype)
     with torch.no_grad():
         swept = chunked.statistics_and_gradients(
-            call.hidden_2d.detach(), weight.detach(), call.targets_1d, None if bias is None else bias.detach(),
+            hidden.detach(), weight.detach(), call.targets_1d, None if bias is None else bias.detach(),
             call.transform, chunk_gradients, needs, groups=None if groups is None else groups.reshape(-1),
+            grad_dtypes=grad_dtypes,
         )  # fmt: skip
     if swept is None:  # a group too large for one chunk
-        return loss_of_stats(_head_stats(call, weight, bias))
+        return loss_of_stats(_head_stats(call))
     stats, (d_hidden, d_weight, d_bias) = swept
     with torch.no_grad():
         loss, extras = loss_of_stats(shaped(stats))
-    if d_hidden is not None:
-        d_hidden = d_hidden.reshape(hidden.shape)
-    return _GradientFromForward.apply(loss, hidden, weight, bias, d_hidden, d_weight, d_bias), extras
+    return _GradientFromForward.apply(loss, *call.given, d_hidden, d_weight, d_bias), extras
 
 
 class _GradientFromForward(torch.autograd.Function):

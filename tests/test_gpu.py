@@ -202,3 +202,20 @@ def test_gradient_filter_on_trained_like_inputs_stays_within_naive_bf16_error():
     for got, ours, want in zip(naive, filtered, expected):
         naive_error = (got.double() - want).abs().max()
         assert (ours.double() - want).abs().max() <= naive_error
+
+
+def test_compiled_reductions_as_accurate_as_naive_on_a_large_vocabulary(monkeypatch):
+    """The compiled reductions at their CUDA block sizes over a 128k vocabulary, on exact logits against naive fp32
+    (tests/test_statistics_accuracy.py): the tile forward in one vocabulary split (2004 tiles in one compensated
+    running sum per token), the chunked epilogue's lanes and the PyTorch epilogue's blocked row dot on CUDA."""
+    from fused_hybrid.kernels import logit_epilogue, token_statistics_forward
+
+    from fused_hybrid.backends.chunked import TorchEpilogue
+    from tests.test_statistics_accuracy import REDUCTIONS, check_partials, exact_logits
+
+    monkeypatch.setattr(token_statistics_forward, "_target_programs", lambda device: 1)
+    hidden, weight, bias, targets, logits = (t.cuda() for t in exact_logits(64, 96, 128_256))
+    tile = token_statistics_forward.vocabulary_partials(hidden, weight, targets, bias, REDUCTIONS)
+    check_partials(tile, logits, bias)
+    check_partials(logit_epilogue.statistics(logits, targets, bias, REDUCTIONS)[0], logits, bias)
+    check_partials(TorchEpilogue.statistics(logits, targets, bias, REDUCTIONS)[0], logits, bias)

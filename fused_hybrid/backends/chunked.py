@@ -47,9 +47,24 @@ class TorchEpilogue:
     """The epilogue in PyTorch operations, on any device. It keeps three fp32 buffers of the chunk's size (the
     transformed logits, z - max and exp(z - max)) and reuses the last two for log p and dz."""
 
+    # sum exp(z - m) * (z - m) is summed in this many column blocks (see row_dot)
+    ROW_DOT_BLOCKS = 8
+
     @staticmethod
     def bytes_per_logit(dtype: torch.dtype) -> int:
         return dtype.itemsize + 3 * stats_dtype(dtype).itemsize
+
+    @staticmethod
+    def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(a * b).sum(-1), as accurate (pairwise on the CPU, a tree on CUDA), with a temporary of one column block
+        (1 / ROW_DOT_BLOCKS of a buffer) rather than of the chunk's size. A batched row-times-row dot product needs
+        none but is one sequential fp32 sum over V on the CPU (6e-5 relative error at V = 49152), and a TF32 GEMM
+        on CUDA where fp32 matmuls may use TF32."""
+        width = max(1, -(-a.shape[1] // TorchEpilogue.ROW_DOT_BLOCKS))
+        total = a.new_zeros(a.shape[0])
+        for start in range(0, a.shape[1], width):
+            total += (a[:, start : start + width] * b[:, start : start + width]).sum(-1)
+        return total
 
     @staticmethod
     def statistics(logits, targets, bias, transform: LogitTransform):
@@ -60,8 +75,7 @@ class TorchEpilogue:
         shifted = z - row_max[:, None]
         exp_shifted = torch.exp(shifted)
         sum_exp = exp_shifted.sum(-1)
-        # sum exp(z - m) * (z - m) as a batched dot product: no third N x V temporary
-        sum_exp_shifted = torch.bmm(exp_shifted.unsqueeze(1), shifted.unsqueeze(2)).view(-1)
+        sum_exp_shifted = TorchEpilogue.row_dot(exp_shifted, shifted)
         has_target = targets >= 0
         target_logit = z.gather(1, torch.where(has_target, targets, 0)[:, None]).squeeze(1)
         partials = VocabPartials(row_max, sum_exp, sum_exp_shifted, z.sum(-1), torch.where(has_target, target_logit, 0))
@@ -81,11 +95,20 @@ class TorchEpilogue:
         """dz (fp32, [rows, V]) from the token coefficients (see core.TokenGradCoefficients); `state` is what
         `statistics` returned for these logits, or None in a backward that recomputed them."""
         if state is None:
+            # log p = (z - m) - log s, as in the forward, where the row's sums round to `lse`: z - lse would carry
+            # lse's own rounding (half an ulp of |lse|, 1e-6 relative at |lse| ~ 30) into every p of the row. Any
+            # other lse (the full vocabulary's, for a vocab-parallel shard; a row never swept) gives z - lse.
             z = transform_logits(logits, bias, transform)
+            row_max = z.amax(-1)
+            shifted = z - row_max[:, None]
+            probs = torch.exp(shifted)
+            log_sum_exp = torch.log(probs.sum(-1))
+            own = row_max + log_sum_exp == lse
+            base, offset = torch.where(own, row_max, 0.0), torch.where(own, log_sum_exp, lse)
             # log p <= 0 always; clamping also keeps exp finite for a token whose lse was never swept (a compacted
             # ignored token reads lse = 0), whose all-zero coefficients then give dz = 0, not inf * 0 = NaN.
-            log_probs = (z - lse[:, None]).clamp_(max=0.0)
-            probs = torch.exp(log_probs)
+            log_probs = torch.sub(z, base[:, None], out=shifted).sub_(offset[:, None]).clamp_(max=0.0)
+            probs = torch.exp(log_probs, out=probs)
         else:  # exp(z - max) / s = p, and z - max - log s = z - lse, in the statistics' own buffers
             z, shifted, probs, sum_exp = state
             if coefs.logp_coef is None:  # p * prob_coef in one pass
@@ -302,16 +325,18 @@ ChunkGradients = Callable[[HeadStats, Rows], tuple[torch.Tensor | None, ...]]
 
 
 def statistics_and_gradients(hidden, weight, targets, bias, transform: LogitTransform, chunk_gradients: ChunkGradients,
-                             needs: tuple[bool, bool, bool], *, groups=None, epilogue=None):  # fmt: skip
+                             needs: tuple[bool, bool, bool], *, groups=None, grad_dtypes=None,
+                             epilogue=None):  # fmt: skip
     """One sweep, three GEMMs: the finalised statistics [N] (0 at ignored tokens) and (d_hidden, d_weight,
     d_bias) of a loss whose upstream gradients at a chunk's rows `chunk_gradients` gives from the statistics of the
     tokens swept so far (those rows included). That is its gradient when the loss is token-separable, or, with
-    `groups` (see plan_chunks), separable over the groups; None when the groups cannot be kept whole."""
+    `groups` (see plan_chunks), separable over the groups; None when the groups cannot be kept whole. The gradients
+    are in the inputs' dtypes or in `grad_dtypes` (hidden, weight, bias)."""
     epilogue, column_targets, plan = _sweep(hidden, weight, targets, transform, epilogue, groups)
     if plan is None:
         return None
     valid = targets != transform.ignore_index
-    grads = _Gradients(hidden, weight, bias, needs, plan)
+    grads = _Gradients(hidden, weight, bias, needs, plan, grad_dtypes)
     statistics = torch.zeros(4, hidden.shape[0], dtype=stats_dtype(hidden.dtype), device=hidden.device)
     for rows in plan:
         hidden_rows = hidden[rows]

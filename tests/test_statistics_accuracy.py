@@ -1,0 +1,234 @@
+"""fp32 accuracy on trained-like logits: every statistic and gradient is as close to float64 as naive fp32 PyTorch.
+
+The criterion, per quantity, on max errors relative to the largest |truth| (truth: float64 from the same fp32
+inputs; naive: full fp32 logits, log_softmax, -(p * log p).sum(-1), plain autograd):
+
+    err(ours) <= C * err(naive) + TINY
+
+Why C = 3: an accurate implementation rounds the same logit-sized quantities once or twice in fp32 as naive does
+(z, exp(z - m), log p) and reduces over V pairwise or tree-wise (error O(eps log V)); what remains differs only in
+which roundings it makes, which moves the max error by small factors (the PyTorch epilogue: at most 1.3x naive over
+20 seeds). A sequential fp32 sum over V (a row dot row as one long loop, one running sum across hundreds of tiles)
+grows its error with the number of terms instead: the PyTorch epilogue's batched dot product gave 20x naive's
+entropy error here, and 20-40x its gradients' error. TINY (2 fp32 ulps relative) keeps a naive error that happens
+to be a single rounding from making the bound vanish.
+
+The Triton kernels form p = exp(z - lse) from the fp32 lse (see fp32_lse_gradients): their gradients are held to
+that formula's own fp32 error where it exceeds naive's.
+
+Trained-like logits: the head's rows have log-normal norms and a raw logit spread of about 3 (temperature 0.7:
+about 4 in z, |lse| 20-55), and every other token is confident, its target logit lifted by 25-40 (p ~ 1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_hybrid
+from fused_hybrid.backends import chunked
+from fused_hybrid.backends.chunked import TorchEpilogue
+from fused_hybrid.core import LogitTransform, VocabPartials, finalize_partials
+from tests.reference import grads, leaf64, logprobs_entropy64
+
+TEMPERATURE = 0.7
+C = 3.0
+TINY = 2 * torch.finfo(torch.float32).eps
+QUANTITIES = ("logp", "entropy", "lse", "d_hidden", "d_weight")
+
+
+def trained_like(num_tokens: int, dim: int, vocab: int, *, spread: float = 2.5):
+    """hidden [N, D], weight [V, D] (fp32, requiring grad) and targets: raw logits of std ~ 1.2 * spread from rows
+    of log-normal norms, and every other token confident: its target is one of a few tokens that each own one of the
+    last hidden dimensions, set to lift that token's logit alone by 25-40."""
+    confident = torch.arange(0, num_tokens, 2)
+    special = torch.randperm(vocab)[: len(confident)]  # the confident tokens' targets, one hidden dimension each
+    free = dim - len(confident)
+    weight = torch.zeros(vocab, dim)
+    weight[:, :free] = torch.randn(vocab, free) * free**-0.5 * torch.exp(0.4 * torch.randn(vocab, 1)) * spread
+    weight[special, free + torch.arange(len(confident))] = 1.0
+    hidden = torch.zeros(num_tokens, dim)
+    hidden[:, :free] = torch.randn(num_tokens, free)
+    hidden[confident, free + torch.arange(len(confident))] = 25 + 15 * torch.rand(len(confident))
+    targets = torch.randint(0, vocab, (num_tokens,))
+    targets[confident] = special
+    return hidden.requires_grad_(), weight.requires_grad_(), targets
+
+
+STATISTICS = ("logp", "entropy", "lse")
+
+
+def relative_error(got: torch.Tensor, truth: torch.Tensor, name: str) -> float:
+    """max |got - truth| / max |truth|, the scale at least 1 for the statistics: they are O(log V), and an entropy
+    near 0 (a confident row) is only ever as accurate as log s with s = 1 + (1 - p) in fp32."""
+    scale = truth.abs().max().item()
+    return (got.double() - truth).abs().max().item() / (max(scale, 1.0) if name in STATISTICS else scale)
+
+
+def truth_and_naive(hidden, weight, targets, g_logp, g_entropy):
+    """{quantity: (float64 truth, naive fp32)}."""
+    hidden64, weight64 = leaf64(hidden), leaf64(weight)
+    logp64, entropy64 = logprobs_entropy64(hidden64, weight64, targets, temperature=TEMPERATURE)
+    lse64 = torch.logsumexp(F.linear(hidden64, weight64) / TEMPERATURE, -1)
+    d64 = grads((logp64 * g_logp.double() + entropy64 * g_entropy.double()).sum(), [hidden64, weight64])
+
+    z = F.linear(hidden, weight) / TEMPERATURE
+    log_probs = F.log_softmax(z, -1)
+    logp = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    naive_grads = grads((logp * g_logp + entropy * g_entropy).sum(), [hidden, weight])
+    truth = (logp64, entropy64, lse64, *d64)
+    naive = (logp, entropy, torch.logsumexp(z, -1), *naive_grads)
+    return {name: (t.detach(), n.detach()) for name, t, n in zip(QUANTITIES, truth, naive)}
+
+
+def fp32_lse_gradients(hidden, weight, targets, g_logp, g_entropy, ulps: int):
+    """(d_hidden, d_weight) in plain fp32 PyTorch with p = exp(z - lse), the fp32 lse moved by `ulps`: the formula
+    the Triton kernels share (logit_tile.logit_gradient). The fp32 lse rounds away up to half an ulp of |lse| (2e-6
+    at |lse| ~ 50), and every p of its row moves with it, where log_softmax's (z - m) - log s keeps the large p's to
+    a few eps (as the PyTorch epilogue does): up to 10x naive's gradient error on these small inputs. A kernel's own
+    z and lse may each differ from PyTorch's by an ulp, hence the moved lse."""
+    with torch.no_grad():
+        z = F.linear(hidden, weight) / TEMPERATURE
+        lse = torch.logsumexp(z, -1)
+        for _ in range(abs(ulps)):
+            lse = torch.nextafter(lse, torch.full_like(lse, float("inf") if ulps > 0 else float("-inf")))
+        log_probs = (z - lse[:, None]).clamp(max=0.0)
+        probs = log_probs.exp()
+        entropy = -(probs * log_probs).sum(-1)
+        d_z = probs * (-(g_logp + g_entropy * entropy)[:, None] - g_entropy[:, None] * log_probs)
+        d_z[torch.arange(len(targets)), targets] += g_logp
+        d_z /= TEMPERATURE
+        return d_z @ weight, d_z.T @ hidden
+
+
+def two_pass(backend):
+    """linear_head_stats (linear_logprobs is its logp and entropy): the statistics in the forward, the gradient in a
+    backward that recomputes the logits."""
+
+    def run(hidden, weight, targets, g_logp, g_entropy):
+        stats = fused_hybrid.linear_head_stats(hidden, weight, targets, temperature=TEMPERATURE, backend=backend)
+        d_hidden, d_weight = grads((stats.logp * g_logp + stats.entropy * g_entropy).sum(), [hidden, weight])
+        return stats.logp, stats.entropy, stats.lse, d_hidden, d_weight
+
+    return run
+
+
+def one_sweep(hidden, weight, targets, g_logp, g_entropy):
+    """The chunked engine with the gradient inside the forward (dz from the statistics' own buffers)."""
+
+    def loss_of_stats(stats):
+        return (stats.logp * g_logp + stats.entropy * g_entropy).sum(), stats
+
+    loss, stats = fused_hybrid.linear_head_loss(
+        loss_of_stats, hidden, weight, targets, separable=True, temperature=TEMPERATURE, backend="chunked"
+    )
+    d_hidden, d_weight = grads(loss, [hidden, weight])
+    return stats.logp, stats.entropy, stats.lse, d_hidden, d_weight
+
+
+def check(run, num_tokens, dim, vocab, *, fp32_lse_gradient=False):
+    """`fp32_lse_gradient`: the gradients' baseline is the worst of naive and fp32_lse_gradients (lse -1, 0, +1 ulp)."""
+    hidden, weight, targets = trained_like(num_tokens, dim, vocab)
+    g_logp, g_entropy = torch.randn(num_tokens), torch.randn(num_tokens)
+    reference = truth_and_naive(hidden, weight, targets, g_logp, g_entropy)
+    baselines = {name: [naive] for name, (_, naive) in reference.items()}
+    for ulps in (-1, 0, 1) if fp32_lse_gradient else ():
+        for name, grad in zip(("d_hidden", "d_weight"), fp32_lse_gradients(hidden, weight, targets, g_logp, g_entropy,
+                                                                          ulps)):  # fmt: skip
+            baselines[name].append(grad)
+    failures = []
+    for name, got in zip(QUANTITIES, run(hidden, weight, targets, g_logp, g_entropy)):
+        truth = reference[name][0]
+        err = relative_error(got, truth, name)
+        baseline_err = max(relative_error(baseline, truth, name) for baseline in baselines[name])
+        if err > C * baseline_err + TINY:
+            failures.append(f"{name}: {err:.2e} > {C} * baseline {baseline_err:.2e} + {TINY:.1e}")
+    assert not failures, "; ".join(failures)
+
+
+# The PyTorch epilogue: V large enough for a sequential sum's error to show, the two-pass path (recomputed logits
+# in the backward) and the one sweep (the conftest's 5-row chunk cap makes both multi-chunk).
+@pytest.mark.parametrize("run", [two_pass("torch"), two_pass("chunked"), one_sweep], ids=["torch", "chunked", "sweep"])
+def test_pytorch_epilogue_as_accurate_as_naive(run):
+    check(run, num_tokens=16, dim=64, vocab=16384)
+
+
+@pytest.fixture
+def triton_epilogue(monkeypatch):
+    """The chunked engine with the Triton epilogue (the interpreter on the CPU)."""
+    from fused_hybrid.kernels import logit_epilogue
+
+    monkeypatch.setattr(chunked, "default_epilogue", lambda hidden: logit_epilogue)
+    return logit_epilogue
+
+
+@pytest.fixture
+def one_split(monkeypatch):
+    """The tile kernels' forward in one vocabulary split, as on a GPU with many token blocks: every token's sums
+    run across all of V's tiles in one program."""
+    from fused_hybrid.kernels import token_statistics_forward
+
+    monkeypatch.setattr(token_statistics_forward, "_target_programs", lambda device: 1)
+    return token_statistics_forward
+
+
+# The Triton paths through the interpreter: small shapes, whose small interpreter tiles still make V many tiles.
+def test_triton_epilogue_as_accurate_as_naive(triton_epilogue):
+    check(one_sweep, num_tokens=6, dim=16, vocab=4096, fp32_lse_gradient=True)
+
+
+def test_tile_kernels_as_accurate_as_naive(one_split):
+    check(two_pass("triton"), num_tokens=8, dim=16, vocab=4096, fp32_lse_gradient=True)
+
+
+# The reductions alone: raw logits exact in fp32 (coarse-grid inputs, every product and sum exact) plus a bias, and
+# temperature 0.5 (an exact scaling): every implementation forms bitwise the same fp32 z = (logits + bias) / T, and
+# the truth is float64 of that z, so that the errors left are exp's and those of the sums over V. (Temperature 0.7
+# would add the kernels' z = raw * fl(1 / T), an effective temperature off by up to 2^-24, to the kernels' error.)
+REDUCTIONS = LogitTransform(temperature=0.5)
+
+
+def exact_logits(num_tokens, dim, vocab):
+    # spread 1.5: z of std ~4 at T = 0.5, as the end-to-end tests' at 0.7
+    hidden, weight, targets = trained_like(num_tokens, dim, vocab, spread=1.5)
+    hidden = ((hidden.detach() * 8).round() / 8).contiguous()
+    weight = ((weight.detach() * 64).round() / 64).contiguous()
+    logits = hidden @ weight.T
+    assert torch.equal(logits.double(), hidden.double() @ weight.double().T)
+    return hidden, weight, torch.randn(vocab), targets, logits
+
+
+def check_partials(partials: VocabPartials, logits: torch.Tensor, bias: torch.Tensor) -> None:
+    z = (logits + bias) / REDUCTIONS.temperature
+    z64, log_probs = z.double(), F.log_softmax(z, -1)
+    log_probs64 = F.log_softmax(z64, -1)
+    truth = {"entropy": -(log_probs64.exp() * log_probs64).sum(-1), "lse": torch.logsumexp(z64, -1),
+             "sum_z": z64.sum(-1)}  # fmt: skip
+    naive = {"entropy": -(log_probs.exp() * log_probs).sum(-1), "lse": torch.logsumexp(z, -1), "sum_z": z.sum(-1)}
+    stats = finalize_partials(partials)
+    failures = []
+    for name, got in (("entropy", stats.entropy), ("lse", stats.lse), ("sum_z", stats.sum_z)):
+        err, naive_err = relative_error(got, truth[name], name), relative_error(naive[name], truth[name], name)
+        if err > C * naive_err + TINY:
+            failures.append(f"{name}: {err:.2e} > {C} * naive {naive_err:.2e} + {TINY:.1e}")
+    assert not failures, "; ".join(failures)
+
+
+def test_pytorch_epilogue_reductions():
+    _, _, bias, targets, logits = exact_logits(8, 32, 16384)
+    check_partials(TorchEpilogue.statistics(logits, targets, bias, REDUCTIONS)[0], logits, bias)
+
+
+def test_triton_epilogue_reductions(triton_epilogue, monkeypatch):
+    # At the CUDA block width: each lane's running sums then take V / 2048 terms, as on the GPU (the interpreter's
+    # 32-wide blocks give each lane 64x more, one after another).
+    monkeypatch.setattr(triton_epilogue, "INTERPRETER_BLOCK_V", triton_epilogue.BLOCK_V_STATISTICS)
+    _, _, bias, targets, logits = exact_logits(4, 32, 16384)
+    check_partials(triton_epilogue.statistics(logits, targets, bias, REDUCTIONS)[0], logits, bias)
+
+
+def test_tile_forward_reductions(one_split):
+    hidden, weight, bias, targets, logits = exact_logits(4, 16, 32768)
+    check_partials(one_split.vocabulary_partials(hidden, weight, targets, bias, REDUCTIONS), logits, bias)

@@ -135,8 +135,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--wheels", type=Path, help="folder of carried wheels of the peers, installed offline")
     parser.add_argument("--minutes", type=float, default=SUITE_MINUTES, help="the whole suite's time budget")
     parser.add_argument("--dry-run", action="store_true", help="check and print the plan, run nothing")
-    parser.add_argument("--download-wheels", type=Path, metavar="DIR",
-                        help=f"fetch the peers' wheels for the GPU machine (Python {GPU_PYTHON}) into DIR and stop")
+    parser.add_argument(
+        "--download-wheels",
+        type=Path,
+        metavar="DIR",
+        help=f"fetch the peers' wheels for the GPU machine (Python {GPU_PYTHON}) into DIR and stop",
+    )
     args = parser.parse_args(argv)
     if args.download_wheels is not None:
         download_wheels(args.download_wheels)

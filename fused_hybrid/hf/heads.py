@@ -1,0 +1,191 @@
+"""How a Hugging Face causal LM forms its logits, read without computing them: the logit transform from the config,
+the head's effective weight (a plain or column-scaled nn.Linear), the head's recorded input, the shifted labels."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100  # the label value every transformers causal LM ignores
+# Config names of a tanh cap on the logits, cap * tanh(z / cap), by family.
+_SOFTCAP_NAMES = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+
+
+class PatchMismatchError(ValueError):
+    """The fused loss of a patched model differs from the model's own loss, or could not be checked."""
+
+
+class UnsupportedHeadError(TypeError):
+    """The model's output embeddings compute something the patch cannot express as ``F.linear`` of an effective
+    weight (a LoRA adapter on the head, a head subclass with a forward of its own); the message names the class."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadTransform:
+    """How a causal LM turns its head's output into logits: ``softcap(F.linear(h, W[:vocab_size]) / temperature)``.
+
+    ``vocab_size`` is the number of real tokens when the head's rows are padded (``unpadded_vocab_size``)."""
+
+    temperature: float = 1.0
+    softcap: float | None = None
+    vocab_size: int | None = None
+
+    def loss_options(self) -> dict:
+        return {"temperature": self.temperature, "softcap": self.softcap}
+
+
+def text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def head_transform(model: nn.Module) -> HeadTransform:
+    """The logit transform a causal LM applies after its head, from the config names the families use."""
+    config = text_config(model)
+    temperature = 1.0
+    logit_scale = getattr(config, "logit_scale", None)  # Cohere: logits * logit_scale
+    if logit_scale:
+        temperature /= float(logit_scale)
+    logits_scaling = getattr(config, "logits_scaling", None)  # Granite: logits / logits_scaling
+    if logits_scaling and str(getattr(config, "model_type", "")).startswith("hyperclovax"):
+        temperature /= float(logits_scaling)  # HyperCLOVA X (MuP): logits * logits_scaling
+    elif logits_scaling:
+        temperature *= float(logits_scaling)
+    lm_head_multiplier = getattr(config, "lm_head_multiplier", None)  # Falcon-H1: logits * lm_head_multiplier
+    if lm_head_multiplier:
+        temperature /= float(lm_head_multiplier)
+    output_multiplier = getattr(config, "output_multiplier", None)  # Muse Glimmer / Spark: logits * it, pre-softcap
+    if output_multiplier:
+        temperature /= float(output_multiplier)
+    caps = {getattr(config, name, None) for name in _SOFTCAP_NAMES} - {None}
+    if len(caps) > 1:
+        raise PatchMismatchError(f"{type(model).__name__}: the config sets several different logit softcaps {caps}")
+    unpadded = getattr(config, "unpadded_vocab_size", None)
+    return HeadTransform(temperature=temperature, softcap=caps.pop() if caps else None, vocab_size=unpadded)
+
+
+def is_column_scaled_head(head: nn.Module) -> bool:
+    """A linear head that multiplies each logit column by a learned scale (Dory's ``DoryLMHead``):
+    ``logits_v = (h . W_v + b_v) * logit_scale_v * logit_scale_factor``."""
+    scale = getattr(head, "logit_scale", None)
+    return (
+        isinstance(head, nn.Linear) and isinstance(scale, nn.Parameter) and tuple(scale.shape) == (head.out_features,)
+        and isinstance(getattr(head, "logit_scale_factor", None), (int, float))
+    )  # fmt: skip
+
+
+def check_fusable_head(model: nn.Module) -> None:
+    """Raise UnsupportedHeadError unless the output embeddings are a plain nn.Linear or a column-scaled one."""
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear or is_column_scaled_head(head):
+        return
+    name, kind = type(model).__name__, type(head).__name__
+    if type(head).__module__.startswith("peft"):
+        reason = f"a PEFT adapter layer ({kind}): leave lm_head out of the adapter's target_modules"
+    elif isinstance(head, nn.Linear):
+        reason = (f"{kind}, a subclass of nn.Linear with a forward of its own, which the patch cannot read as a "
+                  "linear map of the hidden states")  # fmt: skip
+    else:
+        reason = f"{kind}, not an nn.Linear"
+    raise UnsupportedHeadError(
+        f"{name}: the output embeddings are {reason}; fused-hybrid fuses plain nn.Linear heads and heads that scale "
+        "each logit column by a learned logit_scale"
+    )
+
+
+def effective_head(head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) whose F.linear gives the head's logits. A column-scaled head (is_column_scaled_head) is the
+    linear head with rows W'_v = c_v W_v and b'_v = c_v b_v, c = logit_scale * logit_scale_factor: a V x D
+    temporary the size of the weight, never N x V; autograd gives the scale its gradient, the row-wise dot of W
+    with the gradient of W' (times the factor)."""
+    if not is_column_scaled_head(head):
+        return head.weight, head.bias
+    scale = head.logit_scale.to(head.weight.dtype) * head.logit_scale_factor
+    bias = None if head.bias is None else head.bias * scale
+    return head.weight * scale[:, None], bias
+
+
+def head_inputs(
+    hidden: torch.Tensor, head: nn.Linear, vocab_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(hidden, weight, bias) in one dtype: the autocast dtype when autocast is on (as F.linear would compute
+    the head), else the head's dtype; the effective weight and bias of a column-scaled head (effective_head), cut
+    to `vocab_size` rows when the head is padded. The casts and cuts are differentiable, so the gradients reach the
+    parameters."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = head.weight.dtype
+    weight, bias = effective_head(head)
+    if vocab_size is not None and vocab_size < weight.shape[0]:
+        weight = weight[:vocab_size]
+        bias = None if bias is None else bias[:vocab_size]
+    bias = None if bias is None else bias.to(dtype)
+    return hidden.to(device=weight.device, dtype=dtype), weight.to(dtype), bias
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Position t predicts label t + 1, as transformers' causal-LM loss does; the last position predicts nothing.
+    The labels are shifted rather than the hidden states cut, which would copy them."""
+    return torch.cat([labels[..., 1:], labels.new_full((*labels.shape[:-1], 1), IGNORE_INDEX)], dim=-1)
+
+
+def kept_tokens(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only the tokens with a label go through the head ([N_kept, D], [N_kept]): a prompt or padding costs nothing.
+    Selecting them is one host-device synchronisation (the count); under torch.compile the ignored tokens stay
+    (the kernels skip them) so that the graph has static shapes."""
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if torch.compiler.is_compiling():
+        return hidden, targets
+    kept = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    return hidden.index_select(0, kept), targets.index_select(0, kept)
+
+
+def router_loss_coefficient(model: nn.Module) -> float | None:
+    """The weight of the MoE load-balancing loss in the model's own loss, under the names the families use."""
+    for owner in (model, text_config(model)):
+        for name in ("router_aux_loss_coef", "aux_loss_coef"):
+            if getattr(owner, name, None) is not None:
+                return getattr(owner, name)
+    return None
+
+
+@contextlib.contextmanager
+def replacing_head(head: nn.Module, logits_from_input):
+    """While active, calling `head` records its input and returns `logits_from_input(input)` instead of the
+    N x V logits; the model's forward runs its own code before and after the head. The module's hooks still run;
+    an instance-level forward (an accelerate hook) is restored afterwards."""
+    recorded: list[torch.Tensor] = []
+    previous = head.__dict__.get("forward")
+
+    def record(hidden, *args, **kwargs):
+        recorded.append(hidden)
+        return logits_from_input(hidden)
+
+    head.forward = record
+    try:
+        yield recorded
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
+
+
+def zero_width_logits(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden.new_empty(*hidden.shape[:-1], 0)
+
+
+def recorded_head_input(model: nn.Module, **inputs) -> torch.Tensor:
+    """The input of a causal LM's head for `inputs` (its final hidden states after whatever the model does to them
+    before its head), from the model's own forward without computing the logits."""
+    with replacing_head(model.get_output_embeddings(), zero_width_logits) as recorded:
+        model(**inputs)
+    if len(recorded) != 1:
+        raise PatchMismatchError(f"{type(model).__name__}'s forward called its output embeddings {len(recorded)} "
+                                 "times; fused-hybrid fuses models that call their head once")  # fmt: skip
+    return recorded[0]

@@ -3,10 +3,13 @@ that the saved run is the one the config describes."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -98,3 +101,25 @@ def write_checkpoint(final: Path, *, model: nn.Module, tokenizer, model_state: d
     os.replace(staging, final)
     for old in checkpoints(final.parent)[:-keep]:
         shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def interrupt_at_step_end():
+    """Within the block, a first Ctrl-C (SIGINT) is only noted: the yielded function says whether it came, so the
+    loop stops at a step boundary; the handler is then the previous one again, and a second Ctrl-C acts at once.
+    Outside the main thread (where signals cannot be handled) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    came = []
+
+    def note(signum, frame):
+        came.append(signum)
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield lambda: bool(came)
+    finally:
+        signal.signal(signal.SIGINT, previous)

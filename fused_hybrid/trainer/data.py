@@ -153,3 +153,17 @@ def pad_prompts_left(prompts: list[list[int]], pad_token_id: int, device) -> dic
         input_ids[row, length - len(ids) :] = torch.tensor(ids)
         attention_mask[row, length - len(ids) :] = 1
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+def concat_rows(first: dict, second: dict, pad_token_id: int) -> dict:
+    """Stack two row sets (left- or right-padded) into one, right-padding the shorter to a common length."""
+    length = max(first["input_ids"].shape[1], second["input_ids"].shape[1])
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    out = {}
+    for key in first:
+        a, b = first[key], second[key]
+        if key in fill:
+            a = torch.nn.functional.pad(a, (0, length - a.shape[1]), value=fill[key])
+            b = torch.nn.functional.pad(b, (0, length - b.shape[1]), value=fill[key])
+        out[key] = torch.cat([a, b])
+    return out

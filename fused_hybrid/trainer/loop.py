@@ -9,8 +9,6 @@ import logging
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -22,28 +20,42 @@ from ..logprobs import linear_logprobs
 from ..objectives import (
     OBJECTIVES,
 )
-from ..objectives.registry import CONSTANT, SUMMED
-from .checkpoints import check_same_run, checkpoints, full_states, run_settings, write_checkpoint
+from .checkpoints import (
+    check_same_run,
+    checkpoints,
+    full_states,
+    interrupt_at_step_end,
+    run_settings,
+    write_checkpoint,
+)
 from .config import TrainConfig
 from .data import (
     ADDITION_CHARACTERS,
     IGNORE_INDEX,
     DataError,
     check_columns,
+    concat_rows,
     encode_pair,
     load_dataset,
     pad_batch,
-    pad_prompts_left,
     required_columns,
 )
-from .model import PolicyHead, build_model, frozen_copy, init_distributed, wrap_policy
+from .metrics import StepMetrics, batch_counts
+from .model import (
+    PolicyHead,
+    build_model,
+    frozen_copy,
+    greedy_next_tokens,
+    ift_inputs_embeds,
+    init_distributed,
+    wrap_policy,
+)
 from .reporting import append_metrics, plot_history, progress_bar, read_metrics, tensorboard_writer
-from .rewards import BUILT_IN, BUILT_IN_COLUMNS, compute_rewards, load_reward
-from .rollouts import sample_rollouts
+from .rewards import BUILT_IN, BUILT_IN_COLUMNS, load_reward
+from .rollouts import greedy_accuracy, sample_rollouts
 from .text import prompt_ids
 
 logger = logging.getLogger("fused_hybrid.trainer")
-GREEDY_CHUNK_TOKENS = 1024
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -136,7 +148,7 @@ class HybridTrainer:
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _all_reduce(self, values: list[float]) -> list[float]:
-        """`values` summed over the ranks (a mean travels as its total and its count, see _step_metrics)."""
+        """`values` summed over the ranks (a mean travels as its total and its count, see metrics.StepMetrics)."""
         if self.world == 1:
             return values
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -205,27 +217,12 @@ class HybridTrainer:
         hidden, weight, bias, targets = self._head_inputs(head, batch)
         return linear_logprobs(hidden, weight, targets, bias, **self.logit_options)
 
-    @torch.no_grad()
-    def _greedy_next_tokens(self, batch: dict) -> torch.Tensor:
-        """argmax of the current policy at every position (IFT's y_hat), computed in row chunks of logits."""
-        hidden, weight, bias, _ = self._head_inputs(self.policy, batch)
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        tokens = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
-        for start in range(0, flat.shape[0], GREEDY_CHUNK_TOKENS):
-            chunk = torch.nn.functional.linear(flat[start : start + GREEDY_CHUNK_TOKENS], weight, bias)
-            tokens[start : start + GREEDY_CHUNK_TOKENS] = chunk.argmax(-1)
-        return tokens.reshape(hidden.shape[:-1])
-
     def _ift_inputs_embeds(self, batch: dict) -> torch.Tensor:
-        """IFT's temporal residual: e_t = (1 - lambda) E(y*_t) + lambda E(y_hat_t) at response positions."""
-        lam = self.config.objective.ift_lambda
-        embed = self.frozen_embeddings
-        inputs_embeds = embed(batch["input_ids"])
-        predicted = torch.zeros_like(batch["input_ids"])
-        predicted[:, 1:] = self._greedy_next_tokens(batch)  # position t is predicted from position t - 1
-        response = (batch["labels"] != IGNORE_INDEX).unsqueeze(-1)
-        mixed = (1.0 - lam) * inputs_embeds + lam * embed(predicted)
-        return torch.where(response, mixed, inputs_embeds)
+        """IFT's temporal residual (model.ift_inputs_embeds), from the current policy's greedy predictions."""
+        with torch.no_grad():
+            hidden, weight, bias, _ = self._head_inputs(self.policy, batch)
+            predicted = greedy_next_tokens(hidden, weight, bias)
+        return ift_inputs_embeds(self.frozen_embeddings, batch, predicted, self.config.objective.ift_lambda)
 
     # --------------------------------------------------------------------------------------------- batches
     def _sample_rows(self, count: int, generator: torch.Generator):
@@ -289,26 +286,9 @@ class HybridTrainer:
         if self.reference is not None:
             batch["ref_logp"] = self._token_logps(self.reference_head, batch)
 
-    @staticmethod
-    def _counts(batch: dict) -> dict[str, int]:
-        """One micro-batch's counts (registry.STEP_COUNTS): summed over the step, the normalisers that make the
-        accumulated micro-batches give the full-batch gradient; on their own, the weights of its mean metrics."""
-        tokens = batch["labels"][:, 1:] != IGNORE_INDEX
-        pairs = batch["labels"].shape[0] // 2  # preference batches: the P chosen rows, then their P rejected twins
-        counts = {
-            "tokens": int(tokens.sum()),
-            "sequences": int((tokens.sum(-1) > 0).sum()),
-            "pairs": pairs,
-            "chosen_tokens": int(tokens[:pairs].sum()),
-        }
-        if "is_expert" in batch:
-            counts["expert_tokens"] = int(tokens[batch["is_expert"]].sum())
-            counts["rollout_tokens"] = counts["tokens"] - counts["expert_tokens"]
-        return counts
-
     def _global_normalisers(self, micro: list[dict]) -> dict:
         """The step's counts summed over every micro-batch and rank (each rank divides by the global count)."""
-        counts = [self._counts(b) for b in micro]
+        counts = [batch_counts(b) for b in micro]
         names = list(counts[0])
         totals = self._all_reduce([float(sum(c[k] for c in counts)) for k in names])
         return dict(zip(names, (int(v) for v in totals)))
@@ -338,15 +318,14 @@ class HybridTrainer:
         begin = time.perf_counter()
         micro, totals, step_parts = self.step_batches(generator)
         self.optimizer.zero_grad(set_to_none=True)
-        # metric -> [total, count] over this rank's micro-batches (count None: a summed metric)
-        parts: dict[str, list] = {key: list(pair) for key, pair in step_parts.items()}  # the reward: (sum, rollouts)
+        step_metrics = StepMetrics(self.objective, step_parts)  # the reward: (sum, rollouts)
         for batch in micro:
             loss, batch_metrics = self.micro_loss(batch, totals)
             # DDP and FSDP2 average gradients over ranks; each rank's loss is already its share of the global sum.
             (loss * self.world).backward()
-            self._add_metrics(parts, {"loss": loss.detach(), **batch_metrics}, self._counts(batch))
+            step_metrics.add({"loss": loss.detach(), **batch_metrics}, batch_counts(batch))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.optim.max_grad_norm)
-        metrics = self._step_metrics(parts)
+        metrics = step_metrics.combined(self._all_reduce)
         loss_total = metrics.pop("loss")
         self.optimizer.step()
         self.scheduler.step()
@@ -357,63 +336,15 @@ class HybridTrainer:
                        tokens_per_s=totals["tokens"] / elapsed)  # fmt: skip
         return metrics
 
-    def _add_metrics(self, parts: dict[str, list], batch_metrics: dict, counts: dict[str, int]) -> None:
-        """Add one micro-batch's metrics to `parts` by the objective's rule for each (Objective.metric_counts): a
-        metric already divided by the step's global count (the loss, its parts) adds its value, to be summed; a
-        mean over the micro-batch's own tokens, sequences or pairs adds value * count and that count, so the step
-        logs their weighted mean (a micro-batch with none counts for nothing); a constant adds value * 1 and 1."""
-        for key, value in batch_metrics.items():
-            kind = SUMMED if key == "loss" else self.objective.metric_count(key)
-            if kind == SUMMED:
-                weight = None
-            elif kind == CONSTANT:
-                weight = 1
-            elif kind in counts:
-                weight = counts[kind]
-            else:
-                raise ValueError(f"objective {self.objective.name!r}: metric {key!r} is declared a mean over "
-                                 f"{kind!r}, which {self.objective.data!r} batches do not count")  # fmt: skip
-            entry = parts.setdefault(key, [0.0, None if weight is None else 0])
-            entry[0] = entry[0] + (value if weight is None else value * weight)
-            if weight is not None:
-                entry[1] += weight
-
-    def _step_metrics(self, parts: dict[str, list]) -> dict[str, float]:
-        """The logged metrics from this rank's (total, count) pairs: totals and counts summed over the ranks (one
-        all-reduce), then each summed metric is its total and each mean its total / count (0 with no count)."""
-        names = sorted(parts)
-        flat = [float(v) for k in names for v in (parts[k][0], parts[k][1] or 0)]
-        reduced = self._all_reduce(flat)
-        out = {}
-        for i, key in enumerate(names):
-            total, count = reduced[2 * i], reduced[2 * i + 1]
-            out[key] = total if parts[key][1] is None else (total / count if count > 0 else 0.0)
-        return out
-
     @torch.no_grad()
     def evaluate(self, rows=None) -> dict:
         """Greedy accuracy on the held-out prompts, or on `rows` (a Dataset with the prompt and answer columns)."""
         rows = self.eval_rows if rows is None else rows
         if rows is None:
             return {}
-        data = self.config.data
-        reward_fn = self.reward_fn or BUILT_IN["exact_match"]
-        prompts = [prompt_ids(self.tokenizer, r[data.prompt_column])[-(data.max_length - 1) :] for r in rows]
-        inputs = pad_prompts_left(prompts, self.tokenizer.pad_token_id, self.device)
-        self.model.eval()
-        self.model.config.use_cache = True
         with self._autocast(), self._gathered():
-            generated = self.model.generate(
-                **inputs, do_sample=False, max_new_tokens=self.config.rollout.max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-            )  # fmt: skip
-        self.model.config.use_cache = False
-        self.model.train()
-        completions = [self.tokenizer.decode(g, skip_special_tokens=True)
-                       for g in generated[:, inputs["input_ids"].shape[1] :].tolist()]  # fmt: skip
-        columns = {c: list(rows[c]) for c in rows.column_names if c != data.prompt_column}
-        texts = [r[data.prompt_column] for r in rows]
-        return {"accuracy": compute_rewards(reward_fn, texts, completions, columns).mean().item()}
+            return {"accuracy": greedy_accuracy(self.model, self.tokenizer, rows, self.config, self.reward_fn,
+                                                self.device)}  # fmt: skip
 
     @torch.no_grad()
     def policy_entropy(self, rows) -> float:
@@ -451,7 +382,7 @@ class HybridTrainer:
         try:
             if self.step == 0 and self.eval_rows is not None:
                 self._log({"step": 0, **self.evaluate()}, writer)
-            with _interrupt_at_step_end() as interrupted:
+            with interrupt_at_step_end() as interrupted:
                 while not self.complete:
                     if interrupted():
                         if self.step > saved_at:
@@ -530,39 +461,3 @@ class HybridTrainer:
             if self.world > 1:
                 dist.barrier()
         return final
-
-
-@contextlib.contextmanager
-def _interrupt_at_step_end():
-    """Within the block, a first Ctrl-C (SIGINT) is only noted: the yielded function says whether it came, so the
-    loop stops at a step boundary; the handler is then the previous one again, and a second Ctrl-C acts at once.
-    Outside the main thread (where signals cannot be handled) nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    came = []
-
-    def note(signum, frame):
-        came.append(signum)
-        signal.signal(signal.SIGINT, previous)
-
-    signal.signal(signal.SIGINT, note)
-    try:
-        yield lambda: bool(came)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def concat_rows(first: dict, second: dict, pad_token_id: int) -> dict:
-    """Stack two row sets (left- or right-padded) into one, right-padding the shorter to a common length."""
-    length = max(first["input_ids"].shape[1], second["input_ids"].shape[1])
-    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-    out = {}
-    for key in first:
-        a, b = first[key], second[key]
-        if key in fill:
-            a = torch.nn.functional.pad(a, (0, length - a.shape[1]), value=fill[key])
-            b = torch.nn.functional.pad(b, (0, length - b.shape[1]), value=fill[key])
-        out[key] = torch.cat([a, b])
-    return out

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..hf import enable_activation_checkpointing, head_inputs, recorded_head_input, verified_head_transform
 from .config import TrainConfig, UserError
+from .data import IGNORE_INDEX
 from .text import CharTokenizer, load_tokenizer
 
 
@@ -109,3 +110,29 @@ def build_model(config: TrainConfig, source: Path | None, characters, device: to
     model.config.use_cache = False
     model.train()
     return tokenizer, model
+
+
+# IFT's greedy predictions are taken in row chunks of logits of this many tokens (never the whole N x V at once)
+GREEDY_CHUNK_TOKENS = 1024
+
+
+def greedy_next_tokens(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """argmax of the head at every position of `hidden` [..., D] (IFT's y_hat), in row chunks of logits."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    tokens = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
+    for start in range(0, flat.shape[0], GREEDY_CHUNK_TOKENS):
+        chunk = torch.nn.functional.linear(flat[start : start + GREEDY_CHUNK_TOKENS], weight, bias)
+        tokens[start : start + GREEDY_CHUNK_TOKENS] = chunk.argmax(-1)
+    return tokens.reshape(hidden.shape[:-1])
+
+
+def ift_inputs_embeds(embed: nn.Module, batch: dict, predicted_next: torch.Tensor, lam: float) -> torch.Tensor:
+    """IFT's temporal residual: e_t = (1 - lambda) E(y*_t) + lambda E(y_hat_t) at response positions, where
+    `predicted_next` [B, T - 1] is the policy's prediction from each position of the next token
+    (docs/objectives.md, "IFT")."""
+    inputs_embeds = embed(batch["input_ids"])
+    predicted = torch.zeros_like(batch["input_ids"])
+    predicted[:, 1:] = predicted_next  # position t is predicted from position t - 1
+    response = (batch["labels"] != IGNORE_INDEX).unsqueeze(-1)
+    mixed = (1.0 - lam) * inputs_embeds + lam * embed(predicted)
+    return torch.where(response, mixed, inputs_embeds)

@@ -1,4 +1,5 @@
-"""Rollouts for the RL modes: sampled completions of each prompt, their rewards and group-normalised advantages."""
+"""Generation: the RL modes' rollouts (sampled completions of each prompt, their rewards and group-normalised
+advantages) and greedy evaluation."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .data import IGNORE_INDEX, pad_prompts_left
-from .rewards import compute_rewards, group_advantages
+from .rewards import BUILT_IN, compute_rewards, group_advantages
 from .text import prompt_ids
 
 
@@ -49,3 +50,27 @@ def sample_rollouts(model: nn.Module, tokenizer, rows, config: TrainConfig, rewa
         "rewards": rewards,
         "advantages": group_advantages(rewards, rollout.group_size),
     }
+
+
+@torch.no_grad()
+def greedy_accuracy(model: nn.Module, tokenizer, rows, config: TrainConfig, reward_fn, device: torch.device) -> float:
+    """The mean reward (exact match unless `reward_fn`) of greedy completions of `rows` (a Dataset with the prompt
+    and answer columns)."""
+    data = config.data
+    prompts = [prompt_ids(tokenizer, r[data.prompt_column])[-(data.max_length - 1) :] for r in rows]
+    inputs = pad_prompts_left(prompts, tokenizer.pad_token_id, device)
+    model.eval()
+    model.config.use_cache = True
+    try:
+        generated = model.generate(
+            **inputs, do_sample=False, max_new_tokens=config.rollout.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+    finally:
+        model.config.use_cache = False
+        model.train()
+    completions = [tokenizer.decode(g, skip_special_tokens=True)
+                   for g in generated[:, inputs["input_ids"].shape[1] :].tolist()]  # fmt: skip
+    columns = {c: list(rows[c]) for c in rows.column_names if c != data.prompt_column}
+    texts = [r[data.prompt_column] for r in rows]
+    return compute_rewards(reward_fn or BUILT_IN["exact_match"], texts, completions, columns).mean().item()

@@ -7,64 +7,18 @@ under <out>/<device>-<date>/.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
-from pathlib import Path
 
 import torch
 
 from . import report
+from .arguments import MAX_SWEEP_TOKENS, build_parser, parse_names
 from .measure import fp32_reference, kept_tile_fraction, matmul_floor_ms, max_errors, peak_workspace_bytes, time_loss
 from .problems import DTYPES, INPUT_DISTRIBUTIONS, OBJECTIVES, PRESETS, make_problem
 from .providers import PROVIDERS
 
-MAX_SWEEP_TOKENS = 1 << 20
 REFERENCE_MAX_LOGITS = 1 << 31  # above this many logits the fp32 reference is the chunked backend, not naive
-
-
-def parse_names(text: str, valid, what: str, parser: argparse.ArgumentParser) -> list[str]:
-    names = list(valid) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in valid]
-    if unknown:
-        parser.error(f"unknown {what} {', '.join(map(repr, unknown))}; valid: {', '.join(valid)} (or 'all')")
-    return names
-
-
-def build_parser() -> argparse.ArgumentParser:
-    on_gpu = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="fused-hybrid bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--objectives", default="all", help=f"comma list of {', '.join(OBJECTIVES)}, or all")
-    shapes = ", ".join(f"{name} (D {dim}, V {vocab})" for name, (dim, vocab) in PRESETS.items())
-    parser.add_argument("--presets", default="llama3-8b" if on_gpu else "tiny", help=f"comma list of: {shapes}")
-    parser.add_argument("--tokens", default="4096,16384,65536" if on_gpu else "256,1024",
-                        help="comma list of token counts N")  # fmt: skip
-    parser.add_argument("--until-oom", action="store_true",
-                        help=f"keep doubling N past the list until every provider runs out of memory "
-                             f"(at most {MAX_SWEEP_TOKENS})")  # fmt: skip
-    parser.add_argument("--providers", default="all", help=f"comma list of {', '.join(PROVIDERS)}, or all")
-    parser.add_argument("--inputs", default="random,trained" if on_gpu else "random",
-                        help=f"comma list of input distributions: {', '.join(INPUT_DISTRIBUTIONS)}")  # fmt: skip
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if on_gpu else "float32")
-    parser.add_argument("--seq-len", type=int, default=1024 if on_gpu else 64,
-                        help="tokens per sequence (the sequence objectives use N / seq-len sequences)")  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=10 if on_gpu else 3)
-    parser.add_argument("--warmup", type=int, default=3 if on_gpu else 1)
-    parser.add_argument("--device", default="cuda" if on_gpu else "cpu")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("bench-results"),
-        help="results folder, a subfolder per run (the committed runs live in benchmarks/results)",
-    )
-    parser.add_argument(
-        "--long-context",
-        action="store_true",
-        help="also run the long-context experiment (real architectures, one training step)",
-    )
-    parser.add_argument("--long-context-only", action="store_true", help="run only the long-context experiment")
-    return parser
 
 
 def free_memory(device: torch.device) -> None:

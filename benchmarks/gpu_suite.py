@@ -91,7 +91,7 @@ def gpu_folder_name() -> str:
 
 def check_bench_arguments(arguments: list[str]) -> None:
     """The benchmark's own argument checks (names of presets, objectives, providers, inputs), without running."""
-    from .cli import build_parser, parse_names
+    from .arguments import build_parser, parse_names
     from .problems import INPUT_DISTRIBUTIONS, OBJECTIVES, PRESETS
     from .providers import PROVIDERS
 

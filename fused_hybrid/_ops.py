@@ -1,14 +1,23 @@
 """The logits-free core as `torch.library` custom ops, so that `torch.compile` traces through the loss without a
 graph break: `fused_hybrid::token_statistics` (forward) and `fused_hybrid::token_statistics_backward`, with fake
 (meta) implementations for tracing. `statistics_backward` is the one backward formula: the custom op's autograd
-and the vocab-parallel autograd function both call it."""
+and the vocab-parallel autograd function both call it. The forward also returns each row's max logit m and log s
+(core.SoftmaxNorm), which the backward forms log p = (z - m) - log s from, never z - lse."""
 
 from __future__ import annotations
 
 import torch
 
 from .backends import backward_backend, logits_free_backend
-from .core import HeadStats, LogitTransform, TokenGradCoefficients, finalize_partials, stats_dtype
+from .core import (
+    HeadStats,
+    LogitTransform,
+    SoftmaxNorm,
+    TokenGradCoefficients,
+    finalize_partials,
+    softmax_norm,
+    stats_dtype,
+)
 from .core import token_grad_coefficients as fold_gradients
 
 
@@ -24,16 +33,19 @@ def _token_statistics(
     workspace_bytes: int,
     gradient_filter: float | None,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, lse, sum_z, m, log s): HeadStats, then the SoftmaxNorm the backward reads."""
     transform = LogitTransform(temperature, softcap, ignore_index, workspace_bytes, gradient_filter)
     partials = logits_free_backend(backend).partials(hidden, weight, targets, bias, transform)
-    return tuple(s.contiguous() for s in finalize_partials(partials))
+    row_max, log_sum_exp = softmax_norm(partials)
+    # the max is a row of the backend's partials buffer, as sum_z may be: outputs must not alias each other
+    return (*(s.contiguous() for s in finalize_partials(partials)), row_max.clone(), log_sum_exp)
 
 
 @_token_statistics.register_fake
 def _(hidden, weight, targets, bias, temperature, softcap, ignore_index, workspace_bytes, gradient_filter, backend):
     out = hidden.new_empty(hidden.shape[0], dtype=stats_dtype(hidden.dtype))
-    return out, torch.empty_like(out), torch.empty_like(out), torch.empty_like(out)
+    return out, *(torch.empty_like(out) for _ in range(5))
 
 
 @torch.library.custom_op("fused_hybrid::token_statistics_backward", mutates_args=())
@@ -42,7 +54,8 @@ def _token_statistics_backward(
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum_exp: torch.Tensor,
     onehot_coef: torch.Tensor,
     prob_coef: torch.Tensor,
     logp_coef: torch.Tensor | None,
@@ -60,7 +73,7 @@ def _token_statistics_backward(
     """(dhidden, dweight, dbias); a gradient that is not needed comes back as an empty tensor (no work done)."""
     coefs = TokenGradCoefficients(onehot_coef, prob_coef, logp_coef, uniform_coef)
     grads = backward_backend(backend).backward(
-        hidden, weight, targets, bias, lse, coefs,
+        hidden, weight, targets, bias, SoftmaxNorm(row_max, log_sum_exp), coefs,
         LogitTransform(temperature, softcap, ignore_index, workspace_bytes, gradient_filter),
         needs=(needs_hidden, needs_weight, needs_bias),
     )  # fmt: skip
@@ -68,8 +81,9 @@ def _token_statistics_backward(
 
 
 @_token_statistics_backward.register_fake
-def _(hidden, weight, targets, bias, lse, onehot_coef, prob_coef, logp_coef, uniform_coef, temperature, softcap,
-      ignore_index, workspace_bytes, gradient_filter, backend, needs_hidden, needs_weight, needs_bias):  # fmt: skip
+def _(hidden, weight, targets, bias, row_max, log_sum_exp, onehot_coef, prob_coef, logp_coef, uniform_coef,
+      temperature, softcap, ignore_index, workspace_bytes, gradient_filter, backend, needs_hidden, needs_weight,
+      needs_bias):  # fmt: skip
     # Every backend returns contiguous gradients, whatever the strides of hidden / weight (a transposed view):
     # new_empty(shape) is contiguous where empty_like would copy the input's strides.
     return (
@@ -80,16 +94,16 @@ def _(hidden, weight, targets, bias, lse, onehot_coef, prob_coef, logp_coef, uni
 
 
 def statistics_backward(
-    hidden, weight, targets, bias, lse, entropy, valid, grads, transform: LogitTransform, backend: str,
+    hidden, weight, targets, bias, norm: SoftmaxNorm, entropy, valid, grads, transform: LogitTransform, backend: str,
     needs: tuple[bool, bool, bool],
 ):  # fmt: skip
     """(d_hidden, d_weight, d_bias) from the upstream gradients `grads` of (logp, entropy, lse, sum_z), None where
     not needed: the gradients are folded into per-token coefficients (core.token_grad_coefficients) and the
-    backend recomputes the logit tiles."""
+    backend recomputes the logit tiles, with log p = (z - m) - log s from `norm`."""
     needs_hidden, needs_weight, needs_bias = needs[0], needs[1], needs[2] and bias is not None
     coefs = fold_gradients(grads, entropy, valid)
     d_hidden, d_weight, d_bias = _token_statistics_backward(
-        hidden, weight, targets, bias, lse, *coefs, transform.temperature, transform.softcap, transform.ignore_index,
+        hidden, weight, targets, bias, *norm, *coefs, transform.temperature, transform.softcap, transform.ignore_index,
         transform.workspace_bytes, transform.gradient_filter, backend, needs_hidden, needs_weight, needs_bias,
     )  # fmt: skip
     return (d_hidden if needs_hidden else None, d_weight if needs_weight else None, d_bias if needs_bias else None)
@@ -97,19 +111,20 @@ def statistics_backward(
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, targets, bias, *transform_options, backend = inputs
-    _, entropy, lse, _ = output
-    ctx.save_for_backward(hidden, weight, targets, bias, lse, entropy)
+    _, entropy, _, _, row_max, log_sum_exp = output
+    ctx.save_for_backward(hidden, weight, targets, bias, row_max, log_sum_exp, entropy)
+    ctx.mark_non_differentiable(row_max, log_sum_exp)
     ctx.options = (LogitTransform(*transform_options), backend)
     # An output nobody used gets None, not a zero tensor, so its term of the backward costs no work.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, g_logp, g_entropy, g_lse, g_sum_z):
-    hidden, weight, targets, bias, lse, entropy = ctx.saved_tensors
+def _backward(ctx, g_logp, g_entropy, g_lse, g_sum_z, _g_max, _g_log_sum_exp):
+    hidden, weight, targets, bias, row_max, log_sum_exp, entropy = ctx.saved_tensors
     transform, backend = ctx.options
     needs_hidden, needs_weight, _, needs_bias = ctx.needs_input_grad[:4]
     d_hidden, d_weight, d_bias = statistics_backward(
-        hidden, weight, targets, bias, lse, entropy, targets != transform.ignore_index,
+        hidden, weight, targets, bias, SoftmaxNorm(row_max, log_sum_exp), entropy, targets != transform.ignore_index,
         (g_logp, g_entropy, g_lse, g_sum_z), transform, backend, (needs_hidden, needs_weight, needs_bias),
     )  # fmt: skip
     return d_hidden, d_weight, None, d_bias, None, None, None, None, None, None
@@ -122,4 +137,4 @@ def token_statistics(hidden, weight, targets, bias, transform: LogitTransform, b
     """Raw (unmasked) statistics through the custom op."""
     return HeadStats(*_token_statistics(hidden, weight, targets, bias, transform.temperature, transform.softcap,
                                         transform.ignore_index, transform.workspace_bytes, transform.gradient_filter,
-                                        backend))  # fmt: skip
+                                        backend)[:4])  # fmt: skip

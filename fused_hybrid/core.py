@@ -81,7 +81,8 @@ def token_grad_coefficients(
         dsumz/dz_v = 1
     so dz_v = g_logp * 1[v = y] + p_v * (g_lse - g_logp - g_H * H - g_H * log p_v) + g_sumz.
     The entropy term is kept in log p_v = z_v - lse rather than z_v, so a confident token (log p_v ~ 0, z_v ~ lse)
-    does not lose its gradient to cancellation between large logits. Ignored tokens get all-zero coefficients.
+    does not lose its gradient to cancellation between large logits; backends form it as (z_v - m) - log s
+    (SoftmaxNorm). Ignored tokens get all-zero coefficients.
     """
     g_logp, g_entropy, g_lse, g_sum_z = grads
     zero = torch.zeros_like(entropy)
@@ -171,12 +172,29 @@ def merge_partials(partials: VocabPartials) -> VocabPartials:
     )
 
 
+class SoftmaxNorm(NamedTuple):
+    """What a backward forms each row's log-probabilities from: log p = (z - max) - log_sum_exp, as log_softmax
+    does, with max the row's max logit m and log_sum_exp = log s, s = sum exp(z - m) (each [N], the stats dtype).
+    Never z - lse: lse = m + log s rounds away up to half an ulp of |lse| (2e-6 at |lse| ~ 50), which would move
+    every p of the row and wipe out a confident token's 1 - p."""
+
+    max: torch.Tensor
+    log_sum_exp: torch.Tensor
+
+
+def softmax_norm(partials: VocabPartials) -> SoftmaxNorm:
+    """(m, log s) of each token from its (merged) partials; m = 0, log s = 0 for a token never swept (s = 0), as
+    finalize_partials' lse = 0: its log p = z stays finite and its all-zero coefficients give dz = 0."""
+    return SoftmaxNorm(partials.max, torch.log(torch.where(partials.sum_exp != 0, partials.sum_exp, 1.0)))
+
+
 def finalize_partials(partials: VocabPartials) -> HeadStats:
     """lse = m + log s; H = log s - a / s (both small for a confident token: no cancellation); logp = z[y] - lse.
 
     A token whose vocabulary was never swept (s = 0: it sat in a skipped block of ignored tokens) gets finite
     statistics (lse = m = 0, H = 0, logp = z[y] = 0) rather than -inf / NaN, so that nothing downstream, a
-    backward that reads lse included, can turn it into NaN. The caller masks ignored tokens' statistics to 0.
+    backward included, can turn it into NaN. The caller masks ignored tokens' statistics to 0. A backward forms
+    log p from softmax_norm's (m, log s), not from lse.
     """
     sum_exp = torch.where(partials.sum_exp != 0, partials.sum_exp, 1.0)
     log_sum_exp = torch.log(sum_exp)

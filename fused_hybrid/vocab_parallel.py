@@ -21,10 +21,12 @@ from .backends import logits_free_backend
 from .core import (
     HeadStats,
     LogitTransform,
+    SoftmaxNorm,
     VocabPartials,
     common_max,
     finalize_partials,
     rescale_to_max,
+    softmax_norm,
 )
 
 
@@ -94,20 +96,23 @@ class _VocabParallelStatistics(torch.autograd.Function):
     def forward(ctx, hidden, weight, local_targets, valid, bias, transform: LogitTransform, backend: str,
                 parallel: VocabParallel):  # fmt: skip
         partials = logits_free_backend(backend).partials(hidden, weight, local_targets, bias, transform)
-        stats = finalize_partials(all_reduce_partials(partials, parallel.group))
-        ctx.save_for_backward(hidden, weight, local_targets, valid, bias, stats.lse, stats.entropy)
+        full = all_reduce_partials(partials, parallel.group)
+        stats = finalize_partials(full)
+        # the full vocabulary's max and log s: the backward's log p = (z - m) - log s on this rank's columns
+        norm = softmax_norm(full)
+        ctx.save_for_backward(hidden, weight, local_targets, valid, bias, norm.max, norm.log_sum_exp, stats.entropy)
         ctx.options = (transform, backend, parallel)
         ctx.set_materialize_grads(False)
         return tuple(torch.where(valid, s, 0.0) for s in stats)
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy, g_lse, g_sum_z):
-        hidden, weight, local_targets, valid, bias, lse, entropy = ctx.saved_tensors
+        hidden, weight, local_targets, valid, bias, row_max, log_sum_exp, entropy = ctx.saved_tensors
         transform, backend, parallel = ctx.options
         needs_hidden, needs_weight, _, _, needs_bias = ctx.needs_input_grad[:5]
         d_hidden, d_weight, d_bias = statistics_backward(
-            hidden, weight, local_targets, bias, lse, entropy, valid, (g_logp, g_entropy, g_lse, g_sum_z), transform,
-            backend, (needs_hidden, needs_weight, needs_bias),
+            hidden, weight, local_targets, bias, SoftmaxNorm(row_max, log_sum_exp), entropy, valid,
+            (g_logp, g_entropy, g_lse, g_sum_z), transform, backend, (needs_hidden, needs_weight, needs_bias),
         )  # fmt: skip
         if d_hidden is not None and parallel.reduce_hidden_grad:
             dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=parallel.group)

@@ -9,8 +9,9 @@ largest logit before the target column (see core.RowExtras).
 
 `logit_gradients_kernel` (grid: rows x vocabulary blocks) recomputes z from the raw logits and writes over them,
 in their own dtype, dz = onehot_coef * 1[v = y] + p * (prob_coef - logp_coef * log p) + uniform_coef, chained
-through softcap and temperature, with p = exp(z - lse). Nothing of the chunk's size is allocated: the logits
-buffer becomes the left operand of the two gradient GEMMs.
+through softcap and temperature, with log p = (z - m) - log s from the row's max logit m and log s
+(core.SoftmaxNorm; never z - lse, whose fp32 rounding would move every p of the row). Nothing of the chunk's size
+is allocated: the logits buffer becomes the left operand of the two gradient GEMMs.
 
 Both passes are memory-bound (a chunk's logits are read twice and written once); the GEMMs around them do
 D times the work per element.
@@ -22,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core import LogitTransform, RowExtras, TokenGradCoefficients, VocabPartials
+from ..core import LogitTransform, RowExtras, SoftmaxNorm, TokenGradCoefficients, VocabPartials
 from .logit_tile import in_interpreter, logit_gradient, transform_tile
 
 BLOCK_V_STATISTICS = 2048
@@ -127,7 +128,8 @@ def logit_gradients_kernel(
     logits_ptr,  # [rows, V] raw logits in, dz out (same dtype)
     bias_ptr,
     targets_ptr,
-    lse_ptr,
+    max_ptr,  # [rows] the row's max logit m
+    log_sum_exp_ptr,  # [rows] log sum exp(z - m)
     onehot_coef_ptr,
     prob_coef_ptr,
     logp_coef_ptr,
@@ -149,8 +151,9 @@ def logit_gradients_kernel(
     raw = tl.load(ptrs, mask=mask_v, other=0.0).to(tl.float32)
     z = transform_tile(raw, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
     is_target = offs_v == tl.load(targets_ptr + row)
-    d_z = logit_gradient(z, tl.load(lse_ptr + row), is_target, tl.load(onehot_coef_ptr + row),
-                         tl.load(prob_coef_ptr + row), tl.load(logp_coef_ptr + row) if HAS_LOGP_COEF else 0.0,
+    d_z = logit_gradient(z, tl.load(max_ptr + row), tl.load(log_sum_exp_ptr + row), is_target,
+                         tl.load(onehot_coef_ptr + row), tl.load(prob_coef_ptr + row),
+                         tl.load(logp_coef_ptr + row) if HAS_LOGP_COEF else 0.0,
                          tl.load(uniform_coef_ptr + row) if HAS_UNIFORM_COEF else 0.0, inv_temperature, softcap,
                          HAS_LOGP_COEF, HAS_UNIFORM_COEF, HAS_SOFTCAP)  # fmt: skip
     tl.store(ptrs, d_z.to(logits_ptr.dtype.element_ty), mask=mask_v)
@@ -198,14 +201,16 @@ def extras(logits: torch.Tensor, state, targets: torch.Tensor, bias, transform: 
     return RowExtras(*out)
 
 
-def gradient(logits, state, targets, bias, lse, coefs: TokenGradCoefficients, transform: LogitTransform):
-    """dz over `logits` (the same tensor, overwritten; its dtype)."""
+def gradient(logits, state, targets, bias, norm: SoftmaxNorm, coefs: TokenGradCoefficients,
+             transform: LogitTransform):  # fmt: skip
+    """dz over `logits` (the same tensor, overwritten; its dtype), log p from the rows' `norm` (max, log s)."""
     num_rows, vocab_size = logits.shape
     block_v = _block_v(logits, BLOCK_V_GRADIENTS)
     if num_rows > 0:
         logit_gradients_kernel[(num_rows, triton.cdiv(vocab_size, block_v))](
-            logits, targets_ptr=targets, lse_ptr=lse, onehot_coef_ptr=coefs.onehot_coef,
-            prob_coef_ptr=coefs.prob_coef, logp_coef_ptr=coefs.logp_coef, uniform_coef_ptr=coefs.uniform_coef,
+            logits, targets_ptr=targets, max_ptr=norm.max, log_sum_exp_ptr=norm.log_sum_exp,
+            onehot_coef_ptr=coefs.onehot_coef, prob_coef_ptr=coefs.prob_coef, logp_coef_ptr=coefs.logp_coef,
+            uniform_coef_ptr=coefs.uniform_coef,
             V=vocab_size, stride_row=logits.stride(0), **_transform_arguments(bias, transform),
             HAS_LOGP_COEF=coefs.logp_coef is not None, HAS_UNIFORM_COEF=coefs.uniform_coef is not None,
             BLOCK_V=block_v, num_warps=NUM_WARPS,

@@ -130,12 +130,16 @@ def transform_tile(raw, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_
 
 
 @triton.jit
-def logit_gradient(z, lse, is_target, onehot_coef, prob_coef, logp_coef, uniform_coef, inv_temperature, softcap,
-                   HAS_LOGP_COEF: tl.constexpr, HAS_UNIFORM_COEF: tl.constexpr, HAS_SOFTCAP: tl.constexpr):  # fmt: skip
+def logit_gradient(z, row_max, log_sum_exp, is_target, onehot_coef, prob_coef, logp_coef, uniform_coef,
+                   inv_temperature, softcap, HAS_LOGP_COEF: tl.constexpr, HAS_UNIFORM_COEF: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr):  # fmt: skip
     """dz = onehot_coef * 1[v = y] + p * (prob_coef - logp_coef * log p) + uniform_coef (core.TokenGradCoefficients),
-    chained through softcap and temperature, for transformed logits z; the per-token arguments broadcast against z
-    (a tile's [BLOCK_N, 1] columns, or a row's scalars)."""
-    log_p = tl.minimum(z - lse, 0.0)  # log p <= 0, also where a recomputed z exceeds lse by a rounding
+    chained through softcap and temperature, for transformed logits z, with log p = (z - m) - log s from the row's
+    max logit m and log s (core.SoftmaxNorm); the per-token arguments broadcast against z (a tile's [BLOCK_N, 1]
+    columns, or a row's scalars)."""
+    # Never z - lse: lse = m + log s rounded to fp32 (half an ulp of |lse|) would move every p of the row and wipe
+    # out a confident token's 1 - p. log p <= 0, also where a recomputed z exceeds m + log s by a rounding.
+    log_p = tl.minimum((z - row_max) - log_sum_exp, 0.0)
     p = tl.exp(log_p)
     if HAS_LOGP_COEF:
         d_z = p * (prob_coef - logp_coef * log_p)

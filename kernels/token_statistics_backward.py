@@ -1,7 +1,7 @@
 """Backward pass: recompute a logit tile, form dz from per-token coefficients, accumulate the gradients.
 
 A 1-D grid over (token block, vocabulary block) tiles in grouped order (GROUP_N token blocks at a time). Per tile,
-with p = exp(z - lse):
+with log p = (z - m) - log s from each token's max logit m and log s (core.SoftmaxNorm; never z - lse):
 
     dz = onehot_coef * 1[v = y] + p * (prob_coef - logp_coef * log p) + uniform_coef
     dz *= (1 - (z / softcap)^2) / temperature          (chain through softcap and temperature)
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core import LogitTransform, TokenGradCoefficients
+from ..core import LogitTransform, SoftmaxNorm, TokenGradCoefficients
 from .autotune import run_tuned, tokens_bucket
 from .logit_tile import LaunchConfig, launch_candidates, logit_gradient, logit_tile, tile_arguments
 
@@ -49,7 +49,8 @@ def token_statistics_backward_kernel(
     weight_ptr,
     bias_ptr,
     targets_ptr,
-    lse_ptr,
+    max_ptr,  # [N] each token's max logit m
+    log_sum_exp_ptr,  # [N] log sum exp(z - m)
     onehot_coef_ptr,
     prob_coef_ptr,
     logp_coef_ptr,
@@ -124,13 +125,14 @@ def token_statistics_backward_kernel(
         DOT_PRECISION,
         IN_INTERPRETER,
     )
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    row_max = tl.load(max_ptr + offs_n, mask=mask_n, other=0.0)
+    log_sum_exp = tl.load(log_sum_exp_ptr + offs_n, mask=mask_n, other=0.0)
     onehot_coef = tl.load(onehot_coef_ptr + offs_n, mask=mask_n, other=0.0)
     prob_coef = tl.load(prob_coef_ptr + offs_n, mask=mask_n, other=0.0)
     logp_coef = tl.load(logp_coef_ptr + offs_n, mask=mask_n, other=0.0) if HAS_LOGP_COEF else 0.0
     uniform_coef = tl.load(uniform_coef_ptr + offs_n, mask=mask_n, other=0.0) if HAS_UNIFORM_COEF else 0.0
-    d_z = logit_gradient(z, lse[:, None], offs_v[None, :] == targets[:, None], onehot_coef[:, None],
-                         prob_coef[:, None], logp_coef[:, None] if HAS_LOGP_COEF else 0.0,
+    d_z = logit_gradient(z, row_max[:, None], log_sum_exp[:, None], offs_v[None, :] == targets[:, None],
+                         onehot_coef[:, None], prob_coef[:, None], logp_coef[:, None] if HAS_LOGP_COEF else 0.0,
                          uniform_coef[:, None] if HAS_UNIFORM_COEF else 0.0, inv_temperature, softcap, HAS_LOGP_COEF,
                          HAS_UNIFORM_COEF, HAS_SOFTCAP)  # fmt: skip
     d_z = tl.where(active[:, None] & mask_v[None, :], d_z, 0.0)
@@ -226,7 +228,7 @@ def logit_gradients(
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None,
-    lse: torch.Tensor,
+    norm: SoftmaxNorm,
     coefs: TokenGradCoefficients,
     transform: LogitTransform,
     needs: tuple[bool, bool, bool],
@@ -249,8 +251,9 @@ def logit_gradients(
         if num_tokens > 0 and any(needs):
             grid = (triton.cdiv(num_tokens, cfg.block_n) * triton.cdiv(vocab_size, cfg.block_v),)
             token_statistics_backward_kernel[grid](
-                targets_ptr=targets, lse_ptr=lse, onehot_coef_ptr=coefs.onehot_coef, prob_coef_ptr=coefs.prob_coef,
-                logp_coef_ptr=coefs.logp_coef, uniform_coef_ptr=coefs.uniform_coef,
+                targets_ptr=targets, max_ptr=norm.max, log_sum_exp_ptr=norm.log_sum_exp,
+                onehot_coef_ptr=coefs.onehot_coef, prob_coef_ptr=coefs.prob_coef, logp_coef_ptr=coefs.logp_coef,
+                uniform_coef_ptr=coefs.uniform_coef,
                 d_hidden_ptr=d_hidden, d_weight_ptr=d_weight, d_bias_ptr=d_bias, tile_counts_ptr=tile_counts,
                 N=num_tokens, V=vocab_size, ignore_index=transform.ignore_index,
                 filter_threshold=transform.gradient_filter if filtering else 0.0,

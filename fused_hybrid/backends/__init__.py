@@ -3,12 +3,14 @@
 A backend is a module providing
 
     partials(hidden [N, D], weight [V, D], targets [N], bias, transform) -> VocabPartials
-    backward(hidden, weight, targets, bias, lse, coefs, transform, needs) -> (d_hidden, d_weight, d_bias)
+    backward(hidden, weight, targets, bias, norm, coefs, transform, needs) -> (d_hidden, d_weight, d_bias)
     DETERMINISTIC_BACKWARD: bool   (run-to-run identical gradients)
 
 driven by the custom ops in `fused_hybrid._ops`, which finalise and mask the statistics: a backend may leave
 ignored tokens' sums unspecified (the Triton kernels skip blocks of ignored tokens altogether), and its backward
-receives all-zero coefficients for them. A target outside [0, V) of this weight (on another vocab-parallel shard)
+receives all-zero coefficients for them. `norm` (core.SoftmaxNorm) is each token's max logit m and log s, s = sum
+exp(z - m), over the full vocabulary: a backward forms log p = (z - m) - log s, never z - lse (lse's fp32 rounding
+would move every p of the row). A target outside [0, V) of this weight (on another vocab-parallel shard)
 contributes no target logit and no one-hot gradient here.
 
 The `reference` backend is not one of them: it builds the full logits and relies on plain autograd, for tests and

@@ -29,9 +29,11 @@ from ..core import (
     HeadStats,
     LogitTransform,
     RowExtras,
+    SoftmaxNorm,
     TokenGradCoefficients,
     VocabPartials,
     finalize_partials,
+    softmax_norm,
     stats_dtype,
     token_grad_coefficients,
     transform_logits,
@@ -91,25 +93,19 @@ class TorchEpilogue:
         return RowExtras(sum_exp_sq, before)
 
     @staticmethod
-    def gradient(logits, state, targets, bias, lse, coefs: TokenGradCoefficients, transform: LogitTransform):
+    def gradient(logits, state, targets, bias, norm: SoftmaxNorm, coefs: TokenGradCoefficients,
+                 transform: LogitTransform):  # fmt: skip
         """dz (fp32, [rows, V]) from the token coefficients (see core.TokenGradCoefficients); `state` is what
-        `statistics` returned for these logits, or None in a backward that recomputed them."""
+        `statistics` returned for these logits, or None in a backward that recomputed them, which forms
+        log p = (z - m) - log s from the rows' `norm` (the full vocabulary's, for a vocab-parallel shard)."""
         if state is None:
-            # log p = (z - m) - log s, as in the forward, where the row's sums round to `lse`: z - lse would carry
-            # lse's own rounding (half an ulp of |lse|, 1e-6 relative at |lse| ~ 30) into every p of the row. Any
-            # other lse (the full vocabulary's, for a vocab-parallel shard; a row never swept) gives z - lse.
+            # (z - m) - log s, never z - lse: lse's own rounding (half an ulp of |lse|) would move every p of the
+            # row. log p <= 0 always; clamping also keeps exp finite for a token never swept (a compacted ignored
+            # token reads m = 0, log s = 0), whose all-zero coefficients then give dz = 0, not inf * 0 = NaN.
             z = transform_logits(logits, bias, transform)
-            row_max = z.amax(-1)
-            shifted = z - row_max[:, None]
-            probs = torch.exp(shifted)
-            log_sum_exp = torch.log(probs.sum(-1))
-            own = row_max + log_sum_exp == lse
-            base, offset = torch.where(own, row_max, 0.0), torch.where(own, log_sum_exp, lse)
-            # log p <= 0 always; clamping also keeps exp finite for a token whose lse was never swept (a compacted
-            # ignored token reads lse = 0), whose all-zero coefficients then give dz = 0, not inf * 0 = NaN.
-            log_probs = torch.sub(z, base[:, None], out=shifted).sub_(offset[:, None]).clamp_(max=0.0)
-            probs = torch.exp(log_probs, out=probs)
-        else:  # exp(z - max) / s = p, and z - max - log s = z - lse, in the statistics' own buffers
+            log_probs = torch.sub(z, norm.max[:, None]).sub_(norm.log_sum_exp[:, None]).clamp_(max=0.0)
+            probs = torch.exp(log_probs)
+        else:  # exp(z - max) / s = p, and (z - max) - log s = log p, in the statistics' own buffers
             z, shifted, probs, sum_exp = state
             if coefs.logp_coef is None:  # p * prob_coef in one pass
                 probs.mul_((coefs.prob_coef / sum_exp)[:, None])
@@ -304,10 +300,10 @@ def partials_and_extras(hidden, weight, targets, bias, transform: LogitTransform
     return VocabPartials(*out[:5]), RowExtras(*out[5:]) if extras else None
 
 
-def backward(hidden, weight, targets, bias, lse, coefs: TokenGradCoefficients, transform: LogitTransform,
+def backward(hidden, weight, targets, bias, norm: SoftmaxNorm, coefs: TokenGradCoefficients, transform: LogitTransform,
              needs: tuple[bool, bool, bool], *, grad_dtypes: tuple | None = None, epilogue=None):  # fmt: skip
-    """(d_hidden, d_weight, d_bias), None where not needed, recomputing each chunk's logits; in the inputs' dtypes
-    or in `grad_dtypes` (hidden, weight, bias)."""
+    """(d_hidden, d_weight, d_bias), None where not needed, recomputing each chunk's logits (log p from the rows'
+    max and log sum exp, `norm`); in the inputs' dtypes or in `grad_dtypes` (hidden, weight, bias)."""
     epilogue, column_targets, plan = _sweep(hidden, weight, targets, transform, epilogue)
     grads = _Gradients(hidden, weight, bias, needs, plan, grad_dtypes)
     if any(needs):
@@ -315,7 +311,8 @@ def backward(hidden, weight, targets, bias, lse, coefs: TokenGradCoefficients, t
             hidden_rows = hidden[rows]
             logits = hidden_rows @ weight.T
             chunk_coefs = TokenGradCoefficients(*(None if c is None else c[rows] for c in coefs))
-            d_z = epilogue.gradient(logits, None, column_targets[rows], bias, lse[rows], chunk_coefs, transform)
+            chunk_norm = SoftmaxNorm(norm.max[rows], norm.log_sum_exp[rows])
+            d_z = epilogue.gradient(logits, None, column_targets[rows], bias, chunk_norm, chunk_coefs, transform)
             grads.add_chunk(d_z, logits, rows, hidden_rows, weight)
     return grads.result(weight, bias)
 
@@ -346,6 +343,7 @@ def statistics_and_gradients(hidden, weight, targets, bias, transform: LogitTran
         statistics[:, rows] = torch.stack(chunk_stats)
         upstream = chunk_gradients(HeadStats(*statistics), rows)
         coefs = token_grad_coefficients(upstream, chunk_stats.entropy, valid[rows])
-        d_z = epilogue.gradient(logits, state, column_targets[rows], bias, chunk_stats.lse, coefs, transform)
+        d_z = epilogue.gradient(logits, state, column_targets[rows], bias, softmax_norm(chunk_partials), coefs,
+                                transform)  # fmt: skip
         grads.add_chunk(d_z, logits, rows, hidden_rows, weight)
     return HeadStats(*(torch.where(valid, s, 0.0) for s in statistics)), grads.result(weight, bias)

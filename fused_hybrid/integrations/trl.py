@@ -28,7 +28,14 @@ from contextlib import nullcontext
 import torch
 
 from ..backends import chunked
-from ..core import LogitTransform, default_workspace_bytes, finalize_partials, token_grad_coefficients
+from ..core import (
+    LogitTransform,
+    SoftmaxNorm,
+    default_workspace_bytes,
+    finalize_partials,
+    softmax_norm,
+    token_grad_coefficients,
+)
 
 SUPPORTED_VERSIONS = ("1.15", "2.0")  # [lowest, first unsupported)
 EXPECTED_ARGUMENTS = ("hidden", "weight", "bias", "targets", "temperature", "chunk_size", "final_logit_softcapping",
@@ -149,7 +156,8 @@ class _LogProbs(torch.autograd.Function):
             mean_logits = stats.sum_z / weight.shape[0]
         if "is_top1" in outputs:  # the first maximum, as torch.argmax picks it
             is_top1 = (partials.target_logit >= partials.max) & (partials.target_logit > extras.max_before_target)
-        ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, stats.entropy)
+        norm = softmax_norm(partials)  # the backward's log p = (z - m) - log s, never z - lse
+        ctx.save_for_backward(hidden, weight, bias, targets, norm.max, norm.log_sum_exp, stats.entropy)
         ctx.transform, ctx.compute_dtype = transform, compute_dtype
         ctx.mark_non_differentiable(*(t for t in (log_sum_sq_probs, mean_logits, is_top1) if t is not None))
         return stats.logp, entropy, log_sum_sq_probs, mean_logits, is_top1
@@ -158,13 +166,14 @@ class _LogProbs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy, *_):
         from trl.trainer.utils import maybe_gather_lm_head_ctx  # ZeRO-3 released the head after the forward
 
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, row_max, log_sum_exp, entropy = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         grad_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         with maybe_gather_lm_head_ctx(weight, bias):
             coefs = token_grad_coefficients((grad_logp, grad_entropy, None, None), entropy,
                                             torch.ones_like(targets, dtype=torch.bool))  # fmt: skip
             d_hidden, d_weight, d_bias = chunked.backward(*_cast((hidden, weight), ctx.compute_dtype), targets,
-                                                          *_cast((bias,), ctx.compute_dtype), lse, coefs,
+                                                          *_cast((bias,), ctx.compute_dtype),
+                                                          SoftmaxNorm(row_max, log_sum_exp), coefs,
                                                           ctx.transform, needs, grad_dtypes=grad_dtypes)  # fmt: skip
         return d_hidden, d_weight, d_bias, None, None, None, None

@@ -141,14 +141,21 @@ def _compile(name, arch, dtype, kernel, constexprs, options, config_text) -> dic
 
 
 def run_in_fresh_venv(triton_version: str, argv: list[str]) -> int:
-    """This report with `argv` under another Triton: a throw-away virtual environment that sees this
-    one's packages (torch, fused-hybrid) and gets `triton==<version>` from the package index."""
+    """This report with `argv` under another Triton: a throw-away virtual environment that gets
+    `triton==<version>` from the package index and sees this environment's packages (torch, fused-hybrid) after its
+    own, through a .pth file (this environment may itself be a virtual one, whose packages the system's do not
+    hold)."""
+    import site
     import venv
 
     with tempfile.TemporaryDirectory() as folder:
-        venv.EnvBuilder(system_site_packages=True, with_pip=True).create(folder)
+        venv.EnvBuilder(with_pip=True).create(folder)
         python = os.path.join(folder, "bin", "python")
         subprocess.run([python, "-m", "pip", "install", "--quiet", f"triton=={triton_version}"], check=True)
+        own_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        with open(os.path.join(own_site, "outer-environment.pth"), "w") as pth:  # its .pth files too (editables)
+            pth.write(f"import site; list(map(site.addsitedir, {site.getsitepackages()!r}))\n")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         return subprocess.run([python, "-m", "benchmarks.compile_report", *argv], env=env, cwd=root).returncode

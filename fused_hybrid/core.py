@@ -22,6 +22,10 @@ from typing import NamedTuple
 
 import torch
 
+# The target value whose positions are ignored unless told otherwise: PyTorch's cross-entropy default, and the label
+# every transformers causal LM ignores.
+IGNORE_INDEX = -100
+
 
 class HeadStats(NamedTuple):
     """Per-token statistics, each of shape [N] in fp32 (fp64 for fp64 inputs), 0 at ignored tokens."""
@@ -52,7 +56,7 @@ class LogitTransform:
 
     temperature: float = 1.0
     softcap: float | None = None
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES["cuda"]
     gradient_filter: float | None = None
 

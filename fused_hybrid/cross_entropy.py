@@ -7,7 +7,7 @@ from torch import nn
 
 from ._reduction import check_num_items, check_reduction, reduce_per_token
 from ._validation import check_non_negative
-from .core import HeadStats
+from .core import IGNORE_INDEX, HeadStats
 from .dispatch import linear_head_loss
 from .head_spec import HeadSpec
 from .vocab_parallel import VocabParallel
@@ -28,7 +28,7 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -80,7 +80,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
     def __init__(
         self,
         *,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ._validation import check_backend_name, check_positive
+from .core import IGNORE_INDEX
 from .vocab_parallel import VocabParallel
 
 
@@ -20,7 +21,7 @@ class HeadSpec:
 
     temperature: float = 1.0
     softcap: float | None = None
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     backend: str = "auto"
     workspace_bytes: int | None = None
     gradient_filter: float | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .core import IGNORE_INDEX
 from .dispatch import linear_head_stats
 from .vocab_parallel import VocabParallel
 
@@ -16,7 +17,7 @@ def linear_logprobs(
     *,
     temperature: float = 1.0,
     softcap: float | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
     backend: str = "auto",
     workspace_bytes: int | None = None,

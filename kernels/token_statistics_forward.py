@@ -21,9 +21,9 @@ from .autotune import run_tuned, tokens_bucket
 from .logit_tile import LaunchConfig, launch_candidates, logit_tile, tile_arguments
 
 # Spill-free on sm_80 and sm_90a with Triton 3.6 and 3.9 (benchmarks/compile_report.py --check; with the compensated
-# running sums, 232-255 registers, checked on 3.9 only); the first of each list is the default, the rest are timed on
-# CUDA (autotune.py). 128 x 128 tiles spill once the five running statistics are live beside the accumulator. fp32
-# tiles take twice the bytes per element.
+# running sums up to 255 registers on 3.9; tables in benchmarks/NOTES.md); the first of each list is the default, the
+# rest are timed on CUDA (autotune.py). 128 x 128 tiles spill once the five running statistics are live beside the
+# accumulator. fp32 tiles take twice the bytes per element.
 _HALF_CONFIGS = (
     LaunchConfig(block_n=128, block_v=64, block_d=32, num_warps=8, num_stages=3),
     LaunchConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=3),

@@ -9,7 +9,8 @@ import dataclasses
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100  # the label value every transformers causal LM ignores
+from ..core import IGNORE_INDEX
+
 # Config names of a tanh cap on the logits, cap * tanh(z / cap), by family.
 _SOFTCAP_NAMES = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
+from ..core import IGNORE_INDEX
 from .config import DataConfig, UserError
 from .text import prompt_ids, response_ids
 
 logger = logging.getLogger("fused_hybrid.trainer")
-IGNORE_INDEX = -100
 
 
 def addition_task(size: int, digits: int, seed: int) -> list[dict]:

@@ -17,8 +17,8 @@ from .core import (
     finalize_partials,
     softmax_norm,
     stats_dtype,
+    token_grad_coefficients,
 )
-from .core import token_grad_coefficients as fold_gradients
 
 
 @torch.library.custom_op("fused_hybrid::token_statistics", mutates_args=())
@@ -101,7 +101,7 @@ def statistics_backward(
     not needed: the gradients are folded into per-token coefficients (core.token_grad_coefficients) and the
     backend recomputes the logit tiles, with log p = (z - m) - log s from `norm`."""
     needs_hidden, needs_weight, needs_bias = needs[0], needs[1], needs[2] and bias is not None
-    coefs = fold_gradients(grads, entropy, valid)
+    coefs = token_grad_coefficients(grads, entropy, valid)
     d_hidden, d_weight, d_bias = _token_statistics_backward(
         hidden, weight, targets, bias, *norm, *coefs, transform.temperature, transform.softcap, transform.ignore_index,
         transform.workspace_bytes, transform.gradient_filter, backend, needs_hidden, needs_weight, needs_bias,

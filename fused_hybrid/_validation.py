@@ -118,11 +118,11 @@ def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
 
 @functools.cache
 def _dispatch_table() -> dict:
-    return json.loads(resources.files("fused_hybrid.benchmarks").joinpath("dispatch_table.json").read_text())
+    return json.loads(resources.files("fused_hybrid.backends").joinpath("dispatch_table.json").read_text())
 
 
 def auto_backend(device_type: str, dtype: torch.dtype, num_tokens: int) -> str:
-    """The backend that backend="auto" runs: the first rule of the measured table (benchmarks/dispatch_table.json)
+    """The backend that backend="auto" runs: the first rule of the measured table (backends/dispatch_table.json)
     matching the device type, the dtype and the number of tokens."""
     table = _dispatch_table()
     dtype_name = str(dtype).removeprefix("torch.")

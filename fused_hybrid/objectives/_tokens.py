@@ -205,7 +205,7 @@ def evaluate_head(
 
 
 def evaluate_objective(
-    math: Callable[[TokenBatch], LossOutput],
+    loss_of_batch: Callable[[TokenBatch], LossOutput],
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
@@ -219,14 +219,15 @@ def evaluate_objective(
     groups: str | None = None,
     inputs: tuple = (),
 ) -> LossOutput:
-    """``math(batch)`` on the batch the core evaluates, for an objective written as a function of a TokenBatch.
+    """``loss_of_batch(batch)`` on the batch the core evaluates, for an objective written as a function of a TokenBatch.
 
     When ``separable`` (a sum of terms each depending on one token's log-prob, entropy and inputs, with every
     normaliser given by the masks; with ``groups="sequence"`` on one sequence's tokens, with ``groups="pair"`` on
     one preference pair's: sequence i and i + P of 2P) and the chunked engine runs, the gradient is computed inside
-    the forward: `math` is also evaluated on the statistics swept so far to give each chunk's upstream gradients
-    (see fused_hybrid.dispatch.linear_head_loss). ``inputs`` are the batch's other tensors: one that requires grad
-    keeps the two-pass path, where autograd reaches it, as does a batch without sequences for grouped terms.
+    the forward: `loss_of_batch` is also evaluated on the statistics swept so far to give each chunk's upstream
+    gradients (see fused_hybrid.dispatch.linear_head_loss). ``inputs`` are the batch's other tensors: one that
+    requires grad keeps the two-pass path, where autograd reaches it, as does a batch without sequences for grouped
+    terms.
     """
     layout = _layout(targets, loss_mask, sequence_ids, num_sequences, head)
     separable = separable and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
@@ -235,11 +236,13 @@ def evaluate_objective(
         if groups not in ("sequence", "pair"):
             raise ValueError(f"groups must be 'sequence', 'pair' or None, got {groups!r}")
         if layout.seq_index is None or (groups == "pair" and layout.num_sequences % 2):
-            separable = False  # math says what is missing
+            separable = False  # loss_of_batch says what is missing
         else:
             group_ids = layout.seq_index if groups == "sequence" else layout.seq_index % (layout.num_sequences // 2)
-    loss, metrics = linear_head_loss(lambda stats: math(layout.batch(stats)), hidden, weight, layout.head_targets,
-                                     bias, separable=separable, groups=group_ids, head=head)  # fmt: skip
+    loss, metrics = linear_head_loss(
+        lambda stats: loss_of_batch(layout.batch(stats)), hidden, weight, layout.head_targets, bias,
+        separable=separable, groups=group_ids, head=head,
+    )  # fmt: skip
     return LossOutput(loss, metrics)
 
 

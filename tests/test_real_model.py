@@ -194,7 +194,13 @@ def test_grpo_on_real_hidden_states(head_input, chat):
     assert 0 < metrics["clip_frac_low"] + metrics["clip_frac_high"] + metrics["dual_clip_frac"] < 0.9
     options64 = {k: v.double() if torch.is_tensor(v) else v for k, v in options.items()}
     truth = results(naive_objectives.grpo(*leaves, targets, **options64), leaves)
-    assert_no_worse_than(results(fused.loss, [hidden, weight]), results(naive.loss, [hidden, weight]), truth)
+    got, own = results(fused.loss, [hidden, weight]), results(naive.loss, [hidden, weight])
+    # The loss is a mean of +-A r_t terms that partly cancel: its error is judged on the terms' scale (fp32 rounding,
+    # 1e-5 of mean |A|), not relative to the small net value, where two fp32 computations' errors differ by luck.
+    errors = [abs(result.pop("loss").item() - truth["loss"].item()) for result in (got, own)]
+    assert errors[0] <= real_model.FACTOR * errors[1] + 1e-5 * options["advantages"].abs().mean().item(), errors
+    truth.pop("loss")
+    assert_no_worse_than(got, own, truth)
 
 
 # ------------------------------------------------------------------------------------------- TRL's SFTTrainer

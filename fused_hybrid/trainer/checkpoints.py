@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from .config import TrainConfig, UserError
+
+logger = logging.getLogger("fused_hybrid.trainer")
 
 CHECKPOINT_MARKER = "fused_hybrid_checkpoint.json"
 
@@ -123,3 +126,19 @@ def interrupt_at_step_end():
         yield lambda: bool(came)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def clear_previous_run(output_dir: Path) -> None:
+    """A fresh start in a folder that holds a run (resume=false): that run's checkpoints, metrics, curves and
+    TensorBoard events go, so nothing of it is appended to or mixed in."""
+    old = checkpoints(output_dir)
+    leftovers = [output_dir / name for name in ("metrics.jsonl", "curves.png", "tensorboard")]
+    if old or any(p.exists() for p in leftovers):
+        logger.info(
+            "starting fresh in %s: removing the previous run (%d checkpoints, its metrics)", output_dir, len(old)
+        )
+    for path in [*old, *leftovers]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()

@@ -8,7 +8,6 @@ import copy
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from ..objectives import (
 from .checkpoints import (
     check_same_run,
     checkpoints,
+    clear_previous_run,
     full_states,
     interrupt_at_step_end,
     run_settings,
@@ -144,7 +144,8 @@ class HybridTrainer:
             self.step = state["step"]
             logger.info("resumed from %s at step %d", resume_from, self.step)
         self.metrics_path = self.output_dir / "metrics.jsonl"
-        self.history: list[dict] = self._read_history() if resume_from is not None else []
+        resumed = resume_from is not None
+        self.history = read_metrics(self.metrics_path, self.step, rewrite=self.rank == 0) if resumed else []
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _all_reduce(self, values: list[float]) -> list[float]:
@@ -374,7 +375,7 @@ class HybridTrainer:
                         self.output_dir, self.step, config.optim.max_steps)  # fmt: skip
             return self.history
         if self.step == 0 and self.rank == 0:
-            self._clear_previous_run()
+            clear_previous_run(self.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         writer = tensorboard_writer(self.output_dir) if self.rank == 0 else None
         bar = progress_bar(config.optim.max_steps, self.step, enabled=self.progress)
@@ -416,27 +417,10 @@ class HybridTrainer:
             self._log(metrics, writer)
         return metrics
 
-    def _clear_previous_run(self) -> None:
-        """A fresh start in a folder that holds a run (resume=false): that run's checkpoints, metrics, curves and
-        TensorBoard events go, so nothing of it is appended to or mixed in."""
-        old = checkpoints(self.output_dir)
-        leftovers = [self.output_dir / name for name in ("metrics.jsonl", "curves.png", "tensorboard")]
-        if old or any(p.exists() for p in leftovers):
-            logger.info("starting fresh in %s: removing the previous run (%d checkpoints, its metrics)",
-                        self.output_dir, len(old))  # fmt: skip
-        for path in [*old, *leftovers]:
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-
     def _log(self, metrics: dict, writer) -> None:
         self.history.append(metrics)
         if self.rank == 0:
             append_metrics(self.metrics_path, metrics, writer)
-
-    def _read_history(self) -> list[dict]:
-        return read_metrics(self.metrics_path, self.step, rewrite=self.rank == 0)
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:

@@ -85,8 +85,8 @@ def token_grad_coefficients(
         dsumz/dz_v = 1
     so dz_v = g_logp * 1[v = y] + p_v * (g_lse - g_logp - g_H * H - g_H * log p_v) + g_sumz.
     The entropy term is kept in log p_v = z_v - lse rather than z_v, so a confident token (log p_v ~ 0, z_v ~ lse)
-    does not lose its gradient to cancellation between large logits; backends form it as (z_v - m) - log s
-    (SoftmaxNorm). Ignored tokens get all-zero coefficients.
+    does not lose its gradient to cancellation between large logits; backends form it from SoftmaxNorm. Ignored
+    tokens get all-zero coefficients.
     """
     g_logp, g_entropy, g_lse, g_sum_z = grads
     zero = torch.zeros_like(entropy)
@@ -200,12 +200,11 @@ def finalize_partials(partials: VocabPartials) -> HeadStats:
     backward included, can turn it into NaN. The caller masks ignored tokens' statistics to 0. A backward forms
     log p from softmax_norm's (m, log s), not from lse.
     """
-    sum_exp = torch.where(partials.sum_exp != 0, partials.sum_exp, 1.0)
-    log_sum_exp = torch.log(sum_exp)
-    lse = partials.max + log_sum_exp
+    row_max, log_sum_exp = softmax_norm(partials)
+    lse = row_max + log_sum_exp
     return HeadStats(
         logp=partials.target_logit - lse,
-        entropy=log_sum_exp - partials.sum_exp_shifted / sum_exp,
+        entropy=log_sum_exp - partials.sum_exp_shifted / torch.where(partials.sum_exp != 0, partials.sum_exp, 1.0),
         lse=lse,
         sum_z=partials.sum_z,
     )

@@ -51,10 +51,6 @@ def in_compute_dtype(hidden, weight, bias):
     return cast(hidden), cast(weight), cast(bias)
 
 
-def _autocast_off(device_type: str):
-    return torch.autocast(device_type, enabled=False)
-
-
 def _prepare(hidden, weight, targets, bias, head: HeadSpec | None, head_options: dict) -> _Call:
     head = HeadSpec.resolve(head, head_options)
     given = (hidden, weight, bias)
@@ -94,7 +90,7 @@ def linear_head_stats(
     statistics are those of the full vocabulary (see fused_hybrid.vocab_parallel).
     """
     call = _prepare(hidden, weight, targets, bias, head, head_options)
-    with _autocast_off(call.hidden_2d.device.type):
+    with torch.autocast(call.hidden_2d.device.type, enabled=False):
         return _head_stats(call)
 
 
@@ -142,7 +138,7 @@ def linear_head_loss(
     input fails first), and once on the final statistics for the returned value.
     """
     call = _prepare(hidden, weight, targets, bias, head, head_options)
-    with _autocast_off(call.hidden_2d.device.type):
+    with torch.autocast(call.hidden_2d.device.type, enabled=False):
         return _head_loss(loss_of_stats, call, separable, groups)
 
 

@@ -137,8 +137,7 @@ def logit_gradient(z, row_max, log_sum_exp, is_target, onehot_coef, prob_coef, l
     chained through softcap and temperature, for transformed logits z, with log p = (z - m) - log s from the row's
     max logit m and log s (core.SoftmaxNorm); the per-token arguments broadcast against z (a tile's [BLOCK_N, 1]
     columns, or a row's scalars)."""
-    # Never z - lse: lse = m + log s rounded to fp32 (half an ulp of |lse|) would move every p of the row and wipe
-    # out a confident token's 1 - p. log p <= 0, also where a recomputed z exceeds m + log s by a rounding.
+    # never z - lse (core.SoftmaxNorm says why); log p <= 0, also where a recomputed z exceeds m + log s by a rounding
     log_p = tl.minimum((z - row_max) - log_sum_exp, 0.0)
     p = tl.exp(log_p)
     if HAS_LOGP_COEF:

@@ -99,9 +99,8 @@ class TorchEpilogue:
         `statistics` returned for these logits, or None in a backward that recomputed them, which forms
         log p = (z - m) - log s from the rows' `norm` (the full vocabulary's, for a vocab-parallel shard)."""
         if state is None:
-            # (z - m) - log s, never z - lse: lse's own rounding (half an ulp of |lse|) would move every p of the
-            # row. log p <= 0 always; clamping also keeps exp finite for a token never swept (a compacted ignored
-            # token reads m = 0, log s = 0), whose all-zero coefficients then give dz = 0, not inf * 0 = NaN.
+            # log p = (z - m) - log s (core.SoftmaxNorm) <= 0 always; clamping also keeps exp finite for a token
+            # never swept (m = 0, log s = 0), whose all-zero coefficients then give dz = 0, not inf * 0 = NaN.
             z = transform_logits(logits, bias, transform)
             log_probs = torch.sub(z, norm.max[:, None]).sub_(norm.log_sum_exp[:, None]).clamp_(max=0.0)
             probs = torch.exp(log_probs)
@@ -311,7 +310,7 @@ def backward(hidden, weight, targets, bias, norm: SoftmaxNorm, coefs: TokenGradC
             hidden_rows = hidden[rows]
             logits = hidden_rows @ weight.T
             chunk_coefs = TokenGradCoefficients(*(None if c is None else c[rows] for c in coefs))
-            chunk_norm = SoftmaxNorm(norm.max[rows], norm.log_sum_exp[rows])
+            chunk_norm = SoftmaxNorm(*(t[rows] for t in norm))
             d_z = epilogue.gradient(logits, None, column_targets[rows], bias, chunk_norm, chunk_coefs, transform)
             grads.add_chunk(d_z, logits, rows, hidden_rows, weight)
     return grads.result(weight, bias)

@@ -245,9 +245,10 @@ class HybridTrainer:
         with self._autocast(), self._gathered():
             return sample_rollouts(self.model, self.tokenizer, rows, self.config, self.reward_fn, self.device)
 
-    def step_batches(self, generator: torch.Generator) -> tuple[list[dict], dict, dict]:
-        """(micro-batches, global normalisers, step metrics) for one optimizer step of the configured mode; the
-        step metrics as (total, count) over this rank's rows (the reward: its sum and the number of rollouts)."""
+    def step_batches(self, generator: torch.Generator) -> tuple[list[dict], list[dict], dict, dict]:
+        """(micro-batches, their counts (metrics.batch_counts), global normalisers, step metrics) for one optimizer
+        step of the configured mode; the step metrics as (total, count) over this rank's rows (the reward: its sum
+        and the number of rollouts)."""
         config, data = self.config, self.objective.data
         accum = config.optim.grad_accum
         metrics: dict = {}
@@ -278,7 +279,8 @@ class HybridTrainer:
             micro = [{k: v[chunk] for k, v in rows.items()} for chunk in self._split(order, accum)]
         for batch in micro:
             self._add_reference_inputs(batch)
-        return micro, self._global_normalisers(micro), metrics
+        counts = [batch_counts(b) for b in micro]  # each read on the host once
+        return micro, counts, self._global_normalisers(counts), metrics
 
     def _add_reference_inputs(self, batch: dict) -> None:
         """The rollout policy's log-probs (rollouts) and the reference's (a frozen copy of the start) per token."""
@@ -287,9 +289,8 @@ class HybridTrainer:
         if self.reference is not None:
             batch["ref_logp"] = self._token_logps(self.reference_head, batch)
 
-    def _global_normalisers(self, micro: list[dict]) -> dict:
-        """The step's counts summed over every micro-batch and rank (each rank divides by the global count)."""
-        counts = [batch_counts(b) for b in micro]
+    def _global_normalisers(self, counts: list[dict]) -> dict:
+        """The micro-batches' `counts` summed over the step and every rank (each rank divides by the global count)."""
         names = list(counts[0])
         totals = self._all_reduce([float(sum(c[k] for c in counts)) for k in names])
         return dict(zip(names, (int(v) for v in totals)))
@@ -317,14 +318,14 @@ class HybridTrainer:
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
         torch.manual_seed(self.config.seed * 1_000_003 + self.step)  # sampling in generate(): same after a resume
         begin = time.perf_counter()
-        micro, totals, step_parts = self.step_batches(generator)
+        micro, counts, totals, step_parts = self.step_batches(generator)
         self.optimizer.zero_grad(set_to_none=True)
         step_metrics = StepMetrics(self.objective, step_parts)  # the reward: (sum, rollouts)
-        for batch in micro:
+        for batch, batch_counted in zip(micro, counts):
             loss, batch_metrics = self.micro_loss(batch, totals)
             # DDP and FSDP2 average gradients over ranks; each rank's loss is already its share of the global sum.
             (loss * self.world).backward()
-            step_metrics.add({"loss": loss.detach(), **batch_metrics}, batch_counts(batch))
+            step_metrics.add({"loss": loss.detach(), **batch_metrics}, batch_counted)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.optim.max_grad_norm)
         metrics = step_metrics.combined(self._all_reduce)
         loss_total = metrics.pop("loss")

@@ -77,7 +77,7 @@ PASSES = {
     "epilogue_statistics": _epilogue_pass(logit_epilogue.row_statistics_kernel, logit_epilogue.BLOCK_V_STATISTICS, {}),
     "epilogue_extras": _epilogue_pass(logit_epilogue.row_extras_kernel, logit_epilogue.BLOCK_V_STATISTICS, {}),
     "epilogue_gradients": _epilogue_pass(
-        logit_epilogue.logit_gradients_kernel,
+        logit_epilogue.row_dz_kernel,
         logit_epilogue.BLOCK_V_GRADIENTS,
         dict(HAS_LOGP_COEF=True, HAS_UNIFORM_COEF=True),
     ),  # fmt: skip

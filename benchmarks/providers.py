@@ -219,7 +219,7 @@ PROVIDERS = {
     for p in [
         Provider(
             "fused-hybrid",
-            "fused-hybrid, backend='auto' (fused_hybrid/backends/dispatch_table.json)",
+            "fused-hybrid, backend='auto' (fused_hybrid/engine/dispatch_table.json)",
             lambda device: fused_hybrid_losses("auto"),
         ),  # fmt: skip
         Provider(

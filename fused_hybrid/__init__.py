@@ -1,10 +1,10 @@
 """fused-hybrid: logits-free fused LM-head losses for hybrid SFT + RL post-training."""
 
-from ._validation import auto_backend
-from .core import HeadStats
 from .cross_entropy import FusedLinearCrossEntropyLoss, linear_cross_entropy
-from .dispatch import linear_head_loss, linear_head_stats
-from .head_spec import HeadSpec
+from .engine.backends import auto_backend, register_backend
+from .engine.core import HeadStats
+from .engine.entry import linear_head_loss, linear_head_stats
+from .engine.head import HeadSpec, VocabParallel
 from .hf import patch_model, unpatch_model
 from .logprobs import linear_logprobs
 from .objectives import (
@@ -29,7 +29,6 @@ from .objectives import (
     minor_sft_loss,
     sequence_logps,
 )
-from .vocab_parallel import VocabParallel
 
 __all__ = [
     "AGGREGATIONS",
@@ -61,6 +60,7 @@ __all__ = [
     "linear_logprobs",
     "minor_sft_loss",
     "patch_model",
+    "register_backend",
     "sequence_logps",
     "unpatch_model",
 ]

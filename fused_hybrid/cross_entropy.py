@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._reduction import check_num_items, check_reduction, reduce_per_token
-from ._validation import check_non_negative
-from .core import IGNORE_INDEX, HeadStats
-from .dispatch import linear_head_loss
-from .head_spec import HeadSpec
-from .vocab_parallel import VocabParallel
+from .checks import check_non_negative
+from .engine.core import IGNORE_INDEX, HeadStats
+from .engine.entry import linear_head_loss
+from .engine.head import HeadSpec, VocabParallel
+from .reduction import check_num_items, check_reduction, reduce_per_token
 
 
 def check_cross_entropy_options(reduction: str, label_smoothing: float, z_loss: float) -> None:
@@ -49,15 +48,22 @@ def linear_cross_entropy(
     all-ignored batch gives 0 with zero gradients. ``reduction="none"`` returns the per-token losses with the
     shape of ``targets``.
     """
-    check_cross_entropy_options(reduction, label_smoothing, z_loss)
-    check_num_items(num_items, reduction)
-
     head = HeadSpec(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
                     workspace_bytes=workspace_bytes, gradient_filter=gradient_filter,
                     vocab_parallel=vocab_parallel)  # fmt: skip
+    return cross_entropy_of_head(hidden, weight, targets, bias, head=head, reduction=reduction,
+                                 label_smoothing=label_smoothing, z_loss=z_loss, num_items=num_items)  # fmt: skip
+
+
+def cross_entropy_of_head(hidden, weight, targets, bias=None, *, head: HeadSpec, reduction: str = "mean",
+                          label_smoothing: float = 0.0, z_loss: float = 0.0, num_items=None) -> torch.Tensor:
+    """:func:`linear_cross_entropy` with the head given as a HeadSpec (what the SFT objective and the module use)."""
+    check_cross_entropy_options(reduction, label_smoothing, z_loss)
+    check_num_items(num_items, reduction)
     # mean_v z_v is over the whole vocabulary, every slice of it under vocab parallelism
-    vocab_size = weight.shape[0] if vocab_parallel is None else vocab_parallel.layout(weight.shape[0], weight.device)[1]
-    valid = targets != ignore_index
+    parallel = head.vocab_parallel
+    vocab_size = weight.shape[0] if parallel is None else parallel.layout(weight.shape[0], weight.device)[1]
+    valid = targets != head.ignore_index
 
     def loss_of_stats(stats: HeadStats):
         per_token = -stats.logp
@@ -94,19 +100,12 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         super().__init__()
         # every option is checked now, not at the first forward
         check_cross_entropy_options(reduction, label_smoothing, z_loss)
-        HeadSpec(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
-                 workspace_bytes=workspace_bytes, gradient_filter=gradient_filter,
-                 vocab_parallel=vocab_parallel)  # fmt: skip
-        self.ignore_index = ignore_index
+        self.head = HeadSpec(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
+                             workspace_bytes=workspace_bytes, gradient_filter=gradient_filter,
+                             vocab_parallel=vocab_parallel)  # fmt: skip
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
-        self.softcap = softcap
-        self.temperature = temperature
-        self.backend = backend
-        self.workspace_bytes = workspace_bytes
-        self.gradient_filter = gradient_filter
-        self.vocab_parallel = vocab_parallel
 
     def forward(
         self,
@@ -117,27 +116,12 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         *,
         num_items: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return linear_cross_entropy(
-            hidden,
-            weight,
-            targets,
-            bias,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
-            temperature=self.temperature,
-            num_items=num_items,
-            backend=self.backend,
-            workspace_bytes=self.workspace_bytes,
-            gradient_filter=self.gradient_filter,
-            vocab_parallel=self.vocab_parallel,
-        )
+        return cross_entropy_of_head(hidden, weight, targets, bias, head=self.head, reduction=self.reduction,
+                                     label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+                                     num_items=num_items)  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
-            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
-            f"temperature={self.temperature}, backend={self.backend!r}"
+            f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+            f"head={self.head}"
         )

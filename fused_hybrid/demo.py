@@ -256,10 +256,11 @@ def head_memory(tokens: int, dim: int, vocab: int) -> dict:
     logits with their gradient against the fused path's per-token statistics (four fp32 numbers per token) plus
     one chunk of logits and epilogue buffers (the CPU's 256 MiB workspace bounds it), at the run's vocabulary and
     at a 128k one."""
-    from .backends.chunked import TorchEpilogue, chunk_rows
-    from .core import default_workspace_bytes
+    from .engine import torch_epilogue
+    from .engine.chunked import chunk_rows
+    from .engine.core import default_workspace_bytes
 
-    per_logit = TorchEpilogue.bytes_per_logit(torch.float32)
+    per_logit = torch_epilogue.bytes_per_logit(torch.float32)
     workspace = default_workspace_bytes(torch.device("cpu"))
     sizes = {}
     for v in (vocab, LARGE_VOCAB):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .core import IGNORE_INDEX
-from .dispatch import linear_head_stats
-from .vocab_parallel import VocabParallel
+from .engine.core import IGNORE_INDEX
+from .engine.entry import linear_head_stats
+from .engine.head import VocabParallel
 
 
 def linear_logprobs(

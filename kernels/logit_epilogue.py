@@ -7,7 +7,7 @@ of the tile kernel's forward: H = log s - a / s has no cancellation), the sum of
 `row_extras_kernel` (grid: rows), on demand, sweeps a row once more, given its max m: sum exp(2 (z - m)) and the
 largest logit before the target column (see core.RowExtras).
 
-`logit_gradients_kernel` (grid: rows x vocabulary blocks) recomputes z from the raw logits and writes over them,
+`row_dz_kernel` (grid: rows x vocabulary blocks) recomputes z from the raw logits and writes over them,
 in their own dtype, dz = onehot_coef * 1[v = y] + p * (prob_coef - logp_coef * log p) + uniform_coef, chained
 through softcap and temperature, with log p = (z - m) - log s from the row's max logit m and log s
 (core.SoftmaxNorm; never z - lse, whose fp32 rounding would move every p of the row). Nothing of the chunk's size
@@ -23,8 +23,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core import LogitTransform, RowExtras, SoftmaxNorm, TokenGradCoefficients, VocabPartials
-from .logit_tile import in_interpreter, logit_gradient, transform_tile
+from ..engine.core import RowExtras, SoftmaxNorm, TokenGradCoefficients, VocabPartials
+from ..engine.head import HeadSpec
+from .logit_tile import (
+    dz_of_logits,
+    in_interpreter,
+    raise_running_max,
+    rescale_running_sums,
+    transform_arguments,
+    transform_tile,
+)
 
 BLOCK_V_STATISTICS = 2048
 BLOCK_V_GRADIENTS = 1024
@@ -60,22 +68,23 @@ def row_statistics_kernel(
         raw = tl.load(row_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
         z = transform_tile(raw, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
         new_max = tl.where(mask_v, tl.maximum(lane_max, z), lane_max)
-        max_shift = tl.where(lane_sum_exp > 0, lane_max - new_max, 0.0)  # 0 before a lane's first value
-        rescale = tl.exp(max_shift)
+        max_shift, rescale = raise_running_max(lane_max, lane_sum_exp, new_max)
+        lane_sum_exp, lane_sum_exp_shifted = rescale_running_sums(lane_sum_exp, lane_sum_exp_shifted, max_shift,
+                                                                  rescale)  # fmt: skip
         shifted = tl.where(mask_v, z - new_max, 0.0)
         e = tl.where(mask_v, tl.exp(shifted), 0.0)
-        lane_sum_exp_shifted = rescale * (lane_sum_exp_shifted + lane_sum_exp * max_shift) + e * shifted
-        lane_sum_exp = lane_sum_exp * rescale + e
+        lane_sum_exp_shifted += e * shifted
+        lane_sum_exp += e
         lane_sum_z += tl.where(mask_v, z, 0.0)
         lane_max = new_max
 
-    # the lanes' sums, shifted to the row's max (lanes that saw no column hold s = 0 and drop out)
+    # the lanes' sums, shifted to the row's max (lanes that saw no column hold s = 0 and add 0)
     row_max = tl.max(lane_max, axis=0)
-    seen = lane_sum_exp > 0
-    lane_shift = tl.where(seen, lane_max - row_max, 0.0)
-    lane_rescale = tl.where(seen, tl.exp(lane_shift), 0.0)
-    sum_exp = tl.sum(lane_rescale * lane_sum_exp, axis=0)
-    sum_exp_shifted = tl.sum(lane_rescale * (lane_sum_exp_shifted + lane_sum_exp * lane_shift), axis=0)
+    lane_shift, lane_rescale = raise_running_max(lane_max, lane_sum_exp, row_max)
+    lane_sum_exp, lane_sum_exp_shifted = rescale_running_sums(lane_sum_exp, lane_sum_exp_shifted, lane_shift,
+                                                              lane_rescale)  # fmt: skip
+    sum_exp = tl.sum(lane_sum_exp, axis=0)
+    sum_exp_shifted = tl.sum(lane_sum_exp_shifted, axis=0)
 
     target = tl.load(targets_ptr + row)
     has_target = target >= 0
@@ -124,7 +133,7 @@ def row_extras_kernel(
 
 
 @triton.jit
-def logit_gradients_kernel(
+def row_dz_kernel(
     logits_ptr,  # [rows, V] raw logits in, dz out (same dtype)
     bias_ptr,
     targets_ptr,
@@ -151,7 +160,7 @@ def logit_gradients_kernel(
     raw = tl.load(ptrs, mask=mask_v, other=0.0).to(tl.float32)
     z = transform_tile(raw, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
     is_target = offs_v == tl.load(targets_ptr + row)
-    d_z = logit_gradient(z, tl.load(max_ptr + row), tl.load(log_sum_exp_ptr + row), is_target,
+    d_z = dz_of_logits(z, tl.load(max_ptr + row), tl.load(log_sum_exp_ptr + row), is_target,
                          tl.load(onehot_coef_ptr + row), tl.load(prob_coef_ptr + row),
                          tl.load(logp_coef_ptr + row) if HAS_LOGP_COEF else 0.0,
                          tl.load(uniform_coef_ptr + row) if HAS_UNIFORM_COEF else 0.0, inv_temperature, softcap,
@@ -167,13 +176,7 @@ def _block_v(logits: torch.Tensor, cuda_block: int) -> int:
     return INTERPRETER_BLOCK_V if in_interpreter(logits.device) else cuda_block
 
 
-def _transform_arguments(bias, transform: LogitTransform) -> dict:
-    return dict(bias_ptr=bias, inv_temperature=1.0 / transform.temperature,
-                softcap=0.0 if transform.softcap is None else float(transform.softcap),
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=transform.softcap is not None)  # fmt: skip
-
-
-def statistics(logits: torch.Tensor, targets: torch.Tensor, bias, transform: LogitTransform):
+def statistics(logits: torch.Tensor, targets: torch.Tensor, bias, head: HeadSpec):
     """(VocabPartials of each row of `logits` [rows, V], None: `gradient` needs nothing kept). `targets` is -1
     where a row's target is not a column of this weight."""
     num_rows, vocab_size = logits.shape
@@ -181,13 +184,13 @@ def statistics(logits: torch.Tensor, targets: torch.Tensor, bias, transform: Log
     if num_rows > 0:
         row_statistics_kernel[(num_rows,)](
             logits, targets_ptr=targets, partials_ptr=out, num_rows=num_rows, V=vocab_size,
-            stride_row=logits.stride(0), **_transform_arguments(bias, transform),
+            stride_row=logits.stride(0), **transform_arguments(bias, head),
             BLOCK_V=_block_v(logits, BLOCK_V_STATISTICS), num_warps=NUM_WARPS,
         )  # fmt: skip
     return VocabPartials(*out), None
 
 
-def extras(logits: torch.Tensor, state, targets: torch.Tensor, bias, transform: LogitTransform,
+def extras(logits: torch.Tensor, state, targets: torch.Tensor, bias, head: HeadSpec,
            row_max: torch.Tensor) -> RowExtras:  # fmt: skip
     """RowExtras of each row of `logits`, given the rows' max logits (one more read of the chunk)."""
     num_rows, vocab_size = logits.shape
@@ -195,23 +198,23 @@ def extras(logits: torch.Tensor, state, targets: torch.Tensor, bias, transform: 
     if num_rows > 0:
         row_extras_kernel[(num_rows,)](
             logits, targets_ptr=targets, max_ptr=row_max, extras_ptr=out, num_rows=num_rows, V=vocab_size,
-            stride_row=logits.stride(0), **_transform_arguments(bias, transform),
+            stride_row=logits.stride(0), **transform_arguments(bias, head),
             BLOCK_V=_block_v(logits, BLOCK_V_STATISTICS), num_warps=NUM_WARPS,
         )  # fmt: skip
     return RowExtras(*out)
 
 
 def gradient(logits, state, targets, bias, norm: SoftmaxNorm, coefs: TokenGradCoefficients,
-             transform: LogitTransform):  # fmt: skip
+             head: HeadSpec):  # fmt: skip
     """dz over `logits` (the same tensor, overwritten; its dtype), log p from the rows' `norm` (max, log s)."""
     num_rows, vocab_size = logits.shape
     block_v = _block_v(logits, BLOCK_V_GRADIENTS)
     if num_rows > 0:
-        logit_gradients_kernel[(num_rows, triton.cdiv(vocab_size, block_v))](
+        row_dz_kernel[(num_rows, triton.cdiv(vocab_size, block_v))](
             logits, targets_ptr=targets, max_ptr=norm.max, log_sum_exp_ptr=norm.log_sum_exp,
             onehot_coef_ptr=coefs.onehot_coef, prob_coef_ptr=coefs.prob_coef, logp_coef_ptr=coefs.logp_coef,
             uniform_coef_ptr=coefs.uniform_coef,
-            V=vocab_size, stride_row=logits.stride(0), **_transform_arguments(bias, transform),
+            V=vocab_size, stride_row=logits.stride(0), **transform_arguments(bias, head),
             HAS_LOGP_COEF=coefs.logp_coef is not None, HAS_UNIFORM_COEF=coefs.uniform_coef is not None,
             BLOCK_V=block_v, num_warps=NUM_WARPS,
         )  # fmt: skip

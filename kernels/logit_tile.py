@@ -1,6 +1,7 @@
 """A [BLOCK_N, BLOCK_V] tile of z = softcap(F.linear(hidden, weight, bias) / temperature), in fp32, shared by both
-passes, the logits' gradient from the per-token coefficients (the tile backward's and the chunked epilogue's), and
-the host side both launches share: launch configs, the fp32 dot precision and the tile's arguments."""
+passes, the online log-sum-exp update, the logits' gradient from the per-token coefficients (the tile backward's
+and the chunked epilogue's), and the host side every launch shares: launch configs, the fp32 dot precision and the
+kernels' arguments."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._validation import triton_interpreter_enabled
-from ..core import LogitTransform
+from ..engine.backends import triton_interpreter_enabled
+from ..engine.head import HeadSpec
 
 
 class LaunchConfig(NamedTuple):
@@ -54,18 +55,32 @@ def fp32_dot_precision() -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def tile_arguments(hidden, weight, bias, transform: LogitTransform) -> dict:
-    """The keyword arguments of logit_tile that both kernels take under the same names."""
+def transform_arguments(bias, head: HeadSpec) -> dict:
+    """The keyword arguments of transform_tile, under the names every kernel takes them by."""
     return dict(
-        hidden_ptr=hidden, weight_ptr=weight, bias_ptr=bias, D=hidden.shape[1],
-        stride_hn=hidden.stride(0), stride_hd=hidden.stride(1), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
-        inv_temperature=1.0 / transform.temperature,
-        softcap=0.0 if transform.softcap is None else float(transform.softcap),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=transform.softcap is not None,
+        bias_ptr=bias,
+        inv_temperature=1.0 / head.temperature,
+        softcap=0.0 if head.softcap is None else float(head.softcap),
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=head.softcap is not None,
+    )
+
+
+def tile_arguments(hidden, weight, bias, head: HeadSpec) -> dict:
+    """The keyword arguments of logit_tile that both tile kernels take under the same names."""
+    return dict(
+        hidden_ptr=hidden,
+        weight_ptr=weight,
+        D=hidden.shape[1],
+        stride_hn=hidden.stride(0),
+        stride_hd=hidden.stride(1),
+        stride_wv=weight.stride(0),
+        stride_wd=weight.stride(1),
+        **transform_arguments(bias, head),
         # fp32 inputs follow PyTorch's matmul precision; the setting means nothing for half-precision inputs.
         DOT_PRECISION=fp32_dot_precision() if hidden.dtype == torch.float32 else None,
         IN_INTERPRETER=in_interpreter(hidden.device),
-    )  # fmt: skip
+    )
 
 
 @triton.jit
@@ -130,7 +145,22 @@ def transform_tile(raw, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_
 
 
 @triton.jit
-def logit_gradient(z, row_max, log_sum_exp, is_target, onehot_coef, prob_coef, logp_coef, uniform_coef,
+def raise_running_max(running_max, sum_exp, new_max):
+    """(max_shift, rescale) of a running max raised to `new_max` >= it: max_shift = m_old - m_new (0 where nothing
+    was summed yet, sum_exp = 0, so that -inf - m cannot reach the sums) and rescale = exp(max_shift)."""
+    max_shift = tl.where(sum_exp > 0, running_max - new_max, 0.0)
+    return max_shift, tl.exp(max_shift)
+
+
+@triton.jit
+def rescale_running_sums(sum_exp, sum_exp_shifted, max_shift, rescale):
+    """s = sum exp(z - m) and a = sum exp(z - m) (z - m) taken to a new max m' = m - max_shift (core.rescale_to_max):
+    s' = rescale * s, a' = rescale * (a + s * max_shift)."""
+    return sum_exp * rescale, rescale * (sum_exp_shifted + sum_exp * max_shift)
+
+
+@triton.jit
+def dz_of_logits(z, row_max, log_sum_exp, is_target, onehot_coef, prob_coef, logp_coef, uniform_coef,
                    inv_temperature, softcap, HAS_LOGP_COEF: tl.constexpr, HAS_UNIFORM_COEF: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr):  # fmt: skip
     """dz = onehot_coef * 1[v = y] + p * (prob_coef - logp_coef * log p) + uniform_coef (core.TokenGradCoefficients),

@@ -21,9 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core import LogitTransform, SoftmaxNorm, TokenGradCoefficients
+from ..engine.core import SoftmaxNorm, TokenGradCoefficients
+from ..engine.head import HeadSpec
 from .autotune import run_tuned, tokens_bucket
-from .logit_tile import LaunchConfig, launch_candidates, logit_gradient, logit_tile, tile_arguments
+from .logit_tile import LaunchConfig, dz_of_logits, launch_candidates, logit_tile, tile_arguments
 
 # Spill-free on sm_80 and sm_90a with Triton 3.6 and 3.9 (benchmarks/compile_report.py --check); the first of each
 # list is the default, the rest are timed on CUDA (autotune.py). A 128 x 128 tile spills: dz, the gradient blocks
@@ -131,7 +132,7 @@ def token_statistics_backward_kernel(
     prob_coef = tl.load(prob_coef_ptr + offs_n, mask=mask_n, other=0.0)
     logp_coef = tl.load(logp_coef_ptr + offs_n, mask=mask_n, other=0.0) if HAS_LOGP_COEF else 0.0
     uniform_coef = tl.load(uniform_coef_ptr + offs_n, mask=mask_n, other=0.0) if HAS_UNIFORM_COEF else 0.0
-    d_z = logit_gradient(z, row_max[:, None], log_sum_exp[:, None], offs_v[None, :] == targets[:, None],
+    d_z = dz_of_logits(z, row_max[:, None], log_sum_exp[:, None], offs_v[None, :] == targets[:, None],
                          onehot_coef[:, None], prob_coef[:, None], logp_coef[:, None] if HAS_LOGP_COEF else 0.0,
                          uniform_coef[:, None] if HAS_UNIFORM_COEF else 0.0, inv_temperature, softcap, HAS_LOGP_COEF,
                          HAS_UNIFORM_COEF, HAS_SOFTCAP)  # fmt: skip
@@ -186,7 +187,7 @@ def token_statistics_backward_kernel(
 
 
 class TileGradients(NamedTuple):
-    """The backward's results: each gradient None when not needed (its work compiled out); `tile_counts` is
+    """One launch's results: each gradient None when not needed (its work compiled out); `tile_counts` is
     [tiles with a loss token, tiles kept] (int32) when gradient filtering ran, else None."""
 
     d_hidden: torch.Tensor | None
@@ -223,24 +224,25 @@ def count_filtered_tiles():
         _ACTIVE_COUNTERS.remove(counter)
 
 
-def logit_gradients(
+def tile_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None,
     norm: SoftmaxNorm,
     coefs: TokenGradCoefficients,
-    transform: LogitTransform,
+    head: HeadSpec,
     needs: tuple[bool, bool, bool],
-) -> TileGradients:
-    """dhidden, dweight, dbias accumulated in fp32 and returned in the input dtypes. Gradient filtering
-    (`transform.gradient_filter`) runs unless a uniform term (label smoothing) reaches every column: skipping a
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dhidden, dweight, dbias), each None when not needed: accumulated in fp32 and returned in the input dtypes
+    (the filtering counts go to any active `count_filtered_tiles`). Gradient filtering
+    (`head.gradient_filter`) runs unless a uniform term (label smoothing) reaches every column: skipping a
     tile would drop its share of that term, which sums to a constant fraction of the gradient over the vocabulary."""
     needs_hidden, needs_weight, needs_bias = needs
     num_tokens, dim = hidden.shape
     vocab_size = weight.shape[0]
-    filtering = transform.gradient_filter is not None and coefs.uniform_coef is None
-    arguments = tile_arguments(hidden, weight, bias, transform)
+    filtering = head.gradient_filter is not None and coefs.uniform_coef is None
+    arguments = tile_arguments(hidden, weight, bias, head)
 
     def launch(cfg: LaunchConfig) -> TileGradients:
         f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -255,24 +257,23 @@ def logit_gradients(
                 onehot_coef_ptr=coefs.onehot_coef, prob_coef_ptr=coefs.prob_coef, logp_coef_ptr=coefs.logp_coef,
                 uniform_coef_ptr=coefs.uniform_coef,
                 d_hidden_ptr=d_hidden, d_weight_ptr=d_weight, d_bias_ptr=d_bias, tile_counts_ptr=tile_counts,
-                N=num_tokens, V=vocab_size, ignore_index=transform.ignore_index,
-                filter_threshold=transform.gradient_filter if filtering else 0.0,
+                N=num_tokens, V=vocab_size, ignore_index=head.ignore_index,
+                filter_threshold=head.gradient_filter if filtering else 0.0,
                 HAS_LOGP_COEF=coefs.logp_coef is not None, HAS_UNIFORM_COEF=coefs.uniform_coef is not None,
                 COMPUTE_D_HIDDEN=needs_hidden, COMPUTE_D_WEIGHT=needs_weight, COMPUTE_D_BIAS=needs_bias,
                 FILTER=filtering, GROUP_N=GROUP_N, **arguments, **cfg.launch_options(),
             )  # fmt: skip
         return TileGradients(d_hidden, d_weight, d_bias, tile_counts)
 
-    key = (hidden.dtype, tokens_bucket(num_tokens), vocab_size, dim, bias is not None, transform.softcap is not None,
+    key = (hidden.dtype, tokens_bucket(num_tokens), vocab_size, dim, bias is not None, head.softcap is not None,
            needs, coefs.logp_coef is not None, coefs.uniform_coef is not None, filtering)  # fmt: skip
     d_hidden, d_weight, d_bias, tile_counts = run_tuned("backward", key, launch_candidates(hidden, CUDA_CONFIGS),
                                                         launch)  # fmt: skip
     if tile_counts is not None:
         for counter in _ACTIVE_COUNTERS:
             counter.counts = tile_counts.long() if counter.counts is None else counter.counts + tile_counts
-    return TileGradients(
+    return (
         None if d_hidden is None else d_hidden.to(hidden.dtype),
         None if d_weight is None else d_weight.to(weight.dtype),
         None if d_bias is None else d_bias.to(bias.dtype),
-        tile_counts,
     )

@@ -16,9 +16,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core import LogitTransform, VocabPartials, merge_partials
+from ..engine.core import VocabPartials, merge_partials
+from ..engine.head import HeadSpec
 from .autotune import run_tuned, tokens_bucket
-from .logit_tile import LaunchConfig, launch_candidates, logit_tile, tile_arguments
+from .logit_tile import (
+    LaunchConfig,
+    launch_candidates,
+    logit_tile,
+    raise_running_max,
+    rescale_running_sums,
+    tile_arguments,
+)
 
 # Spill-free on sm_80 and sm_90a with Triton 3.6 and 3.9 (benchmarks/compile_report.py --check; with the compensated
 # running sums up to 255 registers on 3.9; tables in benchmarks/NOTES.md); the first of each list is the default, the
@@ -119,16 +127,17 @@ def token_statistics_forward_kernel(
         )
         z = tl.where(mask_v[None, :], z, 0.0)
         new_max = tl.maximum(running_max, tl.max(tl.where(mask_v[None, :], z, float("-inf")), axis=1))
-        max_shift = tl.where(sum_exp > 0, running_max - new_max, 0.0)  # 0 before the first tile
-        rescale = tl.exp(max_shift)
+        max_shift, rescale = raise_running_max(running_max, sum_exp, new_max)
         shifted = tl.where(mask_v[None, :], z - new_max[:, None], 0.0)
         e = tl.where(mask_v[None, :], tl.exp(shifted), 0.0)
-        # sum exp(z - m_new) * (z - m_new) = rescale * (old sum + old sum_exp * (m_old - m_new)) + this tile (the
-        # rescaling is exact, rescale = 1 and max_shift = 0, on every tile that does not raise the max)
-        sum_exp_shifted, error = two_sum(rescale * (sum_exp_shifted + sum_exp * max_shift), tl.sum(e * shifted, axis=1))
-        sum_exp_shifted_low = rescale * (sum_exp_shifted_low + sum_exp_low * max_shift) + error
-        sum_exp, error = two_sum(sum_exp * rescale, tl.sum(e, axis=1))
-        sum_exp_low = sum_exp_low * rescale + error
+        # the running sums (both parts) at the new max, then this tile's terms added (the rescaling is exact,
+        # rescale = 1 and max_shift = 0, on every tile that does not raise the max)
+        carried_exp, carried_shifted = rescale_running_sums(sum_exp, sum_exp_shifted, max_shift, rescale)
+        sum_exp_low, sum_exp_shifted_low = rescale_running_sums(sum_exp_low, sum_exp_shifted_low, max_shift, rescale)
+        sum_exp_shifted, error = two_sum(carried_shifted, tl.sum(e * shifted, axis=1))
+        sum_exp_shifted_low += error
+        sum_exp, error = two_sum(carried_exp, tl.sum(e, axis=1))
+        sum_exp_low += error
         sum_z, error = two_sum(sum_z, tl.sum(z, axis=1))
         sum_z_low += error
         target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
@@ -154,13 +163,13 @@ def vocabulary_partials(
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None,
-    transform: LogitTransform,
+    head: HeadSpec,
 ) -> VocabPartials:
     """Per-token sums over this weight's rows (see VocabPartials); the kernel's vocabulary splits are merged."""
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     if num_tokens == 0:
         return VocabPartials(*torch.zeros(5, 0, dtype=torch.float32, device=hidden.device))
-    arguments = tile_arguments(hidden, weight, bias, transform)
+    arguments = tile_arguments(hidden, weight, bias, head)
 
     def launch(cfg: LaunchConfig) -> torch.Tensor:
         token_blocks = triton.cdiv(num_tokens, cfg.block_n)
@@ -173,12 +182,12 @@ def vocabulary_partials(
         split_partials = torch.empty(5, splits, num_tokens, dtype=torch.float32, device=hidden.device)
         token_statistics_forward_kernel[(token_blocks, splits)](
             targets_ptr=targets, partials_ptr=split_partials, N=num_tokens, V=vocab_size,
-            vocab_per_split=tiles_per_split * cfg.block_v, ignore_index=transform.ignore_index,
+            vocab_per_split=tiles_per_split * cfg.block_v, ignore_index=head.ignore_index,
             **arguments, **cfg.launch_options(),
         )  # fmt: skip
         return split_partials
 
     key = (hidden.dtype, tokens_bucket(num_tokens), vocab_size, hidden.shape[1], bias is not None,
-           transform.softcap is not None)  # fmt: skip
+           head.softcap is not None)  # fmt: skip
     split_partials = run_tuned("forward", key, launch_candidates(hidden, CUDA_CONFIGS), launch)
     return merge_partials(VocabPartials(*split_partials))

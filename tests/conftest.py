@@ -26,7 +26,7 @@ def _several_chunks(monkeypatch):
     """The test shapes are tiny next to the engine's 1 GiB workspace: cap the chunked engine's chunks at a few rows
     so that every test runs multi-chunk sweeps with a ragged last chunk (tests of the sizing itself call
     `chunk_rows` directly and see its real result)."""
-    from fused_hybrid.backends import chunked
+    from fused_hybrid.engine import chunked
 
     real = chunked.chunk_rows
     monkeypatch.setattr(chunked, "chunk_rows", lambda *args: min(real(*args), SMALL_CHUNK_ROWS))

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import fused_hybrid
-from fused_hybrid.backends import chunked
-from fused_hybrid.backends.chunked import GEMM_ROW_MULTIPLE, TorchEpilogue, chunk_rows  # the real sizing
-from fused_hybrid.core import LogitTransform, SoftmaxNorm, token_grad_coefficients
+from fused_hybrid import HeadSpec
+from fused_hybrid.engine import chunked, torch_epilogue
+from fused_hybrid.engine.chunked import GEMM_ROW_MULTIPLE, chunk_rows  # the real sizing
+from fused_hybrid.engine.core import SoftmaxNorm, token_grad_coefficients
 from tests.reference import assert_close_scaled, grads
 
 D, V = 16, 45
@@ -59,7 +60,7 @@ SEPARABLE = {
 
 
 def test_chunk_rows_fill_the_workspace_evenly():
-    per_logit = TorchEpilogue.bytes_per_logit(torch.float32)
+    per_logit = torch_epilogue.bytes_per_logit(torch.float32)
     vocab = 128256
     budget = 1 << 30
     most = budget // (vocab * per_logit)
@@ -102,7 +103,7 @@ def engine_against_two_passes(loss_fn, monkeypatch, hidden, weight, targets) -> 
 
     calls = {"statistics": 0, "gradients": 0, "recomputed": 0, "fused": 0}
     chunks = []
-    real_statistics, real_gradient = TorchEpilogue.statistics, TorchEpilogue.gradient
+    real_statistics, real_gradient = torch_epilogue.statistics, torch_epilogue.gradient
     real_sweep, real_plan = chunked.statistics_and_gradients, chunked.plan_chunks
 
     def statistics(logits, *args):
@@ -119,8 +120,8 @@ def engine_against_two_passes(loss_fn, monkeypatch, hidden, weight, targets) -> 
         chunks.append((valid, planned))
         return planned
 
-    monkeypatch.setattr(TorchEpilogue, "statistics", staticmethod(statistics))
-    monkeypatch.setattr(TorchEpilogue, "gradient", staticmethod(gradient))
+    monkeypatch.setattr(torch_epilogue, "statistics", statistics)
+    monkeypatch.setattr(torch_epilogue, "gradient", gradient)
     monkeypatch.setattr(chunked, "plan_chunks", plan)
     monkeypatch.setattr(
         chunked,
@@ -162,7 +163,7 @@ def test_sequence_level_objectives_take_whole_sequences_per_chunk(name, monkeypa
 def test_a_sequence_larger_than_the_workspace_takes_two_passes(monkeypatch):
     hidden, weight, targets = batch(rows=4, length=9, ignore_fraction=0.0)
     inputs = dict(rollouts(targets), loss_mask=torch.ones_like(targets))
-    budget = 8 * V * TorchEpilogue.bytes_per_logit(torch.float32)  # 8 rows: less than one sequence of 9
+    budget = 8 * V * torch_epilogue.bytes_per_logit(torch.float32)  # 8 rows: less than one sequence of 9
     recomputes = []
     real_backward = chunked.backward
     monkeypatch.setattr(chunked, "backward", lambda *a, **k: recomputes.append(1) or real_backward(*a, **k))
@@ -187,9 +188,8 @@ def test_grad_output_scales_the_precomputed_gradients():
 def test_ignored_tokens_never_reach_a_gemm(monkeypatch):
     hidden, weight, targets = batch(ignore_fraction=0.6)
     rows = []
-    real = TorchEpilogue.statistics
-    monkeypatch.setattr(TorchEpilogue, "statistics", staticmethod(lambda logits, *a: rows.append(logits.shape[0])
-                                                                   or real(logits, *a)))  # fmt: skip
+    real = torch_epilogue.statistics
+    monkeypatch.setattr(torch_epilogue, "statistics", lambda logits, *a: rows.append(logits.shape[0]) or real(logits, *a))
     fused_hybrid.linear_cross_entropy(hidden, weight, targets, backend="chunked").backward()
     assert sum(rows) == int((targets != -100).sum())
     ignored = (targets == -100).reshape(-1)
@@ -199,16 +199,17 @@ def test_ignored_tokens_never_reach_a_gemm(monkeypatch):
 def test_forward_and_recompute_see_bit_identical_logits(monkeypatch):
     hidden, weight, targets = batch()
     seen = {"forward": [], "backward": []}
-    real_statistics, real_gradient = TorchEpilogue.statistics, TorchEpilogue.gradient
-    monkeypatch.setattr(TorchEpilogue, "statistics", staticmethod(
-        lambda logits, *a: seen["forward"].append(logits.clone()) or real_statistics(logits, *a)))  # fmt: skip
-    monkeypatch.setattr(
-        TorchEpilogue,
-        "gradient",
-        staticmethod(
-            lambda logits, state, *a: seen["backward"].append(logits.clone()) or real_gradient(logits, state, *a)
-        ),
-    )
+    real_statistics, real_gradient = torch_epilogue.statistics, torch_epilogue.gradient
+    def statistics(logits, *args):
+        seen["forward"].append(logits.clone())
+        return real_statistics(logits, *args)
+
+    def gradient(logits, state, *args):
+        seen["backward"].append(logits.clone())
+        return real_gradient(logits, state, *args)
+
+    monkeypatch.setattr(torch_epilogue, "statistics", statistics)
+    monkeypatch.setattr(torch_epilogue, "gradient", gradient)
     logp = fused_hybrid.linear_logprobs(hidden, weight, targets, backend="torch")
     (logp * torch.randn(logp.shape)).sum().backward()
     assert len(seen["forward"]) == len(seen["backward"]) > 1
@@ -219,19 +220,18 @@ def test_forward_and_recompute_see_bit_identical_logits(monkeypatch):
 def test_a_chunk_never_exceeds_the_workspace(monkeypatch):
     monkeypatch.setattr(chunked, "chunk_rows", chunk_rows)  # the real sizing, not the suite's 5-row cap
     hidden, weight, targets = batch(rows=8, length=16, ignore_fraction=0.0)
-    budget = 7 * V * TorchEpilogue.bytes_per_logit(torch.float32)
+    budget = 7 * V * torch_epilogue.bytes_per_logit(torch.float32)
     sizes = []
-    real = TorchEpilogue.statistics
-    monkeypatch.setattr(TorchEpilogue, "statistics", staticmethod(lambda logits, *a: sizes.append(logits.numel())
-                                                                   or real(logits, *a)))  # fmt: skip
+    real = torch_epilogue.statistics
+    monkeypatch.setattr(torch_epilogue, "statistics", lambda logits, *a: sizes.append(logits.numel()) or real(logits, *a))
     fused_hybrid.linear_cross_entropy(hidden, weight, targets, backend="chunked", workspace_bytes=budget).backward()
-    assert max(sizes) * TorchEpilogue.bytes_per_logit(torch.float32) <= budget and len(sizes) >= 128 // 7
+    assert max(sizes) * torch_epilogue.bytes_per_logit(torch.float32) <= budget and len(sizes) >= 128 // 7
 
 
 def test_default_workspace_is_the_devices(monkeypatch):
     """256 MiB per chunk on the CPU (as fast as 1 GiB there, a quarter of the memory), 1 GiB on CUDA; an explicit
     budget wins."""
-    from fused_hybrid.core import default_workspace_bytes
+    from fused_hybrid.engine.core import default_workspace_bytes
 
     assert default_workspace_bytes(torch.device("cpu")) == 256 << 20
     assert default_workspace_bytes(torch.device("cuda")) == 1 << 30
@@ -262,35 +262,35 @@ def test_bad_input_fails_before_any_gemm(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(temperature=0.7, softcap=2.5)])
-def test_triton_epilogue_matches_pytorch(dtype, transform):
+@pytest.mark.parametrize("head", [HeadSpec(), HeadSpec(temperature=0.7, softcap=2.5)])
+def test_triton_epilogue_matches_pytorch(dtype, head):
     from fused_hybrid.kernels import logit_epilogue
 
     rows, vocab = 7, 70
     logits = (torch.randn(rows, vocab) * 3).to(dtype)
     bias = torch.randn(vocab).to(dtype)
     targets = torch.randint(-1, vocab, (rows,))
-    want, state = TorchEpilogue.statistics(logits.clone(), targets, bias, transform)
-    got, _ = logit_epilogue.statistics(logits.clone(), targets, bias, transform)
+    want, state = torch_epilogue.statistics(logits.clone(), targets, bias, head)
+    got, _ = logit_epilogue.statistics(logits.clone(), targets, bias, head)
     for name, a, b in zip(want._fields, got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
-    want_extras = TorchEpilogue.extras(logits, state, targets, bias, transform, want.max)
-    got_extras = logit_epilogue.extras(logits.clone(), None, targets, bias, transform, want.max)
+    want_extras = torch_epilogue.extras(logits, state, targets, bias, head, want.max)
+    got_extras = logit_epilogue.extras(logits.clone(), None, targets, bias, head, want.max)
     for name, a, b in zip(want_extras._fields, got_extras, want_extras):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
-    z64 = transform_reference(logits, bias, transform)
+    z64 = transform_reference(logits, bias, head)
     row_max = z64.amax(-1)
     norm = SoftmaxNorm(row_max.float(), torch.log(torch.exp(z64 - row_max[:, None]).sum(-1)).float())
     upstream = tuple(torch.randn(rows) for _ in range(4))
     coefs = token_grad_coefficients(upstream, torch.rand(rows), torch.ones(rows, dtype=torch.bool))
-    want = TorchEpilogue.gradient(logits.clone(), None, targets, bias, norm, coefs, transform)
+    want = torch_epilogue.gradient(logits.clone(), None, targets, bias, norm, coefs, head)
     buffer = logits.clone()
-    got = logit_epilogue.gradient(buffer, None, targets, bias, norm, coefs, transform)
+    got = logit_epilogue.gradient(buffer, None, targets, bias, norm, coefs, head)
     assert got.data_ptr() == buffer.data_ptr() and got.dtype == dtype  # dz written over the logits
     torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=1e-2 if dtype != torch.float32 else 1e-5,
                                atol=1e-2 if dtype != torch.float32 else 4e-6)  # fmt: skip
 
 
-def transform_reference(logits, bias, transform):
-    z = (logits.double() + bias.double()) / transform.temperature
-    return z if transform.softcap is None else transform.softcap * torch.tanh(z / transform.softcap)
+def transform_reference(logits, bias, head):
+    z = (logits.double() + bias.double()) / head.temperature
+    return z if head.softcap is None else head.softcap * torch.tanh(z / head.softcap)

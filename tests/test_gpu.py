@@ -210,7 +210,7 @@ def test_compiled_reductions_as_accurate_as_naive_on_a_large_vocabulary(monkeypa
     running sum per token), the chunked epilogue's lanes and the PyTorch epilogue's blocked row dot on CUDA."""
     from fused_hybrid.kernels import logit_epilogue, token_statistics_forward
 
-    from fused_hybrid.backends.chunked import TorchEpilogue
+    from fused_hybrid.engine import torch_epilogue
     from tests.test_statistics_accuracy import REDUCTIONS, check_partials, exact_logits
 
     monkeypatch.setattr(token_statistics_forward, "_target_programs", lambda device: 1)
@@ -218,4 +218,4 @@ def test_compiled_reductions_as_accurate_as_naive_on_a_large_vocabulary(monkeypa
     tile = token_statistics_forward.vocabulary_partials(hidden, weight, targets, bias, REDUCTIONS)
     check_partials(tile, logits, bias)
     check_partials(logit_epilogue.statistics(logits, targets, bias, REDUCTIONS)[0], logits, bias)
-    check_partials(TorchEpilogue.statistics(logits, targets, bias, REDUCTIONS)[0], logits, bias)
+    check_partials(torch_epilogue.statistics(logits, targets, bias, REDUCTIONS)[0], logits, bias)

@@ -154,7 +154,7 @@ def test_peft_lora_model_with_a_frozen_head():
     expected_loss, expected = loss_and_grads(lora, input_ids, labels)
     fused_hybrid.patch_model(lora)
     seen = []
-    from fused_hybrid.backends import chunked
+    from fused_hybrid.engine import chunked
 
     original = chunked.statistics_and_gradients
 
@@ -246,7 +246,7 @@ def test_shift_labels_are_used_as_given():
 
 
 def test_only_labelled_tokens_reach_the_head(monkeypatch):
-    from fused_hybrid.backends import chunked
+    from fused_hybrid.engine import chunked
 
     model = fused_hybrid.patch_model(tiny_model("llama"))
     input_ids, labels = batch()

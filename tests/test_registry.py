@@ -59,8 +59,14 @@ def test_a_registered_objective_is_a_trainer_mode(tmp_path, focal_sft):
 
 def test_every_objective_declares_what_it_needs():
     assert set(OBJECTIVES) >= {"sft", "dft", "chord", "grpo", "cispo", "gmpo", "dpo", "minor_sft", "ift"}
-    sequence_level = {name for name, objective in OBJECTIVES.items() if not objective.token_separable}
-    assert sequence_level == {"gmpo", "dpo", "minor_sft"}
+    grouped = {name: objective.gradient for name, objective in OBJECTIVES.items() if objective.gradient in
+               ("sequence", "pair")}  # fmt: skip
+    assert grouped == {"gmpo": "sequence", "dpo": "pair", "minor_sft": "sequence"}
+    grpo, dft = OBJECTIVES["grpo"], OBJECTIVES["dft"]
+    assert [grpo.gradient_plan(importance_sampling=s) for s in ("token", "sequence")] == ["token", "sequence"]
+    assert [dft.gradient_plan(reduction=r) for r in ("mean", "none")] == ["token", "two-pass"]
+    with pytest.raises(ValueError, match="gradient must be one of"):
+        Objective(name="x", loss=focal_sft_loss, data="demonstrations", gradient="sequences")
     assert {n for n, o in OBJECTIVES.items() if o.uses_rollouts} == {"chord", "grpo", "cispo", "gmpo"}
     with pytest.raises(ValueError, match="already registered"):
         register(Objective(name="sft", loss=focal_sft_loss, data="demonstrations"))

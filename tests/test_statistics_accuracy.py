@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 import fused_hybrid
-from fused_hybrid.backends import chunked
-from fused_hybrid.backends.chunked import TorchEpilogue
-from fused_hybrid.core import LogitTransform, VocabPartials, finalize_partials
+from fused_hybrid import HeadSpec
+from fused_hybrid.engine import chunked, torch_epilogue
+from fused_hybrid.engine.core import VocabPartials, finalize_partials
 from tests.reference import grads, leaf64, logprobs_entropy64
 
 TEMPERATURE = 0.7
@@ -164,7 +164,7 @@ def test_tile_kernels_as_accurate_as_naive(one_split):
 # temperature 0.5 (an exact scaling): every implementation forms bitwise the same fp32 z = (logits + bias) / T, and
 # the truth is float64 of that z, so that the errors left are exp's and those of the sums over V. (Temperature 0.7
 # would add the kernels' z = raw * fl(1 / T), an effective temperature off by up to 2^-24, to the kernels' error.)
-REDUCTIONS = LogitTransform(temperature=0.5)
+REDUCTIONS = HeadSpec(temperature=0.5)
 
 
 def exact_logits(num_tokens, dim, vocab):
@@ -195,7 +195,7 @@ def check_partials(partials: VocabPartials, logits: torch.Tensor, bias: torch.Te
 
 def test_pytorch_epilogue_reductions():
     _, _, bias, targets, logits = exact_logits(8, 32, 16384)
-    check_partials(TorchEpilogue.statistics(logits, targets, bias, REDUCTIONS)[0], logits, bias)
+    check_partials(torch_epilogue.statistics(logits, targets, bias, REDUCTIONS)[0], logits, bias)
 
 
 def test_triton_epilogue_reductions(triton_epilogue, monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fused_hybrid
-from fused_hybrid.backends import torch_chunked
+from fused_hybrid.engine.backends import logits_free_backend
 
 
 def good():
@@ -18,7 +18,7 @@ def no_kernel_runs(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a kernel ran before validation")
 
-    monkeypatch.setattr(torch_chunked, "partials", forbidden)
+    monkeypatch.setattr(logits_free_backend("torch"), "partials", forbidden)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +72,7 @@ def test_devices_must_match():
 
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     # not the environment variable: a kernel module first imported while it reads 0 would stay compiled-mode
-    monkeypatch.setattr(fused_hybrid._validation, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(fused_hybrid.engine.backends, "triton_interpreter_enabled", lambda: False)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         fused_hybrid.linear_logprobs(*good(), backend="triton")
 

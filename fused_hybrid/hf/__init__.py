@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..cross_entropy import linear_cross_entropy
-from ..head_spec import HEAD_OPTIONS
+from ..engine.head import HEAD_OPTIONS
 from ..objectives.dft import dft_loss
 from .heads import (
     HeadTransform,

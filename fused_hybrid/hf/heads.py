@@ -9,7 +9,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..core import IGNORE_INDEX
+from ..engine.core import IGNORE_INDEX
+from ..engine.entry import autocast_dtype
 
 # Config names of a tanh cap on the logits, cap * tanh(z / cap), by family.
 _SOFTCAP_NAMES = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
@@ -112,21 +113,17 @@ def effective_head(head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
 def head_inputs(
     hidden: torch.Tensor, head: nn.Linear, vocab_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(hidden, weight, bias) in one dtype: the autocast dtype when autocast is on (as F.linear would compute
-    the head), else the head's dtype; the effective weight and bias of a column-scaled head (effective_head), cut
-    to `vocab_size` rows when the head is padded. The casts and cuts are differentiable, so the gradients reach the
-    parameters."""
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = head.weight.dtype
+    """(hidden, weight, bias) of the head: the effective weight and bias of a column-scaled head (effective_head),
+    cut to `vocab_size` rows when the head is padded, and the hidden states on the head's device, in its dtype
+    outside autocast (under autocast the engine casts all three as F.linear would, engine.entry.in_compute_dtype,
+    and returns fp32 parameters their fp32 gradients). The casts and cuts are differentiable, so the gradients
+    reach the parameters."""
     weight, bias = effective_head(head)
     if vocab_size is not None and vocab_size < weight.shape[0]:
         weight = weight[:vocab_size]
         bias = None if bias is None else bias[:vocab_size]
-    bias = None if bias is None else bias.to(dtype)
-    return hidden.to(device=weight.device, dtype=dtype), weight.to(dtype), bias
+    dtype = None if autocast_dtype(hidden) is not None else weight.dtype
+    return hidden.to(device=weight.device, dtype=dtype), weight, bias
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:

@@ -27,15 +27,10 @@ from contextlib import nullcontext
 
 import torch
 
-from ..backends import chunked
-from ..core import (
-    LogitTransform,
-    SoftmaxNorm,
-    default_workspace_bytes,
-    finalize_partials,
-    softmax_norm,
-    token_grad_coefficients,
-)
+from ..engine import chunked
+from ..engine.core import SoftmaxNorm, finalize_partials, softmax_norm, token_grad_coefficients
+from ..engine.entry import autocast_dtype
+from ..engine.head import HeadSpec
 
 SUPPORTED_VERSIONS = ("1.15", "2.0")  # [lowest, first unsupported)
 EXPECTED_ARGUMENTS = ("hidden", "weight", "bias", "targets", "temperature", "chunk_size", "final_logit_softcapping",
@@ -118,17 +113,13 @@ class FusedHybridLogProbFunction:
             raise ValueError(f"outputs: unknown field(s) {unknown}; TRL's are {('log_probs', *EXPECTED_OUTPUTS)}")
         if not logit_scale > 0:
             raise ValueError(f"logit_scale must be > 0 for fused-hybrid's head, got {logit_scale}")
-        device_type = hidden.device.type
-        autocast = torch.is_autocast_enabled(device_type)
-        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+        autocast = autocast_dtype(hidden)
+        compute_dtype = hidden.dtype if autocast is None else autocast
         # TRL's z = softcap_c(s (h w + b)) / T = softcap_{c / T}((h w + b) / (T / s))
-        transform = LogitTransform(
-            temperature=float(temperature) / float(logit_scale),
-            softcap=None if final_logit_softcapping is None else float(final_logit_softcapping) / float(temperature),
-            workspace_bytes=default_workspace_bytes(hidden.device),
-        )  # fmt: skip
-        with torch.autocast(device_type, enabled=False) if autocast else nullcontext():
-            return _LogProbs.apply(hidden, weight, bias, targets, transform, tuple(outputs), compute_dtype)
+        softcap = None if final_logit_softcapping is None else float(final_logit_softcapping) / float(temperature)
+        head = HeadSpec(temperature=float(temperature) / float(logit_scale), softcap=softcap, backend="chunked")
+        with nullcontext() if autocast is None else torch.autocast(hidden.device.type, enabled=False):
+            return _LogProbs.apply(hidden, weight, bias, targets, head, tuple(outputs), compute_dtype)
 
 
 def _cast(tensors, dtype):
@@ -140,12 +131,12 @@ class _LogProbs(torch.autograd.Function):
     TRL's: fp32 parameters under a bf16 autocast get fp32 gradients, never rounded to bf16)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, transform: LogitTransform, outputs: tuple[str, ...],
+    def forward(ctx, hidden, weight, bias, targets, head: HeadSpec, outputs: tuple[str, ...],
                 compute_dtype: torch.dtype):  # fmt: skip
         ctx.set_materialize_grads(False)
         extras_wanted = "is_top1" in outputs or "log_sum_sq_probs" in outputs
         cast_hidden, cast_weight, cast_bias = _cast((hidden, weight, bias), compute_dtype)
-        partials, extras = chunked.partials_and_extras(cast_hidden, cast_weight, targets, cast_bias, transform,
+        partials, extras = chunked.partials_and_extras(cast_hidden, cast_weight, targets, cast_bias, head,
                                                        extras=extras_wanted)  # fmt: skip
         stats = finalize_partials(partials)
         entropy = stats.entropy if "entropy" in outputs else None
@@ -158,7 +149,7 @@ class _LogProbs(torch.autograd.Function):
             is_top1 = (partials.target_logit >= partials.max) & (partials.target_logit > extras.max_before_target)
         norm = softmax_norm(partials)  # the backward's log p = (z - m) - log s, never z - lse
         ctx.save_for_backward(hidden, weight, bias, targets, norm.max, norm.log_sum_exp, stats.entropy)
-        ctx.transform, ctx.compute_dtype = transform, compute_dtype
+        ctx.head, ctx.compute_dtype = head, compute_dtype
         ctx.mark_non_differentiable(*(t for t in (log_sum_sq_probs, mean_logits, is_top1) if t is not None))
         return stats.logp, entropy, log_sum_sq_probs, mean_logits, is_top1
 
@@ -175,5 +166,5 @@ class _LogProbs(torch.autograd.Function):
             d_hidden, d_weight, d_bias = chunked.backward(*_cast((hidden, weight), ctx.compute_dtype), targets,
                                                           *_cast((bias,), ctx.compute_dtype),
                                                           SoftmaxNorm(row_max, log_sum_exp), coefs,
-                                                          ctx.transform, needs, grad_dtypes=grad_dtypes)  # fmt: skip
+                                                          ctx.head, needs, grad_dtypes=grad_dtypes)  # fmt: skip
         return d_hidden, d_weight, d_bias, None, None, None, None

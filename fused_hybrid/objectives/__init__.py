@@ -1,7 +1,6 @@
 """The hybrid SFT + RL objectives (docs/objectives.md), each a function (returning LossOutput) and an nn.Module
 (returning the scalar loss, with `.metrics`), all on the logits-free core."""
 
-from ._tokens import AGGREGATIONS, LossOutput, aggregate, objective_module
 from .chord import CHORDLoss, MuSchedule, chord_loss
 from .cispo import CISPOLoss, cispo_loss
 from .dft import DFTLoss, dft_loss
@@ -12,6 +11,7 @@ from .policy_gradient import GRPOLoss, grpo_loss
 from .preference import DPOLoss, dpo_loss, sequence_logps
 from .registry import OBJECTIVES, Objective, register
 from .sft import sft_loss
+from .tokens import AGGREGATIONS, LossOutput, aggregate, objective_module
 
 __all__ = [
     "AGGREGATIONS", "CHORDLoss", "CISPOLoss", "DFTLoss", "DPOLoss", "GMPOLoss", "GRPOLoss", "IFTLoss", "LossOutput",

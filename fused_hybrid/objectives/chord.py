@@ -8,10 +8,9 @@ import math
 
 import torch
 
-from .._reduction import check_num_items
-from .._validation import check_non_negative
-from ..head_spec import HeadSpec
-from ._tokens import LossOutput, ObjectiveModule, TokenBatch, aggregate, evaluate_objective
+from ..checks import check_non_negative
+from ..engine.head import HeadSpec
+from ..reduction import check_num_items
 from .policy_gradient import (
     POLICY_METRICS,
     check_clip_options,
@@ -20,6 +19,7 @@ from .policy_gradient import (
     policy_metrics,
 )
 from .registry import Objective, clip_options, register
+from .tokens import LossOutput, ObjectiveModule, TokenBatch, aggregate, evaluate_objective
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +150,7 @@ def chord_loss(
     return evaluate_objective(
         loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
         num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
-        separable=True, inputs=(advantages, old_logp, mu),
+        plan=CHORD.gradient_plan(), inputs=(advantages, old_logp, mu),
     )  # fmt: skip
 
 
@@ -244,7 +244,7 @@ def _trainer_options(config, step: int) -> dict:
     return dict(mu=mu(step) if isinstance(mu, MuSchedule) else float(mu), use_phi=use_phi, **clip_options(config))
 
 
-register(Objective(
+CHORD = register(Objective(
     name="chord", loss=chord_loss, data="rollouts+demonstrations",
     normalisers={"num_rollout_tokens": "rollout_tokens", "num_expert_tokens": "expert_tokens"},
     batch_inputs=("is_expert", "advantages", "old_logp"), options=_trainer_options,

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_non_negative
-from ..head_spec import HeadSpec
-from ._tokens import LossOutput, TokenBatch, aggregate, check_aggregation, evaluate_objective, objective_module
+from ..checks import check_non_negative
+from ..engine.head import HeadSpec
 from .policy_gradient import LOG_RATIO_LIMIT, POLICY_METRICS, k3_kl, log_importance_ratio, policy_metrics
 from .registry import Objective, aggregation_count, needs_kl_reference, policy_gradient_options, register
+from .tokens import LossOutput, TokenBatch, aggregate, check_aggregation, evaluate_objective, objective_module
 
 
-def check_cispo_options(*, epsilon_low: float = 1.0, epsilon_high: float = 0.28, beta: float = 0.0,
-                        aggregation: str = "token-mean", max_response_length: int | None = None) -> None:  # fmt: skip
+def check_cispo_options(
+    *, epsilon_low: float, epsilon_high: float, beta: float, aggregation: str, max_response_length: int | None
+) -> None:
     check_non_negative("epsilon_low", epsilon_low)
     check_non_negative("epsilon_high", epsilon_high)
     if epsilon_low > 1:
@@ -53,7 +54,8 @@ def cispo_loss(
     Metrics: ``policy_loss``, ``clip_frac_low``, ``clip_frac_high`` (tokens whose weight was clipped),
     ``mean_ratio``, ``approx_kl``, ``entropy``, and ``ref_kl`` when ``beta > 0``.
     """
-    check_cispo_options(epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, aggregation=aggregation)
+    check_cispo_options(epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, aggregation=aggregation,
+                        max_response_length=max_response_length)
     if advantages is None:
         raise ValueError("advantages is required (per token or per sequence)")
     if beta > 0 and ref_logp is None:
@@ -84,14 +86,14 @@ def cispo_loss(
     return evaluate_objective(
         loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
                           num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
-        separable=True, inputs=(advantages, old_logp, ref_logp),
+        plan=CISPO.gradient_plan(), inputs=(advantages, old_logp, ref_logp),
     )  # fmt: skip
 
 
 CISPOLoss = objective_module("CISPOLoss", cispo_loss, check_cispo_options)
 
 
-register(Objective(name="cispo", loss=cispo_loss, data="rollouts", normalisers={"num_items": aggregation_count},
+CISPO = register(Objective(name="cispo", loss=cispo_loss, data="rollouts", normalisers={"num_items": aggregation_count},
                    batch_inputs=("advantages", "old_logp", "ref_logp"), options=policy_gradient_options,
                    needs_reference=needs_kl_reference,
                    metric_counts={"policy_loss": "sum", "ref_kl": "tokens",

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .._reduction import check_num_items, check_reduction, reduce_per_token
-from ..head_spec import HeadSpec
-from ._tokens import LossOutput, TokenBatch, evaluate_objective, objective_module
+from ..engine.head import HeadSpec
+from ..reduction import check_num_items, check_reduction, reduce_per_token
 from .registry import Objective, register
+from .tokens import LossOutput, TokenBatch, evaluate_objective, objective_module
 
 
-def check_dft_options(*, reduction: str = "mean") -> None:
+def check_dft_options(*, reduction: str) -> None:
     check_reduction(reduction)
 
 
@@ -45,12 +45,14 @@ def dft_loss(
     return evaluate_objective(
         loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=None, num_sequences=None,
         head=HeadSpec.resolve(head, head_options),
-        separable=reduction != "none",
+        plan=DFT.gradient_plan(reduction=reduction),
     )  # fmt: skip
 
 
 DFTLoss = objective_module("DFTLoss", dft_loss, check_dft_options)
 
 
-register(Objective(name="dft", loss=dft_loss, data="demonstrations", normalisers={"num_items": "tokens"},
+DFT = register(Objective(name="dft", loss=dft_loss, data="demonstrations", normalisers={"num_items": "tokens"},
+                   # a scalar reduction is token-separable; reduction="none" leaves the downstream use open
+                   gradient=lambda *, reduction: "two-pass" if reduction == "none" else "token",
                    metric_counts={"sft_loss": "tokens", "mean_prob": "tokens"}))  # fmt: skip

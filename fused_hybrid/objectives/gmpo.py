@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import torch
 
-from .._reduction import check_num_items, divide_by_count
-from .._validation import check_non_negative
-from ..head_spec import HeadSpec
-from ._tokens import LossOutput, TokenBatch, evaluate_objective, objective_module
+from ..checks import check_non_negative
+from ..engine.head import HeadSpec
+from ..reduction import check_num_items, divide_by_count
 from .policy_gradient import LOG_RATIO_LIMIT, k3_kl
 from .registry import Objective, clip_options, register
+from .tokens import LossOutput, TokenBatch, evaluate_objective, objective_module
 
 
-def check_gmpo_options(*, epsilon_low: float = 0.4, epsilon_high: float = 0.4) -> None:
+def check_gmpo_options(*, epsilon_low: float, epsilon_high: float) -> None:
     check_non_negative("epsilon_low", epsilon_low)
     check_non_negative("epsilon_high", epsilon_high)
 
@@ -75,10 +75,9 @@ def gmpo_loss(
         }
         return LossOutput(loss, metrics)
 
-    # a sum over sequences of terms each depending on one sequence's tokens: chunks hold whole sequences
     return evaluate_objective(
         loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options), groups="sequence",
+        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options), plan=GMPO.gradient_plan(),
         inputs=(advantages, old_logp),
     )  # fmt: skip
 
@@ -86,8 +85,9 @@ def gmpo_loss(
 GMPOLoss = objective_module("GMPOLoss", gmpo_loss, check_gmpo_options)
 
 
-register(Objective(name="gmpo", loss=gmpo_loss, data="rollouts", normalisers={"num_items": "sequences"},
+# a sum over sequences of terms each depending on one sequence's tokens
+GMPO = register(Objective(name="gmpo", loss=gmpo_loss, data="rollouts", normalisers={"num_items": "sequences"},
                    batch_inputs=("advantages", "old_logp"), options=lambda config, step: clip_options(config),
-                   token_separable=False,
+                   gradient="sequence",
                    metric_counts={"clip_frac": "tokens", "mean_ratio": "sequences", "approx_kl": "tokens",
                                   "entropy": "tokens"}))  # fmt: skip

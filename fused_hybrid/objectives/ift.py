@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from .._reduction import check_num_items, divide_by_count
-from .._validation import check_non_negative
-from ..head_spec import HeadSpec
-from ._tokens import LossOutput, TokenBatch, evaluate_objective, objective_module
+from ..checks import check_non_negative
+from ..engine.head import HeadSpec
+from ..reduction import check_num_items, divide_by_count
 from .registry import Objective, register
+from .tokens import LossOutput, TokenBatch, evaluate_objective, objective_module
 
 
 def ift_token_weights(batch: TokenBatch, gamma: float) -> torch.Tensor:
@@ -31,7 +31,7 @@ def ift_token_weights(batch: TokenBatch, gamma: float) -> torch.Tensor:
     return propagated * batch.to_tokens(scale)
 
 
-def check_ift_options(*, gamma: float = 0.95) -> None:
+def check_ift_options(*, gamma: float) -> None:
     check_non_negative("gamma", gamma)
     if gamma > 1:
         raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
@@ -68,13 +68,13 @@ def ift_loss(
     return evaluate_objective(
         loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
         num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
-        separable=True,
+        plan=IFT.gradient_plan(),
     )  # fmt: skip
 
 
 IFTLoss = objective_module("IFTLoss", ift_loss, check_ift_options)
 
 
-register(Objective(name="ift", loss=ift_loss, data="demonstrations", normalisers={"num_items": "sequences"},
+IFT = register(Objective(name="ift", loss=ift_loss, data="demonstrations", normalisers={"num_items": "sequences"},
                    options=lambda config, step: {"gamma": config.objective.gamma}, input_mixing=True,
                    metric_counts={"sft_loss": "tokens"}))  # fmt: skip

@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._reduction import check_num_items, divide_by_count
-from .._validation import check_positive
-from ..head_spec import HeadSpec
-from ._tokens import LossOutput, TokenBatch, evaluate_objective, objective_module
+from ..checks import check_positive
+from ..engine.head import HeadSpec
+from ..reduction import check_num_items, divide_by_count
 from .preference import policy_and_reference_sums
 from .registry import Objective, register
+from .tokens import LossOutput, TokenBatch, evaluate_objective, objective_module
 
 
-def check_minor_sft_options(*, beta: float = 0.1, length_normalized: bool = False) -> None:
+def check_minor_sft_options(*, beta: float, length_normalized: bool) -> None:
     check_positive("beta", beta)
 
 
@@ -69,10 +69,9 @@ def minor_sft_loss(
         }
         return LossOutput(loss, metrics)
 
-    # a sum of terms each depending on one sequence's tokens: chunks hold whole sequences
     return evaluate_objective(
         loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options), groups="sequence",
+        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options), plan=MINOR_SFT.gradient_plan(),
         inputs=(ref_logp,),
     )  # fmt: skip
 
@@ -80,7 +79,8 @@ def minor_sft_loss(
 MinorSFTLoss = objective_module("MinorSFTLoss", minor_sft_loss, check_minor_sft_options)
 
 
-register(Objective(name="minor_sft", loss=minor_sft_loss, data="demonstrations", normalisers={"num_items": "sequences"},
+# a sum of terms each depending on one sequence's tokens
+MINOR_SFT = register(Objective(name="minor_sft", loss=minor_sft_loss, data="demonstrations", normalisers={"num_items": "sequences"},
                    batch_inputs=("ref_logp",), options=lambda config, step: {"beta": config.objective.beta or 0.1},
-                   needs_reference=lambda config: True, token_separable=False,
+                   needs_reference=lambda config: True, gradient="sequence",
                    metric_counts={"m_theta": "sequences", "sft_loss": "tokens"}))  # fmt: skip

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_non_negative
-from ..head_spec import HeadSpec
-from ._tokens import LossOutput, TokenBatch, aggregate, check_aggregation, evaluate_objective, objective_module
+from ..checks import check_non_negative
+from ..engine.head import HeadSpec
 from .registry import Objective, aggregation_count, needs_kl_reference, policy_gradient_options, register
+from .tokens import LossOutput, TokenBatch, aggregate, check_aggregation, evaluate_objective, objective_module
 
 LOG_RATIO_LIMIT = 20.0  # log-ratios are clamped to +-20 before exp (as verl does)
 KL_LIMIT = 10.0  # the k3 estimate is clamped to +-10
@@ -93,9 +93,9 @@ def policy_metrics(batch: TokenBatch, active: dict[str, torch.Tensor]) -> dict[s
     return metrics
 
 
-def check_grpo_options(*, epsilon_low: float = 0.2, epsilon_high: float = 0.2, dual_clip: float | None = 3.0,
-                       beta: float = 0.0, entropy_coef: float = 0.0, importance_sampling: str = "token",
-                       aggregation: str = "token-mean", max_response_length: int | None = None) -> None:  # fmt: skip
+def check_grpo_options(*, epsilon_low: float, epsilon_high: float, dual_clip: float | None, beta: float,
+                       entropy_coef: float, importance_sampling: str, aggregation: str,
+                       max_response_length: int | None) -> None:
     check_clip_options(epsilon_low, epsilon_high, dual_clip)
     check_non_negative("beta", beta)
     check_non_negative("entropy_coef", entropy_coef)
@@ -148,7 +148,7 @@ def grpo_loss(
     """
     check_grpo_options(
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, beta=beta, entropy_coef=entropy_coef,
-        importance_sampling=importance_sampling, aggregation=aggregation,
+        importance_sampling=importance_sampling, aggregation=aggregation, max_response_length=max_response_length,
     )  # fmt: skip
     if advantages is None:
         raise ValueError("advantages is required (per token or per sequence)")
@@ -180,15 +180,20 @@ def grpo_loss(
     return evaluate_objective(
         loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
         num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
-        groups=None if importance_sampling == "token" else "sequence", inputs=(advantages, old_logp, ref_logp),
+        plan=GRPO.gradient_plan(importance_sampling=importance_sampling), inputs=(advantages, old_logp, ref_logp),
     )  # fmt: skip
 
 
 GRPOLoss = objective_module("GRPOLoss", grpo_loss, check_grpo_options)
 
 
-register(Objective(name="grpo", loss=grpo_loss, data="rollouts", normalisers={"num_items": aggregation_count},
+def _grpo_gradient(*, importance_sampling: str) -> str:
+    """Token ratios: token-separable; GSPO's sequence ratio: separable over whole sequences."""
+    return "token" if importance_sampling == "token" else "sequence"
+
+
+GRPO = register(Objective(name="grpo", loss=grpo_loss, data="rollouts", normalisers={"num_items": aggregation_count},
                    batch_inputs=("advantages", "old_logp", "ref_logp"), options=policy_gradient_options,
-                   needs_reference=needs_kl_reference,
+                   needs_reference=needs_kl_reference, gradient=_grpo_gradient,
                    metric_counts={"policy_loss": "sum", "ref_kl": "tokens",
                                   **dict.fromkeys(POLICY_METRICS, "tokens")}))  # fmt: skip

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._reduction import check_num_items, divide_by_count
-from .._validation import check_non_negative, check_positive
-from ..head_spec import HeadSpec
-from ._tokens import LossOutput, TokenBatch, evaluate_head, evaluate_objective, objective_module
+from ..checks import check_non_negative, check_positive
+from ..engine.head import HeadSpec
+from ..reduction import check_num_items, divide_by_count
 from .registry import Objective, register
+from .tokens import LossOutput, TokenBatch, evaluate_head, evaluate_objective, objective_module
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo")
 
@@ -57,8 +57,7 @@ def sequence_logps(
     return batch.seq_sum(batch.logp)
 
 
-def check_dpo_options(*, loss_type: str = "sigmoid", beta: float = 0.1, simpo_gamma: float = 0.5,
-                      nll_weight: float = 0.0) -> None:  # fmt: skip
+def check_dpo_options(*, loss_type: str, beta: float, simpo_gamma: float, nll_weight: float) -> None:
     if loss_type not in PREFERENCE_LOSSES:
         raise ValueError(f"loss_type must be one of {PREFERENCE_LOSSES}, got {loss_type!r}")
     check_positive("beta", beta)
@@ -146,21 +145,22 @@ def dpo_loss(
         }
         return LossOutput(loss, metrics)
 
-    # a sum of terms each depending on one pair's tokens (sequences i and i + P): chunks hold whole pairs
     return evaluate_objective(
         loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options), groups="pair", inputs=(ref_logp,),
+        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options), plan=DPO.gradient_plan(),
+        inputs=(ref_logp,),
     )  # fmt: skip
 
 
 DPOLoss = objective_module("DPOLoss", dpo_loss, check_dpo_options)
 
 
-register(Objective(
+# a sum of terms each depending on one pair's tokens (sequences i and i + P)
+DPO = register(Objective(
     name="dpo", loss=dpo_loss, data="preferences", batch_inputs=("ref_logp",),
     normalisers={"num_items": "pairs", "num_chosen_tokens": "chosen_tokens"},
     options=lambda config, step: {"beta": config.objective.beta or 0.1, "loss_type": config.objective.dpo_loss_type},
-    needs_reference=lambda config: config.objective.dpo_loss_type != "simpo", token_separable=False,
+    needs_reference=lambda config: config.objective.dpo_loss_type != "simpo", gradient="pair",
     metric_counts={"preference_loss": "sum", "nll_loss": "sum", "reward_chosen": "pairs", "reward_rejected": "pairs",
                    "reward_margin": "pairs", "reward_accuracy": "pairs"},
 ))  # fmt: skip

@@ -27,6 +27,13 @@ SUMMED = "sum"
 CONSTANT = "constant"
 METRIC_COUNTS = (SUMMED, CONSTANT, *STEP_COUNTS)
 DEFAULT_METRIC_COUNT = "tokens"
+# How the engine computes an objective's gradient (engine.entry.linear_head_loss):
+# - "token": the loss is token-separable (a sum of terms each depending on one token's statistics and inputs, with
+#   normalisers the masks give): the gradient is formed inside the forward, three GEMMs;
+# - "sequence" / "pair": a sum of terms each depending on one sequence's tokens / one preference pair's (sequences
+#   i and i + P of 2P): the same, with every chunk holding whole groups;
+# - "two-pass": the tokens' gradients depend on each other: the statistics first, then autograd recomputes.
+GRADIENT_PLANS = ("token", "sequence", "pair", "two-pass")
 # Per-batch tensors the trainer can supply (advantages and old_logp come with rollouts; ref_logp from a frozen copy
 # of the starting model; is_expert with rollouts+demonstrations).
 BATCH_INPUTS = ("advantages", "old_logp", "ref_logp", "is_expert")
@@ -47,9 +54,10 @@ class Objective:
     name: the trainer's mode. loss: the function form. data: one of DATA_KINDS. normalisers: loss argument ->
     one of STEP_COUNTS (or a callable of the trainer's config that picks it). batch_inputs: loss arguments from
     BATCH_INPUTS. options: the loss options under the trainer's config at a step. needs_reference: whether the
-    loss needs ref_logp under that config. token_separable: whether each token's upstream gradient follows from
-    its own statistics and inputs (plus normalisers known in advance). input_mixing: the trainer mixes
-    predicted-token embeddings into the inputs (IFT's temporal residual).
+    loss needs ref_logp under that config. gradient: how the gradient is computed, one of GRADIENT_PLANS, or a
+    callable of the loss's options (keywords) giving one; the loss function reads it (`gradient_plan`), so the
+    declaration is what runs. input_mixing: the trainer mixes predicted-token embeddings into the inputs (IFT's
+    temporal residual).
 
     metric_counts: metric -> how its value on one micro-batch combines over a step's micro-batches and ranks into
     the value one batch holding them all would give (what the trainer logs, whatever grad_accum and world size):
@@ -71,7 +79,7 @@ class Objective:
     batch_inputs: tuple[str, ...] = ()
     options: Callable[[Any, int], dict] = _no_options
     needs_reference: Callable[[Any], bool] = _no_reference
-    token_separable: bool = True
+    gradient: str | Callable[..., str] = "token"
     input_mixing: bool = False
     metric_counts: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
@@ -81,9 +89,18 @@ class Objective:
         unknown = set(self.batch_inputs) - set(BATCH_INPUTS)
         if unknown:
             raise ValueError(f"objective {self.name!r}: batch_inputs {sorted(unknown)} not among {BATCH_INPUTS}")
+        if not callable(self.gradient) and self.gradient not in GRADIENT_PLANS:
+            raise ValueError(f"objective {self.name!r}: gradient must be one of {GRADIENT_PLANS}, got {self.gradient!r}")
         unknown = {name: count for name, count in self.metric_counts.items() if count not in METRIC_COUNTS}
         if unknown:
             raise ValueError(f"objective {self.name!r}: metric_counts {unknown} not among {METRIC_COUNTS}")
+
+    def gradient_plan(self, **options) -> str:
+        """How the gradient of a call with these loss options is computed: one of GRADIENT_PLANS."""
+        plan = self.gradient(**options) if callable(self.gradient) else self.gradient
+        if plan not in GRADIENT_PLANS:
+            raise ValueError(f"objective {self.name!r}: its gradient plan {plan!r} is not one of {GRADIENT_PLANS}")
+        return plan
 
     def metric_count(self, metric: str) -> str:
         """How `metric` combines over micro-batches and ranks: one of METRIC_COUNTS (see metric_counts)."""

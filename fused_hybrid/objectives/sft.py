@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from ..cross_entropy import linear_cross_entropy
-from ..head_spec import HEAD_OPTIONS, HeadSpec
-from ._tokens import LossOutput
+from ..cross_entropy import cross_entropy_of_head
+from ..engine.head import HeadSpec
 from .registry import Objective, register
+from .tokens import LossOutput
 
 
 def sft_loss(
@@ -23,9 +23,9 @@ def sft_loss(
 ) -> LossOutput:
     """:func:`fused_hybrid.linear_cross_entropy` (mean over the labelled tokens, or over ``num_items``) as a
     LossOutput with no metrics."""
-    spec = HeadSpec.resolve(head, head_options)
-    options = {name: getattr(spec, name) for name in HEAD_OPTIONS}
-    return LossOutput(linear_cross_entropy(hidden, weight, targets, bias, num_items=num_items, **options), {})
+    loss = cross_entropy_of_head(hidden, weight, targets, bias, head=HeadSpec.resolve(head, head_options),
+                                 num_items=num_items)  # fmt: skip
+    return LossOutput(loss, {})
 
 
 register(Objective(name="sft", loss=sft_loss, data="demonstrations", normalisers={"num_items": "tokens"}))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..core import IGNORE_INDEX
+from ..engine.core import IGNORE_INDEX
 from .config import DataConfig, UserError
 from .text import prompt_ids, response_ids
 

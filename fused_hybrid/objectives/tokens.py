@@ -27,10 +27,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .._reduction import check_num_items, divide_by_count
-from .._validation import check_non_negative, check_sequence_ids, fail_where
-from ..dispatch import linear_head_loss, linear_head_stats
-from ..head_spec import HEAD_OPTIONS, HeadSpec
+from ..checks import check_non_negative, check_sequence_ids, fail_where
+from ..engine.entry import linear_head_loss, linear_head_stats
+from ..engine.head import HEAD_OPTIONS, HeadSpec
+from ..reduction import check_num_items, divide_by_count
+from .registry import GRADIENT_PLANS
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -215,30 +216,29 @@ def evaluate_objective(
     sequence_ids: torch.Tensor | None,
     num_sequences: int | None,
     head: HeadSpec,
-    separable: bool = True,
-    groups: str | None = None,
+    plan: str,
     inputs: tuple = (),
 ) -> LossOutput:
     """``loss_of_batch(batch)`` on the batch the core evaluates, for an objective written as a function of a TokenBatch.
 
-    When ``separable`` (a sum of terms each depending on one token's log-prob, entropy and inputs, with every
-    normaliser given by the masks; with ``groups="sequence"`` on one sequence's tokens, with ``groups="pair"`` on
-    one preference pair's: sequence i and i + P of 2P) and the chunked engine runs, the gradient is computed inside
-    the forward: `loss_of_batch` is also evaluated on the statistics swept so far to give each chunk's upstream
-    gradients (see fused_hybrid.dispatch.linear_head_loss). ``inputs`` are the batch's other tensors: one that
-    requires grad keeps the two-pass path, where autograd reaches it, as does a batch without sequences for grouped
-    terms.
+    ``plan`` is how the objective's declaration says its gradient is computed (registry.GRADIENT_PLANS): with
+    "token", "sequence" or "pair" and the chunked engine, the gradient is computed inside the forward:
+    `loss_of_batch` is also evaluated on the statistics swept so far to give each chunk's upstream gradients (see
+    fused_hybrid.engine.entry.linear_head_loss). ``inputs`` are the batch's other tensors: one that requires grad
+    keeps the two-pass path, where autograd reaches it, as does a batch without sequences for grouped terms.
     """
+    if plan not in GRADIENT_PLANS:
+        raise ValueError(f"plan must be one of {GRADIENT_PLANS}, got {plan!r}")
     layout = _layout(targets, loss_mask, sequence_ids, num_sequences, head)
-    separable = separable and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+    separable = plan != "two-pass" and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
     group_ids = None
-    if groups is not None:
-        if groups not in ("sequence", "pair"):
-            raise ValueError(f"groups must be 'sequence', 'pair' or None, got {groups!r}")
-        if layout.seq_index is None or (groups == "pair" and layout.num_sequences % 2):
+    if plan in ("sequence", "pair"):
+        if layout.seq_index is None or (plan == "pair" and layout.num_sequences % 2):
             separable = False  # loss_of_batch says what is missing
+        elif plan == "sequence":
+            group_ids = layout.seq_index
         else:
-            group_ids = layout.seq_index if groups == "sequence" else layout.seq_index % (layout.num_sequences // 2)
+            group_ids = layout.seq_index % (layout.num_sequences // 2)
     loss, metrics = linear_head_loss(
         lambda stats: loss_of_batch(layout.batch(stats)), hidden, weight, layout.head_targets, bias,
         separable=separable, groups=group_ids, head=head,
@@ -303,16 +303,18 @@ class ObjectiveModule(nn.Module):
         return output.loss
 
 
-# Keyword arguments of a loss that come with each batch even though they are not tensors.
-_PER_BATCH = ("num_sequences",)
-
-
 def objective_module(name: str, loss: Callable[..., LossOutput], check_options: Callable[..., None]) -> type:
-    """The nn.Module form of `loss`: its options (and the head's) at construction, checked there by
-    `check_options`; its per-batch arguments (tensors, counts, ``num_sequences``) at call."""
-    keyword = [p for p in inspect.signature(loss).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    per_batch = tuple(p.name for p in keyword if "Tensor" in str(p.annotation) or p.name in _PER_BATCH)
-    option_names = tuple(p.name for p in keyword if p.name not in per_batch and p.name != "head")
+    """The nn.Module form of `loss`: its options are the keyword arguments `check_options` takes, given (with the
+    head's) at construction and checked there, each defaulting to the loss's own default; every other keyword
+    argument of `loss` (tensors, counts, ``num_sequences``) comes with each batch, at call."""
+    parameters = inspect.signature(loss).parameters
+    option_names = tuple(inspect.signature(check_options).parameters)
+    missing = [option for option in option_names if option not in parameters]
+    if missing:
+        raise TypeError(f"{name}: check_options takes {missing}, which {loss.__name__} does not")
+    defaults = {option: parameters[option].default for option in option_names}
+    keyword = [p.name for p in parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    per_batch = tuple(p for p in keyword if p not in option_names and p != "head")
 
     def __init__(self, *, head: HeadSpec | None = None, **options) -> None:
         ObjectiveModule.__init__(self)
@@ -321,7 +323,7 @@ def objective_module(name: str, loss: Callable[..., LossOutput], check_options: 
         if unknown:
             raise TypeError(f"{name} got unknown option(s) {unknown}; its options are {list(option_names)} and "
                             f"the head's {list(HEAD_OPTIONS)}")  # fmt: skip
-        check_options(**options)
+        check_options(**{**defaults, **options})
         self.options = {**options, "head": HeadSpec.resolve(head, head_options)}
 
     def forward(self, hidden, weight, targets, bias=None, **inputs) -> torch.Tensor:

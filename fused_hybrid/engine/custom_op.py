@@ -11,7 +11,6 @@ import torch
 from .backends import backward_backend, logits_free_backend
 from .core import (
     HeadStats,
-    LogitTransform,
     SoftmaxNorm,
     TokenGradCoefficients,
     finalize_partials,
@@ -19,6 +18,7 @@ from .core import (
     stats_dtype,
     token_grad_coefficients,
 )
+from .head import HeadSpec
 
 
 @torch.library.custom_op("fused_hybrid::token_statistics", mutates_args=())
@@ -30,13 +30,14 @@ def _token_statistics(
     temperature: float,
     softcap: float | None,
     ignore_index: int,
-    workspace_bytes: int,
+    workspace_bytes: int | None,
     gradient_filter: float | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, entropy, lse, sum_z, m, log s): HeadStats, then the SoftmaxNorm the backward reads."""
-    transform = LogitTransform(temperature, softcap, ignore_index, workspace_bytes, gradient_filter)
-    partials = logits_free_backend(backend).partials(hidden, weight, targets, bias, transform)
+    """(logp, entropy, lse, sum_z, m, log s): HeadStats, then the SoftmaxNorm the backward reads. The arguments
+    after `bias` are the HeadSpec, packed by HeadSpec.op_arguments."""
+    head = HeadSpec.from_op_arguments(temperature, softcap, ignore_index, workspace_bytes, gradient_filter, backend)
+    partials = logits_free_backend(backend).partials(hidden, weight, targets, bias, head)
     row_max, log_sum_exp = softmax_norm(partials)
     # the max is a row of the backend's partials buffer, as sum_z may be: outputs must not alias each other
     return (*(s.contiguous() for s in finalize_partials(partials)), row_max.clone(), log_sum_exp)
@@ -63,7 +64,7 @@ def _token_statistics_backward(
     temperature: float,
     softcap: float | None,
     ignore_index: int,
-    workspace_bytes: int,
+    workspace_bytes: int | None,
     gradient_filter: float | None,
     backend: str,
     needs_hidden: bool,
@@ -72,11 +73,10 @@ def _token_statistics_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dhidden, dweight, dbias); a gradient that is not needed comes back as an empty tensor (no work done)."""
     coefs = TokenGradCoefficients(onehot_coef, prob_coef, logp_coef, uniform_coef)
-    grads = backward_backend(backend).backward(
-        hidden, weight, targets, bias, SoftmaxNorm(row_max, log_sum_exp), coefs,
-        LogitTransform(temperature, softcap, ignore_index, workspace_bytes, gradient_filter),
-        needs=(needs_hidden, needs_weight, needs_bias),
-    )  # fmt: skip
+    head = HeadSpec.from_op_arguments(temperature, softcap, ignore_index, workspace_bytes, gradient_filter, backend)
+    norm = SoftmaxNorm(row_max, log_sum_exp)
+    needs = (needs_hidden, needs_weight, needs_bias)
+    grads = backward_backend(backend).backward(hidden, weight, targets, bias, norm, coefs, head, needs=needs)
     return tuple(hidden.new_empty(0) if g is None else g for g in grads)
 
 
@@ -93,48 +93,42 @@ def _(hidden, weight, targets, bias, row_max, log_sum_exp, onehot_coef, prob_coe
     )
 
 
-def statistics_backward(
-    hidden, weight, targets, bias, norm: SoftmaxNorm, entropy, valid, grads, transform: LogitTransform, backend: str,
-    needs: tuple[bool, bool, bool],
-):  # fmt: skip
+def statistics_backward(hidden, weight, targets, bias, norm: SoftmaxNorm, entropy, valid, grads, head: HeadSpec,
+                        needs: tuple[bool, bool, bool]):
     """(d_hidden, d_weight, d_bias) from the upstream gradients `grads` of (logp, entropy, lse, sum_z), None where
     not needed: the gradients are folded into per-token coefficients (core.token_grad_coefficients) and the
-    backend recomputes the logit tiles, with log p = (z - m) - log s from `norm`."""
+    backend `head.backend` recomputes the logit tiles, with log p = (z - m) - log s from `norm`."""
     needs_hidden, needs_weight, needs_bias = needs[0], needs[1], needs[2] and bias is not None
     coefs = token_grad_coefficients(grads, entropy, valid)
     d_hidden, d_weight, d_bias = _token_statistics_backward(
-        hidden, weight, targets, bias, *norm, *coefs, transform.temperature, transform.softcap, transform.ignore_index,
-        transform.workspace_bytes, transform.gradient_filter, backend, needs_hidden, needs_weight, needs_bias,
-    )  # fmt: skip
+        hidden, weight, targets, bias, *norm, *coefs, *head.op_arguments(), needs_hidden, needs_weight, needs_bias
+    )
     return (d_hidden if needs_hidden else None, d_weight if needs_weight else None, d_bias if needs_bias else None)
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets, bias, *transform_options, backend = inputs
+    hidden, weight, targets, bias, *head_arguments = inputs
     _, entropy, _, _, row_max, log_sum_exp = output
     ctx.save_for_backward(hidden, weight, targets, bias, row_max, log_sum_exp, entropy)
     ctx.mark_non_differentiable(row_max, log_sum_exp)
-    ctx.options = (LogitTransform(*transform_options), backend)
+    ctx.head = HeadSpec.from_op_arguments(*head_arguments)
     # An output nobody used gets None, not a zero tensor, so its term of the backward costs no work.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_logp, g_entropy, g_lse, g_sum_z, _g_max, _g_log_sum_exp):
     hidden, weight, targets, bias, row_max, log_sum_exp, entropy = ctx.saved_tensors
-    transform, backend = ctx.options
     needs_hidden, needs_weight, _, needs_bias = ctx.needs_input_grad[:4]
     d_hidden, d_weight, d_bias = statistics_backward(
-        hidden, weight, targets, bias, SoftmaxNorm(row_max, log_sum_exp), entropy, targets != transform.ignore_index,
-        (g_logp, g_entropy, g_lse, g_sum_z), transform, backend, (needs_hidden, needs_weight, needs_bias),
-    )  # fmt: skip
-    return d_hidden, d_weight, None, d_bias, None, None, None, None, None, None
+        hidden, weight, targets, bias, SoftmaxNorm(row_max, log_sum_exp), entropy, targets != ctx.head.ignore_index,
+        (g_logp, g_entropy, g_lse, g_sum_z), ctx.head, (needs_hidden, needs_weight, needs_bias),
+    )
+    return d_hidden, d_weight, None, d_bias, *(None,) * len(ctx.head.op_arguments())
 
 
 _token_statistics.register_autograd(_backward, setup_context=_setup_context)
 
 
-def token_statistics(hidden, weight, targets, bias, transform: LogitTransform, backend: str) -> HeadStats:
-    """Raw (unmasked) statistics through the custom op."""
-    return HeadStats(*_token_statistics(hidden, weight, targets, bias, transform.temperature, transform.softcap,
-                                        transform.ignore_index, transform.workspace_bytes, transform.gradient_filter,
-                                        backend)[:4])  # fmt: skip
+def token_statistics(hidden, weight, targets, bias, head: HeadSpec) -> HeadStats:
+    """Raw (unmasked) statistics through the custom op, on the backend `head.backend`."""
+    return HeadStats(*_token_statistics(hidden, weight, targets, bias, *head.op_arguments())[:4])

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ..core import HeadStats, LogitTransform, transform_logits
+from .core import HeadStats, transform_logits
+from .head import HeadSpec
 
 
 def head_stats(
@@ -15,10 +16,10 @@ def head_stats(
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None,
-    transform: LogitTransform,
+    head: HeadSpec,
 ) -> HeadStats:
-    z = transform_logits(hidden @ weight.T, bias, transform)
-    valid = targets != transform.ignore_index
+    z = transform_logits(hidden @ weight.T, bias, head)
+    valid = targets != head.ignore_index
     safe_targets = torch.where(valid, targets, 0)
     lse = torch.logsumexp(z, dim=-1)
     log_probs = z - lse[:, None]

@@ -8,29 +8,35 @@ chunked engine runs, its gradient is computed inside the forward (three GEMMs, n
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
-from ._ops import token_statistics
-from ._validation import check_head_inputs, check_targets_in_range, resolve_backend
-from .backends import chunked, reference
-from .core import HeadStats, LogitTransform, default_workspace_bytes, stats_dtype
-from .head_spec import HeadSpec
+from ..checks import check_head_inputs, check_targets_in_range
+from . import chunked, reference
+from .backends import resolve_backend
+from .core import HeadStats, stats_dtype
+from .custom_op import token_statistics
+from .head import HeadSpec
 from .vocab_parallel import vocab_parallel_head_stats
 
 
 class _Call(NamedTuple):
-    head: HeadSpec
-    backend: str  # resolved
+    head: HeadSpec  # with the backend resolved ("auto" chosen)
     hidden_2d: torch.Tensor  # hidden, weight and bias in the compute dtype (in_compute_dtype)
     weight: torch.Tensor
     bias: torch.Tensor | None
     targets_1d: torch.Tensor
-    transform: LogitTransform
     leading_shape: torch.Size
     given: tuple  # (hidden [N, D], weight, bias) as the caller gave them, before any autocast cast
+
+
+def autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast computes a head on `tensor`'s device in, None outside an autocast region."""
+    device_type = tensor.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def in_compute_dtype(hidden, weight, bias):
@@ -39,10 +45,9 @@ def in_compute_dtype(hidden, weight, bias):
     these operands, so that the backward recomputes exactly the forward's logits (autocast does not reach a
     backward, so recomputing from the original fp32 operands would pair fp32 logits with a bf16 log-sum-exp).
     The casts are differentiable: the gradients reach the original tensors in their dtypes."""
-    device_type = hidden.device.type
-    if not torch.is_autocast_enabled(device_type):
+    dtype = autocast_dtype(hidden)
+    if dtype is None:
         return hidden, weight, bias
-    dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t):
         eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
@@ -65,12 +70,9 @@ def _prepare(hidden, weight, targets, bias, head: HeadSpec | None, head_options:
             raise ValueError("vocab_parallel runs on the logits-free backends, not on 'reference'")
         vocab_size = head.vocab_parallel.layout(weight.shape[0], weight.device)[1]
     check_targets_in_range(targets, vocab_size, head.ignore_index)
-    transform = LogitTransform(temperature=float(head.temperature), softcap=head.softcap,
-                               ignore_index=head.ignore_index,
-                               workspace_bytes=head.workspace_bytes or default_workspace_bytes(hidden.device),
-                               gradient_filter=head.gradient_filter)  # fmt: skip
-    return _Call(head, resolved, hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-                 targets.reshape(-1).to(torch.int64).contiguous(), transform, targets.shape, given)  # fmt: skip
+    head = dataclasses.replace(head, backend=resolved) if resolved != head.backend else head
+    targets_1d = targets.reshape(-1).to(torch.int64).contiguous()
+    return _Call(head, hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets_1d, targets.shape, given)
 
 
 def linear_head_stats(
@@ -87,7 +89,7 @@ def linear_head_stats(
     ``head`` (a :class:`fused_hybrid.HeadSpec`) and / or its fields as keywords (``temperature``, ``softcap``,
     ``ignore_index``, ``backend``, ``workspace_bytes``, ``gradient_filter``, ``vocab_parallel``) say how the logits
     are formed and computed. With ``vocab_parallel``, `weight` and `bias` are this rank's slice of the head and the
-    statistics are those of the full vocabulary (see fused_hybrid.vocab_parallel).
+    statistics are those of the full vocabulary (see engine.vocab_parallel).
     """
     call = _prepare(hidden, weight, targets, bias, head, head_options)
     with torch.autocast(call.hidden_2d.device.type, enabled=False):
@@ -95,16 +97,15 @@ def linear_head_stats(
 
 
 def _head_stats(call: _Call) -> HeadStats:
-    head_inputs = (call.hidden_2d, call.weight, call.targets_1d, call.bias, call.transform)
-    if call.backend == "reference":
+    head_inputs = (call.hidden_2d, call.weight, call.targets_1d, call.bias, call.head)
+    if call.head.backend == "reference":
         stats = reference.head_stats(*head_inputs)
     elif call.head.vocab_parallel is not None:
-        offset = call.head.vocab_parallel.layout(call.weight.shape[0], call.weight.device)[0]
-        stats = vocab_parallel_head_stats(*head_inputs, call.backend, call.head.vocab_parallel, offset)
+        stats = vocab_parallel_head_stats(*head_inputs)
     else:
-        raw = token_statistics(*head_inputs, call.backend)
+        raw = token_statistics(*head_inputs)
         # Ignored tokens read 0; their gradient coefficients are 0 too (see token_grad_coefficients).
-        valid = call.targets_1d != call.transform.ignore_index
+        valid = call.targets_1d != call.head.ignore_index
         stats = HeadStats(*(torch.where(valid, statistic, 0.0) for statistic in raw))
     return HeadStats(*(s.reshape(call.leading_shape) for s in stats))
 
@@ -146,9 +147,13 @@ def _head_loss(loss_of_stats: LossOfStats, call: _Call, separable: bool, groups)
     hidden, weight, bias = call.hidden_2d, call.weight, call.bias
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     in_forward = (
-        separable and call.backend == "chunked" and call.head.vocab_parallel is None and torch.is_grad_enabled()
-        and any(needs) and not torch.compiler.is_compiling()
-    )  # fmt: skip
+        separable
+        and call.head.backend == "chunked"
+        and call.head.vocab_parallel is None
+        and torch.is_grad_enabled()
+        and any(needs)
+        and not torch.compiler.is_compiling()
+    )
     if not in_forward:
         return loss_of_stats(_head_stats(call))  # the arguments are checked once
 
@@ -173,7 +178,7 @@ def _head_loss(loss_of_stats: LossOfStats, call: _Call, separable: bool, groups)
     with torch.no_grad():
         swept = chunked.statistics_and_gradients(
             hidden.detach(), weight.detach(), call.targets_1d, None if bias is None else bias.detach(),
-            call.transform, chunk_gradients, needs, groups=None if groups is None else groups.reshape(-1),
+            call.head, chunk_gradients, needs, groups=None if groups is None else groups.reshape(-1),
             grad_dtypes=grad_dtypes,
         )  # fmt: skip
     if swept is None:  # a group too large for one chunk

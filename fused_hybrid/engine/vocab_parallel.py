@@ -11,16 +11,13 @@ that reduces it later, e.g. with a reduce-scatter under sequence parallelism).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from ._ops import statistics_backward
 from .backends import logits_free_backend
 from .core import (
     HeadStats,
-    LogitTransform,
     SoftmaxNorm,
     VocabPartials,
     common_max,
@@ -28,41 +25,8 @@ from .core import (
     rescale_to_max,
     softmax_norm,
 )
-
-
-@dataclass(frozen=True)
-class VocabParallel:
-    """How the head is split: the process group (None: the default group), the full vocabulary size to check
-    the slices against (None: not checked), and whether the hidden gradient is all-reduced."""
-
-    group: object = None
-    vocab_size: int | None = None
-    reduce_hidden_grad: bool = True
-    # (offset, full size) per local slice size: the slices are gathered once, not on every call
-    _layouts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    def layout(self, local_vocab: int, device: torch.device) -> tuple[int, int]:
-        """(offset of this rank's slice, full vocabulary size), from the slices' sizes on every rank."""
-        if local_vocab not in self._layouts:
-            self._layouts[local_vocab] = self._gather_layout(local_vocab, device)
-        return self._layouts[local_vocab]
-
-    def _gather_layout(self, local_vocab: int, device: torch.device) -> tuple[int, int]:
-        if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("vocab_parallel needs an initialised torch.distributed process group")
-        world = dist.get_world_size(self.group)
-        sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([local_vocab], dtype=torch.int64, device=device), group=self.group)
-        sizes = [int(s.item()) for s in sizes]
-        rank = dist.get_rank(self.group)
-        total = sum(sizes)
-        if self.vocab_size is not None and total != self.vocab_size:
-            raise ValueError(
-                f"the weight slices of the process group have {sizes} rows, {total} in all, but vocab_size is "
-                f"{self.vocab_size}: every rank must hold its contiguous slice of the head, in rank order"
-            )
-        return sum(sizes[:rank]), total
-
+from .custom_op import statistics_backward
+from .head import HeadSpec
 
 # The ignore index of the local targets: negative, so that no column of any slice equals it. The caller's own
 # ignore_index may be a token id (the pad id, 0) that is a local column of some slice.
@@ -93,36 +57,35 @@ class _VocabParallelStatistics(torch.autograd.Function):
     this rank's slice, with the hidden gradient summed over ranks."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, local_targets, valid, bias, transform: LogitTransform, backend: str,
-                parallel: VocabParallel):  # fmt: skip
-        partials = logits_free_backend(backend).partials(hidden, weight, local_targets, bias, transform)
-        full = all_reduce_partials(partials, parallel.group)
+    def forward(ctx, hidden, weight, local_targets, valid, bias, head: HeadSpec):
+        partials = logits_free_backend(head.backend).partials(hidden, weight, local_targets, bias, head)
+        full = all_reduce_partials(partials, head.vocab_parallel.group)
         stats = finalize_partials(full)
         # the full vocabulary's max and log s: the backward's log p = (z - m) - log s on this rank's columns
         norm = softmax_norm(full)
         ctx.save_for_backward(hidden, weight, local_targets, valid, bias, norm.max, norm.log_sum_exp, stats.entropy)
-        ctx.options = (transform, backend, parallel)
+        ctx.head = head
         ctx.set_materialize_grads(False)
         return tuple(torch.where(valid, s, 0.0) for s in stats)
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy, g_lse, g_sum_z):
         hidden, weight, local_targets, valid, bias, row_max, log_sum_exp, entropy = ctx.saved_tensors
-        transform, backend, parallel = ctx.options
+        parallel = ctx.head.vocab_parallel
         needs_hidden, needs_weight, _, _, needs_bias = ctx.needs_input_grad[:5]
         d_hidden, d_weight, d_bias = statistics_backward(
             hidden, weight, local_targets, bias, SoftmaxNorm(row_max, log_sum_exp), entropy, valid,
-            (g_logp, g_entropy, g_lse, g_sum_z), transform, backend, (needs_hidden, needs_weight, needs_bias),
-        )  # fmt: skip
+            (g_logp, g_entropy, g_lse, g_sum_z), ctx.head, (needs_hidden, needs_weight, needs_bias),
+        )
         if d_hidden is not None and parallel.reduce_hidden_grad:
             dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=parallel.group)
-        return d_hidden, d_weight, None, None, d_bias, None, None, None
+        return d_hidden, d_weight, None, None, d_bias, None
 
 
-def vocab_parallel_head_stats(hidden, weight, targets, bias, transform: LogitTransform, backend: str,
-                              parallel: VocabParallel, offset: int) -> HeadStats:  # fmt: skip
-    valid = targets != transform.ignore_index
+def vocab_parallel_head_stats(hidden, weight, targets, bias, head: HeadSpec) -> HeadStats:
+    """The full vocabulary's statistics from this rank's slice `weight` of the head `head.vocab_parallel`."""
+    offset = head.vocab_parallel.layout(weight.shape[0], weight.device)[0]
+    valid = targets != head.ignore_index
     local_targets = shard_targets(targets, offset, weight.shape[0], valid)
-    local_transform = dataclasses.replace(transform, ignore_index=LOCAL_IGNORE_INDEX)
-    return HeadStats(*_VocabParallelStatistics.apply(hidden, weight, local_targets, valid, bias, local_transform,
-                                                    backend, parallel))  # fmt: skip
+    local_head = dataclasses.replace(head, ignore_index=LOCAL_IGNORE_INDEX)
+    return HeadStats(*_VocabParallelStatistics.apply(hidden, weight, local_targets, valid, bias, local_head))

@@ -11,16 +11,18 @@ For each token t with logits row z (never materialised beyond a tile or chunk) t
 and, in backward, turns the per-token upstream gradients into dhidden / dweight / dbias by recomputing logit
 tiles. Every objective reaches the logits only through these statistics (docs/objectives.md, "Statistics core").
 
-The backends (fused_hybrid.backends) compute the vocabulary partials and the backward; the custom op
-(fused_hybrid._ops) finalises them; fused_hybrid.dispatch is the validated entry. This module imports none of them.
+The backends (engine.backends) compute the vocabulary partials and the backward; the custom op (engine.custom_op)
+finalises them; engine.entry is the validated entry. This module imports none of them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from .head import HeadSpec
 
 # The target value whose positions are ignored unless told otherwise: PyTorch's cross-entropy default, and the label
 # every transformers causal LM ignores.
@@ -45,20 +47,6 @@ DEFAULT_WORKSPACE_BYTES_ELSEWHERE = 256 << 20
 
 def default_workspace_bytes(device: torch.device) -> int:
     return DEFAULT_WORKSPACE_BYTES.get(device.type, DEFAULT_WORKSPACE_BYTES_ELSEWHERE)
-
-
-@dataclass(frozen=True)
-class LogitTransform:
-    """z = softcap(F.linear(hidden, weight, bias) / temperature); softcap(u) = s * tanh(u / s); targets equal to
-    `ignore_index` are ignored. `workspace_bytes` bounds the chunked engine's per-chunk buffers (the tile kernels
-    need O(N) memory and ignore it); `gradient_filter`, when set, lets the tile kernels' backward skip a tile whose
-    every |dz| is below it times the token's gradient scale (the chunked engine's GEMMs are dense and ignore it)."""
-
-    temperature: float = 1.0
-    softcap: float | None = None
-    ignore_index: int = IGNORE_INDEX
-    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES["cuda"]
-    gradient_filter: float | None = None
 
 
 class TokenGradCoefficients(NamedTuple):
@@ -111,15 +99,15 @@ def stats_dtype(input_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if input_dtype == torch.float64 else torch.float32
 
 
-def transform_logits(raw: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform) -> torch.Tensor:
+def transform_logits(raw: torch.Tensor, bias: torch.Tensor | None, head: HeadSpec) -> torch.Tensor:
     """Apply bias, temperature and softcap to raw logits `F.linear(hidden, weight)`, in the stats dtype."""
     z = raw.to(stats_dtype(raw.dtype))
     if bias is not None:
         z = z + bias.to(z.dtype)
-    if transform.temperature != 1.0:
-        z = z / transform.temperature
-    if transform.softcap is not None:
-        z = transform.softcap * torch.tanh(z / transform.softcap)
+    if head.temperature != 1.0:
+        z = z / head.temperature
+    if head.softcap is not None:
+        z = head.softcap * torch.tanh(z / head.softcap)
     return z
 
 

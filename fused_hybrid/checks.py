@@ -5,21 +5,9 @@ Each check raises before any kernel launches and names the offending argument an
 
 from __future__ import annotations
 
-import functools
-import json
-import os
-from importlib import resources
-
 import torch
 
-from .backends import LOGITS_FREE_BACKENDS
-
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def check_head_inputs(
@@ -83,62 +71,6 @@ def check_non_negative(name: str, value: float) -> None:
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
     if not value >= 0 or value == float("inf"):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-
-
-def check_backend_name(backend: str) -> None:
-    names = ("auto", *LOGITS_FREE_BACKENDS, "reference")
-    if backend not in names:
-        raise ValueError(f"backend must be one of {names}, got {backend!r}")
-
-
-def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
-    """Map `backend` to a registered backend or "reference", checking it can run on `hidden`."""
-    check_backend_name(backend)
-    if backend == "auto":
-        num_tokens = hidden.numel() // max(hidden.shape[-1], 1)
-        chosen = auto_backend(hidden.device.type, hidden.dtype, num_tokens)
-        runs_triton = hidden.device.type == "cuda" and hidden.dtype in TRITON_DTYPES and triton_import_error() is None
-        return chosen if chosen != "triton" or runs_triton else "chunked"
-    if backend == "triton":
-        error = triton_import_error()
-        if error is not None:
-            raise ValueError(f"backend='triton' needs the triton package, which failed to import: {error}")
-        if hidden.device.type != "cuda" and not triton_interpreter_enabled():
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors (got {hidden.device}), or TRITON_INTERPRET=1 "
-                "to run the kernels on the CPU through the Triton interpreter"
-            )
-        if hidden.dtype not in TRITON_DTYPES:
-            raise TypeError(
-                f"backend='triton' takes float16, bfloat16 or float32 hidden/weight, got {hidden.dtype}; "
-                "use backend='torch' for float64"
-            )
-    return backend
-
-
-@functools.cache
-def _dispatch_table() -> dict:
-    return json.loads(resources.files("fused_hybrid.backends").joinpath("dispatch_table.json").read_text())
-
-
-def auto_backend(device_type: str, dtype: torch.dtype, num_tokens: int) -> str:
-    """The backend that backend="auto" runs: the first rule of the measured table (backends/dispatch_table.json)
-    matching the device type, the dtype and the number of tokens."""
-    table = _dispatch_table()
-    dtype_name = str(dtype).removeprefix("torch.")
-    for rule in table["rules"]:
-        if rule["device"] == device_type and dtype_name in rule.get("dtypes", [dtype_name]) \
-                and num_tokens >= rule["min_tokens"]:  # fmt: skip
-            return rule["backend"]
-    return table["otherwise"]
-
-
-def triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as error:
-        return str(error)
-    return None
 
 
 def fail_where(bad: torch.Tensor, message: str, found=None) -> None:

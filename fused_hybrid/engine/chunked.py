@@ -2,7 +2,8 @@
 to its fp32 statistics and, where a gradient is due, turns the logits into dz, then ``dhidden = dz @ W`` and
 ``dweight += dz^T @ hidden`` (dweight accumulated in fp32 across chunks).
 
-A chunk holds at most `LogitTransform.workspace_bytes` of logits and epilogue temporaries (default 1 GiB), whatever
+A chunk holds at most `HeadSpec.workspace_bytes` of logits and epilogue temporaries (default 1 GiB on CUDA, see
+core.default_workspace_bytes), whatever
 N is. Tokens whose target is ignored are compacted away before any GEMM: that reads the number of loss tokens on
 the host once per call (one sync on CUDA); while a CUDA graph is being captured every token goes through instead.
 
@@ -13,8 +14,8 @@ Two ways to run it:
   of a chunk's statistics is known as soon as they are, so dz is formed in the same sweep -- three GEMMs.
 
 The epilogue is Triton's on CUDA (`fused_hybrid.kernels.logit_epilogue`: no N x V temporaries, dz written over
-the logits) and PyTorch's elsewhere (`TorchEpilogue`); `fused_hybrid.backends.torch_chunked` is this engine with
-the PyTorch epilogue on every device.
+the logits) and PyTorch's elsewhere (`engine.torch_epilogue`), as backends.default_epilogue chooses; the "torch"
+backend is this engine with the PyTorch epilogue on every device.
 """
 
 from __future__ import annotations
@@ -24,118 +25,25 @@ from typing import NamedTuple
 
 import torch
 
-from .._validation import triton_import_error
-from ..core import (
+from .backends import default_epilogue
+from .core import (
     HeadStats,
-    LogitTransform,
     RowExtras,
     SoftmaxNorm,
     TokenGradCoefficients,
     VocabPartials,
+    default_workspace_bytes,
     finalize_partials,
     softmax_norm,
     stats_dtype,
     token_grad_coefficients,
-    transform_logits,
 )
+from .head import HeadSpec
 
 DETERMINISTIC_BACKWARD = True  # GEMMs and row reductions in a fixed order, no atomics
 GEMM_ROW_MULTIPLE = 128  # chunk rows are rounded to it (when the budget allows) so the GEMM tiles stay full
 
 Rows = slice | torch.Tensor  # a chunk's token rows: a range, or the indices of its loss tokens
-
-
-class TorchEpilogue:
-    """The epilogue in PyTorch operations, on any device. It keeps three fp32 buffers of the chunk's size (the
-    transformed logits, z - max and exp(z - max)) and reuses the last two for log p and dz."""
-
-    # sum exp(z - m) * (z - m) is summed in this many column blocks (see row_dot)
-    ROW_DOT_BLOCKS = 8
-
-    @staticmethod
-    def bytes_per_logit(dtype: torch.dtype) -> int:
-        return dtype.itemsize + 3 * stats_dtype(dtype).itemsize
-
-    @staticmethod
-    def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """(a * b).sum(-1), as accurate (pairwise on the CPU, a tree on CUDA), with a temporary of one column block
-        (1 / ROW_DOT_BLOCKS of a buffer) rather than of the chunk's size. A batched row-times-row dot product needs
-        none but is one sequential fp32 sum over V on the CPU (6e-5 relative error at V = 49152), and a TF32 GEMM
-        on CUDA where fp32 matmuls may use TF32."""
-        width = max(1, -(-a.shape[1] // TorchEpilogue.ROW_DOT_BLOCKS))
-        total = a.new_zeros(a.shape[0])
-        for start in range(0, a.shape[1], width):
-            total += (a[:, start : start + width] * b[:, start : start + width]).sum(-1)
-        return total
-
-    @staticmethod
-    def statistics(logits, targets, bias, transform: LogitTransform):
-        """(VocabPartials of each row, the buffers `gradient` reuses). `targets` is -1 where a row's target is
-        not a column of this weight."""
-        z = transform_logits(logits, bias, transform)
-        row_max = z.amax(-1)
-        shifted = z - row_max[:, None]
-        exp_shifted = torch.exp(shifted)
-        sum_exp = exp_shifted.sum(-1)
-        sum_exp_shifted = TorchEpilogue.row_dot(exp_shifted, shifted)
-        has_target = targets >= 0
-        target_logit = z.gather(1, torch.where(has_target, targets, 0)[:, None]).squeeze(1)
-        partials = VocabPartials(row_max, sum_exp, sum_exp_shifted, z.sum(-1), torch.where(has_target, target_logit, 0))
-        return partials, (z, shifted, exp_shifted, sum_exp)
-
-    @staticmethod
-    def extras(logits, state, targets, bias, transform: LogitTransform, row_max) -> RowExtras:
-        """RowExtras of each row from `statistics`' buffers (before `gradient` reuses them)."""
-        z, shifted, _, _ = state
-        sum_exp_sq = torch.exp(2.0 * shifted).sum(-1)
-        columns = torch.arange(z.shape[1], device=z.device)
-        before = torch.where(columns[None, :] < targets[:, None], z, float("-inf")).amax(-1)
-        return RowExtras(sum_exp_sq, before)
-
-    @staticmethod
-    def gradient(logits, state, targets, bias, norm: SoftmaxNorm, coefs: TokenGradCoefficients,
-                 transform: LogitTransform):  # fmt: skip
-        """dz (fp32, [rows, V]) from the token coefficients (see core.TokenGradCoefficients); `state` is what
-        `statistics` returned for these logits, or None in a backward that recomputed them, which forms
-        log p = (z - m) - log s from the rows' `norm` (the full vocabulary's, for a vocab-parallel shard)."""
-        if state is None:
-            # log p = (z - m) - log s (core.SoftmaxNorm) <= 0 always; clamping also keeps exp finite for a token
-            # never swept (m = 0, log s = 0), whose all-zero coefficients then give dz = 0, not inf * 0 = NaN.
-            z = transform_logits(logits, bias, transform)
-            log_probs = torch.sub(z, norm.max[:, None]).sub_(norm.log_sum_exp[:, None]).clamp_(max=0.0)
-            probs = torch.exp(log_probs)
-        else:  # exp(z - max) / s = p, and (z - max) - log s = log p, in the statistics' own buffers
-            z, shifted, probs, sum_exp = state
-            if coefs.logp_coef is None:  # p * prob_coef in one pass
-                probs.mul_((coefs.prob_coef / sum_exp)[:, None])
-            else:
-                probs.div_(sum_exp[:, None])
-                log_probs = shifted.sub_(torch.log(sum_exp)[:, None]).clamp_(max=0.0)
-        d_z = probs
-        if coefs.logp_coef is not None:
-            d_z.mul_(log_probs.mul_(-coefs.logp_coef[:, None]).add_(coefs.prob_coef[:, None]))
-        elif state is None:
-            d_z.mul_(coefs.prob_coef[:, None])
-        if coefs.uniform_coef is not None:
-            d_z.add_(coefs.uniform_coef[:, None])
-        has_target = targets >= 0
-        rows = torch.arange(d_z.shape[0], device=d_z.device)
-        # one target per row: a plain indexed add, deterministic on every device
-        d_z[rows, torch.where(has_target, targets, 0)] += torch.where(has_target, coefs.onehot_coef, 0.0).to(d_z.dtype)
-        if transform.softcap is not None:  # d softcap(u)/du = 1 - tanh^2(u / s) = 1 - (z / s)^2
-            d_z.mul_(1.0 - (z / transform.softcap) ** 2)
-        if transform.temperature != 1.0:
-            d_z.div_(transform.temperature)
-        return d_z
-
-
-def default_epilogue(hidden: torch.Tensor):
-    """Triton's epilogue for CUDA tensors of the kernels' dtypes (when Triton imports), PyTorch's otherwise."""
-    if hidden.device.type == "cuda" and hidden.dtype != torch.float64 and triton_import_error() is None:
-        from ..kernels import logit_epilogue
-
-        return logit_epilogue
-    return TorchEpilogue
 
 
 def workspace_rows(vocab_size: int, bytes_per_logit: int, workspace_bytes: int) -> int:
@@ -204,12 +112,13 @@ class _Sweep(NamedTuple):
     plan: list[Rows]
 
 
-def _sweep(hidden, weight, targets, transform: LogitTransform, epilogue, groups=None) -> _Sweep:
+def _sweep(hidden, weight, targets, head: HeadSpec, epilogue, groups=None) -> _Sweep:
     """What every pass over the chunks needs: the epilogue, the targets in this weight's columns, the chunks (None
     when `groups` cannot be kept whole)."""
     epilogue = epilogue or default_epilogue(hidden)
-    plan = plan_chunks(targets != transform.ignore_index, weight.shape[0], epilogue.bytes_per_logit(hidden.dtype),
-                       transform.workspace_bytes, groups)  # fmt: skip
+    workspace_bytes = head.workspace_bytes or default_workspace_bytes(hidden.device)
+    valid = targets != head.ignore_index
+    plan = plan_chunks(valid, weight.shape[0], epilogue.bytes_per_logit(hidden.dtype), workspace_bytes, groups)
     return _Sweep(epilogue, local_targets(targets, weight.shape[0]), plan)
 
 
@@ -277,33 +186,33 @@ def accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
         acc += (a @ b).to(acc.dtype)
 
 
-def partials(hidden, weight, targets, bias, transform: LogitTransform, *, epilogue=None) -> VocabPartials:
+def partials(hidden, weight, targets, bias, head: HeadSpec, *, epilogue=None) -> VocabPartials:
     """Per-token sums over this weight's rows (see VocabPartials), chunk by chunk; 0 for ignored tokens (a token
     no chunk swept reads max 0 and sum 0, which core.finalize_partials turns into finite statistics)."""
-    return partials_and_extras(hidden, weight, targets, bias, transform, extras=False, epilogue=epilogue)[0]
+    return partials_and_extras(hidden, weight, targets, bias, head, extras=False, epilogue=epilogue)[0]
 
 
-def partials_and_extras(hidden, weight, targets, bias, transform: LogitTransform, *, extras: bool,
+def partials_and_extras(hidden, weight, targets, bias, head: HeadSpec, *, extras: bool,
                         epilogue=None) -> tuple[VocabPartials, RowExtras | None]:  # fmt: skip
     """VocabPartials and, with `extras`, RowExtras (sum exp(2 (z - m)), the max logit before the target) from the
     same sweep: one more read of each chunk's logits, no more GEMMs."""
-    epilogue, column_targets, plan = _sweep(hidden, weight, targets, transform, epilogue)
+    epilogue, column_targets, plan = _sweep(hidden, weight, targets, head, epilogue)
     out = torch.zeros(7 if extras else 5, hidden.shape[0], dtype=stats_dtype(hidden.dtype), device=hidden.device)
     for rows in plan:
         logits = hidden[rows] @ weight.T
-        chunk_partials, state = epilogue.statistics(logits, column_targets[rows], bias, transform)
+        chunk_partials, state = epilogue.statistics(logits, column_targets[rows], bias, head)
         out[:5, rows] = torch.stack(chunk_partials)
         if extras:
-            chunk_extras = epilogue.extras(logits, state, column_targets[rows], bias, transform, chunk_partials.max)
+            chunk_extras = epilogue.extras(logits, state, column_targets[rows], bias, head, chunk_partials.max)
             out[5:, rows] = torch.stack(chunk_extras)
     return VocabPartials(*out[:5]), RowExtras(*out[5:]) if extras else None
 
 
-def backward(hidden, weight, targets, bias, norm: SoftmaxNorm, coefs: TokenGradCoefficients, transform: LogitTransform,
+def backward(hidden, weight, targets, bias, norm: SoftmaxNorm, coefs: TokenGradCoefficients, head: HeadSpec,
              needs: tuple[bool, bool, bool], *, grad_dtypes: tuple | None = None, epilogue=None):  # fmt: skip
     """(d_hidden, d_weight, d_bias), None where not needed, recomputing each chunk's logits (log p from the rows'
     max and log sum exp, `norm`); in the inputs' dtypes or in `grad_dtypes` (hidden, weight, bias)."""
-    epilogue, column_targets, plan = _sweep(hidden, weight, targets, transform, epilogue)
+    epilogue, column_targets, plan = _sweep(hidden, weight, targets, head, epilogue)
     grads = _Gradients(hidden, weight, bias, needs, plan, grad_dtypes)
     if any(needs):
         for rows in plan:
@@ -311,7 +220,7 @@ def backward(hidden, weight, targets, bias, norm: SoftmaxNorm, coefs: TokenGradC
             logits = hidden_rows @ weight.T
             chunk_coefs = TokenGradCoefficients(*(None if c is None else c[rows] for c in coefs))
             chunk_norm = SoftmaxNorm(*(t[rows] for t in norm))
-            d_z = epilogue.gradient(logits, None, column_targets[rows], bias, chunk_norm, chunk_coefs, transform)
+            d_z = epilogue.gradient(logits, None, column_targets[rows], bias, chunk_norm, chunk_coefs, head)
             grads.add_chunk(d_z, logits, rows, hidden_rows, weight)
     return grads.result(weight, bias)
 
@@ -320,7 +229,7 @@ def backward(hidden, weight, targets, bias, norm: SoftmaxNorm, coefs: TokenGradC
 ChunkGradients = Callable[[HeadStats, Rows], tuple[torch.Tensor | None, ...]]
 
 
-def statistics_and_gradients(hidden, weight, targets, bias, transform: LogitTransform, chunk_gradients: ChunkGradients,
+def statistics_and_gradients(hidden, weight, targets, bias, head: HeadSpec, chunk_gradients: ChunkGradients,
                              needs: tuple[bool, bool, bool], *, groups=None, grad_dtypes=None,
                              epilogue=None):  # fmt: skip
     """One sweep, three GEMMs: the finalised statistics [N] (0 at ignored tokens) and (d_hidden, d_weight,
@@ -328,21 +237,21 @@ def statistics_and_gradients(hidden, weight, targets, bias, transform: LogitTran
     tokens swept so far (those rows included). That is its gradient when the loss is token-separable, or, with
     `groups` (see plan_chunks), separable over the groups; None when the groups cannot be kept whole. The gradients
     are in the inputs' dtypes or in `grad_dtypes` (hidden, weight, bias)."""
-    epilogue, column_targets, plan = _sweep(hidden, weight, targets, transform, epilogue, groups)
+    epilogue, column_targets, plan = _sweep(hidden, weight, targets, head, epilogue, groups)
     if plan is None:
         return None
-    valid = targets != transform.ignore_index
+    valid = targets != head.ignore_index
     grads = _Gradients(hidden, weight, bias, needs, plan, grad_dtypes)
     statistics = torch.zeros(4, hidden.shape[0], dtype=stats_dtype(hidden.dtype), device=hidden.device)
     for rows in plan:
         hidden_rows = hidden[rows]
         logits = hidden_rows @ weight.T
-        chunk_partials, state = epilogue.statistics(logits, column_targets[rows], bias, transform)
+        chunk_partials, state = epilogue.statistics(logits, column_targets[rows], bias, head)
         chunk_stats = finalize_partials(chunk_partials)
         statistics[:, rows] = torch.stack(chunk_stats)
         upstream = chunk_gradients(HeadStats(*statistics), rows)
         coefs = token_grad_coefficients(upstream, chunk_stats.entropy, valid[rows])
         d_z = epilogue.gradient(logits, state, column_targets[rows], bias, softmax_norm(chunk_partials), coefs,
-                                transform)  # fmt: skip
+                                head)  # fmt: skip
         grads.add_chunk(d_z, logits, rows, hidden_rows, weight)
     return HeadStats(*(torch.where(valid, s, 0.0) for s in statistics)), grads.result(weight, bias)

@@ -1,12 +1,53 @@
-"""HeadSpec: how an LM head's logits are formed and computed, one frozen object for every loss and module."""
+"""HeadSpec: how an LM head's logits are formed and computed, one frozen object that travels from every loss and
+module to the backends (and, packed by `op_arguments`, through the custom op); VocabParallel: how the head is
+split over a process group."""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 
-from ._validation import check_backend_name, check_positive
+import torch
+import torch.distributed as dist
+
+from ..checks import check_positive
+from .backends import check_backend_name
 from .core import IGNORE_INDEX
-from .vocab_parallel import VocabParallel
+
+
+@dataclass(frozen=True)
+class VocabParallel:
+    """How the head is split: the process group (None: the default group), the full vocabulary size to check
+    the slices against (None: not checked), and whether the hidden gradient is all-reduced."""
+
+    group: object = None
+    vocab_size: int | None = None
+    reduce_hidden_grad: bool = True
+    # (offset, full size) per local slice size: the slices are gathered once, not on every call
+    _layouts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def layout(self, local_vocab: int, device: torch.device) -> tuple[int, int]:
+        """(offset of this rank's slice, full vocabulary size), from the slices' sizes on every rank."""
+        if local_vocab not in self._layouts:
+            self._layouts[local_vocab] = self._gather_layout(local_vocab, device)
+        return self._layouts[local_vocab]
+
+    def _gather_layout(self, local_vocab: int, device: torch.device) -> tuple[int, int]:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("vocab_parallel needs an initialised torch.distributed process group")
+        world = dist.get_world_size(self.group)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([local_vocab], dtype=torch.int64, device=device), group=self.group)
+        sizes = [int(s.item()) for s in sizes]
+        rank = dist.get_rank(self.group)
+        total = sum(sizes)
+        if self.vocab_size is not None and total != self.vocab_size:
+            raise ValueError(
+                f"the weight slices of the process group have {sizes} rows, {total} in all, but vocab_size is "
+                f"{self.vocab_size}: every rank must hold its contiguous slice of the head, in rank order"
+            )
+        return sum(sizes[:rank]), total
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +99,18 @@ class HeadSpec:
         if not isinstance(head, HeadSpec):
             raise TypeError(f"head must be a fused_hybrid.HeadSpec or None, got {type(head).__name__}")
         return dataclasses.replace(head, **options) if options else head
+
+    def op_arguments(self) -> tuple:
+        """The spec as the custom op's scalar arguments (temperature, softcap, ignore_index, workspace_bytes,
+        gradient_filter, backend); `from_op_arguments` is the inverse. A vocab-parallel head never reaches the op."""
+        softcap = None if self.softcap is None else float(self.softcap)
+        return (float(self.temperature), softcap, self.ignore_index, self.workspace_bytes, self.gradient_filter,
+                self.backend)
+
+    @classmethod
+    def from_op_arguments(cls, temperature, softcap, ignore_index, workspace_bytes, gradient_filter, backend):
+        return cls(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
+                   workspace_bytes=workspace_bytes, gradient_filter=gradient_filter)
 
 
 HEAD_OPTIONS = tuple(field.name for field in dataclasses.fields(HeadSpec))

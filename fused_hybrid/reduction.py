@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from ._validation import fail_where
+from .checks import fail_where
 
 REDUCTIONS = ("mean", "sum", "none")
 

@@ -24,22 +24,33 @@ def parse_names(text: str, valid, what: str, parser: argparse.ArgumentParser) ->
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     on_gpu = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="fused-hybrid bench", description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="fused-hybrid bench", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--objectives", default="all", help=f"comma list of {', '.join(OBJECTIVES)}, or all")
     shapes = ", ".join(f"{name} (D {dim}, V {vocab})" for name, (dim, vocab) in PRESETS.items())
     parser.add_argument("--presets", default="llama3-8b" if on_gpu else "tiny", help=f"comma list of: {shapes}")
-    parser.add_argument("--tokens", default="4096,16384,65536" if on_gpu else "256,1024",
-                        help="comma list of token counts N")  # fmt: skip
-    parser.add_argument("--until-oom", action="store_true",
-                        help=f"keep doubling N past the list until every provider runs out of memory "
-                             f"(at most {MAX_SWEEP_TOKENS})")  # fmt: skip
+    parser.add_argument(
+        "--tokens", default="4096,16384,65536" if on_gpu else "256,1024", help="comma list of token counts N"
+    )
+    parser.add_argument(
+        "--until-oom",
+        action="store_true",
+        help=f"keep doubling N past the list until every provider runs out of memory (at most {MAX_SWEEP_TOKENS})",
+    )
     parser.add_argument("--providers", default="all", help=f"comma list of {', '.join(PROVIDERS)}, or all")
-    parser.add_argument("--inputs", default="random,trained" if on_gpu else "random",
-                        help=f"comma list of input distributions: {', '.join(INPUT_DISTRIBUTIONS)}")  # fmt: skip
+    parser.add_argument(
+        "--inputs",
+        default="random,trained" if on_gpu else "random",
+        help=f"comma list of input distributions: {', '.join(INPUT_DISTRIBUTIONS)}",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if on_gpu else "float32")
-    parser.add_argument("--seq-len", type=int, default=1024 if on_gpu else 64,
-                        help="tokens per sequence (the sequence objectives use N / seq-len sequences)")  # fmt: skip
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=1024 if on_gpu else 64,
+        help="tokens per sequence (the sequence objectives use N / seq-len sequences)",
+    )
     parser.add_argument("--repeats", type=int, default=10 if on_gpu else 3)
     parser.add_argument("--warmup", type=int, default=3 if on_gpu else 1)
     parser.add_argument("--device", default="cuda" if on_gpu else "cpu")

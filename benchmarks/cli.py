@@ -84,16 +84,45 @@ def sweep(args, device, providers, objectives, presets, token_counts, distributi
                 tokens = counts[index]
                 index += 1
                 try:
-                    first = make_problem(objective, tokens, dim, vocab, dtype=dtype, device=device,
-                                         seq_len=args.seq_len, seed=1, distribution=inputs)  # fmt: skip
-                    second = make_problem(objective, tokens, dim, vocab, dtype=dtype, device=device,
-                                          seq_len=args.seq_len, seed=2, weight=first.weight,
-                                          distribution=inputs)  # fmt: skip
+                    first = make_problem(
+                        objective,
+                        tokens,
+                        dim,
+                        vocab,
+                        dtype=dtype,
+                        device=device,
+                        seq_len=args.seq_len,
+                        seed=1,
+                        distribution=inputs,
+                    )
+                    second = make_problem(
+                        objective,
+                        tokens,
+                        dim,
+                        vocab,
+                        dtype=dtype,
+                        device=device,
+                        seq_len=args.seq_len,
+                        seed=2,
+                        weight=first.weight,
+                        distribution=inputs,
+                    )
                     problems = [first, second]
                 except torch.OutOfMemoryError:
-                    rows += [dict(preset=preset, objective=objective, tokens=tokens, provider=p.name, status="OOM "
-                                  "(inputs)", dim=dim, vocab=vocab, dtype=args.dtype, inputs=inputs)
-                             for p in providers]  # fmt: skip
+                    rows += [
+                        dict(
+                            preset=preset,
+                            objective=objective,
+                            tokens=tokens,
+                            provider=p.name,
+                            status="OOM (inputs)",
+                            dim=dim,
+                            vocab=vocab,
+                            dtype=args.dtype,
+                            inputs=inputs,
+                        )
+                        for p in providers
+                    ]
                     break
                 floors = None
                 try:
@@ -111,13 +140,22 @@ def sweep(args, device, providers, objectives, presets, token_counts, distributi
                     if provider.name in out_of_memory:
                         row = {"provider": provider.name, "status": "OOM (at a smaller N)"}
                     else:
-                        row = measure_row(provider, built.get(provider.name, {}), problems, reference, floors,
-                                          args, device)  # fmt: skip
+                        row = measure_row(
+                            provider, built.get(provider.name, {}), problems, reference, floors, args, device
+                        )
                         if row["status"] == "OOM":
                             out_of_memory.add(provider.name)
-                    row.update(preset=preset, objective=objective, tokens=first.num_tokens, dim=dim, vocab=vocab,
-                               dtype=args.dtype, inputs=inputs, floor_matmul_ms=None if floors is None else floors[0],
-                               floor_three_matmuls_ms=None if floors is None else floors[1])  # fmt: skip
+                    row.update(
+                        preset=preset,
+                        objective=objective,
+                        tokens=first.num_tokens,
+                        dim=dim,
+                        vocab=vocab,
+                        dtype=args.dtype,
+                        inputs=inputs,
+                        floor_matmul_ms=None if floors is None else floors[0],
+                        floor_three_matmuls_ms=None if floors is None else floors[1],
+                    )
                     group.append(row)
                     print(_progress(row), flush=True)
                 fused = next((r for r in group if r["provider"] == "fused-hybrid" and "fwd_bwd_ms" in r), None)
@@ -175,8 +213,11 @@ def main(argv=None) -> None:
     env = report.environment(device)
     print(f"fused-hybrid bench on {env['device']}", flush=True)
     distributions = parse_names(args.inputs, INPUT_DISTRIBUTIONS, "input distribution", parser)
-    rows = [] if args.long_context_only else sweep(args, device, providers, objectives, presets, token_counts,
-                                                   distributions)  # fmt: skip
+    rows = (
+        []
+        if args.long_context_only
+        else sweep(args, device, providers, objectives, presets, token_counts, distributions)
+    )
     long_context = None
     if args.long_context or args.long_context_only:
         from .long_context import run_long_context

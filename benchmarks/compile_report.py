@@ -38,9 +38,16 @@ def _tile_pass(kernel, configs, flags):
 
     def build(dtype: str):
         for config in configs[DTYPES[dtype]]:
-            constexprs = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_N=config.block_n, BLOCK_V=config.block_v,
-                              BLOCK_D=config.block_d, DOT_PRECISION="ieee" if dtype == "fp32" else None,
-                              IN_INTERPRETER=False, **flags)  # fmt: skip
+            constexprs = dict(
+                HAS_BIAS=True,
+                HAS_SOFTCAP=True,
+                BLOCK_N=config.block_n,
+                BLOCK_V=config.block_v,
+                BLOCK_D=config.block_d,
+                DOT_PRECISION="ieee" if dtype == "fp32" else None,
+                IN_INTERPRETER=False,
+                **flags,
+            )
             yield kernel, constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages), str(config)
 
     return build
@@ -60,7 +67,7 @@ def _epilogue_pass(kernel, block_v, flags):
 PASSES = {
     "forward": _tile_pass(
         token_statistics_forward.token_statistics_forward_kernel, token_statistics_forward.CUDA_CONFIGS, {}
-    ),  # fmt: skip
+    ),
     "backward": _tile_pass(
         token_statistics_backward.token_statistics_backward_kernel,
         token_statistics_backward.CUDA_CONFIGS,
@@ -73,14 +80,14 @@ PASSES = {
             FILTER=True,
             GROUP_N=token_statistics_backward.GROUP_N,
         ),
-    ),  # fmt: skip
+    ),
     "epilogue_statistics": _epilogue_pass(logit_epilogue.row_statistics_kernel, logit_epilogue.BLOCK_V_STATISTICS, {}),
     "epilogue_extras": _epilogue_pass(logit_epilogue.row_extras_kernel, logit_epilogue.BLOCK_V_STATISTICS, {}),
     "epilogue_gradients": _epilogue_pass(
         logit_epilogue.row_dz_kernel,
         logit_epilogue.BLOCK_V_GRADIENTS,
         dict(HAS_LOGP_COEF=True, HAS_UNIFORM_COEF=True),
-    ),  # fmt: skip
+    ),
 }
 POINTER_TYPES = {"targets_ptr": "*i64", "tile_counts_ptr": "*i32"}  # other pointers: the input dtype or fp32
 INPUT_POINTERS = ("hidden_ptr", "weight_ptr", "bias_ptr", "logits_ptr")
@@ -132,12 +139,19 @@ def _compile(name, arch, dtype, kernel, constexprs, options, config_text) -> dic
     if shared:
         ctas = min(ctas, SHARED_PER_SM[capability] // shared)
     return {
-        "pass": name, "arch": arch, "dtype": dtype, "triton": triton.__version__,
+        "pass": name,
+        "arch": arch,
+        "dtype": dtype,
+        "triton": triton.__version__,
         "config": config_text,
-        "registers": registers, "stack_bytes": stack, "shared_bytes": shared, "ctas_per_sm": ctas,
-        "tensor_core": len(re.findall(r"\bH(?:G)?MMA\b", sass)), "fences": len(re.findall(r"\bMEMBAR\b", sass)),
+        "registers": registers,
+        "stack_bytes": stack,
+        "shared_bytes": shared,
+        "ctas_per_sm": ctas,
+        "tensor_core": len(re.findall(r"\bH(?:G)?MMA\b", sass)),
+        "fences": len(re.findall(r"\bMEMBAR\b", sass)),
         "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
-    }  # fmt: skip
+    }
 
 
 def run_in_fresh_venv(triton_version: str, argv: list[str]) -> int:
@@ -152,8 +166,12 @@ def run_in_fresh_venv(triton_version: str, argv: list[str]) -> int:
         venv.EnvBuilder(with_pip=True).create(folder)
         python = os.path.join(folder, "bin", "python")
         subprocess.run([python, "-m", "pip", "install", "--quiet", f"triton=={triton_version}"], check=True)
-        own_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                  capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        own_site = subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         with open(os.path.join(own_site, "outer-environment.pth"), "w") as pth:  # its .pth files too (editables)
             pth.write(f"import site; list(map(site.addsitedir, {site.getsitepackages()!r}))\n")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,14 +191,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="exit 1 on a spill, too much shared memory, a "
         "half-precision tile kernel without tensor cores or an epilogue below two CTAs per SM",
     )
-    parser.add_argument("--triton", metavar="VERSION", help="run under triton==VERSION in a throw-away virtual "
-                        "environment (e.g. 3.6.0, the GPU machines' version)")  # fmt: skip
+    parser.add_argument(
+        "--triton",
+        metavar="VERSION",
+        help="run under triton==VERSION in a throw-away virtual environment (e.g. 3.6.0, the GPU machines' version)",
+    )
     args = parser.parse_args(argv)
     if args.triton and args.triton != triton.__version__:
         same = [f"--passes={args.passes}", f"--archs={args.archs}", f"--dtypes={args.dtypes}"]
         sys.exit(run_in_fresh_venv(args.triton, same + (["--check"] if args.check else [])))
-    rows = [row for name in args.passes.split(",") for arch in args.archs.split(",")
-            for dtype in args.dtypes.split(",") for row in compile_pass(name, arch, dtype)]  # fmt: skip
+    rows = [
+        row
+        for name in args.passes.split(",")
+        for arch in args.archs.split(",")
+        for dtype in args.dtypes.split(",")
+        for row in compile_pass(name, arch, dtype)
+    ]
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))

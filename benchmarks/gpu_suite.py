@@ -59,24 +59,113 @@ def _bench(name: str, share: float, folder: Path, *arguments: str) -> Stage:
 
 def plan(folder: Path, wheels: Path | None, site: Path) -> list[Stage]:
     """The stages, in the order of what a GPU session most needs measured."""
-    stages = [Stage("install", [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                                "-e", str(ROOT)], 0.04)]  # fmt: skip
+    stages = [
+        Stage(
+            "install",
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", str(ROOT)],
+            0.04,
+        )
+    ]
     if wheels is not None:
-        stages.append(Stage("peers", [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
-                                      "--no-compile", "--upgrade", "--target", str(site),
-                                      *sorted(str(w) for w in wheels.glob("*.whl"))], 0.04))  # fmt: skip
-    stages.append(Stage("gpu-tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                      "tests/test_gpu.py", "tests/test_benchmarks.py::test_compile_gate_every_"
-                                      "shipped_launch_config_is_spill_free"], 0.12))  # fmt: skip
-    stages.append(_bench("cross-entropy", 0.30, folder, "--presets", "llama3-8b", "--objectives", "cross_entropy",
-                         "--tokens", HEAD_TOKENS, "--inputs", "random,trained", "--providers", "all",
-                         "--repeats", "5", "--warmup", "2"))  # fmt: skip
-    stages.append(_bench("rl-objectives", 0.25, folder, "--presets", "llama3-8b", "--objectives",
-                         "logprobs_entropy,grpo,chord,dpo", "--tokens", "4096,16384", "--inputs", "random,trained",
-                         "--providers", "all", "--repeats", "5", "--warmup", "2"))  # fmt: skip
-    stages.append(_bench("other-heads", 0.17, folder, "--presets", "qwen2.5-7b,gemma2-2b", "--objectives",
-                         "cross_entropy,logprobs_entropy", "--tokens", HEAD_TOKENS, "--inputs", "random",
-                         "--providers", "all", "--repeats", "5", "--warmup", "2"))  # fmt: skip
+        stages.append(
+            Stage(
+                "peers",
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--no-index",
+                    "--no-deps",
+                    "--no-compile",
+                    "--upgrade",
+                    "--target",
+                    str(site),
+                    *sorted(str(w) for w in wheels.glob("*.whl")),
+                ],
+                0.04,
+            )
+        )
+    stages.append(
+        Stage(
+            "gpu-tests",
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "tests/test_gpu.py",
+                "tests/test_benchmarks.py::test_compile_gate_every_shipped_launch_config_is_spill_free",
+            ],
+            0.12,
+        )
+    )
+    stages.append(
+        _bench(
+            "cross-entropy",
+            0.30,
+            folder,
+            "--presets",
+            "llama3-8b",
+            "--objectives",
+            "cross_entropy",
+            "--tokens",
+            HEAD_TOKENS,
+            "--inputs",
+            "random,trained",
+            "--providers",
+            "all",
+            "--repeats",
+            "5",
+            "--warmup",
+            "2",
+        )
+    )
+    stages.append(
+        _bench(
+            "rl-objectives",
+            0.25,
+            folder,
+            "--presets",
+            "llama3-8b",
+            "--objectives",
+            "logprobs_entropy,grpo,chord,dpo",
+            "--tokens",
+            "4096,16384",
+            "--inputs",
+            "random,trained",
+            "--providers",
+            "all",
+            "--repeats",
+            "5",
+            "--warmup",
+            "2",
+        )
+    )
+    stages.append(
+        _bench(
+            "other-heads",
+            0.17,
+            folder,
+            "--presets",
+            "qwen2.5-7b,gemma2-2b",
+            "--objectives",
+            "cross_entropy,logprobs_entropy",
+            "--tokens",
+            HEAD_TOKENS,
+            "--inputs",
+            "random",
+            "--providers",
+            "all",
+            "--repeats",
+            "5",
+            "--warmup",
+            "2",
+        )
+    )
     stages.append(_bench("long-context", 0.12, folder, "--long-context-only"))
     return stages
 
@@ -108,13 +197,18 @@ def run_stage(stage: Stage, seconds: float, env: dict, log: Path) -> dict:
     begin = time.perf_counter()
     with log.open("w") as output:
         try:
-            code = subprocess.run(stage.command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                  timeout=max(MIN_STAGE_SECONDS, seconds)).returncode  # fmt: skip
+            code = subprocess.run(
+                stage.command,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+                timeout=max(MIN_STAGE_SECONDS, seconds),
+            ).returncode
             status = "ok" if code == 0 else f"exit {code}"
         except subprocess.TimeoutExpired:
             status = f"stopped at its limit ({seconds:.0f} s)"
-    return {"stage": stage.name, "status": status, "seconds": round(time.perf_counter() - begin, 1),
-            "log": log.name}  # fmt: skip
+    return {"stage": stage.name, "status": status, "seconds": round(time.perf_counter() - begin, 1), "log": log.name}
 
 
 def download_wheels(folder: Path) -> None:
@@ -124,9 +218,24 @@ def download_wheels(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     platforms = [f"--platform=manylinux_2_{n}_x86_64" for n in (17, 27, 28)] + ["--platform=manylinux2014_x86_64"]
     for package in PEER_PACKAGES:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                        f"--python-version={GPU_PYTHON}", "--implementation=cp", *platforms, "-d", str(folder),
-                        f"{package}=={version(package)}"], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary=:all:",
+                f"--python-version={GPU_PYTHON}",
+                "--implementation=cp",
+                *platforms,
+                "-d",
+                str(folder),
+                f"{package}=={version(package)}",
+            ],
+            check=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -169,8 +278,9 @@ def main(argv: list[str] | None = None) -> Path:
             results.append({"stage": stage.name, "status": "not run: the suite's time was spent", "seconds": 0})
             continue
         print(f"[{stage.name}] ...", flush=True)
-        results.append(run_stage(stage, min(left, stage.share * 60 * args.minutes * 1.5), env,
-                                 folder / f"{stage.name}.log"))  # fmt: skip
+        results.append(
+            run_stage(stage, min(left, stage.share * 60 * args.minutes * 1.5), env, folder / f"{stage.name}.log")
+        )
         print(f"[{stage.name}] {results[-1]['status']} in {results[-1]['seconds']} s", flush=True)
     (folder / "suite.json").write_text(json.dumps(results, indent=2))
     lines = [f"# GPU suite: {folder.name}", "", "| stage | status | seconds |", "|---|---|---:|"]

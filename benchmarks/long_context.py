@@ -15,14 +15,36 @@ from fused_hybrid.hf import enable_activation_checkpointing
 
 # The published architectures (random weights: nothing is downloaded).
 MODEL_CONFIGS = {
-    "qwen2.5-0.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                                         rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)),
-    "llama3.2-1b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                                        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                                        head_dim=64, rope_theta=500000.0, rms_norm_eps=1e-5,
-                                        tie_word_embeddings=True)),
-}  # fmt: skip
+    "qwen2.5-0.5b": (
+        "Qwen2Config",
+        dict(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            rope_theta=1e6,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "llama3.2-1b": (
+        "LlamaConfig",
+        dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+        ),
+    ),
+}
 LOSSES = ("model's own loss", "fused-hybrid")
 
 
@@ -41,8 +63,9 @@ def build_model(config_name: str, options: dict, device: torch.device, max_lengt
 def training_step(model, optimizer, input_ids: torch.Tensor, loss: str) -> None:
     if loss == "fused-hybrid":
         hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
-        value = fused_hybrid.linear_cross_entropy(hidden[:, :-1], model.get_output_embeddings().weight,
-                                                  input_ids[:, 1:])  # fmt: skip
+        value = fused_hybrid.linear_cross_entropy(
+            hidden[:, :-1], model.get_output_embeddings().weight, input_ids[:, 1:]
+        )
     else:
         value = model(input_ids=input_ids, labels=input_ids).loss
     value.backward()
@@ -112,8 +135,14 @@ def step_seconds_and_peak(model, optimizer, length: int, loss: str, device, repe
     return statistics.median(times), peak
 
 
-def run_long_context(device: torch.device, *, configs: dict | None = None, start: int = 4096,
-                     max_length: int = 1 << 19, granularity: int = 1024) -> list[dict]:  # fmt: skip
+def run_long_context(
+    device: torch.device,
+    *,
+    configs: dict | None = None,
+    start: int = 4096,
+    max_length: int = 1 << 19,
+    granularity: int = 1024,
+) -> list[dict]:
     """One row per (model, loss): longest fitting length, and step time / peak memory at equal length."""
     configs = MODEL_CONFIGS if configs is None else configs
     rows = []
@@ -130,7 +159,7 @@ def run_long_context(device: torch.device, *, configs: dict | None = None, start
         longest = {
             loss: longest_fitting(
                 model, optimizer, loss, device, start=start, max_length=max_length, granularity=granularity
-            )  # fmt: skip
+            )
             for loss in LOSSES
         }
         equal_length = min(longest.values())

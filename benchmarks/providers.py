@@ -31,20 +31,23 @@ def fused_hybrid_losses(backend: str, **head_options) -> dict[str, LossFn]:
     head = fused_hybrid.HeadSpec(backend=backend, **head_options)
 
     def logprobs_entropy(p: Problem) -> torch.Tensor:
-        logp, entropy = fused_hybrid.linear_logprobs(p.hidden, p.weight, p.targets, return_entropy=True,
-                                                     backend=backend, **head_options)  # fmt: skip
+        logp, entropy = fused_hybrid.linear_logprobs(
+            p.hidden, p.weight, p.targets, return_entropy=True, backend=backend, **head_options
+        )
         return logp.sum() + entropy.sum()
 
     def dpo(p: Problem) -> torch.Tensor:
-        ref = fused_hybrid.sequence_logps(p.extras["ref_hidden"], p.weight.detach(), p.targets,
-                                          loss_mask=p.extras["loss_mask"], head=head)  # fmt: skip
-        return fused_hybrid.dpo_loss(p.hidden, p.weight, p.targets, ref_logp=ref, loss_mask=p.extras["loss_mask"],
-                                     head=head).loss  # fmt: skip
+        ref = fused_hybrid.sequence_logps(
+            p.extras["ref_hidden"], p.weight.detach(), p.targets, loss_mask=p.extras["loss_mask"], head=head
+        )
+        return fused_hybrid.dpo_loss(
+            p.hidden, p.weight, p.targets, ref_logp=ref, loss_mask=p.extras["loss_mask"], head=head
+        ).loss
 
     return {
         "cross_entropy": lambda p: fused_hybrid.linear_cross_entropy(
             p.hidden, p.weight, p.targets, backend=backend, **head_options
-        ),  # fmt: skip
+        ),
         "logprobs_entropy": logprobs_entropy,
         "dft": lambda p: fused_hybrid.dft_loss(p.hidden, p.weight, p.targets, head=head).loss,
         "grpo": lambda p: (
@@ -58,7 +61,7 @@ def fused_hybrid_losses(backend: str, **head_options) -> dict[str, LossFn]:
                 dual_clip=None,
                 head=head,
             ).loss
-        ),  # fmt: skip
+        ),
         "chord": lambda p: (
             fused_hybrid.chord_loss(
                 p.hidden,
@@ -72,7 +75,7 @@ def fused_hybrid_losses(backend: str, **head_options) -> dict[str, LossFn]:
                 loss_mask=p.extras["loss_mask"],
                 head=head,
             ).loss
-        ),  # fmt: skip
+        ),
         "dpo": dpo,
     }
 
@@ -96,10 +99,11 @@ def compiled_chunked_losses() -> dict[str, LossFn]:
             hidden = p.hidden.reshape(-1, p.hidden.shape[-1])
             targets = p.targets.reshape(-1)
             total = sum(
-                torch.utils.checkpoint.checkpoint(chunk_fn, hidden[s : s + chunk_tokens], p.weight,
-                                                  targets[s : s + chunk_tokens], use_reentrant=False)
+                torch.utils.checkpoint.checkpoint(
+                    chunk_fn, hidden[s : s + chunk_tokens], p.weight, targets[s : s + chunk_tokens], use_reentrant=False
+                )
                 for s in range(0, hidden.shape[0], chunk_tokens)
-            )  # fmt: skip
+            )
             return total / targets.numel() if normalise else total
 
         return loss
@@ -124,7 +128,7 @@ def liger_losses(device: torch.device) -> dict[str, LossFn | str]:
             p.extras["loss_mask"],
             p.extras["advantages"],
             old_per_token_logps=p.extras["old_logp"],
-        )[0],  # fmt: skip
+        )[0],
         # Liger masks prompts through ignore_index targets
         "dpo": lambda p: dpo(
             p.weight,
@@ -132,7 +136,7 @@ def liger_losses(device: torch.device) -> dict[str, LossFn | str]:
             p.targets.masked_fill(p.extras["loss_mask"] == 0, -100),
             ref_input=p.extras["ref_hidden"],
             ref_weight=p.weight.detach(),
-        )[0],  # fmt: skip
+        )[0],
     }
     if device.type != "cuda":
         losses["cross_entropy"] = "needs CUDA (its fused linear cross-entropy is a Triton kernel)"
@@ -152,7 +156,7 @@ def torch_linear_cross_entropy_losses() -> dict[str, LossFn]:
     return {
         "cross_entropy": lambda p: F.linear_cross_entropy(
             p.hidden.reshape(-1, p.hidden.shape[-1]), p.weight, p.targets.reshape(-1), options=options
-        ),  # fmt: skip
+        ),
     }
 
 
@@ -164,8 +168,9 @@ def trl_losses() -> dict[str, LossFn]:
 
     def logprobs(p: Problem, outputs=()):
         hidden = p.hidden.reshape(-1, p.hidden.shape[-1])
-        return ChunkedLogProbFunction.apply(hidden, p.weight, None, p.targets.reshape(-1), 1.0,
-                                            _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs)  # fmt: skip
+        return ChunkedLogProbFunction.apply(
+            hidden, p.weight, None, p.targets.reshape(-1), 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs
+        )
 
     def logprobs_entropy(p: Problem) -> torch.Tensor:
         logp, entropy, *_ = logprobs(p, ("entropy",))
@@ -188,7 +193,7 @@ def cce_losses(filter_eps) -> dict[str, LossFn]:
     return {
         "cross_entropy": lambda p: linear_cross_entropy(
             p.hidden, p.weight, p.targets, impl="cce", filter_eps=filter_eps
-        ),  # fmt: skip
+        ),
     }
 
 
@@ -221,20 +226,20 @@ PROVIDERS = {
             "fused-hybrid",
             "fused-hybrid, backend='auto' (fused_hybrid/engine/dispatch_table.json)",
             lambda device: fused_hybrid_losses("auto"),
-        ),  # fmt: skip
+        ),
         Provider(
             "fused-hybrid[chunked]",
             "fused-hybrid, chunked engine (cuBLAS + Triton epilogue on CUDA; gradient in the forward where the "
             "objective is token-separable)",
             lambda device: fused_hybrid_losses("chunked"),
-        ),  # fmt: skip
+        ),
         Provider(
             "fused-hybrid[tile]",
             "fused-hybrid, Triton tile kernels (O(N) memory)",
             lambda device: fused_hybrid_losses("triton"),
             needs=("triton",),
             needs_cuda=True,
-        ),  # fmt: skip
+        ),
         Provider(
             "fused-hybrid[tile,filter]",
             f"fused-hybrid, Triton tile kernels with gradient filtering (threshold {GRADIENT_FILTER:.1e} of each "
@@ -243,19 +248,19 @@ PROVIDERS = {
             needs=("triton",),
             needs_cuda=True,
             filters_gradients=True,
-        ),  # fmt: skip
+        ),
         Provider(
             "fused-hybrid[torch]",
             "fused-hybrid, chunked engine in PyTorch operations, two passes",
             lambda device: fused_hybrid_losses("torch"),
-        ),  # fmt: skip
+        ),
         Provider(
             "torch-linear-ce",
             "PyTorch's F.linear_cross_entropy, chunked (LinearCrossEntropyOptions())",
             lambda device: torch_linear_cross_entropy_losses(),
             available=lambda: hasattr(torch.nn, "LinearCrossEntropyOptions"),
             missing="needs torch >= 2.13 (F.linear_cross_entropy with LinearCrossEntropyOptions)",
-        ),  # fmt: skip
+        ),
         Provider(
             "trl",
             "TRL's chunked log-prob function (trl.kernels.ChunkedLogProbFunction), losses in PyTorch",
@@ -263,36 +268,36 @@ PROVIDERS = {
             needs=("trl",),
             available=lambda: importlib.util.find_spec("trl.kernels") is not None,
             missing="needs trl >= 1.15 (trl.kernels)",
-        ),  # fmt: skip
+        ),
         Provider(
             "naive",
             "naive PyTorch: full logits (fp32 softmax), autograd",
             lambda device: fused_hybrid_losses("reference"),
-        ),  # fmt: skip
+        ),
         Provider(
             "compile-chunked",
             "torch.compile'd chunks of 4096 tokens under activation checkpointing",
             lambda device: compiled_chunked_losses(),
-        ),  # fmt: skip
+        ),
         Provider(
             "liger",
             "Liger-Kernel: fused linear cross-entropy, chunked GRPO and DPO losses",
             liger_losses,
             needs=("liger_kernel",),
-        ),  # fmt: skip
+        ),
         Provider(
             "cce",
             "Cut Cross-Entropy (impl cce, default gradient filtering)",
             lambda device: cce_losses("high"),
             needs=("cut_cross_entropy",),
             needs_cuda=True,
-        ),  # fmt: skip
+        ),
         Provider(
             "cce_exact",
             "Cut Cross-Entropy without gradient filtering",
             lambda device: cce_losses(None),
             needs=("cut_cross_entropy",),
             needs_cuda=True,
-        ),  # fmt: skip
+        ),
     ]
 }

@@ -43,16 +43,21 @@ def environment(device: torch.device) -> dict:
 
 def _git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
 
 def _nvidia_driver() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         return out.strip().splitlines()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
         return None
@@ -70,24 +75,32 @@ def _fmt(value, spec: str) -> str:
 
 
 def markdown(env: dict, rows: list[dict], long_context: list[dict] | None = None) -> str:
-    lines = [f"# fused-hybrid benchmark on {env['device']}", "",
-             f"{env['date']}; torch {env['versions']['torch']}, triton {env['versions']['triton']}, "
-             f"liger-kernel {env['versions']['liger-kernel']}, "
-             f"cut-cross-entropy {env['versions']['cut-cross-entropy']}; commit {env['commit']}", "",
-             "Times are medians over steps (CUDA events on a GPU, the host clock on a CPU) after warm-up, rotating two "
-             "input sets. `x floor`: fwd+bwd over the three "
-             "N x D x V cuBLAS matmuls of loss + gradients measured in the same run; `fwd x mm`: forward over one "
-             "such matmul; `x fused`: over fused-hybrid's time; TFLOP/s: the three matmuls' 6 N D V FLOPs over the "
-             "fwd+bwd time. Memory: peak bytes beyond inputs and gradients (CUDA allocator on a GPU, peak resident "
-             "memory on a CPU). "
-             "Errors: max |error| / max |fp32 reference| of loss, dhidden, dweight. Tiles kept: the fraction of "
-             "the tile backward's tiles whose GEMM work gradient filtering kept.", ""]  # fmt: skip
+    lines = [
+        f"# fused-hybrid benchmark on {env['device']}",
+        "",
+        f"{env['date']}; torch {env['versions']['torch']}, triton {env['versions']['triton']}, "
+        f"liger-kernel {env['versions']['liger-kernel']}, "
+        f"cut-cross-entropy {env['versions']['cut-cross-entropy']}; commit {env['commit']}",
+        "",
+        "Times are medians over steps (CUDA events on a GPU, the host clock on a CPU) after warm-up, rotating two "
+        "input sets. `x floor`: fwd+bwd over the three "
+        "N x D x V cuBLAS matmuls of loss + gradients measured in the same run; `fwd x mm`: forward over one "
+        "such matmul; `x fused`: over fused-hybrid's time; TFLOP/s: the three matmuls' 6 N D V FLOPs over the "
+        "fwd+bwd time. Memory: peak bytes beyond inputs and gradients (CUDA allocator on a GPU, peak resident "
+        "memory on a CPU). "
+        "Errors: max |error| / max |fp32 reference| of loss, dhidden, dweight. Tiles kept: the fraction of "
+        "the tile backward's tiles whose GEMM work gradient filtering kept.",
+        "",
+    ]
     for (preset, objective, inputs), group in _groups(rows).items():
         first = group[0]
-        lines += [f"## {objective}, {preset} (D {first['dim']}, V {first['vocab']}, {first['dtype']}), {inputs} inputs",
-                  "", "| N | provider | fwd ms | bwd ms | fwd+bwd ms | x floor | TFLOP/s | fwd x mm | x fused "
-                  "| peak MiB | err loss / dh / dw | tiles kept | status |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]  # fmt: skip
+        lines += [
+            f"## {objective}, {preset} (D {first['dim']}, V {first['vocab']}, {first['dtype']}), {inputs} inputs",
+            "",
+            "| N | provider | fwd ms | bwd ms | fwd+bwd ms | x floor | TFLOP/s | fwd x mm | x fused "
+            "| peak MiB | err loss / dh / dw | tiles kept | status |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        ]
         for row in group:
             err = row.get("errors")
             err_text = "-" if not err else " / ".join(f"{err[k]:.1e}" for k in ("loss", "d_hidden", "d_weight"))
@@ -102,9 +115,12 @@ def markdown(env: dict, rows: list[dict], long_context: list[dict] | None = None
             )
         lines.append("")
     if long_context:
-        lines += ["## Long context: the longest training step that fits, and step time at equal length", "",
-                  "| model | loss | longest sequence | step s at equal length | peak GiB at equal length | status |",
-                  "|---|---|---:|---:|---:|---|"]  # fmt: skip
+        lines += [
+            "## Long context: the longest training step that fits, and step time at equal length",
+            "",
+            "| model | loss | longest sequence | step s at equal length | peak GiB at equal length | status |",
+            "|---|---|---:|---:|---:|---|",
+        ]
         for row in long_context:
             lines.append(
                 f"| {row['model']} | {row['loss']} | {row.get('max_length', '-')} | {_fmt(row.get('step_s'), '.3f')} "
@@ -138,8 +154,9 @@ def plots(folder: Path, rows: list[dict]) -> list[Path]:
             ax_time.plot([r["tokens"] for r in points], [r["fwd_bwd_ms"] for r in points], marker="o", label=provider)
             mem = [r for r in points if r.get("peak_bytes") is not None]
             if mem:
-                ax_mem.plot([r["tokens"] for r in mem], [r["peak_bytes"] / 2**20 for r in mem], marker="o",
-                            label=provider)  # fmt: skip
+                ax_mem.plot(
+                    [r["tokens"] for r in mem], [r["peak_bytes"] / 2**20 for r in mem], marker="o", label=provider
+                )
         for ax, label in ((ax_time, "fwd+bwd ms"), (ax_mem, "peak MiB beyond inputs + grads")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -157,8 +174,9 @@ def plots(folder: Path, rows: list[dict]) -> list[Path]:
 
 
 def write(folder: Path, env: dict, rows: list[dict], long_context: list[dict] | None = None) -> None:
-    (folder / "results.json").write_text(json.dumps({"environment": env, "rows": rows,
-                                                     "long_context": long_context}, indent=2))  # fmt: skip
+    (folder / "results.json").write_text(
+        json.dumps({"environment": env, "rows": rows, "long_context": long_context}, indent=2)
+    )
     (folder / "results.md").write_text(markdown(env, rows, long_context))
     if torch.cuda.is_available():  # the launch configs the tile kernels' autotuning chose in this run
         from fused_hybrid.kernels.autotune import tuned_configs

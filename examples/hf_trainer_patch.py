@@ -17,8 +17,14 @@ import fused_hybrid
 
 
 def main() -> None:
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = transformers.AutoModelForCausalLM.from_config(config)
     fused_hybrid.patch_model(model)  # the training loss is now computed without materialising the logits
 
@@ -26,9 +32,16 @@ def main() -> None:
     sequences = (starts + torch.arange(24)) % 128
     data = [{"input_ids": s.tolist(), "labels": s.tolist()} for s in sequences]
     with tempfile.TemporaryDirectory() as output_dir:
-        args = transformers.TrainingArguments(output_dir=output_dir, per_device_train_batch_size=16, max_steps=60,
-                                              learning_rate=3e-3, logging_steps=10, report_to=[], save_strategy="no",
-                                              gradient_accumulation_steps=2)  # fmt: skip
+        args = transformers.TrainingArguments(
+            output_dir=output_dir,
+            per_device_train_batch_size=16,
+            max_steps=60,
+            learning_rate=3e-3,
+            logging_steps=10,
+            report_to=[],
+            save_strategy="no",
+            gradient_accumulation_steps=2,
+        )
         transformers.Trainer(model=model, args=args, train_dataset=data).train()
 
     output = model(input_ids=sequences[:2], labels=sequences[:2])

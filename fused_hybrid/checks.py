@@ -90,18 +90,25 @@ def fail_where(bad: torch.Tensor, message: str, found=None) -> None:
 def check_targets_in_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Fail clearly on a target outside [0, V) that is not `ignore_index`."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
-    fail_where(bad, f"targets must lie in [0, V) = [0, {vocab_size}) or equal ignore_index ({ignore_index})",
-               lambda bad: f"found {targets[bad][0].item()}")  # fmt: skip
+    fail_where(
+        bad,
+        f"targets must lie in [0, V) = [0, {vocab_size}) or equal ignore_index ({ignore_index})",
+        lambda bad: f"found {targets[bad][0].item()}",
+    )
 
 
 def check_sequence_ids(sequence_ids: torch.Tensor, num_sequences: int) -> None:
     """Packed `sequence_ids` [N] lie in [0, num_sequences) and never decrease: each sequence is one contiguous
     run of tokens and the sequences come in ascending order (the per-sequence sums and token ranks rely on it)."""
-    fail_where((sequence_ids < 0) | (sequence_ids >= num_sequences),
-               f"sequence_ids must lie in [0, num_sequences) = [0, {num_sequences})",
-               lambda bad: f"found {sequence_ids[bad][0].item()}")  # fmt: skip
+    fail_where(
+        (sequence_ids < 0) | (sequence_ids >= num_sequences),
+        f"sequence_ids must lie in [0, num_sequences) = [0, {num_sequences})",
+        lambda bad: f"found {sequence_ids[bad][0].item()}",
+    )
     following, preceding = sequence_ids[1:], sequence_ids[:-1]
-    fail_where(following < preceding,
-               "sequence_ids must be non-decreasing (each packed sequence one contiguous run of tokens, the "
-               "sequences in ascending order)",
-               lambda bad: f"id {following[bad][0].item()} follows id {preceding[bad][0].item()}")  # fmt: skip
+    fail_where(
+        following < preceding,
+        "sequence_ids must be non-decreasing (each packed sequence one contiguous run of tokens, the "
+        "sequences in ascending order)",
+        lambda bad: f"id {following[bad][0].item()} follows id {preceding[bad][0].item()}",
+    )

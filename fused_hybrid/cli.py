@@ -32,22 +32,33 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     from .demo import ADAPT_STEPS, SEEDS
 
-    demo = commands.add_parser("demo", help="a base model adapted to a new task by SFT, DFT, GRPO, CHORD, ...: "
-                               "accuracy on both tasks and entropy, with a report folder")  # fmt: skip
+    demo = commands.add_parser(
+        "demo",
+        help="a base model adapted to a new task by SFT, DFT, GRPO, CHORD, ...: "
+        "accuracy on both tasks and entropy, with a report folder",
+    )
     demo.add_argument("--out", default="demo-report", help="report folder (default: demo-report)")
-    demo.add_argument("--steps", type=int, default=ADAPT_STEPS,
-                      help=f"adaptation steps per method (default: {ADAPT_STEPS})")  # fmt: skip
+    demo.add_argument(
+        "--steps", type=int, default=ADAPT_STEPS, help=f"adaptation steps per method (default: {ADAPT_STEPS})"
+    )
     demo.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds per method (default: {SEEDS})")
     train = commands.add_parser(
-        "train", help="train with a YAML or TOML config",
+        "train",
+        help="train with a YAML or TOML config",
         description=f"Train with a YAML or TOML config. Modes (the `mode` key): {', '.join(registered_modes())}. "
         "The config keys, their defaults and ranges are documented in fused_hybrid/trainer/config.py and in the "
         "README's trainer section; examples/ has complete configs. A run resumes from the newest checkpoint in "
         "its output_dir when the settings match (--set resume=false starts fresh there).",
-    )  # fmt: skip
+    )
     train.add_argument("config", help="a .yaml, .yml or .toml file")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a setting, e.g. --set optim.max_steps=100 (repeatable)")  # fmt: skip
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set optim.max_steps=100 (repeatable)",
+    )
     commands.add_parser("bench", help="the speed and memory benchmark suite (fused-hybrid bench --help)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

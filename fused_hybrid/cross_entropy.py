@@ -48,15 +48,40 @@ def linear_cross_entropy(
     all-ignored batch gives 0 with zero gradients. ``reduction="none"`` returns the per-token losses with the
     shape of ``targets``.
     """
-    head = HeadSpec(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
-                    workspace_bytes=workspace_bytes, gradient_filter=gradient_filter,
-                    vocab_parallel=vocab_parallel)  # fmt: skip
-    return cross_entropy_of_head(hidden, weight, targets, bias, head=head, reduction=reduction,
-                                 label_smoothing=label_smoothing, z_loss=z_loss, num_items=num_items)  # fmt: skip
+    head = HeadSpec(
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=ignore_index,
+        backend=backend,
+        workspace_bytes=workspace_bytes,
+        gradient_filter=gradient_filter,
+        vocab_parallel=vocab_parallel,
+    )
+    return cross_entropy_of_head(
+        hidden,
+        weight,
+        targets,
+        bias,
+        head=head,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        num_items=num_items,
+    )
 
 
-def cross_entropy_of_head(hidden, weight, targets, bias=None, *, head: HeadSpec, reduction: str = "mean",
-                          label_smoothing: float = 0.0, z_loss: float = 0.0, num_items=None) -> torch.Tensor:
+def cross_entropy_of_head(
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    *,
+    head: HeadSpec,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    num_items=None,
+) -> torch.Tensor:
     """:func:`linear_cross_entropy` with the head given as a HeadSpec (what the SFT objective and the module use)."""
     check_cross_entropy_options(reduction, label_smoothing, z_loss)
     check_num_items(num_items, reduction)
@@ -75,8 +100,7 @@ def cross_entropy_of_head(hidden, weight, targets, bias=None, *, head: HeadSpec,
 
     # every scalar reduction is a sum of per-token terms over mask-given counts: the gradient can come with the
     # forward; reduction="none" leaves the downstream use open (two passes)
-    loss, _ = linear_head_loss(loss_of_stats, hidden, weight, targets, bias, head=head,
-                               separable=reduction != "none")  # fmt: skip
+    loss, _ = linear_head_loss(loss_of_stats, hidden, weight, targets, bias, head=head, separable=reduction != "none")
     return loss
 
 
@@ -100,9 +124,15 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         super().__init__()
         # every option is checked now, not at the first forward
         check_cross_entropy_options(reduction, label_smoothing, z_loss)
-        self.head = HeadSpec(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
-                             workspace_bytes=workspace_bytes, gradient_filter=gradient_filter,
-                             vocab_parallel=vocab_parallel)  # fmt: skip
+        self.head = HeadSpec(
+            temperature=temperature,
+            softcap=softcap,
+            ignore_index=ignore_index,
+            backend=backend,
+            workspace_bytes=workspace_bytes,
+            gradient_filter=gradient_filter,
+            vocab_parallel=vocab_parallel,
+        )
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
@@ -116,9 +146,17 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         *,
         num_items: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return cross_entropy_of_head(hidden, weight, targets, bias, head=self.head, reduction=self.reduction,
-                                     label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-                                     num_items=num_items)  # fmt: skip
+        return cross_entropy_of_head(
+            hidden,
+            weight,
+            targets,
+            bias,
+            head=self.head,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            num_items=num_items,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -83,17 +83,30 @@ def task_files(out: Path) -> dict[str, Path]:
         row = subtraction(rng)
         if row["prompt"] not in seen:
             demos.append(row)
-    return {"base": write_rows(folder / "base-addition.jsonl", base),
-            "demos": write_rows(folder / "new-subtraction-demos.jsonl", demos),
-            "held_out_new": write_rows(folder / "held-out-subtraction.jsonl", held_out_new),
-            "held_out_base": write_rows(folder / "held-out-addition.jsonl", held_out_base)}  # fmt: skip
+    return {
+        "base": write_rows(folder / "base-addition.jsonl", base),
+        "demos": write_rows(folder / "new-subtraction-demos.jsonl", demos),
+        "held_out_new": write_rows(folder / "held-out-subtraction.jsonl", held_out_new),
+        "held_out_base": write_rows(folder / "held-out-addition.jsonl", held_out_base),
+    }
 
 
 def common_overrides(run_dir: Path, seed: int) -> list[str]:
-    return [f"output_dir={run_dir}", f"model.tiny={TINY_MODEL}", f"model.characters={CHARACTERS}",
-            "data.max_length=16", "data.eval_size=0", "optim.batch_size=32", "rollout.prompts_per_step=8",
-            "rollout.group_size=4", "rollout.max_new_tokens=4", "rollout.temperature=1.0", f"seed={seed}",
-            "resume=false", "save_every=1000000"]  # fmt: skip
+    return [
+        f"output_dir={run_dir}",
+        f"model.tiny={TINY_MODEL}",
+        f"model.characters={CHARACTERS}",
+        "data.max_length=16",
+        "data.eval_size=0",
+        "optim.batch_size=32",
+        "rollout.prompts_per_step=8",
+        "rollout.group_size=4",
+        "rollout.max_new_tokens=4",
+        "rollout.temperature=1.0",
+        f"seed={seed}",
+        "resume=false",
+        "save_every=1000000",
+    ]
 
 
 def method_overrides(method: str, steps: int) -> list[str]:
@@ -101,12 +114,21 @@ def method_overrides(method: str, steps: int) -> list[str]:
     trained)."""
     shared = [f"optim.learning_rate={ADAPT_LEARNING_RATE}", "optim.warmup_steps=0", f"optim.max_steps={steps}"]
     modes = {
-        "sft": ["mode=sft"], "dft": ["mode=dft"], "grpo": ["mode=grpo"], "minor_sft": ["mode=minor_sft"],
+        "sft": ["mode=sft"],
+        "dft": ["mode=dft"],
+        "grpo": ["mode=grpo"],
+        "minor_sft": ["mode=minor_sft"],
         # CHORD-mu's schedule (0.9 -> 0.05, cosine) stretched over the run; CHORD-phi: phi-weighted SFT, mu 0.1
-        "chord-mu": ["mode=chord", "objective.mu_warmup_steps=0", f"objective.mu_decay_steps={steps}",
-                     "objective.mu_peak=0.9", "objective.mu_valley=0.05", "objective.use_phi=false"],
+        "chord-mu": [
+            "mode=chord",
+            "objective.mu_warmup_steps=0",
+            f"objective.mu_decay_steps={steps}",
+            "objective.mu_peak=0.9",
+            "objective.mu_valley=0.05",
+            "objective.use_phi=false",
+        ],
         "chord-phi": ["mode=chord", "objective.mu=0.1", "objective.use_phi=true"],
-    }  # fmt: skip
+    }
     return shared + modes[method]
 
 
@@ -125,9 +147,17 @@ def build_base(out: Path, files: dict, steps: int, progress: bool) -> Path:
         print(f"== base model restored from {folder}")
         return folder
     print(f"== base model: {steps} SFT steps of a tiny Llama on 2-digit addition")
-    config = load_config(None, common_overrides(out / "runs" / "base", 0) + [
-        "mode=sft", f"data.path={files['base']}", f"optim.learning_rate={BASE_LEARNING_RATE}",
-        f"optim.warmup_steps={steps // 20}", f"optim.max_steps={steps}"])  # fmt: skip
+    config = load_config(
+        None,
+        common_overrides(out / "runs" / "base", 0)
+        + [
+            "mode=sft",
+            f"data.path={files['base']}",
+            f"optim.learning_rate={BASE_LEARNING_RATE}",
+            f"optim.warmup_steps={steps // 20}",
+            f"optim.max_steps={steps}",
+        ],
+    )
     trainer = HybridTrainer(config, progress=progress)
     for _ in range(steps):
         trainer.train_step()
@@ -154,20 +184,28 @@ class Evaluation:
         self.demos = datasets.Dataset.from_json(str(files["demos"])).select(range(64))
 
     def __call__(self, trainer: HybridTrainer, step: int) -> dict:
-        return {"step": step, "new_task_accuracy": trainer.evaluate(self.new)["accuracy"],
-                "base_task_accuracy": trainer.evaluate(self.base)["accuracy"],
-                "entropy": trainer.policy_entropy(self.demos)}  # fmt: skip
+        return {
+            "step": step,
+            "new_task_accuracy": trainer.evaluate(self.new)["accuracy"],
+            "base_task_accuracy": trainer.evaluate(self.base)["accuracy"],
+            "entropy": trainer.policy_entropy(self.demos),
+        }
 
 
-def adapt(method: str, base: Path, files: dict, steps: int, seed: int, evaluation: Evaluation, out: Path,
-          progress: bool) -> list[dict]:  # fmt: skip
+def adapt(
+    method: str, base: Path, files: dict, steps: int, seed: int, evaluation: Evaluation, out: Path, progress: bool
+) -> list[dict]:
     """One method from the base for `steps` optimizer steps; the evaluations every EVAL_EVERY steps."""
     run_dir = out / "runs" / f"{method}-seed{seed}"
     phases = [("sft", steps // 2), ("grpo", steps - steps // 2)] if method == "sft-then-grpo" else [(method, steps)]
     start, done, history = base, 0, []
     for phase, phase_steps in phases:
-        config = load_config(None, common_overrides(run_dir, seed) + method_overrides(phase, phase_steps) + [
-            f"model.path={start}", f"data.path={files['demos']}"])  # fmt: skip
+        config = load_config(
+            None,
+            common_overrides(run_dir, seed)
+            + method_overrides(phase, phase_steps)
+            + [f"model.path={start}", f"data.path={files['demos']}"],
+        )
         trainer = HybridTrainer(config, progress=False)
         if done == 0:
             history.append(evaluation(trainer, 0))
@@ -188,8 +226,15 @@ def adapt(method: str, base: Path, files: dict, steps: int, seed: int, evaluatio
     return history
 
 
-def run_demo(out: str | Path = "demo-report", steps: int = ADAPT_STEPS, progress: bool = True, *,
-             base_steps: int = BASE_STEPS, seeds: int = SEEDS, methods: tuple[str, ...] = METHODS) -> Path:  # fmt: skip
+def run_demo(
+    out: str | Path = "demo-report",
+    steps: int = ADAPT_STEPS,
+    progress: bool = True,
+    *,
+    base_steps: int = BASE_STEPS,
+    seeds: int = SEEDS,
+    methods: tuple[str, ...] = METHODS,
+) -> Path:
     """Train (or restore) the base model, adapt it with every method and seed, and write the report."""
     import transformers
 
@@ -201,8 +246,9 @@ def run_demo(out: str | Path = "demo-report", steps: int = ADAPT_STEPS, progress
     base = build_base(out, files, base_steps, progress)
     evaluation = Evaluation(files)
     print(f"== adapting to 2-digit subtraction: {steps} steps per method, {seeds} seed(s), from the same base")
-    histories = {m: [adapt(m, base, files, steps, seed, evaluation, out, progress) for seed in range(seeds)]
-                 for m in methods}  # fmt: skip
+    histories = {
+        m: [adapt(m, base, files, steps, seed, evaluation, out, progress) for seed in range(seeds)] for m in methods
+    }
     report(out, histories, steps, base_steps, time.perf_counter() - begin)
     print(f"report written to {out}")
     return out
@@ -239,12 +285,19 @@ def report(out: Path, histories: dict, steps: int, base_steps: int, seconds: flo
         plt.close(fig)
 
     first = next(iter(histories.values()))
-    summary = {"steps": steps, "base_steps": base_steps, "seeds": len(first), "seconds": seconds,
-               "base": {k: first[0][0][k] for k in METRICS}, "methods": {}}  # fmt: skip
+    summary = {
+        "steps": steps,
+        "base_steps": base_steps,
+        "seeds": len(first),
+        "seconds": seconds,
+        "base": {k: first[0][0][k] for k in METRICS},
+        "methods": {},
+    }
     for method, runs in histories.items():
         finals = {k: [run[-1][k] for run in runs] for k in METRICS}
-        summary["methods"][method] = {k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)}
-                                      for k, v in finals.items()}  # fmt: skip
+        summary["methods"][method] = {
+            k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} for k, v in finals.items()
+        }
     memory = head_memory(32 * 16, 128, len(CHARACTERS) + 3)
     summary["memory"] = memory
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -274,31 +327,49 @@ def head_memory(tokens: int, dim: int, vocab: int) -> dict:
 
 def markdown(summary: dict) -> str:
     base = summary["base"]
-    lines = ["# fused-hybrid demo: adapting a base model to a new task", "",
-             f"A tiny Llama trained for {summary['base_steps']} SFT steps on 2-digit addition (the base: held-out "
-             f"addition accuracy {base['base_task_accuracy']:.3f}, subtraction {base['new_task_accuracy']:.3f}) "
-             f"is adapted to 2-digit subtraction from {DEMONSTRATIONS} expert demonstrations and an exact-match "
-             f"reward, {summary['steps']} optimizer steps per method, {summary['seeds']} seed(s) (data order and "
-             f"sampling) from the same base; whole run {summary['seconds'] / 60:.1f} minutes.", "",
-             "| method | new task accuracy | base task accuracy (retention) | entropy (nats) |",
-             "|---|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "# fused-hybrid demo: adapting a base model to a new task",
+        "",
+        f"A tiny Llama trained for {summary['base_steps']} SFT steps on 2-digit addition (the base: held-out "
+        f"addition accuracy {base['base_task_accuracy']:.3f}, subtraction {base['new_task_accuracy']:.3f}) "
+        f"is adapted to 2-digit subtraction from {DEMONSTRATIONS} expert demonstrations and an exact-match "
+        f"reward, {summary['steps']} optimizer steps per method, {summary['seeds']} seed(s) (data order and "
+        f"sampling) from the same base; whole run {summary['seconds'] / 60:.1f} minutes.",
+        "",
+        "| method | new task accuracy | base task accuracy (retention) | entropy (nats) |",
+        "|---|---:|---:|---:|",
+    ]
     for method, finals in summary["methods"].items():
         cells = [f"{finals[k]['mean']:.3f} ({finals[k]['min']:.3f}-{finals[k]['max']:.3f})" for k in METRICS]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "Final values: the seeds' mean (their range). Curves: " + ", ".join(f"`{k}.png`" for k in METRICS)
-              + ".", "", "## What this run shows", "", *findings(summary), "",
-              "## LM-head memory of one micro-batch (fp32, 512 positions)", "",
-              "| vocabulary | materialised logits + gradient | fused-hybrid (statistics + one chunk) |",
-              "|---:|---:|---:|"]  # fmt: skip
+    lines += [
+        "",
+        "Final values: the seeds' mean (their range). Curves: " + ", ".join(f"`{k}.png`" for k in METRICS) + ".",
+        "",
+        "## What this run shows",
+        "",
+        *findings(summary),
+        "",
+        "## LM-head memory of one micro-batch (fp32, 512 positions)",
+        "",
+        "| vocabulary | materialised logits + gradient | fused-hybrid (statistics + one chunk) |",
+        "|---:|---:|---:|",
+    ]
     memory = summary["memory"]
     for key, value in memory.items():
         if key.startswith("vocab_"):
-            lines.append(f"| {int(key[6:]):,} | {value['materialised_bytes'] / 2**20:,.2f} MiB "
-                         f"| {value['fused_bytes'] / 2**20:,.2f} MiB |")  # fmt: skip
-    lines += ["", "At the demo's own vocabulary the logits are tiny and the fused path's buffers cost more than they "
-              "save; the same micro-batch at a 128k vocabulary would materialise the logits and their gradient, "
-              "the fused path one chunk of at most the workspace (256 MiB on a CPU, 1 GiB on a GPU) and four "
-              "numbers per token.", ""]  # fmt: skip
+            lines.append(
+                f"| {int(key[6:]):,} | {value['materialised_bytes'] / 2**20:,.2f} MiB "
+                f"| {value['fused_bytes'] / 2**20:,.2f} MiB |"
+            )
+    lines += [
+        "",
+        "At the demo's own vocabulary the logits are tiny and the fused path's buffers cost more than they "
+        "save; the same micro-batch at a 128k vocabulary would materialise the logits and their gradient, "
+        "the fused path one chunk of at most the workspace (256 MiB on a CPU, 1 GiB on a GPU) and four "
+        "numbers per token.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -310,14 +381,17 @@ def findings(summary: dict) -> list[str]:
     base = summary["base"]["base_task_accuracy"]
     kept = max(methods[m]["base_task_accuracy"]["mean"] for m in methods)
     lines = [f"- New task: the highest held-out accuracies are {top}."]
-    lines.append(f"- Retention: the base task's accuracy went from {base:.3f} to at most {kept:.3f} under every "
-                 "method: training on the new task alone overwrote the old one in this tiny model."
-                 if kept < 0.5 * base else
-                 f"- Retention: the base task's accuracy went from {base:.3f} to between "
-                 f"{min(methods[m]['base_task_accuracy']['mean'] for m in methods):.3f} and {kept:.3f}.")  # fmt: skip
+    lines.append(
+        f"- Retention: the base task's accuracy went from {base:.3f} to at most {kept:.3f} under every "
+        "method: training on the new task alone overwrote the old one in this tiny model."
+        if kept < 0.5 * base
+        else f"- Retention: the base task's accuracy went from {base:.3f} to between "
+        f"{min(methods[m]['base_task_accuracy']['mean'] for m in methods):.3f} and {kept:.3f}."
+    )
     accuracy = {m: methods[m]["new_task_accuracy"] for m in ranked}
     if len(ranked) > 1 and summary["seeds"] > 1 and accuracy[ranked[0]]["min"] <= accuracy[ranked[1]]["max"]:
         first, second = ranked[:2]
-        lines.append(f"- {first} and {second} overlap across the {summary['seeds']} seeds: this run does not rank "
-                     "them.")  # fmt: skip
+        lines.append(
+            f"- {first} and {second} overlap across the {summary['seeds']} seeds: this run does not rank them."
+        )
     return lines

@@ -32,13 +32,17 @@ def check_num_items(num_items, reduction: str = "mean", *, name: str = "num_item
         bad = count < 0
         if count.is_floating_point():
             bad = bad | (count != count.round()) | ~count.isfinite()
-        fail_where(bad, f"{name} must be a whole number >= 0 (a count of tokens, sequences or pairs)",
-                   lambda _: f"got {count.item()}")  # fmt: skip
+        fail_where(
+            bad,
+            f"{name} must be a whole number >= 0 (a count of tokens, sequences or pairs)",
+            lambda _: f"got {count.item()}",
+        )
     elif isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):
         raise TypeError(f"{name} must be a number or a scalar tensor, got {type(num_items).__name__}")
     elif not (num_items >= 0 and math.isfinite(num_items) and float(num_items).is_integer()):
-        raise ValueError(f"{name} must be a whole number >= 0 (a count of tokens, sequences or pairs), got "
-                         f"{num_items!r}")  # fmt: skip
+        raise ValueError(
+            f"{name} must be a whole number >= 0 (a count of tokens, sequences or pairs), got {num_items!r}"
+        )
     if reduction != "mean":
         raise ValueError(f"{name} is the denominator of reduction='mean'; got reduction={reduction!r}")
 

@@ -65,5 +65,7 @@ def run_tuned(
 
 def tuned_configs() -> list[dict]:
     """The choices made in this process: pass, device capability, problem key and the chosen config."""
-    return [dict(pass_name=key[0], capability=list(key[1]), key=list(key[2:]), config=config._asdict())
-            for key, config in _CHOSEN.items()]  # fmt: skip
+    return [
+        dict(pass_name=key[0], capability=list(key[1]), key=list(key[2:]), config=config._asdict())
+        for key, config in _CHOSEN.items()
+    ]

@@ -69,8 +69,9 @@ def row_statistics_kernel(
         z = transform_tile(raw, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
         new_max = tl.where(mask_v, tl.maximum(lane_max, z), lane_max)
         max_shift, rescale = raise_running_max(lane_max, lane_sum_exp, new_max)
-        lane_sum_exp, lane_sum_exp_shifted = rescale_running_sums(lane_sum_exp, lane_sum_exp_shifted, max_shift,
-                                                                  rescale)  # fmt: skip
+        lane_sum_exp, lane_sum_exp_shifted = rescale_running_sums(
+            lane_sum_exp, lane_sum_exp_shifted, max_shift, rescale
+        )
         shifted = tl.where(mask_v, z - new_max, 0.0)
         e = tl.where(mask_v, tl.exp(shifted), 0.0)
         lane_sum_exp_shifted += e * shifted
@@ -81,8 +82,9 @@ def row_statistics_kernel(
     # the lanes' sums, shifted to the row's max (lanes that saw no column hold s = 0 and add 0)
     row_max = tl.max(lane_max, axis=0)
     lane_shift, lane_rescale = raise_running_max(lane_max, lane_sum_exp, row_max)
-    lane_sum_exp, lane_sum_exp_shifted = rescale_running_sums(lane_sum_exp, lane_sum_exp_shifted, lane_shift,
-                                                              lane_rescale)  # fmt: skip
+    lane_sum_exp, lane_sum_exp_shifted = rescale_running_sums(
+        lane_sum_exp, lane_sum_exp_shifted, lane_shift, lane_rescale
+    )
     sum_exp = tl.sum(lane_sum_exp, axis=0)
     sum_exp_shifted = tl.sum(lane_sum_exp_shifted, axis=0)
 
@@ -90,8 +92,9 @@ def row_statistics_kernel(
     has_target = target >= 0
     target_col = tl.where(has_target, target, 0)
     target_raw = tl.load(row_ptr + target_col).to(tl.float32)
-    target_z = transform_tile(target_raw, bias_ptr, target_col, has_target, inv_temperature, softcap, HAS_BIAS,
-                              HAS_SOFTCAP)  # fmt: skip
+    target_z = transform_tile(
+        target_raw, bias_ptr, target_col, has_target, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP
+    )
     tl.store(partials_ptr + row, row_max)
     tl.store(partials_ptr + num_rows + row, sum_exp)
     tl.store(partials_ptr + 2 * num_rows + row, sum_exp_shifted)
@@ -160,11 +163,21 @@ def row_dz_kernel(
     raw = tl.load(ptrs, mask=mask_v, other=0.0).to(tl.float32)
     z = transform_tile(raw, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
     is_target = offs_v == tl.load(targets_ptr + row)
-    d_z = dz_of_logits(z, tl.load(max_ptr + row), tl.load(log_sum_exp_ptr + row), is_target,
-                         tl.load(onehot_coef_ptr + row), tl.load(prob_coef_ptr + row),
-                         tl.load(logp_coef_ptr + row) if HAS_LOGP_COEF else 0.0,
-                         tl.load(uniform_coef_ptr + row) if HAS_UNIFORM_COEF else 0.0, inv_temperature, softcap,
-                         HAS_LOGP_COEF, HAS_UNIFORM_COEF, HAS_SOFTCAP)  # fmt: skip
+    d_z = dz_of_logits(
+        z,
+        tl.load(max_ptr + row),
+        tl.load(log_sum_exp_ptr + row),
+        is_target,
+        tl.load(onehot_coef_ptr + row),
+        tl.load(prob_coef_ptr + row),
+        tl.load(logp_coef_ptr + row) if HAS_LOGP_COEF else 0.0,
+        tl.load(uniform_coef_ptr + row) if HAS_UNIFORM_COEF else 0.0,
+        inv_temperature,
+        softcap,
+        HAS_LOGP_COEF,
+        HAS_UNIFORM_COEF,
+        HAS_SOFTCAP,
+    )
     tl.store(ptrs, d_z.to(logits_ptr.dtype.element_ty), mask=mask_v)
 
 
@@ -183,39 +196,61 @@ def statistics(logits: torch.Tensor, targets: torch.Tensor, bias, head: HeadSpec
     out = torch.empty(5, num_rows, dtype=torch.float32, device=logits.device)
     if num_rows > 0:
         row_statistics_kernel[(num_rows,)](
-            logits, targets_ptr=targets, partials_ptr=out, num_rows=num_rows, V=vocab_size,
-            stride_row=logits.stride(0), **transform_arguments(bias, head),
-            BLOCK_V=_block_v(logits, BLOCK_V_STATISTICS), num_warps=NUM_WARPS,
-        )  # fmt: skip
+            logits,
+            targets_ptr=targets,
+            partials_ptr=out,
+            num_rows=num_rows,
+            V=vocab_size,
+            stride_row=logits.stride(0),
+            **transform_arguments(bias, head),
+            BLOCK_V=_block_v(logits, BLOCK_V_STATISTICS),
+            num_warps=NUM_WARPS,
+        )
     return VocabPartials(*out), None
 
 
-def extras(logits: torch.Tensor, state, targets: torch.Tensor, bias, head: HeadSpec,
-           row_max: torch.Tensor) -> RowExtras:  # fmt: skip
+def extras(
+    logits: torch.Tensor, state, targets: torch.Tensor, bias, head: HeadSpec, row_max: torch.Tensor
+) -> RowExtras:
     """RowExtras of each row of `logits`, given the rows' max logits (one more read of the chunk)."""
     num_rows, vocab_size = logits.shape
     out = torch.empty(2, num_rows, dtype=torch.float32, device=logits.device)
     if num_rows > 0:
         row_extras_kernel[(num_rows,)](
-            logits, targets_ptr=targets, max_ptr=row_max, extras_ptr=out, num_rows=num_rows, V=vocab_size,
-            stride_row=logits.stride(0), **transform_arguments(bias, head),
-            BLOCK_V=_block_v(logits, BLOCK_V_STATISTICS), num_warps=NUM_WARPS,
-        )  # fmt: skip
+            logits,
+            targets_ptr=targets,
+            max_ptr=row_max,
+            extras_ptr=out,
+            num_rows=num_rows,
+            V=vocab_size,
+            stride_row=logits.stride(0),
+            **transform_arguments(bias, head),
+            BLOCK_V=_block_v(logits, BLOCK_V_STATISTICS),
+            num_warps=NUM_WARPS,
+        )
     return RowExtras(*out)
 
 
-def gradient(logits, state, targets, bias, norm: SoftmaxNorm, coefs: TokenGradCoefficients,
-             head: HeadSpec):  # fmt: skip
+def gradient(logits, state, targets, bias, norm: SoftmaxNorm, coefs: TokenGradCoefficients, head: HeadSpec):
     """dz over `logits` (the same tensor, overwritten; its dtype), log p from the rows' `norm` (max, log s)."""
     num_rows, vocab_size = logits.shape
     block_v = _block_v(logits, BLOCK_V_GRADIENTS)
     if num_rows > 0:
         row_dz_kernel[(num_rows, triton.cdiv(vocab_size, block_v))](
-            logits, targets_ptr=targets, max_ptr=norm.max, log_sum_exp_ptr=norm.log_sum_exp,
-            onehot_coef_ptr=coefs.onehot_coef, prob_coef_ptr=coefs.prob_coef, logp_coef_ptr=coefs.logp_coef,
+            logits,
+            targets_ptr=targets,
+            max_ptr=norm.max,
+            log_sum_exp_ptr=norm.log_sum_exp,
+            onehot_coef_ptr=coefs.onehot_coef,
+            prob_coef_ptr=coefs.prob_coef,
+            logp_coef_ptr=coefs.logp_coef,
             uniform_coef_ptr=coefs.uniform_coef,
-            V=vocab_size, stride_row=logits.stride(0), **transform_arguments(bias, head),
-            HAS_LOGP_COEF=coefs.logp_coef is not None, HAS_UNIFORM_COEF=coefs.uniform_coef is not None,
-            BLOCK_V=block_v, num_warps=NUM_WARPS,
-        )  # fmt: skip
+            V=vocab_size,
+            stride_row=logits.stride(0),
+            **transform_arguments(bias, head),
+            HAS_LOGP_COEF=coefs.logp_coef is not None,
+            HAS_UNIFORM_COEF=coefs.uniform_coef is not None,
+            BLOCK_V=block_v,
+            num_warps=NUM_WARPS,
+        )
     return logits

@@ -26,8 +26,13 @@ class LaunchConfig(NamedTuple):
         return f"{self.block_n}x{self.block_v}x{self.block_d} w{self.num_warps} s{self.num_stages}"
 
     def launch_options(self) -> dict:
-        return dict(BLOCK_N=self.block_n, BLOCK_V=self.block_v, BLOCK_D=self.block_d, num_warps=self.num_warps,
-                    num_stages=self.num_stages)  # fmt: skip
+        return dict(
+            BLOCK_N=self.block_n,
+            BLOCK_V=self.block_v,
+            BLOCK_D=self.block_d,
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+        )
 
 
 # Small tiles keep the CPU interpreter quick while still exercising multi-tile sweeps and masking.
@@ -48,8 +53,10 @@ def launch_candidates(
 def fp32_dot_precision() -> str:
     """How PyTorch's own CUDA matmuls treat fp32 inputs: "tf32" (tensor cores) or "ieee", from the new per-backend
     setting (torch >= 2.9) when it is set, else from `torch.get_float32_matmul_precision()` ("highest" = IEEE)."""
-    for setting in (getattr(torch.backends.cuda.matmul, "fp32_precision", None),
-                    getattr(torch.backends, "fp32_precision", None)):  # fmt: skip
+    for setting in (
+        getattr(torch.backends.cuda.matmul, "fp32_precision", None),
+        getattr(torch.backends, "fp32_precision", None),
+    ):
         if setting in ("tf32", "ieee"):
             return setting
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
@@ -132,8 +139,9 @@ def logit_tile(
 
 
 @triton.jit
-def transform_tile(raw, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_BIAS: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr):  # fmt: skip
+def transform_tile(
+    raw, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr
+):
     """softcap((raw + bias) / temperature) of fp32 raw logits whose last axis holds the columns `offs_v`."""
     if HAS_BIAS:
         raw += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
@@ -160,9 +168,21 @@ def rescale_running_sums(sum_exp, sum_exp_shifted, max_shift, rescale):
 
 
 @triton.jit
-def dz_of_logits(z, row_max, log_sum_exp, is_target, onehot_coef, prob_coef, logp_coef, uniform_coef,
-                   inv_temperature, softcap, HAS_LOGP_COEF: tl.constexpr, HAS_UNIFORM_COEF: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr):  # fmt: skip
+def dz_of_logits(
+    z,
+    row_max,
+    log_sum_exp,
+    is_target,
+    onehot_coef,
+    prob_coef,
+    logp_coef,
+    uniform_coef,
+    inv_temperature,
+    softcap,
+    HAS_LOGP_COEF: tl.constexpr,
+    HAS_UNIFORM_COEF: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
     """dz = onehot_coef * 1[v = y] + p * (prob_coef - logp_coef * log p) + uniform_coef (core.TokenGradCoefficients),
     chained through softcap and temperature, for transformed logits z, with log p = (z - m) - log s from the row's
     max logit m and log s (core.SoftmaxNorm); the per-token arguments broadcast against z (a tile's [BLOCK_N, 1]

@@ -132,10 +132,21 @@ def token_statistics_backward_kernel(
     prob_coef = tl.load(prob_coef_ptr + offs_n, mask=mask_n, other=0.0)
     logp_coef = tl.load(logp_coef_ptr + offs_n, mask=mask_n, other=0.0) if HAS_LOGP_COEF else 0.0
     uniform_coef = tl.load(uniform_coef_ptr + offs_n, mask=mask_n, other=0.0) if HAS_UNIFORM_COEF else 0.0
-    d_z = dz_of_logits(z, row_max[:, None], log_sum_exp[:, None], offs_v[None, :] == targets[:, None],
-                         onehot_coef[:, None], prob_coef[:, None], logp_coef[:, None] if HAS_LOGP_COEF else 0.0,
-                         uniform_coef[:, None] if HAS_UNIFORM_COEF else 0.0, inv_temperature, softcap, HAS_LOGP_COEF,
-                         HAS_UNIFORM_COEF, HAS_SOFTCAP)  # fmt: skip
+    d_z = dz_of_logits(
+        z,
+        row_max[:, None],
+        log_sum_exp[:, None],
+        offs_v[None, :] == targets[:, None],
+        onehot_coef[:, None],
+        prob_coef[:, None],
+        logp_coef[:, None] if HAS_LOGP_COEF else 0.0,
+        uniform_coef[:, None] if HAS_UNIFORM_COEF else 0.0,
+        inv_temperature,
+        softcap,
+        HAS_LOGP_COEF,
+        HAS_UNIFORM_COEF,
+        HAS_SOFTCAP,
+    )
     d_z = tl.where(active[:, None] & mask_v[None, :], d_z, 0.0)
 
     if COMPUTE_D_BIAS:
@@ -171,8 +182,9 @@ def token_statistics_backward_kernel(
             if IN_INTERPRETER:
                 w = w.to(tl.float32)
             d_h = tl.dot(d_z_in, w, input_precision=DOT_PRECISION)
-            tl.atomic_add(d_hidden_ptr + rows_h * D + offs_d[None, :], d_h, mask=mask_n[:, None] & mask_d[None, :],
-                          sem="relaxed")  # fmt: skip
+            tl.atomic_add(
+                d_hidden_ptr + rows_h * D + offs_d[None, :], d_h, mask=mask_n[:, None] & mask_d[None, :], sem="relaxed"
+            )
         if COMPUTE_D_WEIGHT:
             h = tl.load(
                 hidden_ptr + rows_h * stride_hn + offs_d[None, :] * stride_hd,
@@ -182,8 +194,9 @@ def token_statistics_backward_kernel(
             if IN_INTERPRETER:
                 h = h.to(tl.float32)
             d_w = tl.dot(tl.trans(d_z_in), h, input_precision=DOT_PRECISION)
-            tl.atomic_add(d_weight_ptr + rows_w * D + offs_d[None, :], d_w, mask=mask_v[:, None] & mask_d[None, :],
-                          sem="relaxed")  # fmt: skip
+            tl.atomic_add(
+                d_weight_ptr + rows_w * D + offs_d[None, :], d_w, mask=mask_v[:, None] & mask_d[None, :], sem="relaxed"
+            )
 
 
 class TileGradients(NamedTuple):
@@ -253,22 +266,48 @@ def tile_backward(
         if num_tokens > 0 and any(needs):
             grid = (triton.cdiv(num_tokens, cfg.block_n) * triton.cdiv(vocab_size, cfg.block_v),)
             token_statistics_backward_kernel[grid](
-                targets_ptr=targets, max_ptr=norm.max, log_sum_exp_ptr=norm.log_sum_exp,
-                onehot_coef_ptr=coefs.onehot_coef, prob_coef_ptr=coefs.prob_coef, logp_coef_ptr=coefs.logp_coef,
+                targets_ptr=targets,
+                max_ptr=norm.max,
+                log_sum_exp_ptr=norm.log_sum_exp,
+                onehot_coef_ptr=coefs.onehot_coef,
+                prob_coef_ptr=coefs.prob_coef,
+                logp_coef_ptr=coefs.logp_coef,
                 uniform_coef_ptr=coefs.uniform_coef,
-                d_hidden_ptr=d_hidden, d_weight_ptr=d_weight, d_bias_ptr=d_bias, tile_counts_ptr=tile_counts,
-                N=num_tokens, V=vocab_size, ignore_index=head.ignore_index,
+                d_hidden_ptr=d_hidden,
+                d_weight_ptr=d_weight,
+                d_bias_ptr=d_bias,
+                tile_counts_ptr=tile_counts,
+                N=num_tokens,
+                V=vocab_size,
+                ignore_index=head.ignore_index,
                 filter_threshold=head.gradient_filter if filtering else 0.0,
-                HAS_LOGP_COEF=coefs.logp_coef is not None, HAS_UNIFORM_COEF=coefs.uniform_coef is not None,
-                COMPUTE_D_HIDDEN=needs_hidden, COMPUTE_D_WEIGHT=needs_weight, COMPUTE_D_BIAS=needs_bias,
-                FILTER=filtering, GROUP_N=GROUP_N, **arguments, **cfg.launch_options(),
-            )  # fmt: skip
+                HAS_LOGP_COEF=coefs.logp_coef is not None,
+                HAS_UNIFORM_COEF=coefs.uniform_coef is not None,
+                COMPUTE_D_HIDDEN=needs_hidden,
+                COMPUTE_D_WEIGHT=needs_weight,
+                COMPUTE_D_BIAS=needs_bias,
+                FILTER=filtering,
+                GROUP_N=GROUP_N,
+                **arguments,
+                **cfg.launch_options(),
+            )
         return TileGradients(d_hidden, d_weight, d_bias, tile_counts)
 
-    key = (hidden.dtype, tokens_bucket(num_tokens), vocab_size, dim, bias is not None, head.softcap is not None,
-           needs, coefs.logp_coef is not None, coefs.uniform_coef is not None, filtering)  # fmt: skip
-    d_hidden, d_weight, d_bias, tile_counts = run_tuned("backward", key, launch_candidates(hidden, CUDA_CONFIGS),
-                                                        launch)  # fmt: skip
+    key = (
+        hidden.dtype,
+        tokens_bucket(num_tokens),
+        vocab_size,
+        dim,
+        bias is not None,
+        head.softcap is not None,
+        needs,
+        coefs.logp_coef is not None,
+        coefs.uniform_coef is not None,
+        filtering,
+    )
+    d_hidden, d_weight, d_bias, tile_counts = run_tuned(
+        "backward", key, launch_candidates(hidden, CUDA_CONFIGS), launch
+    )
     if tile_counts is not None:
         for counter in _ACTIVE_COUNTERS:
             counter.counts = tile_counts.long() if counter.counts is None else counter.counts + tile_counts

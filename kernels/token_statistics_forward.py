@@ -181,13 +181,24 @@ def vocabulary_partials(
         splits = triton.cdiv(vocab_tiles, tiles_per_split)
         split_partials = torch.empty(5, splits, num_tokens, dtype=torch.float32, device=hidden.device)
         token_statistics_forward_kernel[(token_blocks, splits)](
-            targets_ptr=targets, partials_ptr=split_partials, N=num_tokens, V=vocab_size,
-            vocab_per_split=tiles_per_split * cfg.block_v, ignore_index=head.ignore_index,
-            **arguments, **cfg.launch_options(),
-        )  # fmt: skip
+            targets_ptr=targets,
+            partials_ptr=split_partials,
+            N=num_tokens,
+            V=vocab_size,
+            vocab_per_split=tiles_per_split * cfg.block_v,
+            ignore_index=head.ignore_index,
+            **arguments,
+            **cfg.launch_options(),
+        )
         return split_partials
 
-    key = (hidden.dtype, tokens_bucket(num_tokens), vocab_size, hidden.shape[1], bias is not None,
-           head.softcap is not None)  # fmt: skip
+    key = (
+        hidden.dtype,
+        tokens_bucket(num_tokens),
+        vocab_size,
+        hidden.shape[1],
+        bias is not None,
+        head.softcap is not None,
+    )
     split_partials = run_tuned("forward", key, launch_candidates(hidden, CUDA_CONFIGS), launch)
     return merge_partials(VocabPartials(*split_partials))

@@ -53,9 +53,24 @@ def aggregate_loops(losses_per_seq, length):
 AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
-def grpo(hidden, weight, targets, *, advantages, old_logp=None, ref_logp=None, loss_mask=None, epsilon_low=0.2,
-         epsilon_high=0.2, dual_clip=3.0, beta=0.0, entropy_coef=0.0, importance_sampling="token",
-         aggregation="token-mean", **options):  # fmt: skip
+def grpo(
+    hidden,
+    weight,
+    targets,
+    *,
+    advantages,
+    old_logp=None,
+    ref_logp=None,
+    loss_mask=None,
+    epsilon_low=0.2,
+    epsilon_high=0.2,
+    dual_clip=3.0,
+    beta=0.0,
+    entropy_coef=0.0,
+    importance_sampling="token",
+    aggregation="token-mean",
+    **options,
+):
     logp, entropy, mask = token_terms(hidden, weight, targets, loss_mask, **options)
     batch, length = targets.shape
     losses = []
@@ -80,8 +95,23 @@ def grpo(hidden, weight, targets, *, advantages, old_logp=None, ref_logp=None, l
     return aggregate_loops(losses, length)[aggregation]
 
 
-def chord(hidden, weight, targets, *, is_expert, mu, advantages, old_logp=None, loss_mask=None, use_phi=False,
-          cutoff_prob=1.0, epsilon_low=0.2, epsilon_high=0.2, dual_clip=3.0, **options):  # fmt: skip
+def chord(
+    hidden,
+    weight,
+    targets,
+    *,
+    is_expert,
+    mu,
+    advantages,
+    old_logp=None,
+    loss_mask=None,
+    use_phi=False,
+    cutoff_prob=1.0,
+    epsilon_low=0.2,
+    epsilon_high=0.2,
+    dual_clip=3.0,
+    **options,
+):
     logp, _, mask = token_terms(hidden, weight, targets, loss_mask, **options)
     grpo_terms, sft_terms = [], []
     for i in range(targets.shape[0]):
@@ -106,8 +136,19 @@ def sequence_sums(values, mask):
     return [(values[i][mask[i]]).sum() for i in range(values.shape[0])], [int(mask[i].sum()) for i in range(len(mask))]
 
 
-def dpo(hidden, weight, targets, *, ref_logp=None, loss_type="sigmoid", beta=0.1, simpo_gamma=0.5, nll_weight=0.0,
-        loss_mask=None, **options):  # fmt: skip
+def dpo(
+    hidden,
+    weight,
+    targets,
+    *,
+    ref_logp=None,
+    loss_type="sigmoid",
+    beta=0.1,
+    simpo_gamma=0.5,
+    nll_weight=0.0,
+    loss_mask=None,
+    **options,
+):
     logp, _, mask = token_terms(hidden, weight, targets, loss_mask, **options)
     sums, lengths = sequence_sums(logp, mask)
     lengths = [max(n, 1) for n in lengths]  # an empty response has log-prob 0 (and length-normalised 0)
@@ -166,8 +207,21 @@ def ift(hidden, weight, targets, *, gamma=0.95, loss_mask=None, **options):
     return sum(losses) / len(losses) if losses else torch.zeros((), dtype=torch.float64)
 
 
-def cispo(hidden, weight, targets, *, advantages, old_logp=None, ref_logp=None, loss_mask=None, epsilon_low=1.0,
-          epsilon_high=0.28, beta=0.0, aggregation="token-mean", **options):  # fmt: skip
+def cispo(
+    hidden,
+    weight,
+    targets,
+    *,
+    advantages,
+    old_logp=None,
+    ref_logp=None,
+    loss_mask=None,
+    epsilon_low=1.0,
+    epsilon_high=0.28,
+    beta=0.0,
+    aggregation="token-mean",
+    **options,
+):
     """-sg(clip(r_t, 1 - eps_low, 1 + eps_high)) * A_t * logp_t (+ beta * k3), one token at a time."""
     logp, _, mask = token_terms(hidden, weight, targets, loss_mask, **options)
     batch, length = targets.shape
@@ -189,8 +243,9 @@ def cispo(hidden, weight, targets, *, advantages, old_logp=None, ref_logp=None, 
     return aggregate_loops(losses, length)[aggregation]
 
 
-def gmpo(hidden, weight, targets, *, advantages, old_logp=None, loss_mask=None, epsilon_low=0.4, epsilon_high=0.4,
-         **options):  # fmt: skip
+def gmpo(
+    hidden, weight, targets, *, advantages, old_logp=None, loss_mask=None, epsilon_low=0.4, epsilon_high=0.4, **options
+):
     """-mean_i A_i exp(mean_t log m_t), log m_t the log-ratio clipped pessimistically for the sign of A_i."""
     logp, _, mask = token_terms(hidden, weight, targets, loss_mask, **options)
     batch, length = targets.shape

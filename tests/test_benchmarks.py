@@ -31,9 +31,26 @@ def test_micro_benchmark_fused_torch_backend(benchmark, objective):
 
 
 def test_cli_writes_json_markdown_and_plots(tmp_path):
-    cli.main(["--objectives", "cross_entropy,grpo", "--presets", "tiny", "--tokens", "64,128", "--providers",
-              "fused-hybrid,naive,liger,cce", "--repeats", "1", "--warmup", "0", "--seq-len", "32", "--out",
-              str(tmp_path)])  # fmt: skip
+    cli.main(
+        [
+            "--objectives",
+            "cross_entropy,grpo",
+            "--presets",
+            "tiny",
+            "--tokens",
+            "64,128",
+            "--providers",
+            "fused-hybrid,naive,liger,cce",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--seq-len",
+            "32",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     (folder,) = tmp_path.iterdir()
     results = json.loads((folder / "results.json").read_text())
     assert results["environment"]["versions"]["torch"] == torch.__version__
@@ -74,8 +91,24 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
         return {"cross_entropy": loss}
 
     monkeypatch.setitem(providers.PROVIDERS, "greedy", Provider("greedy", "runs out of memory", exhausts_memory))
-    cli.main(["--objectives", "cross_entropy", "--presets", "tiny", "--tokens", "64,128,256", "--providers",
-              "greedy,fused-hybrid", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])  # fmt: skip
+    cli.main(
+        [
+            "--objectives",
+            "cross_entropy",
+            "--presets",
+            "tiny",
+            "--tokens",
+            "64,128,256",
+            "--providers",
+            "greedy,fused-hybrid",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     (folder,) = tmp_path.iterdir()
     rows = json.loads((folder / "results.json").read_text())["rows"]
     status = {(r["tokens"], r["provider"]): r["status"] for r in rows}
@@ -86,9 +119,20 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
 
 
 def test_long_context_experiment_runs_on_a_scaled_down_model():
-    tiny = {"tiny-llama": ("LlamaConfig", dict(vocab_size=256, hidden_size=32, intermediate_size=64,
-                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                               tie_word_embeddings=True))}  # fmt: skip
+    tiny = {
+        "tiny-llama": (
+            "LlamaConfig",
+            dict(
+                vocab_size=256,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                tie_word_embeddings=True,
+            ),
+        )
+    }
     rows = run_long_context(torch.device("cpu"), configs=tiny, start=16, max_length=64, granularity=16)
     assert [r["loss"] for r in rows] == ["model's own loss", "fused-hybrid"]
     for row in rows:
@@ -110,16 +154,31 @@ def test_compile_gate_every_shipped_launch_config_is_spill_free():
     from fused_hybrid.kernels import token_statistics_backward, token_statistics_forward
 
     result = subprocess.run(
-        [sys.executable, "-m", "fused_hybrid.benchmarks.compile_report", "--check", "--passes",
-         "forward,backward,epilogue_statistics,epilogue_extras,epilogue_gradients", "--archs", "sm_90a,sm_80",
-         "--dtypes", "bf16,fp32"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fused_hybrid.benchmarks.compile_report",
+            "--check",
+            "--passes",
+            "forward,backward,epilogue_statistics,epilogue_extras,epilogue_gradients",
+            "--archs",
+            "sm_90a,sm_80",
+            "--dtypes",
+            "bf16,fp32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in result.stdout.splitlines()
-            if line.startswith("| ")][1:]  # fmt: skip
-    shipped = sum(len(module.CUDA_CONFIGS[dtype]) for module in (token_statistics_forward, token_statistics_backward)
-                  for dtype in (torch.bfloat16, torch.float32))  # fmt: skip
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")] for line in result.stdout.splitlines() if line.startswith("| ")
+    ][1:]
+    shipped = sum(
+        len(module.CUDA_CONFIGS[dtype])
+        for module in (token_statistics_forward, token_statistics_backward)
+        for dtype in (torch.bfloat16, torch.float32)
+    )
     assert len(rows) == 2 * (shipped + 6)  # two architectures; three epilogues in two dtypes
     for row in rows:
         stack, shared = int(row[6]), int(row[7])
@@ -131,9 +190,20 @@ def test_compile_gate_refuses_a_spilling_config():
     at one CTA per SM fails it."""
     from fused_hybrid.benchmarks.compile_gate import violations
 
-    row = {"pass": "forward", "arch": "sm_90a", "dtype": "bf16", "triton": "x", "config": "c", "registers": 255,
-           "stack_bytes": 0, "shared_bytes": 1024, "ctas_per_sm": 1, "tensor_core": 4, "fences": 0,
-           "hgmma": 4}  # fmt: skip
+    row = {
+        "pass": "forward",
+        "arch": "sm_90a",
+        "dtype": "bf16",
+        "triton": "x",
+        "config": "c",
+        "registers": 255,
+        "stack_bytes": 0,
+        "shared_bytes": 1024,
+        "ctas_per_sm": 1,
+        "tensor_core": 4,
+        "fences": 0,
+        "hgmma": 4,
+    }
     assert violations([row]) == []
     assert "spills 64 bytes" in violations([dict(row, stack_bytes=64)])[0]
     assert "tensor-core" in violations([dict(row, tensor_core=0, hgmma=0)])[0]
@@ -163,9 +233,11 @@ def test_gpu_suite_runs_its_stages_within_their_limits_and_archives_them(tmp_pat
     from benchmarks import gpu_suite
 
     def plan(folder, wheels, site):
-        return [gpu_suite.Stage("quick", [sys.executable, "-c", "print('measured')"], 0.5),
-                gpu_suite.Stage("hangs", [sys.executable, "-c", "import time; time.sleep(60)"], 0.01),
-                gpu_suite.Stage("fails", [sys.executable, "-c", "raise SystemExit(3)"], 0.5)]  # fmt: skip
+        return [
+            gpu_suite.Stage("quick", [sys.executable, "-c", "print('measured')"], 0.5),
+            gpu_suite.Stage("hangs", [sys.executable, "-c", "import time; time.sleep(60)"], 0.01),
+            gpu_suite.Stage("fails", [sys.executable, "-c", "raise SystemExit(3)"], 0.5),
+        ]
 
     monkeypatch.setattr(gpu_suite, "plan", plan)
     monkeypatch.setattr(gpu_suite, "MIN_STAGE_SECONDS", 1.0)

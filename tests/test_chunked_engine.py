@@ -26,15 +26,18 @@ def batch(rows=6, length=9, ignore_fraction=0.3):
 
 
 def rollouts(targets):
-    return dict(advantages=torch.randn(targets.shape[0]), old_logp=-torch.rand(targets.shape) * 3,
-                loss_mask=(torch.rand(targets.shape) > 0.2).long())  # fmt: skip
+    return dict(
+        advantages=torch.randn(targets.shape[0]),
+        old_logp=-torch.rand(targets.shape) * 3,
+        loss_mask=(torch.rand(targets.shape) > 0.2).long(),
+    )
 
 
 # Every objective the engine runs with its gradient in the forward, with its optional terms on.
 SEPARABLE = {
     "cross_entropy": lambda h, w, t, **k: fused_hybrid.linear_cross_entropy(
         h, w, t, label_smoothing=0.1, z_loss=1e-3, **k
-    ),  # fmt: skip
+    ),
     "dft": lambda h, w, t, **k: fused_hybrid.dft_loss(h, w, t, **k).loss,
     "grpo": lambda h, w, t, **k: (
         fused_hybrid.grpo_loss(
@@ -48,7 +51,7 @@ SEPARABLE = {
             aggregation="seq-mean-token-mean",
             **k,
         ).loss
-    ),  # fmt: skip
+    ),
     "cispo": lambda h, w, t, **k: fused_hybrid.cispo_loss(h, w, t, **rollouts(t), **k).loss,
     "chord": lambda h, w, t, **k: (
         fused_hybrid.chord_loss(
@@ -80,15 +83,15 @@ GROUPED = {
         fused_hybrid.grpo_loss(
             h, w, t, **rollouts(t), importance_sampling="sequence", aggregation="seq-mean-token-mean", **k
         ).loss
-    ),  # fmt: skip
+    ),
     "gmpo": lambda h, w, t, **k: fused_hybrid.gmpo_loss(h, w, t, **rollouts(t), **k).loss,
     "minor_sft": lambda h, w, t, **k: fused_hybrid.minor_sft_loss(h, w, t, ref_logp=-torch.rand(t.shape), **k).loss,
     "dpo_sigmoid": lambda h, w, t, **k: (
         fused_hybrid.dpo_loss(h, w, t, ref_logp=-torch.rand(t.shape), nll_weight=0.3, **k).loss
-    ),  # fmt: skip
+    ),
     "dpo_ipo": lambda h, w, t, **k: (
         fused_hybrid.dpo_loss(h, w, t, ref_logp=-torch.rand(t.shape), loss_type="ipo", **k).loss
-    ),  # fmt: skip
+    ),
     "simpo": lambda h, w, t, **k: fused_hybrid.dpo_loss(h, w, t, loss_type="simpo", **k).loss,
 }
 
@@ -169,8 +172,9 @@ def test_a_sequence_larger_than_the_workspace_takes_two_passes(monkeypatch):
     monkeypatch.setattr(chunked, "backward", lambda *a, **k: recomputes.append(1) or real_backward(*a, **k))
     loss = fused_hybrid.gmpo_loss(hidden, weight, targets, **inputs, backend="chunked", workspace_bytes=budget).loss
     got = grads(loss, [hidden, weight])
-    expected = grads(fused_hybrid.gmpo_loss(hidden, weight, targets, **inputs, backend="reference").loss,
-                     [hidden, weight])  # fmt: skip
+    expected = grads(
+        fused_hybrid.gmpo_loss(hidden, weight, targets, **inputs, backend="reference").loss, [hidden, weight]
+    )
     assert recomputes == [1]  # the two-pass path's backward
     for label, a, b in zip(("d_hidden", "d_weight"), got, expected):
         assert_close_scaled(a, b, 1e-5, label, atol=1e-7)
@@ -189,7 +193,9 @@ def test_ignored_tokens_never_reach_a_gemm(monkeypatch):
     hidden, weight, targets = batch(ignore_fraction=0.6)
     rows = []
     real = torch_epilogue.statistics
-    monkeypatch.setattr(torch_epilogue, "statistics", lambda logits, *a: rows.append(logits.shape[0]) or real(logits, *a))
+    monkeypatch.setattr(
+        torch_epilogue, "statistics", lambda logits, *a: rows.append(logits.shape[0]) or real(logits, *a)
+    )
     fused_hybrid.linear_cross_entropy(hidden, weight, targets, backend="chunked").backward()
     assert sum(rows) == int((targets != -100).sum())
     ignored = (targets == -100).reshape(-1)
@@ -200,6 +206,7 @@ def test_forward_and_recompute_see_bit_identical_logits(monkeypatch):
     hidden, weight, targets = batch()
     seen = {"forward": [], "backward": []}
     real_statistics, real_gradient = torch_epilogue.statistics, torch_epilogue.gradient
+
     def statistics(logits, *args):
         seen["forward"].append(logits.clone())
         return real_statistics(logits, *args)
@@ -223,7 +230,9 @@ def test_a_chunk_never_exceeds_the_workspace(monkeypatch):
     budget = 7 * V * torch_epilogue.bytes_per_logit(torch.float32)
     sizes = []
     real = torch_epilogue.statistics
-    monkeypatch.setattr(torch_epilogue, "statistics", lambda logits, *a: sizes.append(logits.numel()) or real(logits, *a))
+    monkeypatch.setattr(
+        torch_epilogue, "statistics", lambda logits, *a: sizes.append(logits.numel()) or real(logits, *a)
+    )
     fused_hybrid.linear_cross_entropy(hidden, weight, targets, backend="chunked", workspace_bytes=budget).backward()
     assert max(sizes) * torch_epilogue.bytes_per_logit(torch.float32) <= budget and len(sizes) >= 128 // 7
 
@@ -237,8 +246,11 @@ def test_default_workspace_is_the_devices(monkeypatch):
     assert default_workspace_bytes(torch.device("cuda")) == 1 << 30
     budgets = []
     real = chunked.plan_chunks
-    monkeypatch.setattr(chunked, "plan_chunks", lambda valid, v, b, workspace, *a: budgets.append(workspace)
-                        or real(valid, v, b, workspace, *a))  # fmt: skip
+    monkeypatch.setattr(
+        chunked,
+        "plan_chunks",
+        lambda valid, v, b, workspace, *a: budgets.append(workspace) or real(valid, v, b, workspace, *a),
+    )
     hidden, weight, targets = batch()
     fused_hybrid.linear_cross_entropy(hidden, weight, targets, backend="chunked").backward()
     fused_hybrid.linear_cross_entropy(hidden, weight, targets, backend="chunked", workspace_bytes=12345).backward()
@@ -287,8 +299,12 @@ def test_triton_epilogue_matches_pytorch(dtype, head):
     buffer = logits.clone()
     got = logit_epilogue.gradient(buffer, None, targets, bias, norm, coefs, head)
     assert got.data_ptr() == buffer.data_ptr() and got.dtype == dtype  # dz written over the logits
-    torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=1e-2 if dtype != torch.float32 else 1e-5,
-                               atol=1e-2 if dtype != torch.float32 else 4e-6)  # fmt: skip
+    torch.testing.assert_close(
+        got.float(),
+        want.to(dtype).float(),
+        rtol=1e-2 if dtype != torch.float32 else 1e-5,
+        atol=1e-2 if dtype != torch.float32 else 4e-6,
+    )
 
 
 def transform_reference(logits, bias, head):

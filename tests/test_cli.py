@@ -22,9 +22,19 @@ def run_cli(tmp_path, capsys, *overrides, mode="sft", config_text=None):
     """(exit code, stderr, stdout) of `fused-hybrid train` on a small config in tmp_path."""
     path = tmp_path / "run.yaml"
     path.write_text(config_text or f"mode: {mode}\noutput_dir: {tmp_path / 'run'}\n")
-    arguments = [f"model.tiny={TINY}", "data.synthetic_size=80", "data.eval_size=8", "optim.batch_size=8",
-                 "optim.max_steps=3", "rollout.prompts_per_step=2", "rollout.max_new_tokens=3", "log_every=1",
-                 "eval_every=100", "save_every=2", *overrides]  # fmt: skip
+    arguments = [
+        f"model.tiny={TINY}",
+        "data.synthetic_size=80",
+        "data.eval_size=8",
+        "optim.batch_size=8",
+        "optim.max_steps=3",
+        "rollout.prompts_per_step=2",
+        "rollout.max_new_tokens=3",
+        "log_every=1",
+        "eval_every=100",
+        "save_every=2",
+        *overrides,
+    ]
     code = 0
     try:
         cli_main(["train", str(path), *[item for a in arguments for item in ("--set", a)]])
@@ -34,20 +44,23 @@ def run_cli(tmp_path, capsys, *overrides, mode="sft", config_text=None):
     return code, captured.err, captured.out
 
 
-@pytest.mark.parametrize("override, words", [
-    ("optim.max_steps=-5", "optim.max_steps: -5 is out of range; allowed: >= 1"),
-    ("optim.grad_accum=0", "optim.grad_accum: 0 is out of range; allowed: >= 1"),
-    ("optim.batch_size=0", "optim.batch_size: 0 is out of range; allowed: >= 1"),
-    ("data.max_length=0", "data.max_length: 0 is out of range; allowed: >= 2"),
-    ("rollout.group_size=0", "rollout.group_size: 0 is out of range; allowed: >= 2"),
-    ("rollout.group_size=1", "every group-normalised advantage would be 0"),
-    ("rollout.temperature=0", "rollout.temperature: 0.0 is out of range; allowed: > 0"),
-    ("optim.learning_rate=-1e-3", "optim.learning_rate: -0.001 is out of range; allowed: > 0"),
-    ("objective.mu=1.5", "objective.mu: 1.5 is out of range; allowed: >= 0 and <= 1"),
-    ("optim.grad_accum=9", "optim.grad_accum: 9 micro-batches for 8 sequences per step"),
-    ("model.path=no/such/model", "model.path: 'no/such/model': no such folder"),
-    ("objective.reward=nowhere.reward", "objective.reward 'nowhere.reward' cannot be imported"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("optim.max_steps=-5", "optim.max_steps: -5 is out of range; allowed: >= 1"),
+        ("optim.grad_accum=0", "optim.grad_accum: 0 is out of range; allowed: >= 1"),
+        ("optim.batch_size=0", "optim.batch_size: 0 is out of range; allowed: >= 1"),
+        ("data.max_length=0", "data.max_length: 0 is out of range; allowed: >= 2"),
+        ("rollout.group_size=0", "rollout.group_size: 0 is out of range; allowed: >= 2"),
+        ("rollout.group_size=1", "every group-normalised advantage would be 0"),
+        ("rollout.temperature=0", "rollout.temperature: 0.0 is out of range; allowed: > 0"),
+        ("optim.learning_rate=-1e-3", "optim.learning_rate: -0.001 is out of range; allowed: > 0"),
+        ("objective.mu=1.5", "objective.mu: 1.5 is out of range; allowed: >= 0 and <= 1"),
+        ("optim.grad_accum=9", "optim.grad_accum: 9 micro-batches for 8 sequences per step"),
+        ("model.path=no/such/model", "model.path: 'no/such/model': no such folder"),
+        ("objective.reward=nowhere.reward", "objective.reward 'nowhere.reward' cannot be imported"),
+    ],
+)
 def test_bad_values_are_named_in_one_line(tmp_path, capsys, override, words):
     code, err, _ = run_cli(tmp_path, capsys, override, mode="grpo")
     assert code == 2 and words in err
@@ -55,14 +68,17 @@ def test_bad_values_are_named_in_one_line(tmp_path, capsys, override, words):
     assert not (tmp_path / "run").exists()  # no half-written run folder
 
 
-@pytest.mark.parametrize("content, words", [
-    ("", "no rows (the file is empty)"),
-    ('{"prompt": "1+1=", "response": "2"}\n{"prompt": "2+2=", "response": \n', "line 2: not valid JSON"),
-    ('{"prompt": "1+1=", "response": 2}\n', "row 1: column 'response' holds 2; expected text"),
-    ('{"prompt": null, "response": "2"}\n', "row 1: column 'prompt' holds None; expected text"),
-    ('["1+1=", "2"]\n', "row 1: expected an object with named columns"),
-    ('{"question": "1+1=", "response": "2"}\n', "lacks the column(s) ['prompt']"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("", "no rows (the file is empty)"),
+        ('{"prompt": "1+1=", "response": "2"}\n{"prompt": "2+2=", "response": \n', "line 2: not valid JSON"),
+        ('{"prompt": "1+1=", "response": 2}\n', "row 1: column 'response' holds 2; expected text"),
+        ('{"prompt": null, "response": "2"}\n', "row 1: column 'prompt' holds None; expected text"),
+        ('["1+1=", "2"]\n', "row 1: expected an object with named columns"),
+        ('{"question": "1+1=", "response": "2"}\n', "lacks the column(s) ['prompt']"),
+    ],
+)
 def test_data_problems_are_named_in_one_line(tmp_path, capsys, content, words):
     data = tmp_path / "data.jsonl"
     data.write_text(content)

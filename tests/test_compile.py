@@ -11,22 +11,52 @@ from tests.reference import assert_close_scaled, grads
 
 def all_losses(hidden, weight, targets, backend):
     batch = targets.shape[0]
-    total = fused_hybrid.linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1, z_loss=1e-3,
-                                              backend=backend)  # fmt: skip
+    total = fused_hybrid.linear_cross_entropy(
+        hidden, weight, targets, label_smoothing=0.1, z_loss=1e-3, backend=backend
+    )
     logp, entropy = fused_hybrid.linear_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
     total = total + logp.sum() * 1e-2 + entropy.mean()
     advantages = torch.linspace(-1, 1, batch)
-    total = total + fused_hybrid.grpo_loss(hidden, weight, targets, advantages=advantages, backend=backend,
-                                           aggregation="seq-mean-token-mean", entropy_coef=0.01).loss  # fmt: skip
-    total = total + fused_hybrid.chord_loss(hidden, weight, targets, is_expert=torch.arange(batch) % 2 == 0, mu=0.3,
-                                            advantages=advantages, use_phi=True, backend=backend).loss  # fmt: skip
+    total = (
+        total
+        + fused_hybrid.grpo_loss(
+            hidden,
+            weight,
+            targets,
+            advantages=advantages,
+            backend=backend,
+            aggregation="seq-mean-token-mean",
+            entropy_coef=0.01,
+        ).loss
+    )
+    total = (
+        total
+        + fused_hybrid.chord_loss(
+            hidden,
+            weight,
+            targets,
+            is_expert=torch.arange(batch) % 2 == 0,
+            mu=0.3,
+            advantages=advantages,
+            use_phi=True,
+            backend=backend,
+        ).loss
+    )
     total = total + fused_hybrid.dpo_loss(hidden, weight, targets, loss_type="simpo", backend=backend).loss
     total = total + fused_hybrid.ift_loss(hidden, weight, targets, backend=backend).loss
     old_logp = torch.full(targets.shape, -3.0)
-    total = total + fused_hybrid.cispo_loss(hidden, weight, targets, advantages=advantages, old_logp=old_logp,
-                                            backend=backend).loss  # fmt: skip
-    total = total + fused_hybrid.gmpo_loss(hidden, weight, targets, advantages=advantages, old_logp=old_logp,
-                                           backend=backend).loss  # fmt: skip
+    total = (
+        total
+        + fused_hybrid.cispo_loss(
+            hidden, weight, targets, advantages=advantages, old_logp=old_logp, backend=backend
+        ).loss
+    )
+    total = (
+        total
+        + fused_hybrid.gmpo_loss(
+            hidden, weight, targets, advantages=advantages, old_logp=old_logp, backend=backend
+        ).loss
+    )
     return total + fused_hybrid.dft_loss(hidden, weight, targets, backend=backend).loss
 
 
@@ -56,8 +86,9 @@ def test_inductor_fullgraph_with_a_transposed_hidden():
     targets[:3] = -100
 
     def loss_fn(hidden_t, weight_t, targets):
-        logp, entropy = fused_hybrid.linear_logprobs(hidden_t.T, weight_t.T, targets, return_entropy=True,
-                                                     backend="torch")  # fmt: skip
+        logp, entropy = fused_hybrid.linear_logprobs(
+            hidden_t.T, weight_t.T, targets, return_entropy=True, backend="torch"
+        )
         return (
             fused_hybrid.linear_cross_entropy(hidden_t.T * 2, weight_t.T, targets, backend="torch")
             + (logp * torch.linspace(-1, 1, logp.shape[0]) + entropy).sum()

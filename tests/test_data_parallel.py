@@ -19,9 +19,15 @@ WORLD = 2
 
 def tiny_llama():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      tie_word_embeddings=False)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     config._attn_implementation = "eager"
     return transformers.AutoModelForCausalLM.from_config(config)
 
@@ -80,10 +86,18 @@ def test_patched_model_under_data_parallel_matches_one_process(tmp_path, wrapper
 
 
 TRAINER_OVERRIDES = [
-    "mode=sft", "model.tiny={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
-    "num_key_value_heads: 2}", "data.synthetic_size=200", "data.eval_size=0", "optim.batch_size=8",
-    "optim.max_steps=2", "optim.warmup_steps=1", "save_every=2", "log_every=1", "eval_every=100",
-]  # fmt: skip
+    "mode=sft",
+    "model.tiny={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
+    "num_key_value_heads: 2}",
+    "data.synthetic_size=200",
+    "data.eval_size=0",
+    "optim.batch_size=8",
+    "optim.max_steps=2",
+    "optim.warmup_steps=1",
+    "save_every=2",
+    "log_every=1",
+    "eval_every=100",
+]
 
 
 def trainer_worker(rank, init_file, out_dir, parallel):
@@ -102,8 +116,9 @@ def test_trainer_under_data_parallel_matches_one_process(tmp_path, parallel):
     from fused_hybrid.trainer import HybridTrainer, load_config
 
     mp.spawn(trainer_worker, args=(str(tmp_path / "init"), str(tmp_path), parallel), nprocs=WORLD)
-    single = HybridTrainer(load_config(None, [*TRAINER_OVERRIDES, f"output_dir={tmp_path}/single",
-                                              "optim.grad_accum=2"]), progress=False)  # fmt: skip
+    single = HybridTrainer(
+        load_config(None, [*TRAINER_OVERRIDES, f"output_dir={tmp_path}/single", "optim.grad_accum=2"]), progress=False
+    )
     history = single.train()
     for rank in range(WORLD):
         losses = torch.load(tmp_path / f"history{rank}.pt")["loss"]
@@ -119,9 +134,21 @@ def rollout_worker(rank, init_file, out_dir, parallel):
     from fused_hybrid.trainer import HybridTrainer, load_config
 
     overrides = [o for o in TRAINER_OVERRIDES if not o.startswith(("mode=", "data.eval_size"))]
-    config = load_config(None, [*overrides, "mode=chord", "data.eval_size=8", "eval_every=2", "objective.mu=0.5",
-                                "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=3",
-                                f"output_dir={out_dir}/{parallel}", f"parallel={parallel}"])  # fmt: skip
+    config = load_config(
+        None,
+        [
+            *overrides,
+            "mode=chord",
+            "data.eval_size=8",
+            "eval_every=2",
+            "objective.mu=0.5",
+            "rollout.prompts_per_step=4",
+            "rollout.group_size=2",
+            "rollout.max_new_tokens=3",
+            f"output_dir={out_dir}/{parallel}",
+            f"parallel={parallel}",
+        ],
+    )
     history = HybridTrainer(config, progress=False).train()
     torch.save(history, os.path.join(out_dir, f"rollout{rank}.pt"))
     dist.destroy_process_group()
@@ -143,18 +170,32 @@ def test_rollout_mode_generates_and_checkpoints_under_data_parallel(tmp_path, pa
 
 
 PREFERENCE_OVERRIDES = [
-    "mode=dpo", "model.tiny={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4, "
-    "num_key_value_heads: 2}", "data.eval_size=0", "optim.batch_size=8", "optim.learning_rate=3e-3",
-    "optim.warmup_steps=1", "optim.max_steps=2", "objective.beta=0.5",
-]  # fmt: skip
+    "mode=dpo",
+    "model.tiny={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4, "
+    "num_key_value_heads: 2}",
+    "data.eval_size=0",
+    "optim.batch_size=8",
+    "optim.learning_rate=3e-3",
+    "optim.warmup_steps=1",
+    "optim.max_steps=2",
+    "objective.beta=0.5",
+]
 
 
 def preference_worker(rank, init_file, out_dir, data_path):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     from fused_hybrid.trainer import HybridTrainer, load_config
 
-    config = load_config(None, [*PREFERENCE_OVERRIDES, f"data.path={data_path}", f"output_dir={out_dir}/ddp",
-                                "parallel=ddp", "optim.grad_accum=2"])  # fmt: skip
+    config = load_config(
+        None,
+        [
+            *PREFERENCE_OVERRIDES,
+            f"data.path={data_path}",
+            f"output_dir={out_dir}/ddp",
+            "parallel=ddp",
+            "optim.grad_accum=2",
+        ],
+    )
     trainer = HybridTrainer(config, progress=False)
     torch.save([trainer.train_step() for _ in range(2)], os.path.join(out_dir, f"steps{rank}.pt"))
     dist.destroy_process_group()
@@ -168,8 +209,10 @@ def test_logged_metrics_at_two_ranks_match_one_process(tmp_path):
 
     data_path = preference_file(tmp_path)
     mp.spawn(preference_worker, args=(str(tmp_path / "init"), str(tmp_path), str(data_path)), nprocs=WORLD)
-    single = HybridTrainer(load_config(None, [*PREFERENCE_OVERRIDES, f"data.path={data_path}",
-                                              f"output_dir={tmp_path}/single"]), progress=False)  # fmt: skip
+    single = HybridTrainer(
+        load_config(None, [*PREFERENCE_OVERRIDES, f"data.path={data_path}", f"output_dir={tmp_path}/single"]),
+        progress=False,
+    )
     expected = [single.train_step() for _ in range(2)]
     assert {"preference_loss", "nll_loss", "reward_margin", "reward_accuracy"} <= set(expected[0])
     for rank in range(WORLD):

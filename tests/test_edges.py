@@ -62,14 +62,17 @@ def test_deterministic_mode_gives_bitwise_identical_gradients(backend, monkeypat
     targets = torch.randint(0, 50, (30,))
     chunked_backward = []
     original = logits_free_backend("torch").backward
-    monkeypatch.setattr(logits_free_backend("torch"), "backward", lambda *a, **k: chunked_backward.append(1) or original(*a, **k))
+    monkeypatch.setattr(
+        logits_free_backend("torch"), "backward", lambda *a, **k: chunked_backward.append(1) or original(*a, **k)
+    )
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         runs = []
         for _ in range(2):
-            loss = fused_hybrid.grpo_loss(hidden[None], weight, targets[None], advantages=torch.tensor([1.0]),
-                                          entropy_coef=0.1, backend=backend).loss  # fmt: skip
+            loss = fused_hybrid.grpo_loss(
+                hidden[None], weight, targets[None], advantages=torch.tensor([1.0]), entropy_coef=0.1, backend=backend
+            ).loss
             runs.append(grads(loss, [hidden, weight]))
     finally:
         torch.use_deterministic_algorithms(previous)

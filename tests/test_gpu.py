@@ -28,8 +28,9 @@ def test_compiled_kernels_match_reference(backend, dtype, rel, options):
     targets[:100] = -100
     g_logp, g_entropy = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
 
-    logp, entropy = fused_hybrid.linear_logprobs(hidden, weight, targets, bias, return_entropy=True, backend=backend,
-                                                 workspace_bytes=64 << 20, **options)  # fmt: skip
+    logp, entropy = fused_hybrid.linear_logprobs(
+        hidden, weight, targets, bias, return_entropy=True, backend=backend, workspace_bytes=64 << 20, **options
+    )
     actual = grads((logp * g_logp + entropy * g_entropy).sum(), [hidden, weight, bias])
     leaves = [leaf64(t) for t in (hidden, weight, bias)]
     logp64, entropy64 = logprobs_entropy64(leaves[0], leaves[1], targets, leaves[2], **options)
@@ -77,22 +78,53 @@ def _gpu_losses(hidden, weight, targets):
     is_expert = torch.arange(batch, device="cuda") % 2 == 0
     loss = fused_hybrid.linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1, num_items=200)
     grpo_options = dict(entropy_coef=0.01, beta=0.1, ref_logp=ref_logp, aggregation="seq-mean-token-mean")
-    loss = loss + fused_hybrid.grpo_loss(hidden, weight, targets, advantages=advantages, num_items=4,
-                                         **grpo_options).loss  # fmt: skip
-    loss = loss + fused_hybrid.chord_loss(hidden, weight, targets, is_expert=is_expert, mu=0.3, advantages=advantages,
-                                          num_rollout_tokens=100, num_expert_tokens=90).loss  # fmt: skip
+    loss = (
+        loss + fused_hybrid.grpo_loss(hidden, weight, targets, advantages=advantages, num_items=4, **grpo_options).loss
+    )
+    loss = (
+        loss
+        + fused_hybrid.chord_loss(
+            hidden,
+            weight,
+            targets,
+            is_expert=is_expert,
+            mu=0.3,
+            advantages=advantages,
+            num_rollout_tokens=100,
+            num_expert_tokens=90,
+        ).loss
+    )
     loss = loss + fused_hybrid.dpo_loss(hidden, weight, targets, ref_logp=ref_logp, nll_weight=0.2).loss
-    loss = loss + fused_hybrid.dpo_loss(hidden, weight, targets, ref_logp=ref_logp, nll_weight=0.2, num_items=2,
-                                        num_chosen_tokens=mask[: batch // 2].sum()).loss  # fmt: skip
+    loss = (
+        loss
+        + fused_hybrid.dpo_loss(
+            hidden,
+            weight,
+            targets,
+            ref_logp=ref_logp,
+            nll_weight=0.2,
+            num_items=2,
+            num_chosen_tokens=mask[: batch // 2].sum(),
+        ).loss
+    )
     loss = loss + fused_hybrid.dft_loss(hidden, weight, targets, num_items=150).loss
-    loss = loss + fused_hybrid.cispo_loss(hidden, weight, targets, advantages=advantages, old_logp=ref_logp,
-                                          num_items=150).loss  # fmt: skip
-    loss = loss + fused_hybrid.gmpo_loss(hidden, weight, targets, advantages=advantages, old_logp=ref_logp,
-                                         num_items=4).loss  # fmt: skip
+    loss = (
+        loss
+        + fused_hybrid.cispo_loss(hidden, weight, targets, advantages=advantages, old_logp=ref_logp, num_items=150).loss
+    )
+    loss = (
+        loss
+        + fused_hybrid.gmpo_loss(hidden, weight, targets, advantages=advantages, old_logp=ref_logp, num_items=4).loss
+    )
     loss = loss + fused_hybrid.minor_sft_loss(hidden, weight, targets, ref_logp=ref_logp, num_items=4).loss
-    packed = fused_hybrid.ift_loss(hidden.reshape(batch * length, -1), weight, targets.reshape(-1),
-                                   sequence_ids=torch.arange(batch, device="cuda").repeat_interleave(length),
-                                   num_sequences=batch, num_items=4).loss  # fmt: skip
+    packed = fused_hybrid.ift_loss(
+        hidden.reshape(batch * length, -1),
+        weight,
+        targets.reshape(-1),
+        sequence_ids=torch.arange(batch, device="cuda").repeat_interleave(length),
+        num_sequences=batch,
+        num_items=4,
+    ).loss
     return loss + packed
 
 
@@ -160,8 +192,7 @@ def test_cuda_graph_capture_and_replay():
     hidden.data.copy_(new_hidden)
     graph.replay()
     torch.cuda.synchronize()
-    reference = fused_hybrid.linear_cross_entropy(new_hidden.float(), weight.detach().float(), targets,
-                                                  backend="torch")  # fmt: skip
+    reference = fused_hybrid.linear_cross_entropy(new_hidden.float(), weight.detach().float(), targets, backend="torch")
     assert abs(static_loss.item() - reference.item()) < 2e-2
 
 
@@ -184,8 +215,16 @@ def test_gradient_filter_on_trained_like_inputs_stays_within_naive_bf16_error():
 
     from benchmarks.problems import make_problem
 
-    problem = make_problem("cross_entropy", 2048, 1024, 32000, dtype=torch.bfloat16, device=torch.device("cuda"),
-                           seq_len=2048, distribution="trained")  # fmt: skip
+    problem = make_problem(
+        "cross_entropy",
+        2048,
+        1024,
+        32000,
+        dtype=torch.bfloat16,
+        device=torch.device("cuda"),
+        seq_len=2048,
+        distribution="trained",
+    )
     hidden, weight, targets = problem.hidden.detach().reshape(-1, 1024), problem.weight.detach(), problem.targets
     targets = targets.reshape(-1)
     leaves = [hidden.double().requires_grad_(), weight.double().requires_grad_()]
@@ -193,8 +232,9 @@ def test_gradient_filter_on_trained_like_inputs_stays_within_naive_bf16_error():
 
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     with count_filtered_tiles() as tiles:
-        filtered = grads(fused_hybrid.linear_logprobs(h, w, targets, backend="triton", gradient_filter=2.0**-12).sum(),
-                         [h, w])  # fmt: skip
+        filtered = grads(
+            fused_hybrid.linear_logprobs(h, w, targets, backend="triton", gradient_filter=2.0**-12).sum(), [h, w]
+        )
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     logits = (h @ w.T).float().log_softmax(-1)
     naive = grads(logits.gather(-1, targets[:, None]).sum(), [h, w])

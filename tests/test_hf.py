@@ -10,8 +10,15 @@ from tests.reference import assert_close_scaled
 
 transformers = pytest.importorskip("transformers")
 
-COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+COMMON = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 FAMILIES = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
@@ -19,7 +26,7 @@ FAMILIES = {
     "gemma2": (
         "Gemma2Config",
         dict(head_dim=8, final_logit_softcapping=5.0, attn_logit_softcapping=None, query_pre_attn_scalar=8),
-    ),  # fmt: skip
+    ),
     "phi3": ("Phi3Config", dict(pad_token_id=0)),
     # logit multipliers under their families' names: HyperCLOVA X multiplies by logits_scaling, Granite divides
     "hyperclovax": ("HyperCLOVAXConfig", dict(logits_scaling=2.5, tie_word_embeddings=False)),
@@ -49,8 +56,9 @@ def word_level_tokenizer(vocab_size: int):
     vocab = {f"t{i}": i for i in range(vocab_size)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="t1"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", eos_token="t2",
-                                                unk_token="t1")  # fmt: skip
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="t0", eos_token="t2", unk_token="t1"
+    )
 
 
 def loss_and_grads(model, input_ids, labels, **kwargs):
@@ -123,9 +131,17 @@ def test_hf_trainer_trains_a_patched_model(tmp_path):
     model = fused_hybrid.patch_model(tiny_model("llama"))
     sequences = torch.arange(8)[:, None] * 3 + torch.arange(16)[None, :]  # counting sequences: learnable
     data = [{"input_ids": (s % 90 + 1).tolist(), "labels": (s % 90 + 1).tolist()} for s in sequences.repeat(4, 1)]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=12,
-                                          learning_rate=3e-3, logging_steps=1, report_to=[], save_strategy="no",
-                                          use_cpu=True, gradient_accumulation_steps=2)  # fmt: skip
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=12,
+        learning_rate=3e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        gradient_accumulation_steps=2,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -137,10 +153,22 @@ def test_trl_sft_trainer_trains_a_patched_model(tmp_path):
     datasets = pytest.importorskip("datasets")
     model = fused_hybrid.patch_model(tiny_model("qwen2"))
     rows = [{"input_ids": [(i * 3 + t) % 90 + 1 for t in range(16)]} for i in range(32)]
-    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=10, learning_rate=3e-3,
-                         logging_steps=1, report_to=[], save_strategy="no", use_cpu=True)  # fmt: skip
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=word_level_tokenizer(97))  # fmt: skip
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=10,
+        learning_rate=3e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+    )
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=word_level_tokenizer(97),
+    )
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < losses[0]
@@ -216,8 +244,9 @@ def test_a_config_value_the_model_does_not_apply_is_not_applied():
 
 
 def test_moe_router_loss_is_part_of_the_patched_loss():
-    config = transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2,
-                                        output_router_logits=True, router_aux_loss_coef=0.5)  # fmt: skip
+    config = transformers.MixtralConfig(
+        **COMMON, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5
+    )
     model = transformers.MixtralForCausalLM(config).float()
     input_ids, labels = batch()
     expected_loss, expected = loss_and_grads(model, input_ids, labels)
@@ -252,8 +281,11 @@ def test_only_labelled_tokens_reach_the_head(monkeypatch):
     input_ids, labels = batch()
     rows = []
     original = chunked.statistics_and_gradients
-    monkeypatch.setattr(chunked, "statistics_and_gradients", lambda hidden, *a, **k: rows.append(hidden.shape[0])
-                        or original(hidden, *a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        chunked,
+        "statistics_and_gradients",
+        lambda hidden, *a, **k: rows.append(hidden.shape[0]) or original(hidden, *a, **k),
+    )
     model(input_ids=input_ids, labels=labels).loss.backward()
     assert rows == [int((labels[:, 1:] != -100).sum())]
 
@@ -330,8 +362,11 @@ def test_a_head_with_a_forward_of_its_own_is_refused_naming_what_it_is():
 
     model = tiny_model("llama")
     model.lm_head = OffsetHead(32, 97, bias=False)
-    with pytest.raises(fused_hybrid.hf.UnsupportedHeadError, match=r"LlamaForCausalLM.*OffsetHead, a subclass of "
-                       r"nn.Linear with a forward of its own") as refused:  # fmt: skip
+    with pytest.raises(
+        fused_hybrid.hf.UnsupportedHeadError,
+        match=r"LlamaForCausalLM.*OffsetHead, a subclass of "
+        r"nn.Linear with a forward of its own",
+    ) as refused:
         fused_hybrid.patch_model(model)
     assert "LoRA" not in str(refused.value) and not fused_hybrid.hf.is_patched(model)
 
@@ -344,11 +379,21 @@ def test_the_probe_takes_a_length_the_model_accepts_in_training(chunk, axial):
     grid = dict(axial_pos_embds=True, axial_pos_shape=axial, axial_pos_embds_dim=(8, 8)) if axial else {}
     grid.setdefault("axial_pos_embds", False)
     config = transformers.ReformerConfig(
-        vocab_size=61, hidden_size=16, attention_head_size=8, num_attention_heads=2, feed_forward_size=32,
-        attn_layers=["local", "local"], lsh_attn_chunk_length=chunk, local_attn_chunk_length=chunk, num_buckets=2,
-        is_decoder=True, max_position_embeddings=64, hidden_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0,
+        vocab_size=61,
+        hidden_size=16,
+        attention_head_size=8,
+        num_attention_heads=2,
+        feed_forward_size=32,
+        attn_layers=["local", "local"],
+        lsh_attn_chunk_length=chunk,
+        local_attn_chunk_length=chunk,
+        num_buckets=2,
+        is_decoder=True,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        local_attention_probs_dropout_prob=0.0,
         **grid,
-    )  # fmt: skip
+    )
     model = transformers.ReformerModelWithLMHead(config).train()
     length = fused_hybrid.hf.probe_length(model)
     assert length == 16 and length % chunk == 0

@@ -107,7 +107,11 @@ def test_all_ignored_gives_zeros_and_zero_grads(backend):
 def test_frozen_input_gets_no_grad_and_no_work(backend, frozen, monkeypatch):
     hidden, weight, targets, _ = make_inputs((21,), 24, 50, torch.float32)
     (hidden if frozen == "hidden" else weight).requires_grad_(False)
-    impl = logits_free_backend("torch") if backend == "torch" else (pytest.importorskip("triton") and logits_free_backend("triton"))
+    impl = (
+        logits_free_backend("torch")
+        if backend == "torch"
+        else (pytest.importorskip("triton") and logits_free_backend("triton"))
+    )
     seen_needs = []
     original = impl.backward
 
@@ -171,7 +175,11 @@ def test_auto_backend_on_cpu_is_the_chunked_engine(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_unused_statistics_cost_no_backward_work(backend, monkeypatch):
-    impl = logits_free_backend("torch") if backend == "torch" else (pytest.importorskip("triton") and logits_free_backend("triton"))
+    impl = (
+        logits_free_backend("torch")
+        if backend == "torch"
+        else (pytest.importorskip("triton") and logits_free_backend("triton"))
+    )
     seen = []
     original = impl.backward
 

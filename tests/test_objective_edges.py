@@ -27,9 +27,20 @@ def test_extreme_log_ratios(backend, importance_sampling):
     shift = torch.where(torch.rand(targets.shape) < 0.5, 30.0, -30.0)  # log-ratios beyond +-20
     shift[:, :3] = torch.tensor([2.0, -1.5, 1.4])  # ratios e^2 and e^1.4 > dual_clip = 3 with A < 0
     advantages = torch.tensor([-1.0, 1.0, -2.0, 0.5, -0.7, 1.3])
-    output = compare(fused_hybrid.grpo_loss, naive.grpo, hidden, weight, targets, loss_mask=loss_mask,
-                     advantages=advantages, old_logp=logp - shift, importance_sampling=importance_sampling,
-                     backend=backend, beta=0.1, ref_logp=logp + shift)  # fmt: skip
+    output = compare(
+        fused_hybrid.grpo_loss,
+        naive.grpo,
+        hidden,
+        weight,
+        targets,
+        loss_mask=loss_mask,
+        advantages=advantages,
+        old_logp=logp - shift,
+        importance_sampling=importance_sampling,
+        backend=backend,
+        beta=0.1,
+        ref_logp=logp + shift,
+    )
     if importance_sampling == "token":
         assert output.metrics["dual_clip_frac"] > 0
         assert output.metrics["clip_frac_low"] > 0 and output.metrics["clip_frac_high"] > 0
@@ -47,8 +58,16 @@ def test_single_token_sequences(backend):
         ("minor_sft", dict(ref_logp=-torch.rand(targets.shape))),
         ("dpo", dict(ref_logp=-torch.rand(targets.shape), loss_type="ipo")),
     ]:
-        compare(getattr(fused_hybrid, f"{name}_loss"), getattr(naive, name), hidden, weight, targets,
-                loss_mask=loss_mask, backend=backend, **extra)  # fmt: skip
+        compare(
+            getattr(fused_hybrid, f"{name}_loss"),
+            getattr(naive, name),
+            hidden,
+            weight,
+            targets,
+            loss_mask=loss_mask,
+            backend=backend,
+            **extra,
+        )
 
 
 def all_objectives(targets):
@@ -57,7 +76,7 @@ def all_objectives(targets):
         "dft": {},
         "grpo": dict(
             aggregation="seq-mean-token-mean", beta=0.1, ref_logp=ref_logp, entropy_coef=0.01, **rollout_inputs(targets)
-        ),  # fmt: skip
+        ),
         "cispo": dict(aggregation="seq-mean-token-mean", beta=0.1, ref_logp=ref_logp, **rollout_inputs(targets)),
         "gmpo": rollout_inputs(targets),
         "chord": dict(is_expert=torch.arange(B) % 2 == 0, mu=0.5, use_phi=True, **rollout_inputs(targets)),
@@ -73,8 +92,16 @@ def test_all_masked_sequences_are_finite_and_excluded(backend):
     loss_mask[1] = 0
     loss_mask[4] = 0
     for name, extra in all_objectives(targets).items():
-        output = compare(getattr(fused_hybrid, f"{name}_loss"), getattr(naive, name), hidden, weight, targets,
-                         loss_mask=loss_mask, backend=backend, **extra)  # fmt: skip
+        output = compare(
+            getattr(fused_hybrid, f"{name}_loss"),
+            getattr(naive, name),
+            hidden,
+            weight,
+            targets,
+            loss_mask=loss_mask,
+            backend=backend,
+            **extra,
+        )
         for value in output.metrics.values():
             assert torch.isfinite(value)
         d_hidden = grads(
@@ -91,8 +118,9 @@ def test_all_masked_batch_gives_zero_loss_and_zero_grads(backend):
     hidden, weight, targets, _ = make_batch()
     loss_mask = torch.zeros(targets.shape)
     for name, extra in all_objectives(targets).items():
-        output = getattr(fused_hybrid, f"{name}_loss")(hidden, weight, targets, loss_mask=loss_mask,
-                                                        backend=backend, **extra)  # fmt: skip
+        output = getattr(fused_hybrid, f"{name}_loss")(
+            hidden, weight, targets, loss_mask=loss_mask, backend=backend, **extra
+        )
         assert output.loss.item() == 0.0 or name == "dpo", name
         for value in output.metrics.values():
             assert torch.isfinite(value), name
@@ -128,17 +156,32 @@ def test_grpo_micro_batches_with_global_normaliser_equal_full_batch(aggregation)
     inputs = rollout_inputs(targets)
     terms = dict(beta=0.1, entropy_coef=0.01)  # the KL and entropy terms too
     ref_logp = -torch.rand(targets.shape) * 3
-    full = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=loss_mask, aggregation=aggregation,
-                                  ref_logp=ref_logp, **terms, **inputs).loss  # fmt: skip
+    full = fused_hybrid.grpo_loss(
+        hidden, weight, targets, loss_mask=loss_mask, aggregation=aggregation, ref_logp=ref_logp, **terms, **inputs
+    ).loss
     full_grads = grads(full, [hidden, weight])
     mask = (targets != -100) & loss_mask.bool()
     num_items = mask.sum() if aggregation == "token-mean" else (mask.sum(-1) > 0).sum()
     parts = [slice(0, 2), slice(2, 5), slice(5, B)]
     total = 0
-    for h, y, m, a, o, r in split_batch(parts, hidden, targets, loss_mask, inputs["advantages"], inputs["old_logp"],
-                                        ref_logp):  # fmt: skip
-        total = total + fused_hybrid.grpo_loss(h, weight, y, loss_mask=m, advantages=a, old_logp=o, ref_logp=r,
-                                               aggregation=aggregation, num_items=num_items, **terms).loss  # fmt: skip
+    for h, y, m, a, o, r in split_batch(
+        parts, hidden, targets, loss_mask, inputs["advantages"], inputs["old_logp"], ref_logp
+    ):
+        total = (
+            total
+            + fused_hybrid.grpo_loss(
+                h,
+                weight,
+                y,
+                loss_mask=m,
+                advantages=a,
+                old_logp=o,
+                ref_logp=r,
+                aggregation=aggregation,
+                num_items=num_items,
+                **terms,
+            ).loss
+        )
     assert_close_scaled(total, full, 1e-5, atol=1e-6)
     for got, want in zip(grads(total, [hidden, weight]), full_grads):
         assert_close_scaled(got, want, 1e-5)
@@ -176,8 +219,9 @@ def test_other_objectives_accumulate_with_global_normalisers():
         total = 0
         for part in parts:
             sliced = {k: v[part] if isinstance(v, torch.Tensor) else v for k, v in per_batch.items()}
-            total = total + fn(hidden[part], weight, targets[part], loss_mask=loss_mask[part], **sliced,
-                               **normalisers).loss  # fmt: skip
+            total = (
+                total + fn(hidden[part], weight, targets[part], loss_mask=loss_mask[part], **sliced, **normalisers).loss
+            )
         assert_close_scaled(total, full, 1e-5, name, atol=1e-6)
         for got, want in zip(grads(total, [hidden, weight]), grads(full, [hidden, weight])):
             assert_close_scaled(got, want, 1e-5, name)
@@ -204,8 +248,9 @@ def test_modules_return_the_loss_and_keep_metrics():
     inputs = rollout_inputs(targets)
     loss_fn = fused_hybrid.CHORDLoss.chord_mu()
     loss = loss_fn(hidden, weight, targets, loss_mask=loss_mask, is_expert=torch.arange(B) < 2, step=50, **inputs)
-    expected = fused_hybrid.chord_loss(hidden, weight, targets, loss_mask=loss_mask, is_expert=torch.arange(B) < 2,
-                                       mu=loss_fn.mu_at(50), **inputs)  # fmt: skip
+    expected = fused_hybrid.chord_loss(
+        hidden, weight, targets, loss_mask=loss_mask, is_expert=torch.arange(B) < 2, mu=loss_fn.mu_at(50), **inputs
+    )
     assert torch.equal(loss, expected.loss)
     assert loss_fn.metrics.keys() == expected.metrics.keys()
     assert loss_fn.metrics["mu"] == pytest.approx(loss_fn.mu_at(50))
@@ -384,8 +429,9 @@ def test_no_loss_makes_a_device_tensor_from_a_python_number(monkeypatch):
     for name, extra in all_objectives(targets).items():
         for options in ({}, counts[name]):
             calls.clear()
-            output = getattr(fused_hybrid, f"{name}_loss")(hidden, weight, targets, loss_mask=loss_mask, **extra,
-                                                           **options)  # fmt: skip
+            output = getattr(fused_hybrid, f"{name}_loss")(
+                hidden, weight, targets, loss_mask=loss_mask, **extra, **options
+            )
             grads(output.loss, [hidden, weight])
             assert calls == [], f"{name} {options}: {calls}"
     calls.clear()
@@ -431,8 +477,9 @@ def test_modules_are_generated_from_their_function_and_check_options_when_built(
     hidden, weight, targets, loss_mask = make_batch()
     inputs = rollout_inputs(targets)
     module = fused_hybrid.GRPOLoss(epsilon_high=0.28, beta=0.0, backend="torch")
-    expected = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=loss_mask, epsilon_high=0.28,
-                                      backend="torch", **inputs)  # fmt: skip
+    expected = fused_hybrid.grpo_loss(
+        hidden, weight, targets, loss_mask=loss_mask, epsilon_high=0.28, backend="torch", **inputs
+    )
     assert torch.equal(module(hidden, weight, targets, loss_mask=loss_mask, **inputs), expected.loss)
     assert module.metrics.keys() == expected.metrics.keys()
     assert "grpo_loss" in type(module).__doc__
@@ -457,7 +504,7 @@ def test_modules_are_generated_from_their_function_and_check_options_when_built(
         (
             fused_hybrid.chord_loss,
             dict(advantages=torch.randn(B), is_expert=torch.arange(B) < 1, mu=0.5, old_logp="per sequence"),
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_a_per_sequence_log_prob_is_refused_not_spread_over_the_tokens(objective, options):

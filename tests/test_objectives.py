@@ -59,8 +59,17 @@ def test_dft(backend):
 @pytest.mark.parametrize("aggregation", fused_hybrid.AGGREGATIONS)
 def test_grpo_aggregations(backend, aggregation):
     hidden, weight, targets, loss_mask = make_batch()
-    compare(fused_hybrid.grpo_loss, naive.grpo, hidden, weight, targets, loss_mask=loss_mask,
-            aggregation=aggregation, backend=backend, **rollout_inputs(targets))  # fmt: skip
+    compare(
+        fused_hybrid.grpo_loss,
+        naive.grpo,
+        hidden,
+        weight,
+        targets,
+        loss_mask=loss_mask,
+        aggregation=aggregation,
+        backend=backend,
+        **rollout_inputs(targets),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -83,8 +92,17 @@ def test_grpo_options(backend, options):
         inputs["old_logp"] = None
     if options.get("beta"):
         inputs["ref_logp"] = -torch.rand(targets.shape) * 4
-    output = compare(fused_hybrid.grpo_loss, naive.grpo, hidden, weight, targets, loss_mask=loss_mask,
-                     backend=backend, **inputs, **options)  # fmt: skip
+    output = compare(
+        fused_hybrid.grpo_loss,
+        naive.grpo,
+        hidden,
+        weight,
+        targets,
+        loss_mask=loss_mask,
+        backend=backend,
+        **inputs,
+        **options,
+    )
     assert {"clip_frac_low", "clip_frac_high", "mean_ratio", "approx_kl", "entropy", "policy_loss"} <= set(
         output.metrics
     )
@@ -97,9 +115,20 @@ def test_chord(backend, use_phi, cutoff_prob, mu):
     inputs = rollout_inputs(targets)
     is_expert = torch.tensor([True, False, False, True, False, False])
     inputs["old_logp"][is_expert] = float("nan")  # expert rows have no rollout policy: must be ignored
-    output = compare(fused_hybrid.chord_loss, naive.chord, hidden, weight, targets, loss_mask=loss_mask,
-                     is_expert=is_expert, mu=mu, use_phi=use_phi, cutoff_prob=cutoff_prob, backend=backend,
-                     **inputs)  # fmt: skip
+    output = compare(
+        fused_hybrid.chord_loss,
+        naive.chord,
+        hidden,
+        weight,
+        targets,
+        loss_mask=loss_mask,
+        is_expert=is_expert,
+        mu=mu,
+        use_phi=use_phi,
+        cutoff_prob=cutoff_prob,
+        backend=backend,
+        **inputs,
+    )
     assert output.metrics["mu"] == pytest.approx(mu)
     if use_phi:
         assert 0 < output.metrics["mean_phi"] <= 0.25
@@ -110,8 +139,18 @@ def test_chord(backend, use_phi, cutoff_prob, mu):
 def test_dpo(backend, loss_type, nll_weight):
     hidden, weight, targets, loss_mask = make_batch()
     ref_logp = -torch.rand(targets.shape) * 4
-    output = compare(fused_hybrid.dpo_loss, naive.dpo, hidden, weight, targets, loss_mask=loss_mask,
-                     ref_logp=ref_logp, loss_type=loss_type, nll_weight=nll_weight, backend=backend)  # fmt: skip
+    output = compare(
+        fused_hybrid.dpo_loss,
+        naive.dpo,
+        hidden,
+        weight,
+        targets,
+        loss_mask=loss_mask,
+        ref_logp=ref_logp,
+        loss_type=loss_type,
+        nll_weight=nll_weight,
+        backend=backend,
+    )
     assert 0 <= output.metrics["reward_accuracy"] <= 1
 
 
@@ -120,8 +159,18 @@ def test_dpo(backend, loss_type, nll_weight):
 def test_minor_sft(backend, length_normalized):
     hidden, weight, targets, loss_mask = make_batch()
     ref_logp = -torch.rand(targets.shape) * 4
-    output = compare(fused_hybrid.minor_sft_loss, naive.minor_sft, hidden, weight, targets, loss_mask=loss_mask,
-                     ref_logp=ref_logp, beta=0.3, length_normalized=length_normalized, backend=backend)  # fmt: skip
+    output = compare(
+        fused_hybrid.minor_sft_loss,
+        naive.minor_sft,
+        hidden,
+        weight,
+        targets,
+        loss_mask=loss_mask,
+        ref_logp=ref_logp,
+        beta=0.3,
+        length_normalized=length_normalized,
+        backend=backend,
+    )
     assert torch.isfinite(output.metrics["m_theta"])
 
 
@@ -129,8 +178,9 @@ def test_minor_sft(backend, length_normalized):
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 0.95, 1.0])
 def test_ift(backend, gamma):
     hidden, weight, targets, loss_mask = make_batch()
-    compare(fused_hybrid.ift_loss, naive.ift, hidden, weight, targets, loss_mask=loss_mask, gamma=gamma,
-            backend=backend)  # fmt: skip
+    compare(
+        fused_hybrid.ift_loss, naive.ift, hidden, weight, targets, loss_mask=loss_mask, gamma=gamma, backend=backend
+    )
 
 
 def test_ift_with_gamma_zero_is_sequence_mean_sft():
@@ -170,26 +220,57 @@ def test_bf16_against_float64(backend, name):
     # A policy loss is a mean of +-A r_t terms that nearly cancel: judge its error on the terms' scale (bf16 log-probs
     # are ~1e-2 off, and so are the ratios), not on the small net value.
     loss_atol = 1e-2 * extra["advantages"].abs().mean().item() if "advantages" in extra else 1e-6
-    compare(getattr(fused_hybrid, f"{name}_loss"), getattr(naive, name), hidden, weight, targets, rel=4e-2,
-            loss_atol=loss_atol, loss_mask=loss_mask, backend=backend, **extra)  # fmt: skip
+    compare(
+        getattr(fused_hybrid, f"{name}_loss"),
+        getattr(naive, name),
+        hidden,
+        weight,
+        targets,
+        rel=4e-2,
+        loss_atol=loss_atol,
+        loss_mask=loss_mask,
+        backend=backend,
+        **extra,
+    )
 
 
 def test_packed_layout_equals_padded_layout():
     hidden, weight, targets, loss_mask = make_batch()
     inputs = rollout_inputs(targets)
-    padded = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=loss_mask, aggregation="seq-mean-token-mean",
-                                    importance_sampling="sequence", **inputs).loss  # fmt: skip
+    padded = fused_hybrid.grpo_loss(
+        hidden,
+        weight,
+        targets,
+        loss_mask=loss_mask,
+        aggregation="seq-mean-token-mean",
+        importance_sampling="sequence",
+        **inputs,
+    ).loss
     lengths = torch.randint(1, T + 1, (B,))
     lengths[2] = T
     keep = torch.arange(T)[None, :] < lengths[:, None]
     full_mask = loss_mask * keep  # tokens beyond each length are padding: not in the loss either way
-    padded = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=full_mask, aggregation="seq-mean-token-mean",
-                                    importance_sampling="sequence", **inputs).loss  # fmt: skip
+    padded = fused_hybrid.grpo_loss(
+        hidden,
+        weight,
+        targets,
+        loss_mask=full_mask,
+        aggregation="seq-mean-token-mean",
+        importance_sampling="sequence",
+        **inputs,
+    ).loss
     packed = fused_hybrid.grpo_loss(
-        hidden[keep], weight, targets[keep], loss_mask=full_mask[keep], sequence_ids=torch.arange(B)[:, None]
-        .expand(B, T)[keep], num_sequences=B, aggregation="seq-mean-token-mean", importance_sampling="sequence",
-        advantages=inputs["advantages"], old_logp=inputs["old_logp"][keep],
-    ).loss  # fmt: skip
+        hidden[keep],
+        weight,
+        targets[keep],
+        loss_mask=full_mask[keep],
+        sequence_ids=torch.arange(B)[:, None].expand(B, T)[keep],
+        num_sequences=B,
+        aggregation="seq-mean-token-mean",
+        importance_sampling="sequence",
+        advantages=inputs["advantages"],
+        old_logp=inputs["old_logp"][keep],
+    ).loss
     assert_close_scaled(packed, padded, 1e-6)
 
 
@@ -230,8 +311,19 @@ def test_cispo(backend, options):
     advantages = (
         torch.randn(targets.shape) if options.get("aggregation") == "seq-mean-token-sum-norm" else torch.randn(B)
     )
-    output = compare(fused_hybrid.cispo_loss, naive.cispo, hidden, weight, targets, loss_mask=loss_mask,
-                     advantages=advantages, old_logp=old_logp, backend=backend, **options, **extra)  # fmt: skip
+    output = compare(
+        fused_hybrid.cispo_loss,
+        naive.cispo,
+        hidden,
+        weight,
+        targets,
+        loss_mask=loss_mask,
+        advantages=advantages,
+        old_logp=old_logp,
+        backend=backend,
+        **options,
+        **extra,
+    )
     assert output.metrics["clip_frac_high"] > 0
 
 
@@ -242,10 +334,12 @@ def test_cispo_keeps_the_gradient_of_clipped_tokens():
         logp = fused_hybrid.linear_logprobs(hidden, weight, targets)
     old_logp = logp - 2.0  # every ratio e^2 > 1 + epsilon_high
     advantages = torch.rand(B) + 0.5
-    cispo = fused_hybrid.cispo_loss(hidden, weight, targets, loss_mask=loss_mask, advantages=advantages,
-                                    old_logp=old_logp).loss  # fmt: skip
-    grpo = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=loss_mask, advantages=advantages,
-                                  old_logp=old_logp).loss  # fmt: skip
+    cispo = fused_hybrid.cispo_loss(
+        hidden, weight, targets, loss_mask=loss_mask, advantages=advantages, old_logp=old_logp
+    ).loss
+    grpo = fused_hybrid.grpo_loss(
+        hidden, weight, targets, loss_mask=loss_mask, advantages=advantages, old_logp=old_logp
+    ).loss
     assert all((g == 0).all() for g in grads(grpo, [hidden, weight]))  # PPO clips every token out
     reinforce = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=loss_mask, advantages=advantages * 1.28).loss
     for got, want in zip(grads(cispo, [hidden, weight]), grads(reinforce, [hidden, weight])):
@@ -258,8 +352,18 @@ def test_gmpo(backend, options):
     hidden, weight, targets, loss_mask = make_batch()
     old_logp = near_policy_old_logp(hidden, weight, targets)
     advantages = torch.randn(B)
-    output = compare(fused_hybrid.gmpo_loss, naive.gmpo, hidden, weight, targets, loss_mask=loss_mask,
-                     advantages=advantages, old_logp=old_logp, backend=backend, **options)  # fmt: skip
+    output = compare(
+        fused_hybrid.gmpo_loss,
+        naive.gmpo,
+        hidden,
+        weight,
+        targets,
+        loss_mask=loss_mask,
+        advantages=advantages,
+        old_logp=old_logp,
+        backend=backend,
+        **options,
+    )
     assert 0 < output.metrics["clip_frac"] < 1
 
 
@@ -268,7 +372,8 @@ def test_gmpo_on_policy_is_the_sequence_mean_reinforce_gradient():
     hidden, weight, targets, loss_mask = make_batch()
     advantages = torch.randn(B)
     gmpo = fused_hybrid.gmpo_loss(hidden, weight, targets, loss_mask=loss_mask, advantages=advantages).loss
-    grpo = fused_hybrid.grpo_loss(hidden, weight, targets, loss_mask=loss_mask, advantages=advantages,
-                                  aggregation="seq-mean-token-mean").loss  # fmt: skip
+    grpo = fused_hybrid.grpo_loss(
+        hidden, weight, targets, loss_mask=loss_mask, advantages=advantages, aggregation="seq-mean-token-mean"
+    ).loss
     for got, want in zip(grads(gmpo, [hidden, weight]), grads(grpo, [hidden, weight])):
         assert_close_scaled(got, want, 1e-5)

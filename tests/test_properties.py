@@ -99,13 +99,13 @@ OBJECTIVE_OPTIONS = {
             "entropy_coef": st.sampled_from([0.0, 0.01]),
             "dual_clip": st.sampled_from([None, 3.0]),
         }
-    ),  # fmt: skip
+    ),
     "chord": st.fixed_dictionaries(
         {"mu": st.sampled_from([0.0, 0.4, 1.0]), "use_phi": st.booleans(), "cutoff_prob": st.sampled_from([1.0, 0.5])}
-    ),  # fmt: skip
+    ),
     "dpo": st.fixed_dictionaries(
         {"loss_type": st.sampled_from(["sigmoid", "ipo", "simpo"]), "nll_weight": st.sampled_from([0.0, 0.3])}
-    ),  # fmt: skip
+    ),
     "minor_sft": st.fixed_dictionaries({"length_normalized": st.booleans(), "beta": st.sampled_from([0.1, 1.0])}),
     "ift": st.fixed_dictionaries({"gamma": st.sampled_from([0.0, 0.5, 0.95])}),
 }
@@ -113,8 +113,14 @@ OBJECTIVE_OPTIONS = {
 
 @pytest.mark.parametrize("name", list(OBJECTIVE_OPTIONS))
 @settings(max_examples=8, deadline=None)
-@given(data=st.data(), pairs=st.integers(1, 3), length=st.integers(1, 8), vocab=st.integers(2, 40),
-       backend=st.sampled_from(["torch", "triton"]), seed=st.integers(0, 2**31 - 1))  # fmt: skip
+@given(
+    data=st.data(),
+    pairs=st.integers(1, 3),
+    length=st.integers(1, 8),
+    vocab=st.integers(2, 40),
+    backend=st.sampled_from(["torch", "triton"]),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_objectives_random_problems(name, data, pairs, length, vocab, backend, seed):
     from tests import naive_objectives as naive
 
@@ -127,14 +133,17 @@ def test_objectives_random_problems(name, data, pairs, length, vocab, backend, s
     loss_mask = (torch.rand(batch, length, generator=generator) > 0.3).long()
     extra = {}
     if name in ("grpo", "chord"):
-        extra = dict(advantages=torch.randn(batch, generator=generator),
-                     old_logp=-torch.rand(batch, length, generator=generator) * 5)  # fmt: skip
+        extra = dict(
+            advantages=torch.randn(batch, generator=generator),
+            old_logp=-torch.rand(batch, length, generator=generator) * 5,
+        )
     if name == "chord":
         extra["is_expert"] = torch.rand(batch, generator=generator) < 0.5
     if name in ("dpo", "minor_sft") or options.get("beta"):
         extra["ref_logp"] = -torch.rand(batch, length, generator=generator) * 5
-    output = getattr(fused_hybrid, f"{name}_loss")(hidden, weight, targets, loss_mask=loss_mask, backend=backend,
-                                                    **options, **extra)  # fmt: skip
+    output = getattr(fused_hybrid, f"{name}_loss")(
+        hidden, weight, targets, loss_mask=loss_mask, backend=backend, **options, **extra
+    )
     actual = grads(output.loss, [hidden, weight]) if output.loss.requires_grad else [None, None]
     leaves = [leaf64(hidden), leaf64(weight)]
     expected_loss = getattr(naive, name)(leaves[0], leaves[1], targets, loss_mask=loss_mask, **options, **extra)

@@ -59,15 +59,20 @@ def head_input(smollm2, chat):
 
 
 def errors_table(got: dict, own: dict, truth: dict) -> str:
-    return "\n".join(f"{name}: {real_model.relative_error(got[name], truth[name]):.3e} vs fp32 "
-                     f"{real_model.relative_error(own[name], truth[name]):.3e}" for name in truth)  # fmt: skip
+    return "\n".join(
+        f"{name}: {real_model.relative_error(got[name], truth[name]):.3e} vs fp32 "
+        f"{real_model.relative_error(own[name], truth[name]):.3e}"
+        for name in truth
+    )
 
 
 def assert_no_worse_than(got: dict, own: dict, truth: dict) -> None:
     worse = real_model.no_worse_than(got, own, truth)
-    assert not worse, (f"{len(worse)} of {len(truth)} results further from the float64 truth than "
-                       f"{real_model.FACTOR} x the fp32 baseline's error + {real_model.FLOOR:.1e}:\n"
-                       + errors_table(got, own, {name: truth[name] for name in worse}))  # fmt: skip
+    assert not worse, (
+        f"{len(worse)} of {len(truth)} results further from the float64 truth than "
+        f"{real_model.FACTOR} x the fp32 baseline's error + {real_model.FLOOR:.1e}:\n"
+        + errors_table(got, own, {name: truth[name] for name in worse})
+    )
 
 
 # ------------------------------------------------------------------------------------------- fetching the model
@@ -123,8 +128,12 @@ def test_patched_model_on_chat_is_as_accurate_as_its_own_fp32_loss(smollm2, chat
     truth than the model's own fp32 loss and gradients, and the loss equal to the model's own to fp32 rounding."""
     model, tokenizer = smollm2
     config = model.config
-    assert (type(model).__name__, config.vocab_size, config.hidden_size, config.tie_word_embeddings) == \
-        ("LlamaForCausalLM", 49152, 576, True)  # fmt: skip
+    assert (type(model).__name__, config.vocab_size, config.hidden_size, config.tie_word_embeddings) == (
+        "LlamaForCausalLM",
+        49152,
+        576,
+        True,
+    )
     for conversation, labels in zip(real_model.CONVERSATIONS, chat[2]):
         assert tokenizer.decode(labels[labels != -100]) == conversation[-1]["content"] + "<|im_end|>\n"
     own_loss, own = loss_and_grads(model, *chat)
@@ -161,8 +170,9 @@ def test_logprobs_and_entropy_of_real_hidden_states(head_input, chat, backend):
 
     fp32 = {}
     for name in (backend, "reference"):
-        logp, entropy = fused_hybrid.linear_logprobs(hidden, weight, targets, temperature=TEMPERATURE,
-                                                     return_entropy=True, backend=name)  # fmt: skip
+        logp, entropy = fused_hybrid.linear_logprobs(
+            hidden, weight, targets, temperature=TEMPERATURE, return_entropy=True, backend=name
+        )
         fp32[name] = results(logp, entropy, [hidden, weight])
     leaves = [leaf64(hidden), leaf64(weight)]
     truth = results(*logprobs_entropy64(*leaves, targets, temperature=TEMPERATURE), leaves)
@@ -181,9 +191,18 @@ def test_grpo_on_real_hidden_states(head_input, chat):
         logp = logprobs_entropy64(*leaves, targets, temperature=TEMPERATURE)[0].float()
     # rollout and reference policies a little off the current one: ratios inside and outside the clip range
     old_logp, ref_logp = (logp + 0.3 * torch.randn_like(logp) for _ in range(2))
-    options = dict(advantages=torch.randn(targets.shape[0]), old_logp=old_logp, ref_logp=ref_logp, epsilon_low=0.2,
-                   epsilon_high=0.28, dual_clip=3.0, beta=0.04, entropy_coef=0.01, aggregation="seq-mean-token-mean",
-                   temperature=TEMPERATURE)  # fmt: skip
+    options = dict(
+        advantages=torch.randn(targets.shape[0]),
+        old_logp=old_logp,
+        ref_logp=ref_logp,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        dual_clip=3.0,
+        beta=0.04,
+        entropy_coef=0.01,
+        aggregation="seq-mean-token-mean",
+        temperature=TEMPERATURE,
+    )
 
     def results(loss, leaves):
         return dict(zip(("loss", "d_hidden", "d_weight"), (loss, *grads(loss, leaves))))
@@ -206,8 +225,11 @@ def test_grpo_on_real_hidden_states(head_input, chat):
 # ------------------------------------------------------------------------------------------- TRL's SFTTrainer
 # The tied embedding / head (the head's weight gradient plus the embedding's), the first layer's query projection
 # (its gradient has come back through all 30 layers) and the last MLP's output projection.
-CHECKED_WEIGHTS = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-                   "model.layers.29.mlp.down_proj.weight")  # fmt: skip
+CHECKED_WEIGHTS = (
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.29.mlp.down_proj.weight",
+)
 
 
 def assert_same_update(ours: torch.Tensor, theirs: torch.Tensor, start: torch.Tensor, name: str) -> None:
@@ -233,28 +255,46 @@ def test_trl_sft_trainer_trains_the_real_model_as_with_trls_own_head(smollm2, tm
     rows = [{"prompt": conversation[:-1], "completion": conversation[-1:]} for conversation in real_model.CONVERSATIONS]
     our_calls = []
     ours = integration.FusedHybridLogProbFunction.apply
-    monkeypatch.setattr(integration.FusedHybridLogProbFunction, "apply",
-                        staticmethod(lambda *a: our_calls.append(a[-1]) or ours(*a)))  # fmt: skip
+    monkeypatch.setattr(
+        integration.FusedHybridLogProbFunction, "apply", staticmethod(lambda *a: our_calls.append(a[-1]) or ours(*a))
+    )
     runs = {}
     for name in ("trl", "fused-hybrid"):
         if name == "fused-hybrid":
             integration.install()
-            monkeypatch.setattr(ChunkedLogProbFunction, "forward",
-                                staticmethod(lambda *a, **k: pytest.fail("TRL's own kernel ran")))  # fmt: skip
+            monkeypatch.setattr(
+                ChunkedLogProbFunction, "forward", staticmethod(lambda *a, **k: pytest.fail("TRL's own kernel ran"))
+            )
         try:
-            args = trl.SFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=1, max_steps=3,
-                                 learning_rate=0.05, optim="sgd", logging_steps=1, report_to=[], save_strategy="no",
-                                 use_cpu=True, bf16=False, activation_checkpointing=False, max_length=64,
-                                 seed=3)  # fmt: skip
-            trainer = trl.SFTTrainer(model=copy.deepcopy(model), args=args,
-                                     train_dataset=datasets.Dataset.from_list(rows),
-                                     processing_class=copy.deepcopy(tokenizer))  # fmt: skip
+            args = trl.SFTConfig(
+                output_dir=str(tmp_path / name),
+                per_device_train_batch_size=1,
+                max_steps=3,
+                learning_rate=0.05,
+                optim="sgd",
+                logging_steps=1,
+                report_to=[],
+                save_strategy="no",
+                use_cpu=True,
+                bf16=False,
+                activation_checkpointing=False,
+                max_length=64,
+                seed=3,
+            )
+            trainer = trl.SFTTrainer(
+                model=copy.deepcopy(model),
+                args=args,
+                train_dataset=datasets.Dataset.from_list(rows),
+                processing_class=copy.deepcopy(tokenizer),
+            )
             trainer.train()
         finally:
             integration.uninstall()
         weights = trainer.model.state_dict()
-        runs[name] = ([entry for entry in trainer.state.log_history if "loss" in entry],
-                      {key: weights[key].detach().clone() for key in CHECKED_WEIGHTS})  # fmt: skip
+        runs[name] = (
+            [entry for entry in trainer.state.log_history if "loss" in entry],
+            {key: weights[key].detach().clone() for key in CHECKED_WEIGHTS},
+        )
     (trl_logs, trl_weights), (our_logs, our_weights) = runs["trl"], runs["fused-hybrid"]
     assert our_calls and "log_probs" in our_calls[0]  # the trainer's head ran through fused-hybrid
     assert len(trl_logs) == len(our_logs) == 3

@@ -25,9 +25,15 @@ def focal_sft_loss(hidden, weight, targets, bias=None, *, gamma=2.0, num_items=N
 
 @pytest.fixture
 def focal_sft():
-    objective = register(Objective(name="focal_sft", loss=focal_sft_loss, data="demonstrations",
-                                   normalisers={"num_items": "tokens"},
-                                   options=lambda config, step: {"gamma": 2.0}))  # fmt: skip
+    objective = register(
+        Objective(
+            name="focal_sft",
+            loss=focal_sft_loss,
+            data="demonstrations",
+            normalisers={"num_items": "tokens"},
+            options=lambda config, step: {"gamma": 2.0},
+        )
+    )
     yield objective
     del OBJECTIVES["focal_sft"]
 
@@ -59,8 +65,9 @@ def test_a_registered_objective_is_a_trainer_mode(tmp_path, focal_sft):
 
 def test_every_objective_declares_what_it_needs():
     assert set(OBJECTIVES) >= {"sft", "dft", "chord", "grpo", "cispo", "gmpo", "dpo", "minor_sft", "ift"}
-    grouped = {name: objective.gradient for name, objective in OBJECTIVES.items() if objective.gradient in
-               ("sequence", "pair")}  # fmt: skip
+    grouped = {
+        name: objective.gradient for name, objective in OBJECTIVES.items() if objective.gradient in ("sequence", "pair")
+    }
     assert grouped == {"gmpo": "sequence", "dpo": "pair", "minor_sft": "sequence"}
     grpo, dft = OBJECTIVES["grpo"], OBJECTIVES["dft"]
     assert [grpo.gradient_plan(importance_sampling=s) for s in ("token", "sequence")] == ["token", "sequence"]

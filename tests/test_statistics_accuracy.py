@@ -181,8 +181,11 @@ def check_partials(partials: VocabPartials, logits: torch.Tensor, bias: torch.Te
     z = (logits + bias) / REDUCTIONS.temperature
     z64, log_probs = z.double(), F.log_softmax(z, -1)
     log_probs64 = F.log_softmax(z64, -1)
-    truth = {"entropy": -(log_probs64.exp() * log_probs64).sum(-1), "lse": torch.logsumexp(z64, -1),
-             "sum_z": z64.sum(-1)}  # fmt: skip
+    truth = {
+        "entropy": -(log_probs64.exp() * log_probs64).sum(-1),
+        "lse": torch.logsumexp(z64, -1),
+        "sum_z": z64.sum(-1),
+    }
     naive = {"entropy": -(log_probs.exp() * log_probs).sum(-1), "lse": torch.logsumexp(z, -1), "sum_z": z.sum(-1)}
     stats = finalize_partials(partials)
     failures = []

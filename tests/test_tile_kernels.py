@@ -38,8 +38,17 @@ def _relative_errors(got: list[torch.Tensor], want: list[torch.Tensor]) -> list[
 def test_gradient_filter_skips_tiles_and_stays_within_naive_bf16_error():
     seed = int(torch.randint(0, 2**31 - 1, ()))
     # D 256: in a few dimensions the target's direction leaks into every logit and the tail is not a trained one's
-    problem = make_problem("cross_entropy", 64, 256, 1024, dtype=torch.float32, device=torch.device("cpu"), seq_len=64,
-                           seed=seed, distribution="trained")  # fmt: skip
+    problem = make_problem(
+        "cross_entropy",
+        64,
+        256,
+        1024,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        seq_len=64,
+        seed=seed,
+        distribution="trained",
+    )
     hidden, weight = problem.hidden.detach().reshape(-1, 256), problem.weight.detach()
     targets = problem.targets.reshape(-1)
     g_logp, g_entropy = torch.randn(len(targets)), torch.randn(len(targets)) * 0.1
@@ -50,8 +59,9 @@ def test_gradient_filter_skips_tiles_and_stays_within_naive_bf16_error():
 
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     with count_filtered_tiles() as tiles:
-        logp, entropy = fused_hybrid.linear_logprobs(h, w, targets, return_entropy=True, backend="triton",
-                                                     gradient_filter=FILTER)  # fmt: skip
+        logp, entropy = fused_hybrid.linear_logprobs(
+            h, w, targets, return_entropy=True, backend="triton", gradient_filter=FILTER
+        )
         filtered = grads((logp * g_logp + entropy * g_entropy).sum(), [h, w])
 
     h16, w16 = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
@@ -63,31 +73,47 @@ def test_gradient_filter_skips_tiles_and_stays_within_naive_bf16_error():
     # a tile is kept if any of its 16 tokens has its target among the tile's 32 columns (40% of them) or a tail
     # column above the threshold
     assert 0.0 < tiles.kept_fraction < 0.9, f"kept {tiles.kept_fraction:.2f} of the tiles (seed {seed})"
-    for name, filtered_error, naive_error in zip(("d_hidden", "d_weight"), _relative_errors(filtered, expected),
-                                                 _relative_errors(naive, expected)):  # fmt: skip
+    for name, filtered_error, naive_error in zip(
+        ("d_hidden", "d_weight"), _relative_errors(filtered, expected), _relative_errors(naive, expected)
+    ):
         assert filtered_error <= naive_error, f"{name}: filtered {filtered_error:.2e} > naive bf16 {naive_error:.2e}"
 
 
 def test_gradient_filter_is_off_when_a_uniform_term_reaches_every_column():
     """Label smoothing adds eps / V to every column's gradient: skipping tiles would drop a constant share of it,
     so the filtered run equals the exact one."""
-    problem = make_problem("cross_entropy", 64, 32, 512, dtype=torch.float32, device=torch.device("cpu"), seq_len=64,
-                           seed=int(torch.randint(0, 2**31 - 1, ())), distribution="trained")  # fmt: skip
+    problem = make_problem(
+        "cross_entropy",
+        64,
+        32,
+        512,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        seq_len=64,
+        seed=int(torch.randint(0, 2**31 - 1, ())),
+        distribution="trained",
+    )
     hidden, weight = problem.hidden.detach().reshape(-1, 32), problem.weight.detach()
     targets = problem.targets.reshape(-1)
     results = []
     for gradient_filter in (None, FILTER):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss = fused_hybrid.linear_cross_entropy(h, w, targets, label_smoothing=0.1, backend="triton",
-                                                 gradient_filter=gradient_filter)  # fmt: skip
+        loss = fused_hybrid.linear_cross_entropy(
+            h, w, targets, label_smoothing=0.1, backend="triton", gradient_filter=gradient_filter
+        )
         results.append(grads(loss, [h, w]))
     for exact, filtered in zip(*results):
         assert torch.equal(exact, filtered)
 
 
-@pytest.mark.parametrize("bad, message", [(0.0, "gradient_filter must be a finite number > 0"),
-                                          (1.5, "gradient_filter must lie in \\(0, 1\\)"),
-                                          ("1e-4", "gradient_filter must be a Python number")])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (0.0, "gradient_filter must be a finite number > 0"),
+        (1.5, "gradient_filter must lie in \\(0, 1\\)"),
+        ("1e-4", "gradient_filter must be a Python number"),
+    ],
+)
 def test_gradient_filter_bad_values_are_named(bad, message):
     hidden, weight, targets = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
     with pytest.raises((TypeError, ValueError), match=message):

@@ -34,12 +34,27 @@ def wrong_length(prompts, completions, **_):
 
 
 def config(tmp_path, mode, *extra):
-    return load_config(None, [
-        f"mode={mode}", f"output_dir={tmp_path / mode}", f"model.tiny={TINY}", "data.synthetic_size=400",
-        "data.eval_size=16", "optim.batch_size=16", "optim.learning_rate=3e-3", "optim.warmup_steps=2",
-        "optim.max_steps=25", "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=3",
-        "log_every=1", "eval_every=100", "save_every=100", *extra,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        [
+            f"mode={mode}",
+            f"output_dir={tmp_path / mode}",
+            f"model.tiny={TINY}",
+            "data.synthetic_size=400",
+            "data.eval_size=16",
+            "optim.batch_size=16",
+            "optim.learning_rate=3e-3",
+            "optim.warmup_steps=2",
+            "optim.max_steps=25",
+            "rollout.prompts_per_step=4",
+            "rollout.group_size=4",
+            "rollout.max_new_tokens=3",
+            "log_every=1",
+            "eval_every=100",
+            "save_every=100",
+            *extra,
+        ],
+    )
 
 
 def early_late(history, key):
@@ -49,12 +64,17 @@ def early_late(history, key):
 
 @pytest.mark.parametrize(
     "mode, key, extra",
-    [("sft", "loss", "model.gradient_checkpointing=true"), ("dft", "sft_loss", ""), ("ift", "loss", ""),
-     ("minor_sft", "loss", "")],
-)  # fmt: skip
+    [
+        ("sft", "loss", "model.gradient_checkpointing=true"),
+        ("dft", "sft_loss", ""),
+        ("ift", "loss", ""),
+        ("minor_sft", "loss", ""),
+    ],
+)
 def test_supervised_modes_learn(tmp_path, mode, key, extra):
-    history = HybridTrainer(config(tmp_path, mode, "optim.grad_accum=2", *filter(None, [extra])),
-                            progress=False).train()  # fmt: skip
+    history = HybridTrainer(
+        config(tmp_path, mode, "optim.grad_accum=2", *filter(None, [extra])), progress=False
+    ).train()
     early, late = early_late(history, key)
     assert late < early, f"{mode}: {key} went from {early:.3f} to {late:.3f}"
     assert (tmp_path / mode / "curves.png").is_file() and (tmp_path / mode / "metrics.jsonl").is_file()
@@ -62,9 +82,18 @@ def test_supervised_modes_learn(tmp_path, mode, key, extra):
 
 @pytest.mark.parametrize("mode", ["grpo", "cispo", "gmpo", "chord"])
 def test_rollout_modes_raise_the_reward(tmp_path, mode):
-    trainer = HybridTrainer(config(tmp_path, mode, "objective.reward=tests.test_trainer.starts_with_seven",
-                                   "objective.mu=0.2", "optim.max_steps=30", "rollout.temperature=1.0",
-                                   "optim.learning_rate=1e-2"), progress=False)  # fmt: skip
+    trainer = HybridTrainer(
+        config(
+            tmp_path,
+            mode,
+            "objective.reward=tests.test_trainer.starts_with_seven",
+            "objective.mu=0.2",
+            "optim.max_steps=30",
+            "rollout.temperature=1.0",
+            "optim.learning_rate=1e-2",
+        ),
+        progress=False,
+    )
     history = trainer.train()
     early, late = early_late(history, "reward")
     assert late > early + 0.2, f"{mode}: reward went from {early:.2f} to {late:.2f}"
@@ -82,8 +111,9 @@ def preference_file(folder):
 
 def test_dpo_learns_preferences_from_jsonl(tmp_path):
     path = preference_file(tmp_path)
-    history = HybridTrainer(config(tmp_path, "dpo", f"data.path={path}", "optim.grad_accum=2", "objective.beta=0.5"),
-                            progress=False).train()  # fmt: skip
+    history = HybridTrainer(
+        config(tmp_path, "dpo", f"data.path={path}", "optim.grad_accum=2", "objective.beta=0.5"), progress=False
+    ).train()
     early, late = early_late(history, "loss")
     assert late < early
     assert early_late(history, "reward_accuracy")[1] > 0.6
@@ -91,8 +121,11 @@ def test_dpo_learns_preferences_from_jsonl(tmp_path):
 
 # The same two steps at grad_accum 1, 2 and 4. Rollouts of up to 8 tokens end at different lengths (so that the
 # token-mean policy loss is not 0); CHORD with 3 expert rows among 19, so that some micro-batches hold none.
-ROLLOUT_EXTRA = ["objective.reward=tests.test_trainer.starts_with_seven", "rollout.temperature=1.0",
-                 "rollout.max_new_tokens=8"]  # fmt: skip
+ROLLOUT_EXTRA = [
+    "objective.reward=tests.test_trainer.starts_with_seven",
+    "rollout.temperature=1.0",
+    "rollout.max_new_tokens=8",
+]
 ACCUMULATED_MODES = {
     "grpo": ROLLOUT_EXTRA,
     "chord": [*ROLLOUT_EXTRA, "objective.mu=0.3", "optim.batch_size=3"],
@@ -114,8 +147,9 @@ def test_logged_metrics_do_not_depend_on_grad_accum(tmp_path, mode):
         extra.append(f"data.path={preference_file(tmp_path)}")
     runs = {}
     for accum in (1, 2, 4):
-        trainer = HybridTrainer(config(tmp_path / f"accum{accum}", mode, f"optim.grad_accum={accum}", *extra),
-                                progress=False)  # fmt: skip
+        trainer = HybridTrainer(
+            config(tmp_path / f"accum{accum}", mode, f"optim.grad_accum={accum}", *extra), progress=False
+        )
         runs[accum] = [comparable(trainer.train_step()) for _ in range(2)]
     whole = runs[1]
     logged = set(whole[0]) - {"step", "lr", "grad_norm", "loss", "reward"}
@@ -130,8 +164,13 @@ def test_logged_metrics_do_not_depend_on_grad_accum(tmp_path, mode):
 
 
 def test_resume_gives_the_state_of_an_uninterrupted_run(tmp_path):
-    extra = ["objective.reward=tests.test_trainer.starts_with_seven", "optim.max_steps=6", "save_every=3",
-             "objective.mu_decay_steps=10", "optim.grad_accum=2"]  # fmt: skip
+    extra = [
+        "objective.reward=tests.test_trainer.starts_with_seven",
+        "optim.max_steps=6",
+        "save_every=3",
+        "objective.mu_decay_steps=10",
+        "optim.grad_accum=2",
+    ]
     straight = HybridTrainer(config(tmp_path / "a", "chord", *extra), progress=False)
     straight.train()
 
@@ -194,17 +233,23 @@ def test_a_prompt_longer_than_max_length_is_dropped_once_with_a_warning(tmp_path
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with caplog.at_level(logging.WARNING, logger="fused_hybrid.trainer"):
-        trainer = HybridTrainer(config(tmp_path, "sft", f"data.path={path}", "data.max_length=20",
-                                       "optim.batch_size=40"), progress=False)  # fmt: skip
+        trainer = HybridTrainer(
+            config(tmp_path, "sft", f"data.path={path}", "data.max_length=20", "optim.batch_size=40"), progress=False
+        )
     assert "skipping 1 of" in caplog.text and "data.max_length=20" in caplog.text
     assert "1" * 40 not in list(trainer.train_rows["prompt"])
     for _ in range(2):
         trainer.train_step()
 
 
-@pytest.mark.parametrize("reward, words", [("tests.test_trainer.raises", "raised KeyError"),
-                                           ("tests.test_trainer.wrong_length", "returned 1 rewards for 16"),
-                                           ("tests.nowhere.reward", "cannot be imported")])  # fmt: skip
+@pytest.mark.parametrize(
+    "reward, words",
+    [
+        ("tests.test_trainer.raises", "raised KeyError"),
+        ("tests.test_trainer.wrong_length", "returned 1 rewards for 16"),
+        ("tests.nowhere.reward", "cannot be imported"),
+    ],
+)
 def test_bad_reward_functions_are_named(tmp_path, reward, words):
     with pytest.raises((RewardError, ValueError), match=words):
         HybridTrainer(config(tmp_path, "grpo", f"objective.reward={reward}"), progress=False).train_step()
@@ -212,13 +257,17 @@ def test_bad_reward_functions_are_named(tmp_path, reward, words):
 
 def test_cli_train_reads_yaml_and_toml_and_names_config_errors(tmp_path, capsys):
     yaml_path = tmp_path / "run.yaml"
-    yaml_path.write_text(f"mode: sft\noutput_dir: {tmp_path / 'yaml'}\nmodel:\n  tiny: {TINY}\noptim:\n  max_steps: 2\n"
-                         "data:\n  synthetic_size: 100\n")  # fmt: skip
+    yaml_path.write_text(
+        f"mode: sft\noutput_dir: {tmp_path / 'yaml'}\nmodel:\n  tiny: {TINY}\noptim:\n  max_steps: 2\n"
+        "data:\n  synthetic_size: 100\n"
+    )
     cli_main(["train", str(yaml_path), "--set", "optim.batch_size=4"])
     assert (tmp_path / "yaml" / "checkpoint-0000002").is_dir()
     toml_path = tmp_path / "run.toml"
-    toml_path.write_text(f'mode = "dft"\noutput_dir = "{tmp_path / "toml"}"\n[optim]\nmax_steps = 1\nbatch_size = 4\n'
-                         "[data]\nsynthetic_size = 100\n")  # fmt: skip
+    toml_path.write_text(
+        f'mode = "dft"\noutput_dir = "{tmp_path / "toml"}"\n[optim]\nmax_steps = 1\nbatch_size = 4\n'
+        "[data]\nsynthetic_size = 100\n"
+    )
     cli_main(["train", str(toml_path), "--set", f"model.tiny={TINY}"])
     assert (tmp_path / "toml" / "checkpoint-0000001").is_dir()
     with pytest.raises(SystemExit) as exit_info:
@@ -275,8 +324,10 @@ def test_prompts_go_through_the_chat_template_when_the_tokenizer_has_one():
 
 def test_no_training_row_repeats_an_evaluation_prompt(tmp_path):
     """2-digit addition has 10,000 problems: 400 random rows repeat some; the held-out ones must not be trained on."""
-    trainer = HybridTrainer(config(tmp_path, "sft", "data.synthetic_size=3000", "data.synthetic_digits=1",
-                                   "data.eval_size=50"), progress=False)  # fmt: skip
+    trainer = HybridTrainer(
+        config(tmp_path, "sft", "data.synthetic_size=3000", "data.synthetic_digits=1", "data.eval_size=50"),
+        progress=False,
+    )
     held_out = set(trainer.eval_rows["prompt"])
     assert held_out and not held_out & set(trainer.train_rows["prompt"])
     assert len(trainer.train_rows) > 0

@@ -40,8 +40,13 @@ def trl_reference(hidden, weight, bias, targets, temperature, softcap, logit_sca
     z = trl_logits64(hidden, weight, bias, temperature, softcap, logit_scale)
     log_p = torch.log_softmax(z, -1)
     p = log_p.exp()
-    return (log_p.gather(1, targets[:, None])[:, 0], -(p * log_p).sum(-1), torch.logsumexp(2 * log_p, -1),
-            z.mean(-1), z.argmax(-1) == targets)  # fmt: skip
+    return (
+        log_p.gather(1, targets[:, None])[:, 0],
+        -(p * log_p).sum(-1),
+        torch.logsumexp(2 * log_p, -1),
+        z.mean(-1),
+        z.argmax(-1) == targets,
+    )
 
 
 def reference_margin(hidden, weight, bias, targets, options) -> torch.Tensor:
@@ -51,8 +56,10 @@ def reference_margin(hidden, weight, bias, targets, options) -> torch.Tensor:
     return z.gather(1, targets[:, None])[:, 0] - z.scatter(1, targets[:, None], float("-inf")).amax(-1)
 
 
-@pytest.mark.parametrize("options", [dict(temperature=1.0, softcap=None, logit_scale=1.0),
-                                     dict(temperature=0.7, softcap=3.0, logit_scale=1.7)])  # fmt: skip
+@pytest.mark.parametrize(
+    "options",
+    [dict(temperature=1.0, softcap=None, logit_scale=1.0), dict(temperature=0.7, softcap=3.0, logit_scale=1.7)],
+)
 def test_every_field_and_gradient_matches_trls_transform(options):
     n, d, v = 41, 16, 103
     hidden = torch.randn(n, d, requires_grad=True)
@@ -72,8 +79,9 @@ def test_every_field_and_gradient_matches_trls_transform(options):
 
     ours = integration.FusedHybridLogProbFunction.apply(hidden, weight, bias, targets, *args)
     theirs = ChunkedLogProbFunction.apply(hidden, weight, bias, targets, *args)
-    reference = trl_reference(hidden, weight, bias, targets, options["temperature"], options["softcap"],
-                              options["logit_scale"])  # fmt: skip
+    reference = trl_reference(
+        hidden, weight, bias, targets, options["temperature"], options["softcap"], options["logit_scale"]
+    )
     for name, got, trl_value, want in zip(OUTPUTS, ours, theirs, reference):
         if name == "is_top1":  # exact where fp32 can tell: the target's lead (or lag) above fp32 rounding
             clear = (reference_margin(hidden, weight, bias, targets, options).abs() > 1e-4) | (torch.arange(n) < 4)
@@ -84,8 +92,9 @@ def test_every_field_and_gradient_matches_trls_transform(options):
             assert_close_scaled(got, trl_value, 1e-5, f"{name} vs TRL")
     leaves = [hidden, weight, bias]
     expected = grads((reference[0] * g_logp.double() + reference[1] * g_entropy.double()).sum(), leaves)
-    for label, got, want in zip(("d_hidden", "d_weight", "d_bias"),
-                                grads((ours[0] * g_logp + ours[1] * g_entropy).sum(), leaves), expected):  # fmt: skip
+    for label, got, want in zip(
+        ("d_hidden", "d_weight", "d_bias"), grads((ours[0] * g_logp + ours[1] * g_entropy).sum(), leaves), expected
+    ):
         assert_close_scaled(got, want, 1e-5, label)
 
 
@@ -93,19 +102,26 @@ def test_fields_not_requested_are_none_and_without_gradient():
     hidden, weight = torch.randn(5, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
     targets = torch.randint(0, 11, (5,))
     logp, entropy, log_sum_sq, mean_logits, top1 = integration.FusedHybridLogProbFunction.apply(
-        hidden, weight, None, targets, 1.0, 32, None, 1.0, ("log_probs", "mean_logits"))  # fmt: skip
+        hidden, weight, None, targets, 1.0, 32, None, 1.0, ("log_probs", "mean_logits")
+    )
     assert entropy is None and log_sum_sq is None and top1 is None
     assert logp.requires_grad and not mean_logits.requires_grad
 
 
-@pytest.mark.parametrize("bad, message", [(dict(outputs=("log_probs", "perplexity")), "outputs: unknown"),
-                                          (dict(logit_scale=0.0), "logit_scale must be > 0")])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(outputs=("log_probs", "perplexity")), "outputs: unknown"),
+        (dict(logit_scale=0.0), "logit_scale must be > 0"),
+    ],
+)
 def test_bad_arguments_are_named(bad, message):
     arguments = dict(temperature=1.0, chunk_size=32, final_logit_softcapping=None, logit_scale=1.0, outputs=OUTPUTS)
     arguments.update(bad)
     with pytest.raises(ValueError, match=message):
-        integration.FusedHybridLogProbFunction.apply(torch.randn(3, 4), torch.randn(5, 4), None,
-                                                     torch.zeros(3, dtype=torch.long), *arguments.values())  # fmt: skip
+        integration.FusedHybridLogProbFunction.apply(
+            torch.randn(3, 4), torch.randn(5, 4), None, torch.zeros(3, dtype=torch.long), *arguments.values()
+        )
 
 
 def test_install_and_uninstall_swap_trls_function():
@@ -152,21 +168,56 @@ def _text(ids) -> str:
 
 def _sft_trainer(model, reference, tmp_path):
     rows = [{"input_ids": [(i * 3 + t) % 90 + 3 for t in range(12)]} for i in range(16)]
-    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=0.5,
-                         optim="sgd", logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
-                         seed=3)  # fmt: skip
-    return trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                          processing_class=word_level_tokenizer(VOCAB))  # fmt: skip
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=0.5,
+        optim="sgd",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=3,
+    )
+    return trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=word_level_tokenizer(VOCAB),
+    )
 
 
 def _dpo_trainer(model, reference, tmp_path):
-    rows = [{"prompt": _text(range(3 + i, 8 + i)), "chosen": _text(range(8 + i, 12 + i)),
-             "rejected": _text([50 + i, 40, 41 + i % 5])} for i in range(8)]  # fmt: skip
-    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=0.5,
-                         optim="sgd", logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
-                         seed=3)  # fmt: skip
-    return trl.DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                          processing_class=word_level_tokenizer(VOCAB))  # fmt: skip
+    rows = [
+        {
+            "prompt": _text(range(3 + i, 8 + i)),
+            "chosen": _text(range(8 + i, 12 + i)),
+            "rejected": _text([50 + i, 40, 41 + i % 5]),
+        }
+        for i in range(8)
+    ]
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=0.5,
+        optim="sgd",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=3,
+    )
+    return trl.DPOTrainer(
+        model=model,
+        ref_model=reference,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=word_level_tokenizer(VOCAB),
+    )
 
 
 def _grpo_trainer(model, reference, tmp_path):
@@ -174,12 +225,28 @@ def _grpo_trainer(model, reference, tmp_path):
         return [float(len(set(c.split()))) for c in completions]
 
     rows = [{"prompt": _text(range(3 + i, 7 + i))} for i in range(8)]
-    args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
-                          max_completion_length=6, max_steps=2, learning_rate=0.5, optim="sgd", logging_steps=1,
-                          report_to=[], save_strategy="no", use_cpu=True, bf16=False, seed=3)  # fmt: skip
-    return trl.GRPOTrainer(model=model, reward_funcs=reward_counting, args=args,
-                           train_dataset=datasets.Dataset.from_list(rows),
-                           processing_class=word_level_tokenizer(VOCAB))  # fmt: skip
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=2,
+        learning_rate=0.5,
+        optim="sgd",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=3,
+    )
+    return trl.GRPOTrainer(
+        model=model,
+        reward_funcs=reward_counting,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=word_level_tokenizer(VOCAB),
+    )
 
 
 @pytest.mark.parametrize("make_trainer", [_sft_trainer, _dpo_trainer, _grpo_trainer], ids=["sft", "dpo", "grpo"])
@@ -187,13 +254,15 @@ def test_trls_trainers_log_and_train_the_same_with_fused_hybrid(make_trainer, tm
     start = tiny_model("qwen2")
     runs, our_calls = {}, []
     ours = integration.FusedHybridLogProbFunction.apply
-    monkeypatch.setattr(integration.FusedHybridLogProbFunction, "apply",
-                        staticmethod(lambda *a: our_calls.append(a[-1]) or ours(*a)))  # fmt: skip
+    monkeypatch.setattr(
+        integration.FusedHybridLogProbFunction, "apply", staticmethod(lambda *a: our_calls.append(a[-1]) or ours(*a))
+    )
     for name in ("trl", "fused-hybrid"):
         if name == "fused-hybrid":
             integration.install()
-            monkeypatch.setattr(ChunkedLogProbFunction, "forward",
-                                staticmethod(lambda *a, **k: pytest.fail("TRL's own kernel ran")))  # fmt: skip
+            monkeypatch.setattr(
+                ChunkedLogProbFunction, "forward", staticmethod(lambda *a, **k: pytest.fail("TRL's own kernel ran"))
+            )
         torch.manual_seed(0)
         trainer = make_trainer(copy.deepcopy(start), copy.deepcopy(start), tmp_path / name)
         trainer.train()

@@ -36,8 +36,9 @@ def inputs(ignore_index=-100):
 def losses(hidden, weight, bias, targets, upstream, backend, vocab_parallel=None, ignore_index=-100):
     """Every path that reaches the head: log-probs + entropy, cross-entropy with smoothing and z-loss, GRPO."""
     options = dict(backend=backend, vocab_parallel=vocab_parallel, ignore_index=ignore_index)
-    logp, entropy = fused_hybrid.linear_logprobs(hidden, weight, targets, bias, return_entropy=True, softcap=4.0,
-                                                 **options)  # fmt: skip
+    logp, entropy = fused_hybrid.linear_logprobs(
+        hidden, weight, targets, bias, return_entropy=True, softcap=4.0, **options
+    )
     ce = fused_hybrid.linear_cross_entropy(hidden, weight, targets, bias, label_smoothing=0.1, z_loss=1e-2, **options)
     grpo = fused_hybrid.grpo_loss(
         hidden.reshape(1, N, D),
@@ -48,7 +49,7 @@ def losses(hidden, weight, bias, targets, upstream, backend, vocab_parallel=None
         old_logp=torch.full((1, N), -3.0),
         **options,
     ).loss
-    return (logp * upstream[0]).sum() + (entropy * upstream[1]).sum() + ce + grpo  # fmt: skip
+    return (logp * upstream[0]).sum() + (entropy * upstream[1]).sum() + ce + grpo
 
 
 def worker(rank, world, init_file, out_dir, backend, reduce_hidden_grad, deterministic, ignore_index):
@@ -63,12 +64,23 @@ def worker(rank, world, init_file, out_dir, backend, reduce_hidden_grad, determi
     parallel = fused_hybrid.VocabParallel(vocab_size=V, reduce_hidden_grad=reduce_hidden_grad)
     total = losses(hidden, weight_slice, bias_slice, targets, upstream, backend, parallel, ignore_index)
     total.backward()
-    result = {"loss": total.detach(), "d_hidden": hidden.grad, "d_weight": weight_slice.grad,
-              "d_bias": bias_slice.grad, "rows": (rows.start, rows.stop)}  # fmt: skip
+    result = {
+        "loss": total.detach(),
+        "d_hidden": hidden.grad,
+        "d_weight": weight_slice.grad,
+        "d_bias": bias_slice.grad,
+        "rows": (rows.start, rows.stop),
+    }
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     try:
-        fused_hybrid.linear_logprobs(hidden, weight_slice, targets, backend=backend, ignore_index=ignore_index,
-                                     vocab_parallel=fused_hybrid.VocabParallel(vocab_size=V + 1))  # fmt: skip
+        fused_hybrid.linear_logprobs(
+            hidden,
+            weight_slice,
+            targets,
+            backend=backend,
+            ignore_index=ignore_index,
+            vocab_parallel=fused_hybrid.VocabParallel(vocab_size=V + 1),
+        )
         raised = ""
     except ValueError as error:
         raised = str(error)
@@ -77,16 +89,22 @@ def worker(rank, world, init_file, out_dir, backend, reduce_hidden_grad, determi
 
 
 # (backend, world, reduce_hidden_grad, deterministic, ignore_index)
-CASES = [(backend, *case, -100) for backend in ("torch", "triton")
-         for case in ((2, True, False), (4, True, True), (2, False, False))]  # fmt: skip
+CASES = [
+    (backend, *case, -100)
+    for backend in ("torch", "triton")
+    for case in ((2, True, False), (4, True, True), (2, False, False))
+]
 # an ignore_index that is a token id (0, or a pad id) and a local column of the second slice: every backend
 CASES += [(backend, 2, True, False, ignore) for backend in ("torch", "chunked", "triton") for ignore in (0, 3)]
 
 
 @pytest.mark.parametrize("backend, world, reduce_hidden_grad, deterministic, ignore_index", CASES)
 def test_vocab_parallel_matches_one_process(tmp_path, backend, world, reduce_hidden_grad, deterministic, ignore_index):
-    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path), backend, reduce_hidden_grad, deterministic,
-                           ignore_index), nprocs=world)  # fmt: skip
+    mp.spawn(
+        worker,
+        args=(world, str(tmp_path / "init"), str(tmp_path), backend, reduce_hidden_grad, deterministic, ignore_index),
+        nprocs=world,
+    )
     hidden, weight, bias, targets, upstream = inputs(ignore_index)
     hidden.requires_grad_()
     weight.requires_grad_()

@@ -61,8 +61,9 @@ def chunk_rows(num_tokens: int, vocab_size: int, bytes_per_logit: int, workspace
     return rounded if rounded <= most else rows
 
 
-def plan_chunks(valid: torch.Tensor, vocab_size: int, bytes_per_logit: int, workspace_bytes: int,
-                groups: torch.Tensor | None = None) -> list[Rows] | None:  # fmt: skip
+def plan_chunks(
+    valid: torch.Tensor, vocab_size: int, bytes_per_logit: int, workspace_bytes: int, groups: torch.Tensor | None = None
+) -> list[Rows] | None:
     """The token rows of each chunk: ranges of all tokens, or the indices of the loss tokens when some are
     ignored (reading their number is the engine's one host sync; skipped during CUDA graph capture).
 
@@ -128,8 +129,9 @@ class _Gradients:
     V x D fp32 buffer at all. The gradients come back in the inputs' dtypes, or in `grad_dtypes` (hidden, weight,
     bias), e.g. fp32 for fp32 parameters that an autocast region computes in bf16."""
 
-    def __init__(self, hidden, weight, bias, needs: tuple[bool, bool, bool], plan: list[Rows],
-                 grad_dtypes: tuple | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, hidden, weight, bias, needs: tuple[bool, bool, bool], plan: list[Rows], grad_dtypes: tuple | None = None
+    ) -> None:
         needs_hidden, needs_weight, needs_bias = needs
         self.grad_dtypes = grad_dtypes or (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         acc = dict(dtype=stats_dtype(hidden.dtype), device=weight.device)
@@ -192,8 +194,9 @@ def partials(hidden, weight, targets, bias, head: HeadSpec, *, epilogue=None) ->
     return partials_and_extras(hidden, weight, targets, bias, head, extras=False, epilogue=epilogue)[0]
 
 
-def partials_and_extras(hidden, weight, targets, bias, head: HeadSpec, *, extras: bool,
-                        epilogue=None) -> tuple[VocabPartials, RowExtras | None]:  # fmt: skip
+def partials_and_extras(
+    hidden, weight, targets, bias, head: HeadSpec, *, extras: bool, epilogue=None
+) -> tuple[VocabPartials, RowExtras | None]:
     """VocabPartials and, with `extras`, RowExtras (sum exp(2 (z - m)), the max logit before the target) from the
     same sweep: one more read of each chunk's logits, no more GEMMs."""
     epilogue, column_targets, plan = _sweep(hidden, weight, targets, head, epilogue)
@@ -208,8 +211,19 @@ def partials_and_extras(hidden, weight, targets, bias, head: HeadSpec, *, extras
     return VocabPartials(*out[:5]), RowExtras(*out[5:]) if extras else None
 
 
-def backward(hidden, weight, targets, bias, norm: SoftmaxNorm, coefs: TokenGradCoefficients, head: HeadSpec,
-             needs: tuple[bool, bool, bool], *, grad_dtypes: tuple | None = None, epilogue=None):  # fmt: skip
+def backward(
+    hidden,
+    weight,
+    targets,
+    bias,
+    norm: SoftmaxNorm,
+    coefs: TokenGradCoefficients,
+    head: HeadSpec,
+    needs: tuple[bool, bool, bool],
+    *,
+    grad_dtypes: tuple | None = None,
+    epilogue=None,
+):
     """(d_hidden, d_weight, d_bias), None where not needed, recomputing each chunk's logits (log p from the rows'
     max and log sum exp, `norm`); in the inputs' dtypes or in `grad_dtypes` (hidden, weight, bias)."""
     epilogue, column_targets, plan = _sweep(hidden, weight, targets, head, epilogue)
@@ -229,9 +243,19 @@ def backward(hidden, weight, targets, bias, norm: SoftmaxNorm, coefs: TokenGradC
 ChunkGradients = Callable[[HeadStats, Rows], tuple[torch.Tensor | None, ...]]
 
 
-def statistics_and_gradients(hidden, weight, targets, bias, head: HeadSpec, chunk_gradients: ChunkGradients,
-                             needs: tuple[bool, bool, bool], *, groups=None, grad_dtypes=None,
-                             epilogue=None):  # fmt: skip
+def statistics_and_gradients(
+    hidden,
+    weight,
+    targets,
+    bias,
+    head: HeadSpec,
+    chunk_gradients: ChunkGradients,
+    needs: tuple[bool, bool, bool],
+    *,
+    groups=None,
+    grad_dtypes=None,
+    epilogue=None,
+):
     """One sweep, three GEMMs: the finalised statistics [N] (0 at ignored tokens) and (d_hidden, d_weight,
     d_bias) of a loss whose upstream gradients at a chunk's rows `chunk_gradients` gives from the statistics of the
     tokens swept so far (those rows included). That is its gradient when the loss is token-separable, or, with
@@ -251,7 +275,6 @@ def statistics_and_gradients(hidden, weight, targets, bias, head: HeadSpec, chun
         statistics[:, rows] = torch.stack(chunk_stats)
         upstream = chunk_gradients(HeadStats(*statistics), rows)
         coefs = token_grad_coefficients(upstream, chunk_stats.entropy, valid[rows])
-        d_z = epilogue.gradient(logits, state, column_targets[rows], bias, softmax_norm(chunk_partials), coefs,
-                                head)  # fmt: skip
+        d_z = epilogue.gradient(logits, state, column_targets[rows], bias, softmax_norm(chunk_partials), coefs, head)
         grads.add_chunk(d_z, logits, rows, hidden_rows, weight)
     return HeadStats(*(torch.where(valid, s, 0.0) for s in statistics)), grads.result(weight, bias)

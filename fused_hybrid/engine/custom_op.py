@@ -81,9 +81,27 @@ def _token_statistics_backward(
 
 
 @_token_statistics_backward.register_fake
-def _(hidden, weight, targets, bias, row_max, log_sum_exp, onehot_coef, prob_coef, logp_coef, uniform_coef,
-      temperature, softcap, ignore_index, workspace_bytes, gradient_filter, backend, needs_hidden, needs_weight,
-      needs_bias):  # fmt: skip
+def _(
+    hidden,
+    weight,
+    targets,
+    bias,
+    row_max,
+    log_sum_exp,
+    onehot_coef,
+    prob_coef,
+    logp_coef,
+    uniform_coef,
+    temperature,
+    softcap,
+    ignore_index,
+    workspace_bytes,
+    gradient_filter,
+    backend,
+    needs_hidden,
+    needs_weight,
+    needs_bias,
+):
     # Every backend returns contiguous gradients, whatever the strides of hidden / weight (a transposed view):
     # new_empty(shape) is contiguous where empty_like would copy the input's strides.
     return (
@@ -93,8 +111,18 @@ def _(hidden, weight, targets, bias, row_max, log_sum_exp, onehot_coef, prob_coe
     )
 
 
-def statistics_backward(hidden, weight, targets, bias, norm: SoftmaxNorm, entropy, valid, grads, head: HeadSpec,
-                        needs: tuple[bool, bool, bool]):
+def statistics_backward(
+    hidden,
+    weight,
+    targets,
+    bias,
+    norm: SoftmaxNorm,
+    entropy,
+    valid,
+    grads,
+    head: HeadSpec,
+    needs: tuple[bool, bool, bool],
+):
     """(d_hidden, d_weight, d_bias) from the upstream gradients `grads` of (logp, entropy, lse, sum_z), None where
     not needed: the gradients are folded into per-token coefficients (core.token_grad_coefficients) and the
     backend `head.backend` recomputes the logit tiles, with log p = (z - m) - log s from `norm`."""
@@ -120,8 +148,16 @@ def _backward(ctx, g_logp, g_entropy, g_lse, g_sum_z, _g_max, _g_log_sum_exp):
     hidden, weight, targets, bias, row_max, log_sum_exp, entropy = ctx.saved_tensors
     needs_hidden, needs_weight, _, needs_bias = ctx.needs_input_grad[:4]
     d_hidden, d_weight, d_bias = statistics_backward(
-        hidden, weight, targets, bias, SoftmaxNorm(row_max, log_sum_exp), entropy, targets != ctx.head.ignore_index,
-        (g_logp, g_entropy, g_lse, g_sum_z), ctx.head, (needs_hidden, needs_weight, needs_bias),
+        hidden,
+        weight,
+        targets,
+        bias,
+        SoftmaxNorm(row_max, log_sum_exp),
+        entropy,
+        targets != ctx.head.ignore_index,
+        (g_logp, g_entropy, g_lse, g_sum_z),
+        ctx.head,
+        (needs_hidden, needs_weight, needs_bias),
     )
     return d_hidden, d_weight, None, d_bias, *(None,) * len(ctx.head.op_arguments())
 

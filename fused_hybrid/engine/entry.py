@@ -177,10 +177,16 @@ def _head_loss(loss_of_stats: LossOfStats, call: _Call, separable: bool, groups)
     grad_dtypes = (given_hidden.dtype, given_weight.dtype, None if given_bias is None else given_bias.dtype)
     with torch.no_grad():
         swept = chunked.statistics_and_gradients(
-            hidden.detach(), weight.detach(), call.targets_1d, None if bias is None else bias.detach(),
-            call.head, chunk_gradients, needs, groups=None if groups is None else groups.reshape(-1),
+            hidden.detach(),
+            weight.detach(),
+            call.targets_1d,
+            None if bias is None else bias.detach(),
+            call.head,
+            chunk_gradients,
+            needs,
+            groups=None if groups is None else groups.reshape(-1),
             grad_dtypes=grad_dtypes,
-        )  # fmt: skip
+        )
     if swept is None:  # a group too large for one chunk
         return loss_of_stats(_head_stats(call))
     stats, (d_hidden, d_weight, d_bias) = swept

@@ -49,7 +49,6 @@ class VocabParallel:
         return sum(sizes[:rank]), total
 
 
-
 @dataclasses.dataclass(frozen=True)
 class HeadSpec:
     """The logits ``softcap(F.linear(hidden, weight, bias) / temperature)`` (``softcap(u) = s * tanh(u / s)``),
@@ -75,15 +74,19 @@ class HeadSpec:
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
         check_backend_name(self.backend)
-        if self.workspace_bytes is not None and (isinstance(self.workspace_bytes, bool)
-                                                 or not isinstance(self.workspace_bytes, int)
-                                                 or self.workspace_bytes <= 0):  # fmt: skip
+        if self.workspace_bytes is not None and (
+            isinstance(self.workspace_bytes, bool)
+            or not isinstance(self.workspace_bytes, int)
+            or self.workspace_bytes <= 0
+        ):
             raise ValueError(f"workspace_bytes must be a positive int (bytes), got {self.workspace_bytes!r}")
         if self.gradient_filter is not None:
             check_positive("gradient_filter", self.gradient_filter)
             if self.gradient_filter >= 1:
-                raise ValueError(f"gradient_filter must lie in (0, 1) (relative to a token's gradient scale), "
-                                 f"got {self.gradient_filter}")  # fmt: skip
+                raise ValueError(
+                    f"gradient_filter must lie in (0, 1) (relative to a token's gradient scale), "
+                    f"got {self.gradient_filter}"
+                )
         if self.vocab_parallel is not None and not isinstance(self.vocab_parallel, VocabParallel):
             raise TypeError(f"vocab_parallel must be a fused_hybrid.VocabParallel, got {type(self.vocab_parallel)}")
 
@@ -104,13 +107,25 @@ class HeadSpec:
         """The spec as the custom op's scalar arguments (temperature, softcap, ignore_index, workspace_bytes,
         gradient_filter, backend); `from_op_arguments` is the inverse. A vocab-parallel head never reaches the op."""
         softcap = None if self.softcap is None else float(self.softcap)
-        return (float(self.temperature), softcap, self.ignore_index, self.workspace_bytes, self.gradient_filter,
-                self.backend)
+        return (
+            float(self.temperature),
+            softcap,
+            self.ignore_index,
+            self.workspace_bytes,
+            self.gradient_filter,
+            self.backend,
+        )
 
     @classmethod
     def from_op_arguments(cls, temperature, softcap, ignore_index, workspace_bytes, gradient_filter, backend):
-        return cls(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
-                   workspace_bytes=workspace_bytes, gradient_filter=gradient_filter)
+        return cls(
+            temperature=temperature,
+            softcap=softcap,
+            ignore_index=ignore_index,
+            backend=backend,
+            workspace_bytes=workspace_bytes,
+            gradient_filter=gradient_filter,
+        )
 
 
 HEAD_OPTIONS = tuple(field.name for field in dataclasses.fields(HeadSpec))

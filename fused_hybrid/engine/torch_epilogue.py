@@ -55,8 +55,7 @@ def extras(logits, state, targets, bias, head: HeadSpec, row_max) -> RowExtras:
     return RowExtras(sum_exp_sq, before)
 
 
-def gradient(logits, state, targets, bias, norm: SoftmaxNorm, coefs: TokenGradCoefficients,
-             head: HeadSpec):  # fmt: skip
+def gradient(logits, state, targets, bias, norm: SoftmaxNorm, coefs: TokenGradCoefficients, head: HeadSpec):
     """dz (fp32, [rows, V]) from the token coefficients (see core.TokenGradCoefficients); `state` is what
     `statistics` returned for these logits, or None in a backward that recomputed them, which forms
     log p = (z - m) - log s from the rows' `norm` (the full vocabulary's, for a vocab-parallel shard)."""

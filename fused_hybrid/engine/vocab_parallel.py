@@ -74,8 +74,16 @@ class _VocabParallelStatistics(torch.autograd.Function):
         parallel = ctx.head.vocab_parallel
         needs_hidden, needs_weight, _, _, needs_bias = ctx.needs_input_grad[:5]
         d_hidden, d_weight, d_bias = statistics_backward(
-            hidden, weight, local_targets, bias, SoftmaxNorm(row_max, log_sum_exp), entropy, valid,
-            (g_logp, g_entropy, g_lse, g_sum_z), ctx.head, (needs_hidden, needs_weight, needs_bias),
+            hidden,
+            weight,
+            local_targets,
+            bias,
+            SoftmaxNorm(row_max, log_sum_exp),
+            entropy,
+            valid,
+            (g_logp, g_entropy, g_lse, g_sum_z),
+            ctx.head,
+            (needs_hidden, needs_weight, needs_bias),
         )
         if d_hidden is not None and parallel.reduce_hidden_grad:
             dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=parallel.group)

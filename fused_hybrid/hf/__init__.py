@@ -91,8 +91,10 @@ def _loss_function(objective: str, loss_options: dict):
     accepted = named - {"hidden", "weight", "targets", "bias", "num_items", "temperature", "softcap", "ignore_index"}
     unknown = sorted(set(loss_options) - accepted)
     if unknown:
-        raise TypeError(f"patch_model got unknown loss option(s) {unknown} for objective={objective!r}; "
-                        f"accepted: {sorted(accepted)}")  # fmt: skip
+        raise TypeError(
+            f"patch_model got unknown loss option(s) {unknown} for objective={objective!r}; "
+            f"accepted: {sorted(accepted)}"
+        )
 
     def loss_fn(hidden, weight, targets, bias, num_items, transform: HeadTransform):
         options = dict(num_items=num_items, **transform.loss_options(), **loss_options)
@@ -140,16 +142,20 @@ class _FusedHead:
             kwargs["return_dict"] = True
         outputs, recorded = self.own_forward(args, kwargs, zero_width_logits)
         if len(recorded) != 1:
-            raise PatchMismatchError(f"{name}'s forward called its output embeddings {len(recorded)} times; the "
-                                     "patch fuses models that call their head once")  # fmt: skip
+            raise PatchMismatchError(
+                f"{name}'s forward called its output embeddings {len(recorded)} times; the "
+                "patch fuses models that call their head once"
+            )
         if shift_labels is not None:
             targets = shift_labels
         else:
             targets = shifted_targets(labels) if (self.shift_labels if shift is None else shift) else labels
         hidden, weight, bias = head_inputs(recorded[0], self.head(), self.transform.vocab_size)
         if hidden.shape[:-1] != targets.shape:
-            raise PatchMismatchError(f"{name}: the head's input {tuple(hidden.shape)} does not line up with the "
-                                     f"labels {tuple(targets.shape)}")  # fmt: skip
+            raise PatchMismatchError(
+                f"{name}: the head's input {tuple(hidden.shape)} does not line up with the "
+                f"labels {tuple(targets.shape)}"
+            )
         hidden, targets = kept_tokens(hidden, targets.to(hidden.device))
         loss = (loss_fn or self.loss_fn)(hidden, weight, targets, bias, num_items_in_batch, self.transform)
         aux_loss = getattr(outputs, "aux_loss", None)
@@ -172,8 +178,9 @@ class _FusedHead:
             self.verified_settings.add(setting)
 
 
-def patch_model(model: nn.Module, objective: str = "cross_entropy", *, verify: bool = True,
-                **loss_options) -> nn.Module:  # fmt: skip
+def patch_model(
+    model: nn.Module, objective: str = "cross_entropy", *, verify: bool = True, **loss_options
+) -> nn.Module:
     """Make `model` (a transformers causal LM, possibly PEFT-wrapped) compute its training loss with fused-hybrid.
 
     Args:
@@ -203,8 +210,11 @@ def patch_model(model: nn.Module, objective: str = "cross_entropy", *, verify: b
     @functools.wraps(type(target).forward)
     def fused_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         if (labels is None and shift_labels is None) or not torch.is_grad_enabled():
-            for name, value in (("labels", labels), ("shift_labels", shift_labels),
-                                ("num_items_in_batch", num_items_in_batch)):  # fmt: skip
+            for name, value in (
+                ("labels", labels),
+                ("shift_labels", shift_labels),
+                ("num_items_in_batch", num_items_in_batch),
+            ):
                 if value is not None and _accepts(original_forward, name):
                     kwargs[name] = value
             return original_forward(*args, **kwargs)

@@ -74,9 +74,11 @@ def is_column_scaled_head(head: nn.Module) -> bool:
     ``logits_v = (h . W_v + b_v) * logit_scale_v * logit_scale_factor``."""
     scale = getattr(head, "logit_scale", None)
     return (
-        isinstance(head, nn.Linear) and isinstance(scale, nn.Parameter) and tuple(scale.shape) == (head.out_features,)
+        isinstance(head, nn.Linear)
+        and isinstance(scale, nn.Parameter)
+        and tuple(scale.shape) == (head.out_features,)
         and isinstance(getattr(head, "logit_scale_factor", None), (int, float))
-    )  # fmt: skip
+    )
 
 
 def check_fusable_head(model: nn.Module) -> None:
@@ -88,8 +90,10 @@ def check_fusable_head(model: nn.Module) -> None:
     if type(head).__module__.startswith("peft"):
         reason = f"a PEFT adapter layer ({kind}): leave lm_head out of the adapter's target_modules"
     elif isinstance(head, nn.Linear):
-        reason = (f"{kind}, a subclass of nn.Linear with a forward of its own, which the patch cannot read as a "
-                  "linear map of the hidden states")  # fmt: skip
+        reason = (
+            f"{kind}, a subclass of nn.Linear with a forward of its own, which the patch cannot read as a "
+            "linear map of the hidden states"
+        )
     else:
         reason = f"{kind}, not an nn.Linear"
     raise UnsupportedHeadError(
@@ -184,6 +188,8 @@ def recorded_head_input(model: nn.Module, **inputs) -> torch.Tensor:
     with replacing_head(model.get_output_embeddings(), zero_width_logits) as recorded:
         model(**inputs)
     if len(recorded) != 1:
-        raise PatchMismatchError(f"{type(model).__name__}'s forward called its output embeddings {len(recorded)} "
-                                 "times; fused-hybrid fuses models that call their head once")  # fmt: skip
+        raise PatchMismatchError(
+            f"{type(model).__name__}'s forward called its output embeddings {len(recorded)} "
+            "times; fused-hybrid fuses models that call their head once"
+        )
     return recorded[0]

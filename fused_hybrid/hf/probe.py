@@ -79,8 +79,12 @@ def confirm_transform(fused, input_ids: torch.Tensor) -> None:
     observed = logits.reshape(-1, logits.shape[-1]).double()
     values = torch.tensor(_TRANSFORM_PROBE_VALUES, dtype=torch.float64, device=observed.device)
     read = fused.transform
-    for candidate in (read, dataclasses.replace(read, softcap=None), dataclasses.replace(read, temperature=1.0),
-                      dataclasses.replace(read, temperature=1.0, softcap=None)):  # fmt: skip
+    for candidate in (
+        read,
+        dataclasses.replace(read, softcap=None),
+        dataclasses.replace(read, temperature=1.0),
+        dataclasses.replace(read, temperature=1.0, softcap=None),
+    ):
         expected = values / candidate.temperature
         if candidate.softcap is not None:
             expected = candidate.softcap * torch.tanh(expected / candidate.softcap)
@@ -103,8 +107,10 @@ def verify_patch(fused) -> None:
     hint = "pass verify=False to patch_model to skip this check (the loss is then unchecked)"
     head = model.get_output_embeddings()
     if head.weight.device.type == "meta" or head.weight.numel() == 0:
-        raise PatchMismatchError(f"{name}: the head's weight is not materialised (meta device or partitioned), so "
-                                 f"the patch cannot verify itself; {hint}")  # fmt: skip
+        raise PatchMismatchError(
+            f"{name}: the head's weight is not materialised (meta device or partitioned), so "
+            f"the patch cannot verify itself; {hint}"
+        )
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     checked = ("head weight", head.weight) if head.weight.requires_grad else (trainable[-1] if trainable else None)
     input_ids, labels = probe_batch(model, head.weight.device)
@@ -120,15 +126,17 @@ def verify_patch(fused) -> None:
                         no_cache = {"use_cache": False} if fused.accepts_use_cache else {}
                         loss = fused.original_forward(input_ids=input_ids, labels=labels, **no_cache).loss
                     else:
-                        loss = fused.loss((), {"input_ids": input_ids}, labels, None, None,
-                                          loss_fn=fused.probe_loss_fn, shift=shift).loss  # fmt: skip
+                        loss = fused.loss(
+                            (), {"input_ids": input_ids}, labels, None, None, loss_fn=fused.probe_loss_fn, shift=shift
+                        ).loss
                     grad = None if checked is None else torch.autograd.grad(loss, checked[1], allow_unused=True)[0]
             except PatchMismatchError as error:
                 raise PatchMismatchError(f"{error}; {hint}") from None
             except Exception as error:
                 where = "the model's own forward" if compute == "own" else "the fused path"
-                raise PatchMismatchError(f"{name}: the verification probe failed in {where}: "
-                                         f"{type(error).__name__}: {error}; {hint}") from error  # fmt: skip
+                raise PatchMismatchError(
+                    f"{name}: the verification probe failed in {where}: {type(error).__name__}: {error}; {hint}"
+                ) from error
         return loss.detach().double(), None if grad is None else grad.double()
 
     try:
@@ -136,15 +144,18 @@ def verify_patch(fused) -> None:
     except PatchMismatchError:
         raise
     except Exception as error:
-        raise PatchMismatchError(f"{name}: the verification probe failed in the model's own forward: "
-                                 f"{type(error).__name__}: {error}; {hint}") from error  # fmt: skip
+        raise PatchMismatchError(
+            f"{name}: the verification probe failed in the model's own forward: {type(error).__name__}: {error}; {hint}"
+        ) from error
     own_loss, own_grad = run("own")
     # The label convention: transformers' loss shifts the labels, a few models' own loss does not. Both are tried;
     # when both match (logits too uniform to tell), only a model using transformers' shared loss is taken as shifting.
     conventions = [shift for shift in (True, False) if _matches(run("fused", shift)[0], own_loss, loss_tol)]
     if conventions == [True, False] and "self.loss_function" not in inspect.getsource(type(model).forward):
-        raise PatchMismatchError(f"{name}: the probe cannot tell whether the model's own loss shifts the labels "
-                                 f"(its logits are near-uniform); {hint}")  # fmt: skip
+        raise PatchMismatchError(
+            f"{name}: the probe cannot tell whether the model's own loss shifts the labels "
+            f"(its logits are near-uniform); {hint}"
+        )
     fused.shift_labels = conventions[0] if conventions else True
     fused_loss, fused_grad = run("fused", fused.shift_labels)
     problems = []

@@ -33,8 +33,17 @@ from ..engine.entry import autocast_dtype
 from ..engine.head import HeadSpec
 
 SUPPORTED_VERSIONS = ("1.15", "2.0")  # [lowest, first unsupported)
-EXPECTED_ARGUMENTS = ("hidden", "weight", "bias", "targets", "temperature", "chunk_size", "final_logit_softcapping",
-                      "logit_scale", "outputs")  # fmt: skip
+EXPECTED_ARGUMENTS = (
+    "hidden",
+    "weight",
+    "bias",
+    "targets",
+    "temperature",
+    "chunk_size",
+    "final_logit_softcapping",
+    "logit_scale",
+    "outputs",
+)
 EXPECTED_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _REPLACED = "_ChunkedLogProbFunction"  # the name trl.trainer.utils calls it by
 _original = None
@@ -49,15 +58,18 @@ def _trl_utils():
     try:
         import trl
     except ImportError as error:
-        raise TRLIntegrationError(f"TRL is not installed ({error}); pip install 'trl>={SUPPORTED_VERSIONS[0]}'") \
-            from None  # fmt: skip
+        raise TRLIntegrationError(
+            f"TRL is not installed ({error}); pip install 'trl>={SUPPORTED_VERSIONS[0]}'"
+        ) from None
     from packaging.version import Version
 
     version = Version(trl.__version__)
     lowest, beyond = (Version(v) for v in SUPPORTED_VERSIONS)
     if not lowest <= version < beyond:
-        raise TRLIntegrationError(f"TRL {trl.__version__} is not supported: fused-hybrid stands in for the fused LM "
-                                  f"head of TRL >= {lowest}, < {beyond}")  # fmt: skip
+        raise TRLIntegrationError(
+            f"TRL {trl.__version__} is not supported: fused-hybrid stands in for the fused LM "
+            f"head of TRL >= {lowest}, < {beyond}"
+        )
     import trl.trainer.utils as utils
 
     missing = [
@@ -68,14 +80,14 @@ def _trl_utils():
     function = _original or getattr(utils, _REPLACED)
     arguments = tuple(inspect.signature(function.forward).parameters)[1:]
     if arguments != EXPECTED_ARGUMENTS:
-        raise TRLIntegrationError(f"TRL {trl.__version__}: its fused head takes {arguments}, not "
-                                  f"{EXPECTED_ARGUMENTS}")  # fmt: skip
+        raise TRLIntegrationError(f"TRL {trl.__version__}: its fused head takes {arguments}, not {EXPECTED_ARGUMENTS}")
     from trl.kernels import chunked_logprob
 
     outputs = tuple(getattr(chunked_logprob, "OPTIONAL_OUTPUTS", ()))
     if outputs != EXPECTED_OUTPUTS:
-        raise TRLIntegrationError(f"TRL {trl.__version__}: its fused head offers the outputs {outputs}, not "
-                                  f"{EXPECTED_OUTPUTS}")  # fmt: skip
+        raise TRLIntegrationError(
+            f"TRL {trl.__version__}: its fused head offers the outputs {outputs}, not {EXPECTED_OUTPUTS}"
+        )
     return utils
 
 
@@ -106,8 +118,17 @@ class FusedHybridLogProbFunction:
     """Stands in for `trl.kernels.ChunkedLogProbFunction`: the same `apply` arguments and outputs."""
 
     @staticmethod
-    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None, logit_scale=1.0,
-              outputs=EXPECTED_OUTPUTS):  # fmt: skip
+    def apply(
+        hidden,
+        weight,
+        bias,
+        targets,
+        temperature,
+        chunk_size,
+        final_logit_softcapping=None,
+        logit_scale=1.0,
+        outputs=EXPECTED_OUTPUTS,
+    ):
         unknown = sorted(set(outputs) - {"log_probs", *EXPECTED_OUTPUTS})
         if unknown:
             raise ValueError(f"outputs: unknown field(s) {unknown}; TRL's are {('log_probs', *EXPECTED_OUTPUTS)}")
@@ -131,13 +152,15 @@ class _LogProbs(torch.autograd.Function):
     TRL's: fp32 parameters under a bf16 autocast get fp32 gradients, never rounded to bf16)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, head: HeadSpec, outputs: tuple[str, ...],
-                compute_dtype: torch.dtype):  # fmt: skip
+    def forward(
+        ctx, hidden, weight, bias, targets, head: HeadSpec, outputs: tuple[str, ...], compute_dtype: torch.dtype
+    ):
         ctx.set_materialize_grads(False)
         extras_wanted = "is_top1" in outputs or "log_sum_sq_probs" in outputs
         cast_hidden, cast_weight, cast_bias = _cast((hidden, weight, bias), compute_dtype)
-        partials, extras = chunked.partials_and_extras(cast_hidden, cast_weight, targets, cast_bias, head,
-                                                       extras=extras_wanted)  # fmt: skip
+        partials, extras = chunked.partials_and_extras(
+            cast_hidden, cast_weight, targets, cast_bias, head, extras=extras_wanted
+        )
         stats = finalize_partials(partials)
         entropy = stats.entropy if "entropy" in outputs else None
         log_sum_sq_probs = mean_logits = is_top1 = None
@@ -161,10 +184,17 @@ class _LogProbs(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         grad_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         with maybe_gather_lm_head_ctx(weight, bias):
-            coefs = token_grad_coefficients((grad_logp, grad_entropy, None, None), entropy,
-                                            torch.ones_like(targets, dtype=torch.bool))  # fmt: skip
-            d_hidden, d_weight, d_bias = chunked.backward(*_cast((hidden, weight), ctx.compute_dtype), targets,
-                                                          *_cast((bias,), ctx.compute_dtype),
-                                                          SoftmaxNorm(row_max, log_sum_exp), coefs,
-                                                          ctx.head, needs, grad_dtypes=grad_dtypes)  # fmt: skip
+            coefs = token_grad_coefficients(
+                (grad_logp, grad_entropy, None, None), entropy, torch.ones_like(targets, dtype=torch.bool)
+            )
+            d_hidden, d_weight, d_bias = chunked.backward(
+                *_cast((hidden, weight), ctx.compute_dtype),
+                targets,
+                *_cast((bias,), ctx.compute_dtype),
+                SoftmaxNorm(row_max, log_sum_exp),
+                coefs,
+                ctx.head,
+                needs,
+                grad_dtypes=grad_dtypes,
+            )
         return d_hidden, d_weight, d_bias, None, None, None, None

@@ -125,9 +125,12 @@ def chord_loss(
             )
         token_advantages = torch.where(is_rollout, batch.per_token(advantages, "advantages"), 0.0)
         policy_loss, active = clipped_surrogate(
-            log_importance_ratio(rollouts, old_token_logp, "token"), token_advantages,
-            epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip,
-        )  # fmt: skip
+            log_importance_ratio(rollouts, old_token_logp, "token"),
+            token_advantages,
+            epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high,
+            dual_clip=dual_clip,
+        )
         grpo_part = aggregate(policy_loss, rollouts, "token-mean", num_items=num_rollout_tokens)
 
         if use_phi:
@@ -148,10 +151,18 @@ def chord_loss(
         return LossOutput((1.0 - mu) * grpo_part + mu * sft_part, metrics)
 
     return evaluate_objective(
-        loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
-        plan=CHORD.gradient_plan(), inputs=(advantages, old_logp, mu),
-    )  # fmt: skip
+        loss_of_batch,
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        loss_mask=loss_mask,
+        sequence_ids=sequence_ids,
+        num_sequences=num_sequences,
+        head=HeadSpec.resolve(head, head_options),
+        plan=CHORD.gradient_plan(),
+        inputs=(advantages, old_logp, mu),
+    )
 
 
 class CHORDLoss(ObjectiveModule):
@@ -179,15 +190,20 @@ class CHORDLoss(ObjectiveModule):
         check_chord_options(cutoff_prob, epsilon_low, epsilon_high, dual_clip)
         self.mu = mu
         self.options = dict(
-            use_phi=use_phi, cutoff_prob=cutoff_prob, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-            dual_clip=dual_clip, head=HeadSpec.resolve(head, head_options),
-        )  # fmt: skip
+            use_phi=use_phi,
+            cutoff_prob=cutoff_prob,
+            epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high,
+            dual_clip=dual_clip,
+            head=HeadSpec.resolve(head, head_options),
+        )
 
     @classmethod
     def chord_mu(cls, **overrides) -> CHORDLoss:
         """CHORD-mu: phi off, mu cosine-decays from 0.9 to 0.05 over 200 steps with no warm-up."""
-        return cls(**{"mu": MuSchedule(warmup_steps=0, decay_steps=200, peak=0.9, valley=0.05), "use_phi": False,
-                      **overrides})  # fmt: skip
+        return cls(
+            **{"mu": MuSchedule(warmup_steps=0, decay_steps=200, peak=0.9, valley=0.05), "use_phi": False, **overrides}
+        )
 
     @classmethod
     def chord_phi(cls, **overrides) -> CHORDLoss:
@@ -201,9 +217,23 @@ class CHORDLoss(ObjectiveModule):
             return self.mu(step)
         return self.mu
 
-    def forward(self, hidden, weight, targets, bias=None, *, is_expert, advantages, old_logp=None, loss_mask=None,
-                sequence_ids=None, num_sequences=None, step=None, num_rollout_tokens=None,
-                num_expert_tokens=None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        hidden,
+        weight,
+        targets,
+        bias=None,
+        *,
+        is_expert,
+        advantages,
+        old_logp=None,
+        loss_mask=None,
+        sequence_ids=None,
+        num_sequences=None,
+        step=None,
+        num_rollout_tokens=None,
+        num_expert_tokens=None,
+    ) -> torch.Tensor:
         return self._finish(
             chord_loss(
                 hidden,
@@ -220,7 +250,7 @@ class CHORDLoss(ObjectiveModule):
                 num_rollout_tokens=num_rollout_tokens,
                 num_expert_tokens=num_expert_tokens,
                 **self.options,
-            )  # fmt: skip
+            )
         )
 
 
@@ -232,8 +262,12 @@ def trainer_mu(objective_config) -> MuSchedule | float:
         return CHORDLoss.chord_phi().mu
     if objective_config.mu is not None:
         return objective_config.mu
-    return MuSchedule(objective_config.mu_warmup_steps, objective_config.mu_decay_steps, objective_config.mu_peak,
-                      objective_config.mu_valley)  # fmt: skip
+    return MuSchedule(
+        objective_config.mu_warmup_steps,
+        objective_config.mu_decay_steps,
+        objective_config.mu_peak,
+        objective_config.mu_valley,
+    )
 
 
 def _trainer_options(config, step: int) -> dict:
@@ -244,10 +278,20 @@ def _trainer_options(config, step: int) -> dict:
     return dict(mu=mu(step) if isinstance(mu, MuSchedule) else float(mu), use_phi=use_phi, **clip_options(config))
 
 
-CHORD = register(Objective(
-    name="chord", loss=chord_loss, data="rollouts+demonstrations",
-    normalisers={"num_rollout_tokens": "rollout_tokens", "num_expert_tokens": "expert_tokens"},
-    batch_inputs=("is_expert", "advantages", "old_logp"), options=_trainer_options,
-    metric_counts={"mu": "constant", "grpo_loss": "sum", "sft_loss": "expert_tokens", "mean_phi": "expert_tokens",
-                   **dict.fromkeys(POLICY_METRICS, "rollout_tokens")},
-))  # fmt: skip
+CHORD = register(
+    Objective(
+        name="chord",
+        loss=chord_loss,
+        data="rollouts+demonstrations",
+        normalisers={"num_rollout_tokens": "rollout_tokens", "num_expert_tokens": "expert_tokens"},
+        batch_inputs=("is_expert", "advantages", "old_logp"),
+        options=_trainer_options,
+        metric_counts={
+            "mu": "constant",
+            "grpo_loss": "sum",
+            "sft_loss": "expert_tokens",
+            "mean_phi": "expert_tokens",
+            **dict.fromkeys(POLICY_METRICS, "rollout_tokens"),
+        },
+    )
+)

@@ -54,8 +54,13 @@ def cispo_loss(
     Metrics: ``policy_loss``, ``clip_frac_low``, ``clip_frac_high`` (tokens whose weight was clipped),
     ``mean_ratio``, ``approx_kl``, ``entropy``, and ``ref_kl`` when ``beta > 0``.
     """
-    check_cispo_options(epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, aggregation=aggregation,
-                        max_response_length=max_response_length)
+    check_cispo_options(
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        beta=beta,
+        aggregation=aggregation,
+        max_response_length=max_response_length,
+    )
     if advantages is None:
         raise ValueError("advantages is required (per token or per sequence)")
     if beta > 0 and ref_logp is None:
@@ -84,17 +89,32 @@ def cispo_loss(
         return LossOutput(reduce(per_token), metrics)
 
     return evaluate_objective(
-        loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-                          num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
-        plan=CISPO.gradient_plan(), inputs=(advantages, old_logp, ref_logp),
-    )  # fmt: skip
+        loss_of_batch,
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        loss_mask=loss_mask,
+        sequence_ids=sequence_ids,
+        num_sequences=num_sequences,
+        head=HeadSpec.resolve(head, head_options),
+        plan=CISPO.gradient_plan(),
+        inputs=(advantages, old_logp, ref_logp),
+    )
 
 
 CISPOLoss = objective_module("CISPOLoss", cispo_loss, check_cispo_options)
 
 
-CISPO = register(Objective(name="cispo", loss=cispo_loss, data="rollouts", normalisers={"num_items": aggregation_count},
-                   batch_inputs=("advantages", "old_logp", "ref_logp"), options=policy_gradient_options,
-                   needs_reference=needs_kl_reference,
-                   metric_counts={"policy_loss": "sum", "ref_kl": "tokens",
-                                  **dict.fromkeys(POLICY_METRICS, "tokens")}))  # fmt: skip
+CISPO = register(
+    Objective(
+        name="cispo",
+        loss=cispo_loss,
+        data="rollouts",
+        normalisers={"num_items": aggregation_count},
+        batch_inputs=("advantages", "old_logp", "ref_logp"),
+        options=policy_gradient_options,
+        needs_reference=needs_kl_reference,
+        metric_counts={"policy_loss": "sum", "ref_kl": "tokens", **dict.fromkeys(POLICY_METRICS, "tokens")},
+    )
+)

@@ -43,16 +43,30 @@ def dft_loss(
         return LossOutput(loss.reshape(batch.shape) if reduction == "none" else loss, metrics)
 
     return evaluate_objective(
-        loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=None, num_sequences=None,
+        loss_of_batch,
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        loss_mask=loss_mask,
+        sequence_ids=None,
+        num_sequences=None,
         head=HeadSpec.resolve(head, head_options),
         plan=DFT.gradient_plan(reduction=reduction),
-    )  # fmt: skip
+    )
 
 
 DFTLoss = objective_module("DFTLoss", dft_loss, check_dft_options)
 
 
-DFT = register(Objective(name="dft", loss=dft_loss, data="demonstrations", normalisers={"num_items": "tokens"},
-                   # a scalar reduction is token-separable; reduction="none" leaves the downstream use open
-                   gradient=lambda *, reduction: "two-pass" if reduction == "none" else "token",
-                   metric_counts={"sft_loss": "tokens", "mean_prob": "tokens"}))  # fmt: skip
+DFT = register(
+    Objective(
+        name="dft",
+        loss=dft_loss,
+        data="demonstrations",
+        normalisers={"num_items": "tokens"},
+        # a scalar reduction is token-separable; reduction="none" leaves the downstream use open
+        gradient=lambda *, reduction: "two-pass" if reduction == "none" else "token",
+        metric_counts={"sft_loss": "tokens", "mean_prob": "tokens"},
+    )
+)

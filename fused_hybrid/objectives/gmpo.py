@@ -76,18 +76,33 @@ def gmpo_loss(
         return LossOutput(loss, metrics)
 
     return evaluate_objective(
-        loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options), plan=GMPO.gradient_plan(),
+        loss_of_batch,
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        loss_mask=loss_mask,
+        sequence_ids=sequence_ids,
+        num_sequences=num_sequences,
+        head=HeadSpec.resolve(head, head_options),
+        plan=GMPO.gradient_plan(),
         inputs=(advantages, old_logp),
-    )  # fmt: skip
+    )
 
 
 GMPOLoss = objective_module("GMPOLoss", gmpo_loss, check_gmpo_options)
 
 
 # a sum over sequences of terms each depending on one sequence's tokens
-GMPO = register(Objective(name="gmpo", loss=gmpo_loss, data="rollouts", normalisers={"num_items": "sequences"},
-                   batch_inputs=("advantages", "old_logp"), options=lambda config, step: clip_options(config),
-                   gradient="sequence",
-                   metric_counts={"clip_frac": "tokens", "mean_ratio": "sequences", "approx_kl": "tokens",
-                                  "entropy": "tokens"}))  # fmt: skip
+GMPO = register(
+    Objective(
+        name="gmpo",
+        loss=gmpo_loss,
+        data="rollouts",
+        normalisers={"num_items": "sequences"},
+        batch_inputs=("advantages", "old_logp"),
+        options=lambda config, step: clip_options(config),
+        gradient="sequence",
+        metric_counts={"clip_frac": "tokens", "mean_ratio": "sequences", "approx_kl": "tokens", "entropy": "tokens"},
+    )
+)

@@ -66,15 +66,30 @@ def ift_loss(
         return LossOutput(loss, {"sft_loss": batch.token_mean(-batch.logp)})
 
     return evaluate_objective(
-        loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
+        loss_of_batch,
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        loss_mask=loss_mask,
+        sequence_ids=sequence_ids,
+        num_sequences=num_sequences,
+        head=HeadSpec.resolve(head, head_options),
         plan=IFT.gradient_plan(),
-    )  # fmt: skip
+    )
 
 
 IFTLoss = objective_module("IFTLoss", ift_loss, check_ift_options)
 
 
-IFT = register(Objective(name="ift", loss=ift_loss, data="demonstrations", normalisers={"num_items": "sequences"},
-                   options=lambda config, step: {"gamma": config.objective.gamma}, input_mixing=True,
-                   metric_counts={"sft_loss": "tokens"}))  # fmt: skip
+IFT = register(
+    Objective(
+        name="ift",
+        loss=ift_loss,
+        data="demonstrations",
+        normalisers={"num_items": "sequences"},
+        options=lambda config, step: {"gamma": config.objective.gamma},
+        input_mixing=True,
+        metric_counts={"sft_loss": "tokens"},
+    )
+)

@@ -70,17 +70,34 @@ def minor_sft_loss(
         return LossOutput(loss, metrics)
 
     return evaluate_objective(
-        loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options), plan=MINOR_SFT.gradient_plan(),
+        loss_of_batch,
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        loss_mask=loss_mask,
+        sequence_ids=sequence_ids,
+        num_sequences=num_sequences,
+        head=HeadSpec.resolve(head, head_options),
+        plan=MINOR_SFT.gradient_plan(),
         inputs=(ref_logp,),
-    )  # fmt: skip
+    )
 
 
 MinorSFTLoss = objective_module("MinorSFTLoss", minor_sft_loss, check_minor_sft_options)
 
 
 # a sum of terms each depending on one sequence's tokens
-MINOR_SFT = register(Objective(name="minor_sft", loss=minor_sft_loss, data="demonstrations", normalisers={"num_items": "sequences"},
-                   batch_inputs=("ref_logp",), options=lambda config, step: {"beta": config.objective.beta or 0.1},
-                   needs_reference=lambda config: True, gradient="sequence",
-                   metric_counts={"m_theta": "sequences", "sft_loss": "tokens"}))  # fmt: skip
+MINOR_SFT = register(
+    Objective(
+        name="minor_sft",
+        loss=minor_sft_loss,
+        data="demonstrations",
+        normalisers={"num_items": "sequences"},
+        batch_inputs=("ref_logp",),
+        options=lambda config, step: {"beta": config.objective.beta or 0.1},
+        needs_reference=lambda config: True,
+        gradient="sequence",
+        metric_counts={"m_theta": "sequences", "sft_loss": "tokens"},
+    )
+)

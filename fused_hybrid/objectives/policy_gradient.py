@@ -93,9 +93,17 @@ def policy_metrics(batch: TokenBatch, active: dict[str, torch.Tensor]) -> dict[s
     return metrics
 
 
-def check_grpo_options(*, epsilon_low: float, epsilon_high: float, dual_clip: float | None, beta: float,
-                       entropy_coef: float, importance_sampling: str, aggregation: str,
-                       max_response_length: int | None) -> None:
+def check_grpo_options(
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+    dual_clip: float | None,
+    beta: float,
+    entropy_coef: float,
+    importance_sampling: str,
+    aggregation: str,
+    max_response_length: int | None,
+) -> None:
     check_clip_options(epsilon_low, epsilon_high, dual_clip)
     check_non_negative("beta", beta)
     check_non_negative("entropy_coef", entropy_coef)
@@ -147,9 +155,15 @@ def grpo_loss(
     ``approx_kl`` (k3 of the rollout policy vs the current one), ``entropy``, and ``ref_kl`` when ``beta > 0``.
     """
     check_grpo_options(
-        epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, beta=beta, entropy_coef=entropy_coef,
-        importance_sampling=importance_sampling, aggregation=aggregation, max_response_length=max_response_length,
-    )  # fmt: skip
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        dual_clip=dual_clip,
+        beta=beta,
+        entropy_coef=entropy_coef,
+        importance_sampling=importance_sampling,
+        aggregation=aggregation,
+        max_response_length=max_response_length,
+    )
     if advantages is None:
         raise ValueError("advantages is required (per token or per sequence)")
     if beta > 0 and ref_logp is None:
@@ -178,10 +192,18 @@ def grpo_loss(
         return LossOutput(reduce(per_token), metrics)
 
     return evaluate_objective(
-        loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
-        plan=GRPO.gradient_plan(importance_sampling=importance_sampling), inputs=(advantages, old_logp, ref_logp),
-    )  # fmt: skip
+        loss_of_batch,
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        loss_mask=loss_mask,
+        sequence_ids=sequence_ids,
+        num_sequences=num_sequences,
+        head=HeadSpec.resolve(head, head_options),
+        plan=GRPO.gradient_plan(importance_sampling=importance_sampling),
+        inputs=(advantages, old_logp, ref_logp),
+    )
 
 
 GRPOLoss = objective_module("GRPOLoss", grpo_loss, check_grpo_options)
@@ -192,8 +214,16 @@ def _grpo_gradient(*, importance_sampling: str) -> str:
     return "token" if importance_sampling == "token" else "sequence"
 
 
-GRPO = register(Objective(name="grpo", loss=grpo_loss, data="rollouts", normalisers={"num_items": aggregation_count},
-                   batch_inputs=("advantages", "old_logp", "ref_logp"), options=policy_gradient_options,
-                   needs_reference=needs_kl_reference, gradient=_grpo_gradient,
-                   metric_counts={"policy_loss": "sum", "ref_kl": "tokens",
-                                  **dict.fromkeys(POLICY_METRICS, "tokens")}))  # fmt: skip
+GRPO = register(
+    Objective(
+        name="grpo",
+        loss=grpo_loss,
+        data="rollouts",
+        normalisers={"num_items": aggregation_count},
+        batch_inputs=("advantages", "old_logp", "ref_logp"),
+        options=policy_gradient_options,
+        needs_reference=needs_kl_reference,
+        gradient=_grpo_gradient,
+        metric_counts={"policy_loss": "sum", "ref_kl": "tokens", **dict.fromkeys(POLICY_METRICS, "tokens")},
+    )
+)

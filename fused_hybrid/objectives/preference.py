@@ -50,9 +50,15 @@ def sequence_logps(
     :func:`minor_sft_loss`.
     """
     batch = evaluate_head(
-        hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options),
-    )  # fmt: skip
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        loss_mask=loss_mask,
+        sequence_ids=sequence_ids,
+        num_sequences=num_sequences,
+        head=HeadSpec.resolve(head, head_options),
+    )
     batch.require_sequences("sequence_logps")
     return batch.seq_sum(batch.logp)
 
@@ -131,8 +137,9 @@ def dpo_loss(
         preference = divide_by_count(losses.sum(), pairs if num_items is None else num_items)
 
         chosen = batch.restrict(batch.seq_index < pairs)
-        nll = divide_by_count(chosen.keep(-batch.logp).sum(),
-                              chosen.num_tokens() if num_chosen_tokens is None else num_chosen_tokens)  # fmt: skip
+        nll = divide_by_count(
+            chosen.keep(-batch.logp).sum(), chosen.num_tokens() if num_chosen_tokens is None else num_chosen_tokens
+        )
         loss = preference + nll_weight * nll if nll_weight > 0 else preference
         rewards = rewards.detach()
         metrics = {
@@ -146,21 +153,44 @@ def dpo_loss(
         return LossOutput(loss, metrics)
 
     return evaluate_objective(
-        loss_of_batch, hidden, weight, targets, bias=bias, loss_mask=loss_mask, sequence_ids=sequence_ids,
-        num_sequences=num_sequences, head=HeadSpec.resolve(head, head_options), plan=DPO.gradient_plan(),
+        loss_of_batch,
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        loss_mask=loss_mask,
+        sequence_ids=sequence_ids,
+        num_sequences=num_sequences,
+        head=HeadSpec.resolve(head, head_options),
+        plan=DPO.gradient_plan(),
         inputs=(ref_logp,),
-    )  # fmt: skip
+    )
 
 
 DPOLoss = objective_module("DPOLoss", dpo_loss, check_dpo_options)
 
 
 # a sum of terms each depending on one pair's tokens (sequences i and i + P)
-DPO = register(Objective(
-    name="dpo", loss=dpo_loss, data="preferences", batch_inputs=("ref_logp",),
-    normalisers={"num_items": "pairs", "num_chosen_tokens": "chosen_tokens"},
-    options=lambda config, step: {"beta": config.objective.beta or 0.1, "loss_type": config.objective.dpo_loss_type},
-    needs_reference=lambda config: config.objective.dpo_loss_type != "simpo", gradient="pair",
-    metric_counts={"preference_loss": "sum", "nll_loss": "sum", "reward_chosen": "pairs", "reward_rejected": "pairs",
-                   "reward_margin": "pairs", "reward_accuracy": "pairs"},
-))  # fmt: skip
+DPO = register(
+    Objective(
+        name="dpo",
+        loss=dpo_loss,
+        data="preferences",
+        batch_inputs=("ref_logp",),
+        normalisers={"num_items": "pairs", "num_chosen_tokens": "chosen_tokens"},
+        options=lambda config, step: {
+            "beta": config.objective.beta or 0.1,
+            "loss_type": config.objective.dpo_loss_type,
+        },
+        needs_reference=lambda config: config.objective.dpo_loss_type != "simpo",
+        gradient="pair",
+        metric_counts={
+            "preference_loss": "sum",
+            "nll_loss": "sum",
+            "reward_chosen": "pairs",
+            "reward_rejected": "pairs",
+            "reward_margin": "pairs",
+            "reward_accuracy": "pairs",
+        },
+    )
+)

@@ -90,7 +90,9 @@ class Objective:
         if unknown:
             raise ValueError(f"objective {self.name!r}: batch_inputs {sorted(unknown)} not among {BATCH_INPUTS}")
         if not callable(self.gradient) and self.gradient not in GRADIENT_PLANS:
-            raise ValueError(f"objective {self.name!r}: gradient must be one of {GRADIENT_PLANS}, got {self.gradient!r}")
+            raise ValueError(
+                f"objective {self.name!r}: gradient must be one of {GRADIENT_PLANS}, got {self.gradient!r}"
+            )
         unknown = {name: count for name, count in self.metric_counts.items() if count not in METRIC_COUNTS}
         if unknown:
             raise ValueError(f"objective {self.name!r}: metric_counts {unknown} not among {METRIC_COUNTS}")
@@ -143,8 +145,12 @@ def aggregation_count(config) -> str:
 def policy_gradient_options(config, step: int) -> dict:
     """KL weight, aggregation (with the Dr. GRPO length) and clip bounds of the GRPO-style objectives."""
     objective = config.objective
-    return dict(beta=objective.beta, aggregation=objective.aggregation,
-                max_response_length=config.rollout.max_new_tokens, **clip_options(config))  # fmt: skip
+    return dict(
+        beta=objective.beta,
+        aggregation=objective.aggregation,
+        max_response_length=config.rollout.max_new_tokens,
+        **clip_options(config),
+    )
 
 
 def needs_kl_reference(config) -> bool:

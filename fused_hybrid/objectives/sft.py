@@ -23,8 +23,9 @@ def sft_loss(
 ) -> LossOutput:
     """:func:`fused_hybrid.linear_cross_entropy` (mean over the labelled tokens, or over ``num_items``) as a
     LossOutput with no metrics."""
-    loss = cross_entropy_of_head(hidden, weight, targets, bias, head=HeadSpec.resolve(head, head_options),
-                                 num_items=num_items)  # fmt: skip
+    loss = cross_entropy_of_head(
+        hidden, weight, targets, bias, head=HeadSpec.resolve(head, head_options), num_items=num_items
+    )
     return LossOutput(loss, {})
 
 

@@ -91,8 +91,10 @@ class TokenBatch:
         if per_sequence and self.num_sequences is not None:
             expected += f" or ({self.num_sequences},) (per sequence)"
         elif self.num_sequences is not None and value.shape == (self.num_sequences,):
-            expected += (", one log-prob per token: a per-sequence value (a sum of the sequence's log-probs) cannot "
-                         "be spread over its tokens")  # fmt: skip
+            expected += (
+                ", one log-prob per token: a per-sequence value (a sum of the sequence's log-probs) cannot "
+                "be spread over its tokens"
+            )
         raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
 
     def per_sequence(self, value: torch.Tensor, name: str) -> torch.Tensor:
@@ -147,9 +149,15 @@ class _Layout:
     head_targets: torch.Tensor  # targets with the tokens outside the loss set to ignore_index
 
     def batch(self, stats) -> TokenBatch:
-        return TokenBatch(logp=stats.logp.reshape(-1), entropy=stats.entropy.reshape(-1), mask=self.mask,
-                          shape=self.shape, seq_index=self.seq_index, num_sequences=self.num_sequences,
-                          padded_length=self.padded_length)  # fmt: skip
+        return TokenBatch(
+            logp=stats.logp.reshape(-1),
+            entropy=stats.entropy.reshape(-1),
+            mask=self.mask,
+            shape=self.shape,
+            seq_index=self.seq_index,
+            num_sequences=self.num_sequences,
+            padded_length=self.padded_length,
+        )
 
 
 def _layout(targets, loss_mask, sequence_ids, num_sequences, head: HeadSpec) -> _Layout:
@@ -179,9 +187,11 @@ def _layout(targets, loss_mask, sequence_ids, num_sequences, head: HeadSpec) -> 
             got = tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else type(loss_mask).__name__
             raise ValueError(f"loss_mask must have the shape of targets {tuple(targets.shape)}, got {got}")
         if loss_mask.dtype != torch.bool:  # a mask selects: a weight such as 0.5, or a -1, is not one
-            fail_where((loss_mask != 0) & (loss_mask != 1),
-                       "loss_mask must be bool or hold only 0 and 1 (it selects the loss tokens)",
-                       lambda bad: f"found {loss_mask[bad][0].item()}")  # fmt: skip
+            fail_where(
+                (loss_mask != 0) & (loss_mask != 1),
+                "loss_mask must be bool or hold only 0 and 1 (it selects the loss tokens)",
+                lambda bad: f"found {loss_mask[bad][0].item()}",
+            )
         in_loss = in_loss & loss_mask.to(device=targets.device, dtype=torch.bool)
     # Tokens outside the loss are handed to the core as ignored, so the kernels skip them.
     head_targets = torch.where(in_loss, targets, head.ignore_index) if loss_mask is not None else targets
@@ -240,9 +250,15 @@ def evaluate_objective(
         else:
             group_ids = layout.seq_index % (layout.num_sequences // 2)
     loss, metrics = linear_head_loss(
-        lambda stats: loss_of_batch(layout.batch(stats)), hidden, weight, layout.head_targets, bias,
-        separable=separable, groups=group_ids, head=head,
-    )  # fmt: skip
+        lambda stats: loss_of_batch(layout.batch(stats)),
+        hidden,
+        weight,
+        layout.head_targets,
+        bias,
+        separable=separable,
+        groups=group_ids,
+        head=head,
+    )
     return LossOutput(loss, metrics)
 
 
@@ -321,8 +337,10 @@ def objective_module(name: str, loss: Callable[..., LossOutput], check_options: 
         head_options = {k: options.pop(k) for k in list(options) if k in HEAD_OPTIONS}
         unknown = sorted(set(options) - set(option_names))
         if unknown:
-            raise TypeError(f"{name} got unknown option(s) {unknown}; its options are {list(option_names)} and "
-                            f"the head's {list(HEAD_OPTIONS)}")  # fmt: skip
+            raise TypeError(
+                f"{name} got unknown option(s) {unknown}; its options are {list(option_names)} and "
+                f"the head's {list(HEAD_OPTIONS)}"
+            )
         check_options(**{**defaults, **options})
         self.options = {**options, "head": HeadSpec.resolve(head, head_options)}
 
@@ -332,8 +350,10 @@ def objective_module(name: str, loss: Callable[..., LossOutput], check_options: 
             raise TypeError(f"{name}.forward got unknown argument(s) {unknown}; it takes {list(per_batch)}")
         return self._finish(loss(hidden, weight, targets, bias, **inputs, **self.options))
 
-    doc = (f"Module form of :func:`{loss.__name__}`: ``{name}(**options)`` with its options {list(option_names)} "
-           f"(and the head's); ``loss_fn(hidden, weight, targets, bias=None, **inputs)`` with {list(per_batch)} "
-           "returns the scalar loss, and ``loss_fn.metrics`` the last call's metrics.")  # fmt: skip
+    doc = (
+        f"Module form of :func:`{loss.__name__}`: ``{name}(**options)`` with its options {list(option_names)} "
+        f"(and the head's); ``loss_fn(hidden, weight, targets, bias=None, **inputs)`` with {list(per_batch)} "
+        "returns the scalar loss, and ``loss_fn.metrics`` the last call's metrics."
+    )
     module = {"__init__": __init__, "forward": forward, "__doc__": doc, "__module__": loss.__module__}
     return type(name, (ObjectiveModule,), module)

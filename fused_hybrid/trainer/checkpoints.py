@@ -54,9 +54,11 @@ def check_same_run(checkpoint: Path, config: TrainConfig) -> None:
     now = _flat(run_settings(config))
     differ = [f"{key}={saved[key]!r} there, {now.get(key)!r} now" for key in saved if saved[key] != now.get(key)]
     if differ:
-        raise ResumeError(f"output_dir {config.output_dir!r} holds a run (step {marker['step']}) trained with other "
-                          f"settings: {'; '.join(differ)}. Resuming it would go on under the new ones: start fresh "
-                          "with --set resume=false (replaces that run) or choose another output_dir")  # fmt: skip
+        raise ResumeError(
+            f"output_dir {config.output_dir!r} holds a run (step {marker['step']}) trained with other "
+            f"settings: {'; '.join(differ)}. Resuming it would go on under the new ones: start fresh "
+            "with --set resume=false (replaces that run) or choose another output_dir"
+        )
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -66,8 +68,10 @@ def checkpoints(output_dir: Path) -> list[Path]:
         return found
     for folder in sorted(output_dir.glob("checkpoint-*")):
         if not (folder / CHECKPOINT_MARKER).is_file():
-            raise ResumeError(f"{folder} is not a fused-hybrid checkpoint (no {CHECKPOINT_MARKER}); "
-                             "move it away or choose another output_dir")  # fmt: skip
+            raise ResumeError(
+                f"{folder} is not a fused-hybrid checkpoint (no {CHECKPOINT_MARKER}); "
+                "move it away or choose another output_dir"
+            )
         found.append(folder)
     return sorted(found, key=lambda f: marker_of(f)["step"])
 
@@ -89,8 +93,9 @@ def full_states(policy: nn.Module, optimizer: torch.optim.Optimizer, sharded: bo
     return model_state, get_optimizer_state_dict(policy, optimizer, options=options)
 
 
-def write_checkpoint(final: Path, *, model: nn.Module, tokenizer, model_state: dict | None, trainer_state: dict,
-                     marker: dict, keep: int) -> None:  # fmt: skip
+def write_checkpoint(
+    final: Path, *, model: nn.Module, tokenizer, model_state: dict | None, trainer_state: dict, marker: dict, keep: int
+) -> None:
     """Write the checkpoint into a staging folder, rename it into place, and keep only the newest `keep`."""
     staging = final.parent / f".staging-{final.name}"
     shutil.rmtree(staging, ignore_errors=True)

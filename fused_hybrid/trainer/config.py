@@ -42,9 +42,11 @@ _FRACTION = (0, 1, True, True)
 class ModelConfig:
     # A local Hugging Face model folder, or None to build a Llama-style model from `tiny` (random weights).
     path: str | None = None
-    tiny: dict = dataclasses.field(default_factory=lambda: dict(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-    ))  # fmt: skip
+    tiny: dict = dataclasses.field(
+        default_factory=lambda: dict(
+            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        )
+    )
     # Tiny models: the character tokenizer's alphabet (None: every character of the data), so that a model can
     # later read a task whose data it has not seen.
     characters: str | None = None
@@ -70,8 +72,12 @@ class DataConfig:
     synthetic_size: int = 4000
     synthetic_digits: int = 2
 
-    RANGES: typing.ClassVar[dict] = {"max_length": _at_least(2), "eval_size": _at_least(0),
-                                     "synthetic_size": _at_least(1), "synthetic_digits": _at_least(1)}  # fmt: skip
+    RANGES: typing.ClassVar[dict] = {
+        "max_length": _at_least(2),
+        "eval_size": _at_least(0),
+        "synthetic_size": _at_least(1),
+        "synthetic_digits": _at_least(1),
+    }
 
 
 @dataclasses.dataclass
@@ -84,10 +90,15 @@ class OptimConfig:
     grad_accum: int = 1  # micro-batches per step
     max_grad_norm: float = 1.0
 
-    RANGES: typing.ClassVar[dict] = {"learning_rate": _POSITIVE, "weight_decay": _at_least(0),
-                                     "warmup_steps": _at_least(0), "max_steps": _at_least(1),
-                                     "batch_size": _at_least(1), "grad_accum": _at_least(1),
-                                     "max_grad_norm": _POSITIVE}  # fmt: skip
+    RANGES: typing.ClassVar[dict] = {
+        "learning_rate": _POSITIVE,
+        "weight_decay": _at_least(0),
+        "warmup_steps": _at_least(0),
+        "max_steps": _at_least(1),
+        "batch_size": _at_least(1),
+        "grad_accum": _at_least(1),
+        "max_grad_norm": _POSITIVE,
+    }
 
 
 @dataclasses.dataclass
@@ -98,10 +109,14 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature (> 0; the logits of the loss use the same)
     max_new_tokens: int = 8
 
-    RANGES: typing.ClassVar[dict] = {"prompts_per_step": _at_least(1),
-                                     "group_size": _at_least(2, "a lone completion has no group to be compared with: "
-                                                             "every group-normalised advantage would be 0"),
-                                     "temperature": _POSITIVE, "max_new_tokens": _at_least(1)}  # fmt: skip
+    RANGES: typing.ClassVar[dict] = {
+        "prompts_per_step": _at_least(1),
+        "group_size": _at_least(
+            2, "a lone completion has no group to be compared with: every group-normalised advantage would be 0"
+        ),
+        "temperature": _POSITIVE,
+        "max_new_tokens": _at_least(1),
+    }
 
 
 @dataclasses.dataclass
@@ -123,10 +138,18 @@ class ObjectiveConfig:
     ift_lambda: float = 0.2  # IFT input mixing
     reward: str = "exact_match"  # "exact_match", "numeric", or a dotted path to a callable
 
-    RANGES: typing.ClassVar[dict] = {"mu": _FRACTION, "mu_warmup_steps": _at_least(0), "mu_decay_steps": _at_least(0),
-                                     "mu_peak": _FRACTION, "mu_valley": _FRACTION, "epsilon_low": _POSITIVE,
-                                     "epsilon_high": _POSITIVE, "beta": _at_least(0), "gamma": (0, 1, False, True),
-                                     "ift_lambda": _FRACTION}  # fmt: skip
+    RANGES: typing.ClassVar[dict] = {
+        "mu": _FRACTION,
+        "mu_warmup_steps": _at_least(0),
+        "mu_decay_steps": _at_least(0),
+        "mu_peak": _FRACTION,
+        "mu_valley": _FRACTION,
+        "epsilon_low": _POSITIVE,
+        "epsilon_high": _POSITIVE,
+        "beta": _at_least(0),
+        "gamma": (0, 1, False, True),
+        "ift_lambda": _FRACTION,
+    }
     CHOICES = {
         "chord_preset": (None, "chord-mu", "chord-phi"),
         "aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
@@ -154,8 +177,13 @@ class TrainConfig:
     parallel: str = "ddp"
 
     CHOICES = {"mode": registered_modes, "parallel": ("ddp", "fsdp2")}
-    RANGES: typing.ClassVar[dict] = {"seed": _at_least(0), "log_every": _at_least(1), "eval_every": _at_least(1),
-                                     "save_every": _at_least(1), "keep_checkpoints": _at_least(1)}  # fmt: skip
+    RANGES: typing.ClassVar[dict] = {
+        "seed": _at_least(0),
+        "log_every": _at_least(1),
+        "eval_every": _at_least(1),
+        "save_every": _at_least(1),
+        "keep_checkpoints": _at_least(1),
+    }
 
 
 def _check_range(value, bounds, key: str) -> None:
@@ -169,8 +197,9 @@ def _check_range(value, bounds, key: str) -> None:
         if high is not None:
             parts.append(f"{'<=' if high_allowed else '<'} {high}")
         reason = f" ({why})" if why else ""
-        raise ConfigError(f"{key}: {value!r} is out of range; allowed: {' and '.join(parts) or 'a finite number'}"
-                          f"{reason}")  # fmt: skip
+        raise ConfigError(
+            f"{key}: {value!r} is out of range; allowed: {' and '.join(parts) or 'a finite number'}{reason}"
+        )
 
 
 def _field_types(cls) -> dict[str, object]:
@@ -265,11 +294,15 @@ def check_across_sections(config: TrainConfig) -> None:
     if OBJECTIVES[config.mode].uses_rollouts:
         rows_per_step = config.rollout.prompts_per_step * config.rollout.group_size
     if config.optim.grad_accum > rows_per_step:
-        raise ConfigError(f"optim.grad_accum: {config.optim.grad_accum} micro-batches for {rows_per_step} sequences "
-                          f"per step leaves some empty; allowed: <= {rows_per_step}")  # fmt: skip
+        raise ConfigError(
+            f"optim.grad_accum: {config.optim.grad_accum} micro-batches for {rows_per_step} sequences "
+            f"per step leaves some empty; allowed: <= {rows_per_step}"
+        )
     if config.model.path is not None and not Path(config.model.path).is_dir():
-        raise ConfigError(f"model.path: {config.model.path!r}: no such folder (a local Hugging Face model folder, "
-                          "or leave it out for a tiny model built from model.tiny)")  # fmt: skip
+        raise ConfigError(
+            f"model.path: {config.model.path!r}: no such folder (a local Hugging Face model folder, "
+            "or leave it out for a tiny model built from model.tiny)"
+        )
 
 
 def _set_dotted(values: dict, dotted: str) -> None:

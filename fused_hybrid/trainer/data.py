@@ -52,8 +52,9 @@ def load_dataset(config: DataConfig, seed: int, text_columns: list[str]):
         try:
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError:
-            raise DataError(f"data.path {config.path!r}: a folder, but not one written by datasets' save_to_disk") \
-                from None  # fmt: skip
+            raise DataError(
+                f"data.path {config.path!r}: a folder, but not one written by datasets' save_to_disk"
+            ) from None
         if isinstance(loaded, datasets.DatasetDict):
             loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
         rows = None
@@ -118,8 +119,10 @@ def required_columns(data_kind: str, config: DataConfig, reward_columns: tuple[s
 def check_columns(present: list[str], columns: list[str], path: str) -> None:
     missing = [c for c in columns if c not in present]
     if missing:
-        raise DataError(f"data.path {path!r} lacks the column(s) {missing} this mode needs; it has {present} "
-                        "(or name them in the data section: prompt_column, response_column, ...)")  # fmt: skip
+        raise DataError(
+            f"data.path {path!r} lacks the column(s) {missing} this mode needs; it has {present} "
+            "(or name them in the data section: prompt_column, response_column, ...)"
+        )
 
 
 def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:

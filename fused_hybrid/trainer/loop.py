@@ -90,8 +90,11 @@ class HybridTrainer:
         self.reward_fn = load_reward(config.objective.reward) if self.objective.uses_rollouts else None
         reward_columns = self._reward_columns()
         self.dataset = load_dataset(config.data, config.seed, required_columns(self.objective.data, config.data, ()))
-        check_columns(self.dataset.column_names, required_columns(self.objective.data, config.data, reward_columns),
-                      config.data.path)  # fmt: skip
+        check_columns(
+            self.dataset.column_names,
+            required_columns(self.objective.data, config.data, reward_columns),
+            config.data.path,
+        )
         self.has_answers = all(c in self.dataset.column_names for c in reward_columns or BUILT_IN_COLUMNS)
         eval_size = min(config.data.eval_size, len(self.dataset) // 5) if self.has_answers else 0
         self.eval_rows = self.dataset.select(range(eval_size)) if eval_size else None
@@ -101,8 +104,9 @@ class HybridTrainer:
             column = self.train_rows[config.data.prompt_column]
             kept = [i for i, prompt in enumerate(column) if prompt not in held_out]
             if len(kept) < len(column):
-                logger.info("dropping %d training rows whose prompt is also an evaluation prompt",
-                            len(column) - len(kept))  # fmt: skip
+                logger.info(
+                    "dropping %d training rows whose prompt is also an evaluation prompt", len(column) - len(kept)
+                )
                 self.train_rows = self.train_rows.select(kept)
         if len(self.train_rows) == 0:
             raise DataError(f"data.path {config.data.path!r}: no training rows (data.eval_size takes them all)")
@@ -124,8 +128,9 @@ class HybridTrainer:
         self.reference_head = None if self.reference is None else PolicyHead(self.reference, self._autocast)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.parameters() if p.requires_grad],
-            lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay,
-        )  # fmt: skip
+            lr=config.optim.learning_rate,
+            weight_decay=config.optim.weight_decay,
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, config.optim.warmup_steps, config.optim.max_steps)
         )
@@ -136,8 +141,9 @@ class HybridTrainer:
             if self.config.parallel == "fsdp2" and self.world > 1:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-                set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"],
-                                         options=StateDictOptions(full_state_dict=True))  # fmt: skip
+                set_optimizer_state_dict(
+                    self.policy, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+                )
             else:
                 self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -175,11 +181,17 @@ class HybridTrainer:
         lengths = [len(prompt_ids(self.tokenizer, prompt)) for prompt in rows[data.prompt_column]]
         keep = [i for i, length in enumerate(lengths) if length < data.max_length]
         if not keep:
-            raise DataError(f"data.max_length: {data.max_length} tokens leave no room for a response after any "
-                            f"prompt of {data.path!r} (the shortest prompt has {min(lengths)} tokens)")  # fmt: skip
+            raise DataError(
+                f"data.max_length: {data.max_length} tokens leave no room for a response after any "
+                f"prompt of {data.path!r} (the shortest prompt has {min(lengths)} tokens)"
+            )
         if len(keep) < len(rows):
-            logger.warning("skipping %d of %d training rows: their prompt leaves no room for a response within "
-                           "data.max_length=%d", len(rows) - len(keep), len(rows), data.max_length)  # fmt: skip
+            logger.warning(
+                "skipping %d of %d training rows: their prompt leaves no room for a response within data.max_length=%d",
+                len(rows) - len(keep),
+                len(rows),
+                data.max_length,
+            )
             rows = rows.select(keep)
         return rows
 
@@ -260,8 +272,10 @@ class HybridTrainer:
             chosen = self._sft_pairs(rows, config.data.chosen_column)
             rejected = self._sft_pairs(rows, config.data.rejected_column)
             pair_chunks = self._split(list(zip(chosen, rejected)), accum)
-            micro = [pad_batch([c for c, _ in chunk] + [r for _, r in chunk], self.tokenizer.pad_token_id, self.device)
-                     for chunk in pair_chunks]  # fmt: skip
+            micro = [
+                pad_batch([c for c, _ in chunk] + [r for _, r in chunk], self.tokenizer.pad_token_id, self.device)
+                for chunk in pair_chunks
+            ]
         else:
             prompts = self._sample_rows(config.rollout.prompts_per_step, generator)
             rollout = self.rollouts(prompts)
@@ -269,9 +283,11 @@ class HybridTrainer:
             rows = {k: rollout[k] for k in ("input_ids", "attention_mask", "labels", "advantages")}
             rows["is_expert"] = torch.zeros(len(rollout["advantages"]), dtype=torch.bool, device=self.device)
             if data == "rollouts+demonstrations":
-                experts = pad_batch(self._sft_pairs(self._sample_rows(config.optim.batch_size, generator),
-                                                    config.data.response_column),
-                                    self.tokenizer.pad_token_id, self.device)  # fmt: skip
+                experts = pad_batch(
+                    self._sft_pairs(self._sample_rows(config.optim.batch_size, generator), config.data.response_column),
+                    self.tokenizer.pad_token_id,
+                    self.device,
+                )
                 experts["advantages"] = torch.zeros(experts["input_ids"].shape[0], device=self.device)
                 experts["is_expert"] = torch.ones(experts["input_ids"].shape[0], dtype=torch.bool, device=self.device)
                 rows = concat_rows(rows, experts, self.tokenizer.pad_token_id)
@@ -333,9 +349,13 @@ class HybridTrainer:
         self.scheduler.step()
         self.step += 1
         elapsed = time.perf_counter() - begin
-        metrics.update(step=self.step, loss=loss_total, lr=self.scheduler.get_last_lr()[0],
-                       grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                       tokens_per_s=totals["tokens"] / elapsed)  # fmt: skip
+        metrics.update(
+            step=self.step,
+            loss=loss_total,
+            lr=self.scheduler.get_last_lr()[0],
+            grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+            tokens_per_s=totals["tokens"] / elapsed,
+        )
         return metrics
 
     @torch.no_grad()
@@ -345,8 +365,9 @@ class HybridTrainer:
         if rows is None:
             return {}
         with self._autocast(), self._gathered():
-            return {"accuracy": greedy_accuracy(self.model, self.tokenizer, rows, self.config, self.reward_fn,
-                                                self.device)}  # fmt: skip
+            return {
+                "accuracy": greedy_accuracy(self.model, self.tokenizer, rows, self.config, self.reward_fn, self.device)
+            }
 
     @torch.no_grad()
     def policy_entropy(self, rows) -> float:
@@ -372,8 +393,12 @@ class HybridTrainer:
         KeyboardInterrupt (a second Ctrl-C stops at once)."""
         config = self.config
         if self.complete:
-            logger.info("the run in %s is complete (step %d of %d); raise optim.max_steps to train on",
-                        self.output_dir, self.step, config.optim.max_steps)  # fmt: skip
+            logger.info(
+                "the run in %s is complete (step %d of %d); raise optim.max_steps to train on",
+                self.output_dir,
+                self.step,
+                config.optim.max_steps,
+            )
             return self.history
         if self.step == 0 and self.rank == 0:
             clear_previous_run(self.output_dir)
@@ -404,8 +429,9 @@ class HybridTrainer:
             if writer is not None:
                 writer.close()
         if self.rank == 0:
-            plot_history(self.history, self.output_dir / "curves.png", title=f"{config.mode} training",
-                         mode=config.mode)  # fmt: skip
+            plot_history(
+                self.history, self.output_dir / "curves.png", title=f"{config.mode} training", mode=config.mode
+            )
         return self.history
 
     def _logged_step(self, writer) -> dict:
@@ -440,8 +466,15 @@ class HybridTrainer:
                 "settings": run_settings(self.config),
             }
             trainer_state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(), "step": self.step}
-            write_checkpoint(final, model=self.model, tokenizer=self.tokenizer, model_state=model_state,
-                             trainer_state=trainer_state, marker=marker, keep=self.config.keep_checkpoints)  # fmt: skip
+            write_checkpoint(
+                final,
+                model=self.model,
+                tokenizer=self.tokenizer,
+                model_state=model_state,
+                trainer_state=trainer_state,
+                marker=marker,
+                keep=self.config.keep_checkpoints,
+            )
         finally:
             if self.world > 1:
                 dist.barrier()

@@ -32,9 +32,13 @@ class PolicyHead(nn.Module):
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         with self.autocast():
             hidden = recorded_head_input(
-                self.model, input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-            )  # fmt: skip
+                self.model,
+                input_ids=None if inputs_embeds is not None else input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            )
             hidden, weight, bias = head_inputs(hidden, self.model.get_output_embeddings(), self.transform.vocab_size)
         return hidden[:, :-1], weight, bias
 
@@ -91,16 +95,18 @@ def build_model(config: TrainConfig, source: Path | None, characters, device: to
             model = transformers.AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
         except (OSError, ValueError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UserError(f"{source}: not a Hugging Face causal-LM folder with a tokenizer ({first_line})") \
-                from None  # fmt: skip
+            raise UserError(f"{source}: not a Hugging Face causal-LM folder with a tokenizer ({first_line})") from None
     else:
         tokenizer = CharTokenizer(characters())
         model_config = transformers.LlamaConfig(
-            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
             max_position_embeddings=config.data.max_length + config.rollout.max_new_tokens + 8,
             **config.model.tiny,
-        )  # fmt: skip
+        )
         model = transformers.AutoModelForCausalLM.from_config(model_config)
     model.to(device)
     if config.model.precision == "bfloat16":

@@ -67,8 +67,10 @@ def compute_rewards(function, prompts: list[str], completions: list[str], column
     except (TypeError, ValueError, RuntimeError) as error:
         raise RewardError(f"reward function {name} must return numbers, got {type(values).__name__}") from error
     if rewards.numel() != len(completions):
-        raise RewardError(f"reward function {name} returned {rewards.numel()} rewards for {len(completions)} "
-                          "completions; it must return one per completion")  # fmt: skip
+        raise RewardError(
+            f"reward function {name} returned {rewards.numel()} rewards for {len(completions)} "
+            "completions; it must return one per completion"
+        )
     if not torch.isfinite(rewards).all():
         raise RewardError(f"reward function {name} returned a non-finite reward")
     return rewards

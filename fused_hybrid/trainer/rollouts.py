@@ -24,9 +24,14 @@ def sample_rollouts(model: nn.Module, tokenizer, rows, config: TrainConfig, rewa
     model.config.use_cache = True
     try:
         generated = model.generate(
-            **inputs, do_sample=True, temperature=rollout.temperature, max_new_tokens=rollout.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, top_k=0,
-        )  # fmt: skip
+            **inputs,
+            do_sample=True,
+            temperature=rollout.temperature,
+            max_new_tokens=rollout.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            top_k=0,
+        )
     finally:
         model.config.use_cache = False
         model.train()
@@ -37,12 +42,18 @@ def sample_rollouts(model: nn.Module, tokenizer, rows, config: TrainConfig, rewa
     completion_mask = (~after_eos).long()
     completion = completion.masked_fill(after_eos, tokenizer.pad_token_id)
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completion.tolist()]
-    columns = {c: [r[c] for r in rows for _ in range(rollout.group_size)]
-               for c in rows.column_names if c != data.prompt_column}  # fmt: skip
+    columns = {
+        c: [r[c] for r in rows for _ in range(rollout.group_size)] for c in rows.column_names if c != data.prompt_column
+    }
     prompt_texts = [r[data.prompt_column] for r in rows for _ in range(rollout.group_size)]
     rewards = compute_rewards(reward_fn, prompt_texts, texts, columns).to(device)
-    labels = torch.cat([torch.full_like(inputs["input_ids"], IGNORE_INDEX),
-                        completion.masked_fill(completion_mask == 0, IGNORE_INDEX)], dim=1)  # fmt: skip
+    labels = torch.cat(
+        [
+            torch.full_like(inputs["input_ids"], IGNORE_INDEX),
+            completion.masked_fill(completion_mask == 0, IGNORE_INDEX),
+        ],
+        dim=1,
+    )
     return {
         "input_ids": torch.cat([inputs["input_ids"], completion], dim=1),
         "attention_mask": torch.cat([inputs["attention_mask"], completion_mask], dim=1),
@@ -63,14 +74,18 @@ def greedy_accuracy(model: nn.Module, tokenizer, rows, config: TrainConfig, rewa
     model.config.use_cache = True
     try:
         generated = model.generate(
-            **inputs, do_sample=False, max_new_tokens=config.rollout.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )  # fmt: skip
+            **inputs,
+            do_sample=False,
+            max_new_tokens=config.rollout.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     finally:
         model.config.use_cache = False
         model.train()
-    completions = [tokenizer.decode(g, skip_special_tokens=True)
-                   for g in generated[:, inputs["input_ids"].shape[1] :].tolist()]  # fmt: skip
+    completions = [
+        tokenizer.decode(g, skip_special_tokens=True) for g in generated[:, inputs["input_ids"].shape[1] :].tolist()
+    ]
     columns = {c: list(rows[c]) for c in rows.column_names if c != data.prompt_column}
     texts = [r[data.prompt_column] for r in rows]
     return compute_rewards(reward_fn or BUILT_IN["exact_match"], texts, completions, columns).mean().item()

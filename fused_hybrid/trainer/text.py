@@ -74,8 +74,9 @@ def encode(tokenizer, text: str) -> list[int]:
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """The prompt as the model sees it: through the chat template when the tokenizer has one, after <bos>."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)  # fmt: skip
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         return encode(tokenizer, text)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + encode(tokenizer, prompt)

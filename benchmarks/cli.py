@@ -84,29 +84,10 @@ def sweep(args, device, providers, objectives, presets, token_counts, distributi
                 tokens = counts[index]
                 index += 1
                 try:
-                    first = make_problem(
-                        objective,
-                        tokens,
-                        dim,
-                        vocab,
-                        dtype=dtype,
-                        device=device,
-                        seq_len=args.seq_len,
-                        seed=1,
-                        distribution=inputs,
-                    )
-                    second = make_problem(
-                        objective,
-                        tokens,
-                        dim,
-                        vocab,
-                        dtype=dtype,
-                        device=device,
-                        seq_len=args.seq_len,
-                        seed=2,
-                        weight=first.weight,
-                        distribution=inputs,
-                    )
+                    common = dict(dtype=dtype, device=device, seq_len=args.seq_len, distribution=inputs)
+                    first = make_problem(objective, tokens, dim, vocab, seed=1, **common)
+                    # a second input set on the same head weight, to rotate between steps
+                    second = make_problem(objective, tokens, dim, vocab, seed=2, weight=first.weight, **common)
                     problems = [first, second]
                 except torch.OutOfMemoryError:
                     rows += [

@@ -103,69 +103,16 @@ def plan(folder: Path, wheels: Path | None, site: Path) -> list[Stage]:
             0.12,
         )
     )
-    stages.append(
-        _bench(
-            "cross-entropy",
-            0.30,
-            folder,
-            "--presets",
-            "llama3-8b",
-            "--objectives",
-            "cross_entropy",
-            "--tokens",
-            HEAD_TOKENS,
-            "--inputs",
-            "random,trained",
-            "--providers",
-            "all",
-            "--repeats",
-            "5",
-            "--warmup",
-            "2",
-        )
-    )
-    stages.append(
-        _bench(
-            "rl-objectives",
-            0.25,
-            folder,
-            "--presets",
-            "llama3-8b",
-            "--objectives",
-            "logprobs_entropy,grpo,chord,dpo",
-            "--tokens",
-            "4096,16384",
-            "--inputs",
-            "random,trained",
-            "--providers",
-            "all",
-            "--repeats",
-            "5",
-            "--warmup",
-            "2",
-        )
-    )
-    stages.append(
-        _bench(
-            "other-heads",
-            0.17,
-            folder,
-            "--presets",
-            "qwen2.5-7b,gemma2-2b",
-            "--objectives",
-            "cross_entropy,logprobs_entropy",
-            "--tokens",
-            HEAD_TOKENS,
-            "--inputs",
-            "random",
-            "--providers",
-            "all",
-            "--repeats",
-            "5",
-            "--warmup",
-            "2",
-        )
-    )
+    # every head measurement: all providers, both input sets rotated, 5 timed steps after 2 of warm-up
+    timed = ("--providers", "all", "--repeats", "5", "--warmup", "2")
+    head_runs = [
+        ("cross-entropy", 0.30, "llama3-8b", "cross_entropy", HEAD_TOKENS, "random,trained"),
+        ("rl-objectives", 0.25, "llama3-8b", "logprobs_entropy,grpo,chord,dpo", "4096,16384", "random,trained"),
+        ("other-heads", 0.17, "qwen2.5-7b,gemma2-2b", "cross_entropy,logprobs_entropy", HEAD_TOKENS, "random"),
+    ]
+    for name, share, presets, objectives, tokens, inputs in head_runs:
+        selection = ("--presets", presets, "--objectives", objectives, "--tokens", tokens, "--inputs", inputs)
+        stages.append(_bench(name, share, folder, *selection, *timed))
     stages.append(_bench("long-context", 0.12, folder, "--long-context-only"))
     return stages
 

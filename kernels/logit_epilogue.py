@@ -26,6 +26,7 @@ import triton.language as tl
 from ..engine.core import RowExtras, SoftmaxNorm, TokenGradCoefficients, VocabPartials
 from ..engine.head import HeadSpec
 from .logit_tile import (
+    coefficient_arguments,
     dz_of_logits,
     in_interpreter,
     raise_running_max,
@@ -239,17 +240,10 @@ def gradient(logits, state, targets, bias, norm: SoftmaxNorm, coefs: TokenGradCo
         row_dz_kernel[(num_rows, triton.cdiv(vocab_size, block_v))](
             logits,
             targets_ptr=targets,
-            max_ptr=norm.max,
-            log_sum_exp_ptr=norm.log_sum_exp,
-            onehot_coef_ptr=coefs.onehot_coef,
-            prob_coef_ptr=coefs.prob_coef,
-            logp_coef_ptr=coefs.logp_coef,
-            uniform_coef_ptr=coefs.uniform_coef,
             V=vocab_size,
             stride_row=logits.stride(0),
+            **coefficient_arguments(norm, coefs),
             **transform_arguments(bias, head),
-            HAS_LOGP_COEF=coefs.logp_coef is not None,
-            HAS_UNIFORM_COEF=coefs.uniform_coef is not None,
             BLOCK_V=block_v,
             num_warps=NUM_WARPS,
         )

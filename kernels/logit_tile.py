@@ -73,6 +73,21 @@ def transform_arguments(bias, head: HeadSpec) -> dict:
     )
 
 
+def coefficient_arguments(norm, coefs) -> dict:
+    """The keyword arguments of dz_of_logits' per-token inputs (core.SoftmaxNorm and core.TokenGradCoefficients),
+    under the names both kernels that form dz take them by."""
+    return dict(
+        max_ptr=norm.max,
+        log_sum_exp_ptr=norm.log_sum_exp,
+        onehot_coef_ptr=coefs.onehot_coef,
+        prob_coef_ptr=coefs.prob_coef,
+        logp_coef_ptr=coefs.logp_coef,
+        uniform_coef_ptr=coefs.uniform_coef,
+        HAS_LOGP_COEF=coefs.logp_coef is not None,
+        HAS_UNIFORM_COEF=coefs.uniform_coef is not None,
+    )
+
+
 def tile_arguments(hidden, weight, bias, head: HeadSpec) -> dict:
     """The keyword arguments of logit_tile that both tile kernels take under the same names."""
     return dict(

@@ -24,7 +24,14 @@ import triton.language as tl
 from ..engine.core import SoftmaxNorm, TokenGradCoefficients
 from ..engine.head import HeadSpec
 from .autotune import run_tuned, tokens_bucket
-from .logit_tile import LaunchConfig, dz_of_logits, launch_candidates, logit_tile, tile_arguments
+from .logit_tile import (
+    LaunchConfig,
+    coefficient_arguments,
+    dz_of_logits,
+    launch_candidates,
+    logit_tile,
+    tile_arguments,
+)
 
 # Spill-free on sm_80 and sm_90a with Triton 3.6 and 3.9 (benchmarks/compile_report.py --check); the first of each
 # list is the default, the rest are timed on CUDA (autotune.py). A 128 x 128 tile spills: dz, the gradient blocks
@@ -267,12 +274,7 @@ def tile_backward(
             grid = (triton.cdiv(num_tokens, cfg.block_n) * triton.cdiv(vocab_size, cfg.block_v),)
             token_statistics_backward_kernel[grid](
                 targets_ptr=targets,
-                max_ptr=norm.max,
-                log_sum_exp_ptr=norm.log_sum_exp,
-                onehot_coef_ptr=coefs.onehot_coef,
-                prob_coef_ptr=coefs.prob_coef,
-                logp_coef_ptr=coefs.logp_coef,
-                uniform_coef_ptr=coefs.uniform_coef,
+                **coefficient_arguments(norm, coefs),
                 d_hidden_ptr=d_hidden,
                 d_weight_ptr=d_weight,
                 d_bias_ptr=d_bias,
@@ -281,8 +283,6 @@ def tile_backward(
                 V=vocab_size,
                 ignore_index=head.ignore_index,
                 filter_threshold=head.gradient_filter if filtering else 0.0,
-                HAS_LOGP_COEF=coefs.logp_coef is not None,
-                HAS_UNIFORM_COEF=coefs.uniform_coef is not None,
                 COMPUTE_D_HIDDEN=needs_hidden,
                 COMPUTE_D_WEIGHT=needs_weight,
                 COMPUTE_D_BIAS=needs_bias,

@@ -19,7 +19,7 @@ from .policy_gradient import (
     policy_metrics,
 )
 from .registry import Objective, clip_options, register
-from .tokens import LossOutput, ObjectiveModule, TokenBatch, aggregate, evaluate_objective
+from .tokens import LossOutput, ObjectiveModule, TokenBatch, TokenLayout, aggregate, evaluate_objective
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,18 +150,13 @@ def chord_loss(
         )
         return LossOutput((1.0 - mu) * grpo_part + mu * sft_part, metrics)
 
+    head = HeadSpec.resolve(head, head_options)
+    layout = TokenLayout.read(
+        targets, head, loss_mask=loss_mask, sequence_ids=sequence_ids, num_sequences=num_sequences
+    )
+    plan = CHORD.gradient_plan()
     return evaluate_objective(
-        loss_of_batch,
-        hidden,
-        weight,
-        targets,
-        bias=bias,
-        loss_mask=loss_mask,
-        sequence_ids=sequence_ids,
-        num_sequences=num_sequences,
-        head=HeadSpec.resolve(head, head_options),
-        plan=CHORD.gradient_plan(),
-        inputs=(advantages, old_logp, mu),
+        loss_of_batch, hidden, weight, bias, layout, head=head, plan=plan, inputs=(advantages, old_logp, mu)
     )
 
 

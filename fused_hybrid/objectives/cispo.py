@@ -8,9 +8,23 @@ import torch
 
 from ..checks import check_non_negative
 from ..engine.head import HeadSpec
-from .policy_gradient import LOG_RATIO_LIMIT, POLICY_METRICS, k3_kl, log_importance_ratio, policy_metrics
-from .registry import Objective, aggregation_count, needs_kl_reference, policy_gradient_options, register
-from .tokens import LossOutput, TokenBatch, aggregate, check_aggregation, evaluate_objective, objective_module
+from .policy_gradient import (
+    LOG_RATIO_LIMIT,
+    POLICY_GRADIENT_DECLARATION,
+    k3_kl,
+    log_importance_ratio,
+    policy_metrics,
+)
+from .registry import Objective, register
+from .tokens import (
+    LossOutput,
+    TokenBatch,
+    TokenLayout,
+    aggregate,
+    check_aggregation,
+    evaluate_objective,
+    objective_module,
+)
 
 
 def check_cispo_options(
@@ -88,33 +102,17 @@ def cispo_loss(
         metrics["policy_loss"] = reduce(policy_loss.detach())
         return LossOutput(reduce(per_token), metrics)
 
+    head = HeadSpec.resolve(head, head_options)
+    layout = TokenLayout.read(
+        targets, head, loss_mask=loss_mask, sequence_ids=sequence_ids, num_sequences=num_sequences
+    )
+    plan = CISPO.gradient_plan()
     return evaluate_objective(
-        loss_of_batch,
-        hidden,
-        weight,
-        targets,
-        bias=bias,
-        loss_mask=loss_mask,
-        sequence_ids=sequence_ids,
-        num_sequences=num_sequences,
-        head=HeadSpec.resolve(head, head_options),
-        plan=CISPO.gradient_plan(),
-        inputs=(advantages, old_logp, ref_logp),
+        loss_of_batch, hidden, weight, bias, layout, head=head, plan=plan, inputs=(advantages, old_logp, ref_logp)
     )
 
 
 CISPOLoss = objective_module("CISPOLoss", cispo_loss, check_cispo_options)
 
 
-CISPO = register(
-    Objective(
-        name="cispo",
-        loss=cispo_loss,
-        data="rollouts",
-        normalisers={"num_items": aggregation_count},
-        batch_inputs=("advantages", "old_logp", "ref_logp"),
-        options=policy_gradient_options,
-        needs_reference=needs_kl_reference,
-        metric_counts={"policy_loss": "sum", "ref_kl": "tokens", **dict.fromkeys(POLICY_METRICS, "tokens")},
-    )
-)
+CISPO = register(Objective(name="cispo", loss=cispo_loss, **POLICY_GRADIENT_DECLARATION))

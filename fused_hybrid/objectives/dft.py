@@ -7,7 +7,7 @@ import torch
 from ..engine.head import HeadSpec
 from ..reduction import check_num_items, check_reduction, reduce_per_token
 from .registry import Objective, register
-from .tokens import LossOutput, TokenBatch, evaluate_objective, objective_module
+from .tokens import LossOutput, TokenBatch, TokenLayout, evaluate_objective, objective_module
 
 
 def check_dft_options(*, reduction: str) -> None:
@@ -42,18 +42,10 @@ def dft_loss(
         loss = reduce_per_token(per_token, batch.mask, reduction, num_items)
         return LossOutput(loss.reshape(batch.shape) if reduction == "none" else loss, metrics)
 
-    return evaluate_objective(
-        loss_of_batch,
-        hidden,
-        weight,
-        targets,
-        bias=bias,
-        loss_mask=loss_mask,
-        sequence_ids=None,
-        num_sequences=None,
-        head=HeadSpec.resolve(head, head_options),
-        plan=DFT.gradient_plan(reduction=reduction),
-    )
+    head = HeadSpec.resolve(head, head_options)
+    layout = TokenLayout.read(targets, head, loss_mask=loss_mask)
+    plan = DFT.gradient_plan(reduction=reduction)
+    return evaluate_objective(loss_of_batch, hidden, weight, bias, layout, head=head, plan=plan)
 
 
 DFTLoss = objective_module("DFTLoss", dft_loss, check_dft_options)

@@ -11,7 +11,7 @@ from ..engine.head import HeadSpec
 from ..reduction import check_num_items, divide_by_count
 from .policy_gradient import LOG_RATIO_LIMIT, k3_kl
 from .registry import Objective, clip_options, register
-from .tokens import LossOutput, TokenBatch, evaluate_objective, objective_module
+from .tokens import LossOutput, TokenBatch, TokenLayout, evaluate_objective, objective_module
 
 
 def check_gmpo_options(*, epsilon_low: float, epsilon_high: float) -> None:
@@ -75,18 +75,13 @@ def gmpo_loss(
         }
         return LossOutput(loss, metrics)
 
+    head = HeadSpec.resolve(head, head_options)
+    layout = TokenLayout.read(
+        targets, head, loss_mask=loss_mask, sequence_ids=sequence_ids, num_sequences=num_sequences
+    )
+    plan = GMPO.gradient_plan()
     return evaluate_objective(
-        loss_of_batch,
-        hidden,
-        weight,
-        targets,
-        bias=bias,
-        loss_mask=loss_mask,
-        sequence_ids=sequence_ids,
-        num_sequences=num_sequences,
-        head=HeadSpec.resolve(head, head_options),
-        plan=GMPO.gradient_plan(),
-        inputs=(advantages, old_logp),
+        loss_of_batch, hidden, weight, bias, layout, head=head, plan=plan, inputs=(advantages, old_logp)
     )
 
 

@@ -16,7 +16,7 @@ from ..checks import check_non_negative
 from ..engine.head import HeadSpec
 from ..reduction import check_num_items, divide_by_count
 from .registry import Objective, register
-from .tokens import LossOutput, TokenBatch, evaluate_objective, objective_module
+from .tokens import LossOutput, TokenBatch, TokenLayout, evaluate_objective, objective_module
 
 
 def ift_token_weights(batch: TokenBatch, gamma: float) -> torch.Tensor:
@@ -65,18 +65,12 @@ def ift_loss(
         loss = divide_by_count(per_sequence.sum(), num_seqs)
         return LossOutput(loss, {"sft_loss": batch.token_mean(-batch.logp)})
 
-    return evaluate_objective(
-        loss_of_batch,
-        hidden,
-        weight,
-        targets,
-        bias=bias,
-        loss_mask=loss_mask,
-        sequence_ids=sequence_ids,
-        num_sequences=num_sequences,
-        head=HeadSpec.resolve(head, head_options),
-        plan=IFT.gradient_plan(),
+    head = HeadSpec.resolve(head, head_options)
+    layout = TokenLayout.read(
+        targets, head, loss_mask=loss_mask, sequence_ids=sequence_ids, num_sequences=num_sequences
     )
+    plan = IFT.gradient_plan()
+    return evaluate_objective(loss_of_batch, hidden, weight, bias, layout, head=head, plan=plan)
 
 
 IFTLoss = objective_module("IFTLoss", ift_loss, check_ift_options)

@@ -10,7 +10,7 @@ from ..engine.head import HeadSpec
 from ..reduction import check_num_items, divide_by_count
 from .preference import policy_and_reference_sums
 from .registry import Objective, register
-from .tokens import LossOutput, TokenBatch, evaluate_objective, objective_module
+from .tokens import LossOutput, TokenBatch, TokenLayout, evaluate_objective, objective_module
 
 
 def check_minor_sft_options(*, beta: float, length_normalized: bool) -> None:
@@ -69,19 +69,12 @@ def minor_sft_loss(
         }
         return LossOutput(loss, metrics)
 
-    return evaluate_objective(
-        loss_of_batch,
-        hidden,
-        weight,
-        targets,
-        bias=bias,
-        loss_mask=loss_mask,
-        sequence_ids=sequence_ids,
-        num_sequences=num_sequences,
-        head=HeadSpec.resolve(head, head_options),
-        plan=MINOR_SFT.gradient_plan(),
-        inputs=(ref_logp,),
+    head = HeadSpec.resolve(head, head_options)
+    layout = TokenLayout.read(
+        targets, head, loss_mask=loss_mask, sequence_ids=sequence_ids, num_sequences=num_sequences
     )
+    plan = MINOR_SFT.gradient_plan()
+    return evaluate_objective(loss_of_batch, hidden, weight, bias, layout, head=head, plan=plan, inputs=(ref_logp,))
 
 
 MinorSFTLoss = objective_module("MinorSFTLoss", minor_sft_loss, check_minor_sft_options)

@@ -8,7 +8,15 @@ import torch
 from ..checks import check_non_negative
 from ..engine.head import HeadSpec
 from .registry import Objective, aggregation_count, needs_kl_reference, policy_gradient_options, register
-from .tokens import LossOutput, TokenBatch, aggregate, check_aggregation, evaluate_objective, objective_module
+from .tokens import (
+    LossOutput,
+    TokenBatch,
+    TokenLayout,
+    aggregate,
+    check_aggregation,
+    evaluate_objective,
+    objective_module,
+)
 
 LOG_RATIO_LIMIT = 20.0  # log-ratios are clamped to +-20 before exp (as verl does)
 KL_LIMIT = 10.0  # the k3 estimate is clamped to +-10
@@ -191,18 +199,13 @@ def grpo_loss(
         metrics["policy_loss"] = reduce(policy_loss.detach())
         return LossOutput(reduce(per_token), metrics)
 
+    head = HeadSpec.resolve(head, head_options)
+    layout = TokenLayout.read(
+        targets, head, loss_mask=loss_mask, sequence_ids=sequence_ids, num_sequences=num_sequences
+    )
+    plan = GRPO.gradient_plan(importance_sampling=importance_sampling)
     return evaluate_objective(
-        loss_of_batch,
-        hidden,
-        weight,
-        targets,
-        bias=bias,
-        loss_mask=loss_mask,
-        sequence_ids=sequence_ids,
-        num_sequences=num_sequences,
-        head=HeadSpec.resolve(head, head_options),
-        plan=GRPO.gradient_plan(importance_sampling=importance_sampling),
-        inputs=(advantages, old_logp, ref_logp),
+        loss_of_batch, hidden, weight, bias, layout, head=head, plan=plan, inputs=(advantages, old_logp, ref_logp)
     )
 
 
@@ -214,16 +217,13 @@ def _grpo_gradient(*, importance_sampling: str) -> str:
     return "token" if importance_sampling == "token" else "sequence"
 
 
-GRPO = register(
-    Objective(
-        name="grpo",
-        loss=grpo_loss,
-        data="rollouts",
-        normalisers={"num_items": aggregation_count},
-        batch_inputs=("advantages", "old_logp", "ref_logp"),
-        options=policy_gradient_options,
-        needs_reference=needs_kl_reference,
-        gradient=_grpo_gradient,
-        metric_counts={"policy_loss": "sum", "ref_kl": "tokens", **dict.fromkeys(POLICY_METRICS, "tokens")},
-    )
+# What every clipped policy-gradient objective on rollouts declares (GRPO here, CISPO beside it).
+POLICY_GRADIENT_DECLARATION = dict(
+    data="rollouts",
+    normalisers={"num_items": aggregation_count},
+    batch_inputs=("advantages", "old_logp", "ref_logp"),
+    options=policy_gradient_options,
+    needs_reference=needs_kl_reference,
+    metric_counts={"policy_loss": "sum", "ref_kl": "tokens", **dict.fromkeys(POLICY_METRICS, "tokens")},
 )
+GRPO = register(Objective(name="grpo", loss=grpo_loss, gradient=_grpo_gradient, **POLICY_GRADIENT_DECLARATION))

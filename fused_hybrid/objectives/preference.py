@@ -14,7 +14,7 @@ from ..checks import check_non_negative, check_positive
 from ..engine.head import HeadSpec
 from ..reduction import check_num_items, divide_by_count
 from .registry import Objective, register
-from .tokens import LossOutput, TokenBatch, evaluate_head, evaluate_objective, objective_module
+from .tokens import LossOutput, TokenBatch, TokenLayout, evaluate_head, evaluate_objective, objective_module
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo")
 
@@ -49,16 +49,11 @@ def sequence_logps(
     Feed it a reference model's hidden states and head to get the ``ref_logp`` of :func:`dpo_loss` and
     :func:`minor_sft_loss`.
     """
-    batch = evaluate_head(
-        hidden,
-        weight,
-        targets,
-        bias=bias,
-        loss_mask=loss_mask,
-        sequence_ids=sequence_ids,
-        num_sequences=num_sequences,
-        head=HeadSpec.resolve(head, head_options),
+    head = HeadSpec.resolve(head, head_options)
+    layout = TokenLayout.read(
+        targets, head, loss_mask=loss_mask, sequence_ids=sequence_ids, num_sequences=num_sequences
     )
+    batch = evaluate_head(hidden, weight, bias, layout, head=head)
     batch.require_sequences("sequence_logps")
     return batch.seq_sum(batch.logp)
 
@@ -152,19 +147,12 @@ def dpo_loss(
         }
         return LossOutput(loss, metrics)
 
-    return evaluate_objective(
-        loss_of_batch,
-        hidden,
-        weight,
-        targets,
-        bias=bias,
-        loss_mask=loss_mask,
-        sequence_ids=sequence_ids,
-        num_sequences=num_sequences,
-        head=HeadSpec.resolve(head, head_options),
-        plan=DPO.gradient_plan(),
-        inputs=(ref_logp,),
+    head = HeadSpec.resolve(head, head_options)
+    layout = TokenLayout.read(
+        targets, head, loss_mask=loss_mask, sequence_ids=sequence_ids, num_sequences=num_sequences
     )
+    plan = DPO.gradient_plan()
+    return evaluate_objective(loss_of_batch, hidden, weight, bias, layout, head=head, plan=plan, inputs=(ref_logp,))
 
 
 DPOLoss = objective_module("DPOLoss", dpo_loss, check_dpo_options)

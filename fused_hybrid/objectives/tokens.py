@@ -138,8 +138,9 @@ class TokenBatch:
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """How a batch's tokens are laid out, read from the arguments before any statistic exists."""
+class TokenLayout:
+    """How a batch's tokens are laid out (which are in the loss, which sequence each belongs to), read by `read`
+    from ``targets``, ``loss_mask``, ``sequence_ids`` and ``num_sequences`` before any statistic exists."""
 
     mask: torch.Tensor  # [N] bool: the token is in the loss
     shape: torch.Size
@@ -159,59 +160,53 @@ class _Layout:
             padded_length=self.padded_length,
         )
 
+    @classmethod
+    def read(cls, targets, head: HeadSpec, *, loss_mask=None, sequence_ids=None, num_sequences=None) -> TokenLayout:
+        """The layout of `targets` ([B, T], or [N] packed with `sequence_ids` and `num_sequences`, or tokens only),
+        every argument checked; the tokens in the loss are those whose target is not `head.ignore_index` and, with
+        `loss_mask`, where it is set."""
+        if not isinstance(targets, torch.Tensor):
+            raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+        seq_index, padded_length = None, None
+        if sequence_ids is not None:
+            if targets.dim() != 1:
+                raise ValueError(f"sequence_ids is for packed targets of shape [N]; got targets {tuple(targets.shape)}")
+            if not isinstance(sequence_ids, torch.Tensor) or sequence_ids.shape != targets.shape:
+                raise ValueError(f"sequence_ids must be a tensor of shape {tuple(targets.shape)} (one id per token)")
+            if sequence_ids.dtype.is_floating_point or sequence_ids.dtype == torch.bool:
+                raise TypeError(f"sequence_ids must be an integer tensor, got {sequence_ids.dtype}")
+            if isinstance(num_sequences, bool) or not isinstance(num_sequences, int) or num_sequences < 1:
+                raise ValueError(
+                    f"num_sequences must be a positive int when sequence_ids is given, got {num_sequences!r}"
+                )
+            seq_index = sequence_ids.to(device=targets.device, dtype=torch.int64)
+            check_sequence_ids(seq_index, num_sequences)
+        elif targets.dim() == 2:
+            num_sequences, padded_length = targets.shape
+            seq_index = torch.arange(num_sequences, device=targets.device).repeat_interleave(padded_length)
+        elif num_sequences is not None:
+            raise ValueError("num_sequences is given without sequence_ids; pass both for packed sequences")
 
-def _layout(targets, loss_mask, sequence_ids, num_sequences, head: HeadSpec) -> _Layout:
-    if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
-    seq_index, padded_length = None, None
-    if sequence_ids is not None:
-        if targets.dim() != 1:
-            raise ValueError(f"sequence_ids is for packed targets of shape [N]; got targets {tuple(targets.shape)}")
-        if not isinstance(sequence_ids, torch.Tensor) or sequence_ids.shape != targets.shape:
-            raise ValueError(f"sequence_ids must be a tensor of shape {tuple(targets.shape)} (one id per token)")
-        if sequence_ids.dtype.is_floating_point or sequence_ids.dtype == torch.bool:
-            raise TypeError(f"sequence_ids must be an integer tensor, got {sequence_ids.dtype}")
-        if isinstance(num_sequences, bool) or not isinstance(num_sequences, int) or num_sequences < 1:
-            raise ValueError(f"num_sequences must be a positive int when sequence_ids is given, got {num_sequences!r}")
-        seq_index = sequence_ids.to(device=targets.device, dtype=torch.int64)
-        check_sequence_ids(seq_index, num_sequences)
-    elif targets.dim() == 2:
-        num_sequences, padded_length = targets.shape
-        seq_index = torch.arange(num_sequences, device=targets.device).repeat_interleave(padded_length)
-    elif num_sequences is not None:
-        raise ValueError("num_sequences is given without sequence_ids; pass both for packed sequences")
-
-    in_loss = targets != head.ignore_index
-    if loss_mask is not None:
-        if not isinstance(loss_mask, torch.Tensor) or loss_mask.shape != targets.shape:
-            got = tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else type(loss_mask).__name__
-            raise ValueError(f"loss_mask must have the shape of targets {tuple(targets.shape)}, got {got}")
-        if loss_mask.dtype != torch.bool:  # a mask selects: a weight such as 0.5, or a -1, is not one
-            fail_where(
-                (loss_mask != 0) & (loss_mask != 1),
-                "loss_mask must be bool or hold only 0 and 1 (it selects the loss tokens)",
-                lambda bad: f"found {loss_mask[bad][0].item()}",
-            )
-        in_loss = in_loss & loss_mask.to(device=targets.device, dtype=torch.bool)
-    # Tokens outside the loss are handed to the core as ignored, so the kernels skip them.
-    head_targets = torch.where(in_loss, targets, head.ignore_index) if loss_mask is not None else targets
-    return _Layout(in_loss.reshape(-1), targets.shape, seq_index, num_sequences, padded_length, head_targets)
+        in_loss = targets != head.ignore_index
+        if loss_mask is not None:
+            if not isinstance(loss_mask, torch.Tensor) or loss_mask.shape != targets.shape:
+                got = tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else type(loss_mask).__name__
+                raise ValueError(f"loss_mask must have the shape of targets {tuple(targets.shape)}, got {got}")
+            if loss_mask.dtype != torch.bool:  # a mask selects: a weight such as 0.5, or a -1, is not one
+                fail_where(
+                    (loss_mask != 0) & (loss_mask != 1),
+                    "loss_mask must be bool or hold only 0 and 1 (it selects the loss tokens)",
+                    lambda bad: f"found {loss_mask[bad][0].item()}",
+                )
+            in_loss = in_loss & loss_mask.to(device=targets.device, dtype=torch.bool)
+        # Tokens outside the loss are handed to the core as ignored, so the kernels skip them.
+        head_targets = torch.where(in_loss, targets, head.ignore_index) if loss_mask is not None else targets
+        return cls(in_loss.reshape(-1), targets.shape, seq_index, num_sequences, padded_length, head_targets)
 
 
-def evaluate_head(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    bias: torch.Tensor | None,
-    loss_mask: torch.Tensor | None,
-    sequence_ids: torch.Tensor | None,
-    num_sequences: int | None,
-    head: HeadSpec,
-) -> TokenBatch:
-    """Run the logits-free core on the tokens in the loss and describe the batch's layout (differentiable
-    statistics, any downstream use: the objectives whose tokens' gradients depend on each other use this)."""
-    layout = _layout(targets, loss_mask, sequence_ids, num_sequences, head)
+def evaluate_head(hidden, weight, bias, layout: TokenLayout, *, head: HeadSpec) -> TokenBatch:
+    """Run the logits-free core on the tokens in the loss (differentiable statistics, any downstream use: the
+    objectives whose tokens' gradients depend on each other use this)."""
     return layout.batch(linear_head_stats(hidden, weight, layout.head_targets, bias, head=head))
 
 
@@ -219,12 +214,9 @@ def evaluate_objective(
     loss_of_batch: Callable[[TokenBatch], LossOutput],
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    targets: torch.Tensor,
-    *,
     bias: torch.Tensor | None,
-    loss_mask: torch.Tensor | None,
-    sequence_ids: torch.Tensor | None,
-    num_sequences: int | None,
+    layout: TokenLayout,
+    *,
     head: HeadSpec,
     plan: str,
     inputs: tuple = (),
@@ -239,7 +231,6 @@ def evaluate_objective(
     """
     if plan not in GRADIENT_PLANS:
         raise ValueError(f"plan must be one of {GRADIENT_PLANS}, got {plan!r}")
-    layout = _layout(targets, loss_mask, sequence_ids, num_sequences, head)
     separable = plan != "two-pass" and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
     group_ids = None
     if plan in ("sequence", "pair"):

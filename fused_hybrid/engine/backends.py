@@ -121,8 +121,7 @@ def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
     if backend == "auto":
         num_tokens = hidden.numel() // max(hidden.shape[-1], 1)
         chosen = auto_backend(hidden.device.type, hidden.dtype, num_tokens)
-        runs_triton = hidden.device.type == "cuda" and hidden.dtype in TRITON_DTYPES and triton_import_error() is None
-        return chosen if chosen != "triton" or runs_triton else "chunked"
+        return chosen if chosen != "triton" or triton_runs_on(hidden) else "chunked"
     if backend == "triton":
         error = triton_import_error()
         if error is not None:
@@ -157,13 +156,32 @@ def auto_backend(device_type: str, dtype: torch.dtype, num_tokens: int) -> str:
     return table["otherwise"]
 
 
+def triton_runs_on(hidden: torch.Tensor) -> bool:
+    """Whether the Triton kernels run compiled on `hidden`: CUDA tensors of their dtypes, Triton importing."""
+    return hidden.device.type == "cuda" and hidden.dtype in TRITON_DTYPES and triton_import_error() is None
+
+
 def default_epilogue(hidden: torch.Tensor):
     """The chunked engine's epilogue: Triton's for CUDA tensors of the kernels' dtypes (when Triton imports),
     PyTorch's otherwise."""
-    if hidden.device.type == "cuda" and hidden.dtype in TRITON_DTYPES and triton_import_error() is None:
+    if triton_runs_on(hidden):
         from ..kernels import logit_epilogue
 
         return logit_epilogue
     from . import torch_epilogue
 
     return torch_epilogue
+
+
+def default_divergence_epilogue(hidden: torch.Tensor, teacher):
+    """The divergence engine's epilogue: Triton's for two heads on CUDA (the kernels' dtypes, Triton importing),
+    PyTorch's otherwise and for a top-k teacher (engine.divergence.TopKTeacher)."""
+    from .divergence import TeacherHead
+
+    if isinstance(teacher, TeacherHead) and triton_runs_on(hidden) and triton_runs_on(teacher.hidden):
+        from ..kernels import divergence_epilogue
+
+        return divergence_epilogue
+    from . import torch_divergence_epilogue
+
+    return torch_divergence_epilogue

@@ -111,6 +111,16 @@ def transform_logits(raw: torch.Tensor, bias: torch.Tensor | None, head: HeadSpe
     return z
 
 
+def chain_through_head(d_z: torch.Tensor, z: torch.Tensor, head: HeadSpec) -> torch.Tensor:
+    """The gradient with respect to the transformed logits z taken (in place) to the raw logits: through the
+    softcap (d softcap(u)/du = 1 - (z / s)^2) and the temperature."""
+    if head.softcap is not None:
+        d_z.mul_(1.0 - (z / head.softcap) ** 2)
+    if head.temperature != 1.0:
+        d_z.div_(head.temperature)
+    return d_z
+
+
 class VocabPartials(NamedTuple):
     """Per-token sums over one slice of the vocabulary (a tile range, a Triton split, a vocab-parallel shard),
     taken relative to the slice's own maximum logit m, each of shape [N] (or [K, N] for K slices):

@@ -15,10 +15,12 @@ from typing import Any, NamedTuple
 import torch
 
 from ..checks import check_head_inputs, check_targets_in_range
-from . import chunked, reference
+from . import chunked, divergence, reference, torch_divergence_epilogue
 from .backends import resolve_backend
-from .core import HeadStats, stats_dtype
+from .core import HeadStats, SoftmaxNorm, stats_dtype
 from .custom_op import token_statistics
+from .divergence import Teacher, TeacherHead
+from .divergence_core import DivergenceRows
 from .head import HeadSpec
 from .vocab_parallel import vocab_parallel_head_stats
 
@@ -210,3 +212,92 @@ class _GradientFromForward(torch.autograd.Function):
             return None, None, None, None, None, None, None
         grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
         return None, *grads, None, None, None
+
+
+# loss_of_rows(DivergenceRows [N], flat) -> (scalar loss, anything else the caller wants back)
+LossOfRows = Callable[[DivergenceRows], tuple[torch.Tensor, Any]]
+
+
+def linear_divergence_loss(
+    loss_of_rows: LossOfRows,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    teacher: Teacher,
+    beta: float,
+    head: HeadSpec,
+) -> tuple[torch.Tensor, Any]:
+    """``loss_of_rows`` of the divergence sweep (engine.divergence) of the student head against `teacher` (checked
+    by the caller; its hidden states [N, D_t] or top-k inputs [N, k]), the gradient computed inside the forward.
+
+    `loss_of_rows` must be token-separable with normalisers that depend on masks only: it is evaluated on detached
+    rows, once on zeros before any GEMM (so that a bad input fails first), once per chunk for that chunk's upstream
+    gradients (autograd of the loss at those tokens) and once on the final rows for the returned value. With
+    ``backend="reference"`` both heads' logits are built whole and autograd differentiates (the naive baseline)."""
+    if head.backend == "triton":
+        raise ValueError(
+            "backend='triton' (the tile kernels) has no two-head form: distillation runs on the chunked engine "
+            "('chunked', or 'torch' for its PyTorch epilogue; 'auto' picks 'chunked') or on 'reference'"
+        )
+    if head.vocab_parallel is not None:
+        raise ValueError("distillation does not take a vocab_parallel head: pass the whole student and teacher heads")
+    call = _prepare(hidden, weight, targets, bias, head, {})
+    if isinstance(teacher, TeacherHead):
+        teacher_hidden, teacher_weight, teacher_bias = in_compute_dtype(teacher.hidden, teacher.weight, teacher.bias)
+        teacher = TeacherHead(
+            teacher_hidden.detach(),
+            teacher_weight.detach(),
+            None if teacher_bias is None else teacher_bias.detach(),
+            teacher.head,
+        )
+    with torch.autocast(call.hidden_2d.device.type, enabled=False):
+        return _divergence_loss(loss_of_rows, call, teacher, beta)
+
+
+def _divergence_loss(loss_of_rows: LossOfRows, call: _Call, teacher: Teacher, beta: float):
+    hidden, weight, bias, head = call.hidden_2d, call.weight, call.bias, call.head
+    if head.backend == "reference":
+        return loss_of_rows(reference.divergence_rows(hidden, weight, call.targets_1d, bias, head, teacher, beta))
+    epilogue = torch_divergence_epilogue if head.backend == "torch" else None
+    needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    if not (torch.is_grad_enabled() and any(needs)):
+        with torch.no_grad():
+            rows, _ = divergence.statistics_and_gradients(
+                hidden, weight, call.targets_1d, bias, head, teacher, beta, epilogue=epilogue
+            )
+            return loss_of_rows(rows)
+
+    with torch.no_grad():  # every input checked before the first GEMM
+        zeros = torch.zeros(call.targets_1d.shape, dtype=stats_dtype(hidden.dtype), device=hidden.device)
+        loss_of_rows(DivergenceRows(zeros, zeros, zeros, SoftmaxNorm(zeros, zeros), SoftmaxNorm(zeros, zeros), zeros))
+
+    def chunk_gradients(rows: DivergenceRows, chunk):
+        divergence_leaf, logp_leaf = rows.divergence.detach().requires_grad_(), rows.logp.detach().requires_grad_()
+        with torch.enable_grad():
+            loss, _ = loss_of_rows(rows._replace(divergence=divergence_leaf, logp=logp_leaf))
+            grads = torch.autograd.grad(loss, (divergence_leaf, logp_leaf), allow_unused=True)
+        return tuple(
+            torch.zeros_like(leaf[chunk]) if g is None else g[chunk]
+            for g, leaf in zip(grads, (divergence_leaf, logp_leaf))
+        )
+
+    given_hidden, given_weight, given_bias = call.given
+    grad_dtypes = (given_hidden.dtype, given_weight.dtype, None if given_bias is None else given_bias.dtype)
+    with torch.no_grad():
+        rows, (d_hidden, d_weight, d_bias) = divergence.statistics_and_gradients(
+            hidden.detach(),
+            weight.detach(),
+            call.targets_1d,
+            None if bias is None else bias.detach(),
+            head,
+            teacher,
+            beta,
+            chunk_gradients=chunk_gradients,
+            needs=needs,
+            grad_dtypes=grad_dtypes,
+            epilogue=epilogue,
+        )
+        loss, extras = loss_of_rows(rows)
+    return _GradientFromForward.apply(loss, *call.given, d_hidden, d_weight, d_bias), extras

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from .core import RowExtras, SoftmaxNorm, TokenGradCoefficients, VocabPartials, stats_dtype, transform_logits
+from .core import (
+    RowExtras,
+    SoftmaxNorm,
+    TokenGradCoefficients,
+    VocabPartials,
+    chain_through_head,
+    stats_dtype,
+    transform_logits,
+)
 from .head import HeadSpec
 
 # sum exp(z - m) * (z - m) is summed in this many column blocks (see row_dot)
@@ -83,8 +91,4 @@ def gradient(logits, state, targets, bias, norm: SoftmaxNorm, coefs: TokenGradCo
     rows = torch.arange(d_z.shape[0], device=d_z.device)
     # one target per row: a plain indexed add, deterministic on every device
     d_z[rows, torch.where(has_target, targets, 0)] += torch.where(has_target, coefs.onehot_coef, 0.0).to(d_z.dtype)
-    if head.softcap is not None:  # d softcap(u)/du = 1 - tanh^2(u / s) = 1 - (z / s)^2
-        d_z.mul_(1.0 - (z / head.softcap) ** 2)
-    if head.temperature != 1.0:
-        d_z.div_(head.temperature)
-    return d_z
+    return chain_through_head(d_z, z, head)

@@ -4,6 +4,7 @@
 from .chord import CHORDLoss, MuSchedule, chord_loss
 from .cispo import CISPOLoss, cispo_loss
 from .dft import DFTLoss, dft_loss
+from .distill import DistillLoss, distill_loss
 from .gmpo import GMPOLoss, gmpo_loss
 from .ift import IFTLoss, ift_loss
 from .minor_sft import MinorSFTLoss, minor_sft_loss
@@ -19,6 +20,7 @@ __all__ = [
     "CISPOLoss",
     "DFTLoss",
     "DPOLoss",
+    "DistillLoss",
     "GMPOLoss",
     "GRPOLoss",
     "IFTLoss",
@@ -29,6 +31,7 @@ __all__ = [
     "chord_loss",
     "cispo_loss",
     "dft_loss",
+    "distill_loss",
     "dpo_loss",
     "gmpo_loss",
     "grpo_loss",

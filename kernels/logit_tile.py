@@ -212,6 +212,12 @@ def dz_of_logits(
     if HAS_UNIFORM_COEF:
         d_z += uniform_coef
     d_z += tl.where(is_target, onehot_coef, 0.0)
+    return chain_to_raw_logits(d_z, z, inv_temperature, softcap, HAS_SOFTCAP)
+
+
+@triton.jit
+def chain_to_raw_logits(d_z, z, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
+    """A gradient with respect to the transformed logits z taken to the raw logits (core.chain_through_head)."""
     if HAS_SOFTCAP:  # d softcap(u)/du = 1 - (z / softcap)^2
         capped = z / softcap
         d_z = d_z * (1.0 - capped * capped)

@@ -21,7 +21,12 @@ os.environ["TRITON_INTERPRET"] = "0"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from fused_hybrid.kernels import logit_epilogue, token_statistics_backward, token_statistics_forward  # noqa: E402
+from fused_hybrid.kernels import (  # noqa: E402
+    divergence_epilogue,
+    logit_epilogue,
+    token_statistics_backward,
+    token_statistics_forward,
+)
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -53,15 +58,26 @@ def _tile_pass(kernel, configs, flags):
     return build
 
 
-def _epilogue_pass(kernel, block_v, flags):
-    """A chunked-engine epilogue kernel (row-wise, no tensor cores by design)."""
+ONE_HEAD = dict(HAS_BIAS=True, HAS_SOFTCAP=True)
+TWO_HEADS = dict(STUDENT_HAS_BIAS=True, STUDENT_HAS_SOFTCAP=True, TEACHER_HAS_BIAS=True, TEACHER_HAS_SOFTCAP=True)
+
+
+def _epilogue_pass(kernel, block_v, flags, heads=ONE_HEAD, num_warps=logit_epilogue.NUM_WARPS):
+    """A chunked-engine epilogue kernel (row-wise, no tensor cores by design), every transform compiled in."""
 
     def build(dtype: str):
-        constexprs = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_V=block_v, **flags)
-        options = dict(num_warps=logit_epilogue.NUM_WARPS, num_stages=1)
-        yield kernel, constexprs, options, f"BLOCK_V {block_v} w{logit_epilogue.NUM_WARPS}"
+        constexprs = dict(**heads, BLOCK_V=block_v, **flags)
+        options = dict(num_warps=num_warps, num_stages=1)
+        yield kernel, constexprs, options, f"BLOCK_V {block_v} w{num_warps}"
 
     return build
+
+
+def _divergence_pass(kernel, block_v):
+    """A divergence-engine epilogue kernel: both heads' transforms and, where it takes one, the JSD (its heaviest
+    divergence)."""
+    flags = dict(MODE=divergence_epilogue.JSD) if "MODE" in kernel.arg_names else {}
+    return _epilogue_pass(kernel, block_v, flags, TWO_HEADS, divergence_epilogue.NUM_WARPS)
 
 
 PASSES = {
@@ -88,10 +104,21 @@ PASSES = {
         logit_epilogue.BLOCK_V_GRADIENTS,
         dict(HAS_LOGP_COEF=True, HAS_UNIFORM_COEF=True),
     ),
+    "epilogue_divergence_statistics": _divergence_pass(
+        divergence_epilogue.two_row_statistics_kernel, divergence_epilogue.BLOCK_V_STATISTICS
+    ),
+    "epilogue_divergence_sums": _divergence_pass(
+        divergence_epilogue.two_row_divergence_kernel, divergence_epilogue.BLOCK_V_STATISTICS
+    ),
+    "epilogue_divergence_gradients": _divergence_pass(
+        divergence_epilogue.two_row_dz_kernel, divergence_epilogue.BLOCK_V_GRADIENTS
+    ),
 }
 POINTER_TYPES = {"targets_ptr": "*i64", "tile_counts_ptr": "*i32"}  # other pointers: the input dtype or fp32
-INPUT_POINTERS = ("hidden_ptr", "weight_ptr", "bias_ptr", "logits_ptr")
-FLOAT_SCALARS = ("inv_temperature", "softcap", "filter_threshold")
+INPUT_POINTERS = ("hidden_ptr", "weight_ptr", "bias_ptr", "logits_ptr", "student_ptr", "teacher_ptr")
+INPUT_POINTERS += ("student_bias_ptr", "teacher_bias_ptr")
+FLOAT_SCALARS = ("inv_temperature", "softcap", "filter_threshold", "beta", "log_one_minus_beta", "log_beta")
+FLOAT_SCALARS += ("student_inv_temperature", "student_softcap", "teacher_inv_temperature", "teacher_softcap")
 
 
 def _signature(kernel, constexprs: dict, dtype: str) -> dict:

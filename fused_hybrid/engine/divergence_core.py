@@ -15,7 +15,7 @@ class DivergenceRows(NamedTuple):
     """Per-token results of the divergence sweep, each [N] in the stats dtype: the divergence, the student's
     entropy and target log-prob (0 without a target), each head's (max, log s) (core.SoftmaxNorm), and the row sum
     the student's gradient needs besides them (`aux`: KL(p_s || p_t) for beta = 1, KL(p_s || m) between, 0 for
-    beta = 0; the log of the student's tail mass against a top-k teacher)."""
+    beta = 0 and against a top-k teacher)."""
 
     divergence: torch.Tensor
     entropy: torch.Tensor

@@ -46,7 +46,7 @@ def divergence_rows(hidden, weight, targets, bias, head: HeadSpec, teacher, beta
     if isinstance(teacher, TopKTeacher):
         log_ps_k = log_ps.gather(1, teacher.ids)
         pt_k = teacher.logp.exp()
-        teacher_tail = (1 - pt_k.sum(-1)).clamp(min=0)
+        teacher_tail = (1 - pt_k.sum(-1)).clamp(min=0) * (teacher.ids.shape[1] < weight.shape[0])
         student_tail = 1 - log_ps_k.exp().sum(-1)
         tail = torch.where(teacher_tail > 0, teacher_tail * (teacher_tail.log() - student_tail.log()), 0.0)
         divergence = (pt_k * (teacher.logp - log_ps_k)).sum(-1) + tail

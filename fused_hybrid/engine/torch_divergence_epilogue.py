@@ -100,8 +100,8 @@ def gradient(
 def topk_statistics(s_logits, targets, bias, head: HeadSpec, topk_ids, topk_logp):
     """(DivergenceRows, buffers) of a chunk against a top-k teacher: forward KL over the k ids `topk_ids` [rows, k]
     (the teacher's log-probs `topk_logp` there) plus the tail bucket (docs/objectives.md, "Distillation", top-k).
-    The student's tail mass is summed over its columns outside the k ids (no 1 - sum cancellation); `aux` holds
-    its log, the teacher norm is unused (zeros)."""
+    The student's tail mass is summed over its columns outside the k ids (no 1 - sum cancellation); the teacher
+    norm and `aux` are unused (zeros)."""
     z, log_ps, s_norm, logp = _student_row(s_logits, targets, bias, head)
     ps = torch.exp(log_ps)
     entropy = -row_dot(ps, log_ps)
@@ -111,14 +111,14 @@ def topk_statistics(s_logits, targets, bias, head: HeadSpec, topk_ids, topk_logp
     ps.scatter_(1, topk_ids, 0.0)
     student_tail = ps.sum(-1)
     ps.scatter_(1, topk_ids, ps_k)
-    log_student_tail = torch.log(student_tail)
     pt_k = torch.exp(topk_logp)
-    teacher_tail = (1.0 - pt_k.sum(-1)).clamp_(min=0.0)
+    # with k = V there is no tail, whatever the rounding of 1 - sum p_t
+    teacher_tail = (1.0 - pt_k.sum(-1)).clamp_(min=0.0) if topk_ids.shape[1] < z.shape[1] else torch.zeros_like(z[:, 0])
     head_term = (pt_k * (topk_logp - log_ps_k)).sum(-1)
     # p log(p / q) with p = 0 is 0, whatever q (also q = 0)
-    tail_term = torch.where(teacher_tail > 0, teacher_tail * (torch.log(teacher_tail) - log_student_tail), 0.0)
+    tail_term = torch.where(teacher_tail > 0, teacher_tail * (torch.log(teacher_tail) - torch.log(student_tail)), 0.0)
     zeros = torch.zeros_like(entropy)
-    rows = DivergenceRows(head_term + tail_term, entropy, logp, s_norm, SoftmaxNorm(zeros, zeros), log_student_tail)
+    rows = DivergenceRows(head_term + tail_term, entropy, logp, s_norm, SoftmaxNorm(zeros, zeros), zeros)
     return rows, (z, ps, student_tail, teacher_tail, pt_k, ps_k)
 
 

@@ -325,7 +325,8 @@ def objective_module(name: str, loss: Callable[..., LossOutput], check_options: 
 
     def __init__(self, *, head: HeadSpec | None = None, **options) -> None:
         ObjectiveModule.__init__(self)
-        head_options = {k: options.pop(k) for k in list(options) if k in HEAD_OPTIONS}
+        # an option of the objective's own takes its name from the head's (distillation's temperature)
+        head_options = {k: options.pop(k) for k in list(options) if k in HEAD_OPTIONS and k not in option_names}
         unknown = sorted(set(options) - set(option_names))
         if unknown:
             raise TypeError(

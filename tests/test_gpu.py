@@ -259,3 +259,45 @@ def test_compiled_reductions_as_accurate_as_naive_on_a_large_vocabulary(monkeypa
     check_partials(tile, logits, bias)
     check_partials(logit_epilogue.statistics(logits, targets, bias, REDUCTIONS)[0], logits, bias)
     check_partials(torch_epilogue.statistics(logits, targets, bias, REDUCTIONS)[0], logits, bias)
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+def test_distillation_on_the_compiled_divergence_epilogue_matches_float64(beta, dtype, rel):
+    """Both heads through cuBLAS and the compiled divergence epilogue (several chunks), a teacher twice as wide with
+    its own softcap, against the float64 formula; the default epilogue on CUDA is the Triton one."""
+    from fused_hybrid.engine import backends, divergence
+    from tests.test_distill import divergence64, loss64, transformed64
+
+    n, d, v = 600, 256, 5003
+    hidden = torch.randn(n, d, device="cuda").to(dtype).requires_grad_()
+    weight = (torch.randn(v, d, device="cuda") / d**0.5).to(dtype).requires_grad_()
+    bias = (torch.randn(v, device="cuda") * 0.1).to(dtype).requires_grad_()
+    teacher_hidden = torch.randn(n, 2 * d, device="cuda").to(dtype)
+    teacher_weight = (torch.randn(v, 2 * d, device="cuda") / d**0.5).to(dtype)
+    targets = torch.randint(0, v, (n,), device="cuda")
+    targets[:50] = -100
+    teacher = divergence.TeacherHead(teacher_hidden, teacher_weight, None, fused_hybrid.HeadSpec())
+    assert backends.default_divergence_epilogue(hidden, teacher).__name__.endswith("kernels.divergence_epilogue")
+    out = fused_hybrid.distill_loss(
+        hidden,
+        weight,
+        targets,
+        bias,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        teacher_head=fused_hybrid.HeadSpec(softcap=20.0),
+        beta=beta,
+        temperature=1.5,
+        hard_weight=0.3,
+        workspace_bytes=16 << 20,
+    )
+    leaves = [leaf64(t) for t in (hidden, weight, bias)]
+    zs = transformed64(*leaves, temperature=1.5)
+    zt = transformed64(teacher_hidden, teacher_weight, None, softcap=20.0, temperature=1.5)
+    expected = loss64(zs, divergence64(zs, zt, beta), targets, 0.3)
+    assert_close_scaled(out.loss, expected, rel, "loss")
+    for name, got, want in zip(
+        ("d_hidden", "d_weight", "d_bias"), grads(out.loss, [hidden, weight, bias]), grads(expected, leaves)
+    ):
+        assert_close_scaled(got, want, rel, name)

@@ -115,8 +115,16 @@ PASSES = {
     ),
 }
 POINTER_TYPES = {"targets_ptr": "*i64", "tile_counts_ptr": "*i32"}  # other pointers: the input dtype or fp32
-INPUT_POINTERS = ("hidden_ptr", "weight_ptr", "bias_ptr", "logits_ptr", "student_ptr", "teacher_ptr")
-INPUT_POINTERS += ("student_bias_ptr", "teacher_bias_ptr")
+# (the divergence epilogue's logits, student_ptr and teacher_ptr, are fp32 whatever the inputs' dtype)
+INPUT_POINTERS = (
+    "hidden_ptr",
+    "weight_ptr",
+    "bias_ptr",
+    "logits_ptr",
+    "dz_ptr",
+    "student_bias_ptr",
+    "teacher_bias_ptr",
+)
 FLOAT_SCALARS = ("inv_temperature", "softcap", "filter_threshold", "beta", "log_one_minus_beta", "log_beta")
 FLOAT_SCALARS += ("student_inv_temperature", "student_softcap", "teacher_inv_temperature", "teacher_softcap")
 

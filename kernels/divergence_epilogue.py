@@ -10,9 +10,10 @@ divergence and the row sum its gradient needs (KL(p_s || p_t) for beta = 1, KL(p
 log p = (z - m) - log s of each head: never a difference of two log-sum-exps, so a student close to its teacher
 keeps a small divergence exact.
 
-`two_row_dz_kernel` (grid: rows x vocabulary blocks) writes over the student's logits, in their dtype, the student's
-dz of ``g_div * divergence + g_logp * logp``, chained through its softcap and temperature. Nothing of the chunk's
-size is allocated: the student's logits buffer becomes the left operand of the two gradient GEMMs.
+`two_row_dz_kernel` (grid: rows x vocabulary blocks) writes the student's dz of ``g_div * divergence + g_logp *
+logp``, chained through its softcap and temperature, in the inputs' dtype: over the student's logits for fp32
+heads; for half-precision heads, whose logits the GEMMs write in fp32 (engine.divergence.head_logits), into one
+half-precision buffer, the left operand of the two gradient GEMMs.
 
 All three are memory-bound (each reads both rows once; the last writes the student's); the GEMMs around them do
 D (or D_t) times the work per element.
@@ -288,7 +289,8 @@ def two_row_divergence_kernel(
 
 @triton.jit
 def two_row_dz_kernel(
-    student_ptr,  # [rows, V] raw student logits in, dz out (same dtype)
+    student_ptr,  # [rows, V] the student's raw logits
+    dz_ptr,  # [rows, V] dz out: the student's buffer itself, or one in the inputs' half precision
     teacher_ptr,
     targets_ptr,
     s_max_ptr,
@@ -300,6 +302,7 @@ def two_row_dz_kernel(
     g_logp_ptr,
     V,
     stride_student,
+    stride_dz,
     stride_teacher,
     beta,
     log_one_minus_beta,
@@ -354,11 +357,13 @@ def two_row_dz_kernel(
     is_target = offs_v == tl.load(targets_ptr + row)
     d_z = tl.load(g_div_ptr + row) * unit + g_logp * (tl.where(is_target, 1.0, 0.0) - ps)
     d_z = chain_to_raw_logits(d_z, zs, student_inv_temperature, student_softcap, STUDENT_HAS_SOFTCAP)
-    tl.store(student_row + offs_v, d_z.to(student_ptr.dtype.element_ty), mask=mask_v)
+    tl.store(dz_ptr + row.to(tl.int64) * stride_dz + offs_v, d_z.to(dz_ptr.dtype.element_ty), mask=mask_v)
 
 
 def bytes_per_logit(student_dtype: torch.dtype, teacher_dtype: torch.dtype) -> int:
-    return student_dtype.itemsize + teacher_dtype.itemsize  # both logits buffers: dz is written over the student's
+    """Both heads' fp32 logits and, for a half-precision student, its dz (written over its logits otherwise)."""
+    dz = student_dtype.itemsize if student_dtype.itemsize < 4 else 0
+    return 4 + 4 + dz
 
 
 def _block_v(logits: torch.Tensor, cuda_block: int) -> int:
@@ -419,14 +424,30 @@ def statistics(s_logits, t_logits, targets, s_bias, t_bias, s_head: HeadSpec, t_
 
 
 def gradient(
-    s_logits, t_logits, state, targets, s_bias, t_bias, s_head, t_head, beta, rows: DivergenceRows, g_div, g_logp
+    s_logits,
+    t_logits,
+    state,
+    targets,
+    s_bias,
+    t_bias,
+    s_head,
+    t_head,
+    beta,
+    rows: DivergenceRows,
+    g_div,
+    g_logp,
+    *,
+    dz_dtype,
 ):
-    """dz over `s_logits` (the same tensor, overwritten; its dtype), from `rows`' norms and aux."""
+    """dz in `dz_dtype`, over `s_logits` when that is their dtype (the same tensor, overwritten), else in a new
+    buffer; from `rows`' norms and aux."""
     num_rows, vocab_size = s_logits.shape
+    d_z = s_logits if s_logits.dtype == dz_dtype else torch.empty_like(s_logits, dtype=dz_dtype)
     block_v = _block_v(s_logits, BLOCK_V_GRADIENTS)
     if num_rows > 0:
         two_row_dz_kernel[(num_rows, triton.cdiv(vocab_size, block_v))](
             s_logits,
+            d_z,
             t_logits,
             targets,
             *rows.student_norm,
@@ -436,10 +457,11 @@ def gradient(
             g_logp.to(torch.float32).contiguous(),
             V=vocab_size,
             stride_student=s_logits.stride(0),
+            stride_dz=d_z.stride(0),
             stride_teacher=t_logits.stride(0),
             **_beta_arguments(beta),
             **_head_arguments(s_bias, s_head, t_bias, t_head),
             BLOCK_V=block_v,
             num_warps=NUM_WARPS,
         )
-    return s_logits
+    return d_z

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from .backends import default_divergence_epilogue
-from .chunked import Rows, _Gradients, local_targets, plan_chunks
+from .chunked import Rows, _Gradients, local_targets, matmul_to, plan_chunks
 from .core import SoftmaxNorm, default_workspace_bytes, stats_dtype
 from .divergence_core import DivergenceRows
 from .head import HeadSpec
@@ -63,6 +63,13 @@ def _flat(rows: DivergenceRows) -> list[torch.Tensor]:
     return [rows.divergence, rows.entropy, rows.logp, *rows.student_norm, *rows.teacher_norm, rows.aux]
 
 
+def head_logits(hidden_rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A chunk's logits in the stats dtype: for half-precision heads the GEMM's fp32 sum, not rounded to the
+    input dtype (a divergence between two close distributions is a difference of their logits, which bf16
+    rounding of |z| ~ 20 would move by 0.04; cuBLAS writes fp32 directly, elsewhere the operands are upcast)."""
+    return matmul_to(hidden_rows, weight.T, stats_dtype(hidden_rows.dtype))
+
+
 class _Sweep(NamedTuple):
     epilogue: object
     column_targets: torch.Tensor
@@ -83,18 +90,30 @@ def _chunk_statistics(epilogue, logits, teacher: Teacher, rows: Rows, targets, b
     if isinstance(teacher, TopKTeacher):
         stats, state = epilogue.topk_statistics(logits, targets, bias, head, teacher.ids[rows], teacher.logp[rows])
         return stats, state, None
-    teacher_logits = teacher.hidden[rows] @ teacher.weight.T
+    teacher_logits = head_logits(teacher.hidden[rows], teacher.weight)
     stats, state = epilogue.statistics(logits, teacher_logits, targets, bias, teacher.bias, head, teacher.head, beta)
     return stats, state, teacher_logits
 
 
 def _chunk_gradient(
-    epilogue, logits, teacher_logits, state, teacher, rows, targets, bias, head, beta, stats, g_div, g_logp
+    epilogue, logits, teacher_logits, state, teacher, rows, targets, bias, head, beta, stats, g_div, g_logp, dz_dtype
 ):
     if isinstance(teacher, TopKTeacher):
-        return epilogue.topk_gradient(state, targets, head, teacher.ids[rows], g_div, g_logp)
+        return epilogue.topk_gradient(state, targets, head, teacher.ids[rows], g_div, g_logp, dz_dtype=dz_dtype)
     return epilogue.gradient(
-        logits, teacher_logits, state, targets, bias, teacher.bias, head, teacher.head, beta, stats, g_div, g_logp
+        logits,
+        teacher_logits,
+        state,
+        targets,
+        bias,
+        teacher.bias,
+        head,
+        teacher.head,
+        beta,
+        stats,
+        g_div,
+        g_logp,
+        dz_dtype=dz_dtype,
     )
 
 
@@ -120,7 +139,7 @@ def statistics_and_gradients(
     table = torch.zeros(_FIELDS, hidden.shape[0], dtype=stats_dtype(hidden.dtype), device=hidden.device)
     for rows in plan:
         hidden_rows = hidden[rows]
-        logits = hidden_rows @ weight.T
+        logits = head_logits(hidden_rows, weight)
         chunk_targets = column_targets[rows]
         stats, state, teacher_logits = _chunk_statistics(
             epilogue, logits, teacher, rows, chunk_targets, bias, head, beta
@@ -142,6 +161,7 @@ def statistics_and_gradients(
                 stats,
                 g_div,
                 g_logp,
+                hidden.dtype,
             )
             grads.add_chunk(d_z, logits, rows, hidden_rows, weight)
     return _unpack(table), (None, None, None) if grads is None else grads.result(weight, bias)
@@ -170,8 +190,8 @@ def backward(
     if any(needs):
         for rows in plan:
             hidden_rows = hidden[rows]
-            logits = hidden_rows @ weight.T
-            teacher_logits = teacher.hidden[rows] @ teacher.weight.T
+            logits = head_logits(hidden_rows, weight)
+            teacher_logits = head_logits(teacher.hidden[rows], teacher.weight)
             chunk_stats = DivergenceRows(*(_index(field, rows) for field in stats))
             d_z = epilogue.gradient(
                 logits,
@@ -186,6 +206,7 @@ def backward(
                 chunk_stats,
                 g_div[rows],
                 g_logp[rows],
+                dz_dtype=hidden.dtype,
             )
             grads.add_chunk(d_z, logits, rows, hidden_rows, weight)
     return grads.result(weight, bias)

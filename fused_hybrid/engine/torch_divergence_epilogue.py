@@ -17,10 +17,10 @@ from .torch_epilogue import row_dot
 
 
 def bytes_per_logit(student_dtype: torch.dtype, teacher_dtype: torch.dtype | None) -> int:
-    """Both heads' logits, and the fp32 buffers the epilogue holds per logit at its peak (z, log p and p of each
-    row, the mixture's log m)."""
-    teacher = 0 if teacher_dtype is None else teacher_dtype.itemsize + 3 * stats_dtype(teacher_dtype).itemsize
-    return student_dtype.itemsize + 4 * stats_dtype(student_dtype).itemsize + teacher
+    """Both heads' logits (in the stats dtype), the buffers the epilogue holds per logit at its peak (z, log p and p
+    of each row, the mixture's log m) and dz in the student's dtype."""
+    teacher = 0 if teacher_dtype is None else 4 * stats_dtype(teacher_dtype).itemsize
+    return 5 * stats_dtype(student_dtype).itemsize + student_dtype.itemsize + teacher
 
 
 def log_softmax_with_norm(z: torch.Tensor) -> tuple[torch.Tensor, SoftmaxNorm]:
@@ -67,9 +67,22 @@ def statistics(s_logits, t_logits, targets, s_bias, t_bias, s_head: HeadSpec, t_
 
 
 def gradient(
-    s_logits, t_logits, state, targets, s_bias, t_bias, s_head, t_head, beta, rows: DivergenceRows, g_div, g_logp
+    s_logits,
+    t_logits,
+    state,
+    targets,
+    s_bias,
+    t_bias,
+    s_head,
+    t_head,
+    beta,
+    rows: DivergenceRows,
+    g_div,
+    g_logp,
+    *,
+    dz_dtype,
 ):
-    """dz of `g_div * divergence + g_logp * logp` over the student's logits (fp32, [rows, V]); `state` is what
+    """dz of `g_div * divergence + g_logp * logp` over the student's logits ([rows, V] in `dz_dtype`); `state` is what
     `statistics` returned for these logits, or None in a backward that recomputed them (log p from `rows`' norms)."""
     if state is None:
         z = transform_logits(s_logits, s_bias, s_head)
@@ -94,7 +107,7 @@ def gradient(
     has_target = targets >= 0
     index = torch.arange(d_z.shape[0], device=d_z.device)
     d_z[index, torch.where(has_target, targets, 0)] += torch.where(has_target, g_logp[:, 0], 0.0).to(d_z.dtype)
-    return chain_through_head(d_z, z, s_head)
+    return chain_through_head(d_z, z, s_head).to(dz_dtype)
 
 
 def topk_statistics(s_logits, targets, bias, head: HeadSpec, topk_ids, topk_logp):
@@ -122,9 +135,9 @@ def topk_statistics(s_logits, targets, bias, head: HeadSpec, topk_ids, topk_logp
     return rows, (z, ps, student_tail, teacher_tail, pt_k, ps_k)
 
 
-def topk_gradient(state, targets, head: HeadSpec, topk_ids, g_div, g_logp):
-    """dz of `g_div * divergence + g_logp * logp` against a top-k teacher (fp32, [rows, V]), from `topk_statistics`'
-    buffers. With P_s, P_t the student's and the teacher's mass on the ids:
+def topk_gradient(state, targets, head: HeadSpec, topk_ids, g_div, g_logp, *, dz_dtype):
+    """dz of `g_div * divergence + g_logp * logp` against a top-k teacher ([rows, V] in `dz_dtype`), from
+    `topk_statistics`' buffers. With P_s, P_t the student's and the teacher's mass on the ids:
     dz_v = g (p_s,v - p_t,v) on the ids, and g p_s,v (P_t - (1 - P_t) P_s / (1 - P_s)) off them."""
     z, ps, student_tail, teacher_tail, pt_k, ps_k = state
     teacher_mass = 1.0 - teacher_tail
@@ -137,4 +150,4 @@ def topk_gradient(state, targets, head: HeadSpec, topk_ids, g_div, g_logp):
     has_target = targets >= 0
     index = torch.arange(d_z.shape[0], device=d_z.device)
     d_z[index, torch.where(has_target, targets, 0)] += torch.where(has_target, g_logp, 0.0).to(d_z.dtype)
-    return chain_through_head(d_z, z, head)
+    return chain_through_head(d_z, z, head).to(dz_dtype)

@@ -22,6 +22,16 @@ def parse_names(text: str, valid, what: str, parser: argparse.ArgumentParser) ->
     return names
 
 
+def distill_beta(text: str) -> float:
+    try:
+        beta = float(text)
+    except ValueError:
+        beta = None
+    if beta is None or not 0.0 <= beta <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return beta
+
+
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     on_gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(
@@ -50,6 +60,13 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         type=int,
         default=1024 if on_gpu else 64,
         help="tokens per sequence (the sequence objectives use N / seq-len sequences)",
+    )
+    parser.add_argument(
+        "--distill-beta",
+        type=distill_beta,
+        default=0.5,
+        help="the distill objective's beta, TRL's convention: 0 forward KL(teacher || student), 1 reverse KL, "
+        "between the generalized JSD with mixture (1 - beta) p_student + beta p_teacher (default 0.5, the JSD)",
     )
     parser.add_argument("--repeats", type=int, default=10 if on_gpu else 3)
     parser.add_argument("--warmup", type=int, default=3 if on_gpu else 1)

@@ -47,13 +47,7 @@ def measure_row(provider, losses, problems, reference, floors, args, device) -> 
             row["errors"] = max_errors(loss_fn, problems[0], reference)
         if provider.filters_gradients:
             row["tiles_kept"] = kept_tile_fraction(loss_fn, problems[0])
-        row["tflops"] = (
-            6
-            * problems[0].num_tokens
-            * problems[0].hidden.shape[-1]
-            * problems[0].weight.shape[0]
-            / (timing.fwd_bwd_ms * 1e9)
-        )  # the three matmuls' FLOPs per second achieved
+        row["tflops"] = problems[0].matmul_flops / (timing.fwd_bwd_ms * 1e9)  # the floor's FLOPs per second achieved
         if floors is not None:
             row["x_floor"] = timing.fwd_bwd_ms / floors[1]
             row["forward_x_matmul"] = timing.forward_ms / floors[0]
@@ -84,10 +78,17 @@ def sweep(args, device, providers, objectives, presets, token_counts, distributi
                 tokens = counts[index]
                 index += 1
                 try:
-                    common = dict(dtype=dtype, device=device, seq_len=args.seq_len, distribution=inputs)
+                    common = dict(
+                        dtype=dtype,
+                        device=device,
+                        seq_len=args.seq_len,
+                        distribution=inputs,
+                        distill_beta=args.distill_beta,
+                    )
                     first = make_problem(objective, tokens, dim, vocab, seed=1, **common)
-                    # a second input set on the same head weight, to rotate between steps
-                    second = make_problem(objective, tokens, dim, vocab, seed=2, weight=first.weight, **common)
+                    # a second input set on the same head weights, to rotate between steps
+                    heads = dict(weight=first.weight, teacher_weight=first.extras.get("teacher_weight"))
+                    second = make_problem(objective, tokens, dim, vocab, seed=2, **heads, **common)
                     problems = [first, second]
                 except torch.OutOfMemoryError:
                     rows += [
@@ -111,7 +112,7 @@ def sweep(args, device, providers, objectives, presets, token_counts, distributi
                 except torch.OutOfMemoryError:
                     free_memory(device)
                 reference = None
-                reference_fn = fused_reference(objective, tokens * vocab)
+                reference_fn = fused_reference(objective, first.num_logits)
                 try:
                     reference = fp32_reference(reference_fn, first)
                 except torch.OutOfMemoryError:
@@ -137,6 +138,8 @@ def sweep(args, device, providers, objectives, presets, token_counts, distributi
                         floor_matmul_ms=None if floors is None else floors[0],
                         floor_three_matmuls_ms=None if floors is None else floors[1],
                     )
+                    if first.teacher_dim is not None:
+                        row.update(teacher_dim=first.teacher_dim, options=first.options)
                     group.append(row)
                     print(_progress(row), flush=True)
                 fused = next((r for r in group if r["provider"] == "fused-hybrid" and "fwd_bwd_ms" in r), None)

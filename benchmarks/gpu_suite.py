@@ -12,8 +12,10 @@ its own time limit, so one that hangs or fails never costs the others):
 3. `cross-entropy`: the Llama-3-8B head (D 4096, V 128256) at N 4096, 16384 and 65536, bf16, random and
    trained-like inputs, every provider: the figures the targets are stated for;
 4. `rl-objectives`: log-probs + entropy, GRPO, CHORD and DPO at the same head, N 4096 and 16384;
-5. `other-heads`: Qwen2.5-7B and Gemma-2-2B heads, cross-entropy and log-probs + entropy, N 4096 to 65536;
-6. `long-context`: the longest training step that fits;
+5. `distill`: distillation at the same student head against a teacher twice as wide (D_t 8192), the JSD (beta
+   0.5), N 4096 and 16384;
+6. `other-heads`: Qwen2.5-7B and Gemma-2-2B heads, cross-entropy and log-probs + entropy, N 4096 to 65536;
+7. `long-context`: the longest training step that fits;
 
 then `summary.md` (each stage's status and time), the tuned launch configs each benchmark stage chose, and one
 `<folder>.tar.gz` of everything (a single file to bring back). `--dry-run` checks every stage's command against
@@ -108,6 +110,7 @@ def plan(folder: Path, wheels: Path | None, site: Path) -> list[Stage]:
     head_runs = [
         ("cross-entropy", 0.30, "llama3-8b", "cross_entropy", HEAD_TOKENS, "random,trained"),
         ("rl-objectives", 0.25, "llama3-8b", "logprobs_entropy,grpo,chord,dpo", "4096,16384", "random,trained"),
+        ("distill", 0.10, "llama3-8b", "distill", "4096,16384", "random,trained"),
         ("other-heads", 0.17, "qwen2.5-7b,gemma2-2b", "cross_entropy,logprobs_entropy", HEAD_TOKENS, "random"),
     ]
     for name, share, presets, objectives, tokens, inputs in head_runs:

@@ -48,7 +48,11 @@ class Timing:
 
 
 def time_loss(loss_fn, problems: list[Problem], *, repeats: int, warmup: int, device: torch.device) -> Timing:
-    """Median forward, backward and fwd+bwd over `repeats` steps, cycling through `problems`."""
+    """Median forward, backward and fwd+bwd over `repeats` steps, cycling through `problems`; on a CPU under the
+    allocator settings the memory measurement makes (peak_workspace_bytes), so that every provider, the first
+    included, is timed under the same ones."""
+    if device.type == "cpu":
+        _cpu_peak_memory_readable()
     timer = Timer(device)
     for step in range(warmup):
         problem = problems[step % len(problems)]
@@ -126,9 +130,13 @@ def _reset_peak_resident() -> None:
 
 
 def matmul_floor_ms(problem: Problem, *, repeats: int, warmup: int, device: torch.device) -> tuple[float, float]:
-    """(one N x D x V matmul, the three of loss + both gradients) in ms, cuBLAS in the inputs' dtype."""
+    """(the forward's logits GEMMs, those and the two gradient GEMMs) in ms, cuBLAS in the inputs' dtype: one
+    N x D x V matmul and three, plus the teacher's N x D_t x V logits in both for distillation."""
     hidden = problem.hidden.detach().reshape(-1, problem.hidden.shape[-1])
     weight = problem.weight.detach()
+    teacher = problem.extras.get("teacher_hidden")
+    if teacher is not None:
+        teacher = teacher.reshape(-1, teacher.shape[-1])
     rows = min(FLOOR_CHUNK_TOKENS, hidden.shape[0])
     logits = torch.empty(rows, weight.shape[0], dtype=hidden.dtype, device=device)
     d_hidden = torch.empty(rows, hidden.shape[1], dtype=hidden.dtype, device=device)
@@ -139,6 +147,8 @@ def matmul_floor_ms(problem: Problem, *, repeats: int, warmup: int, device: torc
         for start in range(0, hidden.shape[0], rows):
             chunk = hidden[start : start + rows]
             out = logits[: chunk.shape[0]]
+            if teacher is not None:
+                torch.mm(teacher[start : start + rows], problem.extras["teacher_weight"].T, out=out)
             torch.mm(chunk, weight.T, out=out)
             if three:
                 torch.mm(out, weight, out=d_hidden[: chunk.shape[0]])

@@ -2,8 +2,16 @@
 
 Every provider computes the same objective with the same options, so that the error column compares like with
 like: cross-entropy (mean over tokens), target log-probs + entropy (their sum is back-propagated), DFT, GRPO
-(token-mean clipped surrogate, epsilon 0.2, no dual clip, no KL), CHORD (mu 0.5, phi on) and sigmoid DPO
-(beta 0.1, reference log-probs computed inside the timed step from a frozen reference head).
+(token-mean clipped surrogate, epsilon 0.2, no dual clip, no KL), CHORD (mu 0.5, phi on), sigmoid DPO
+(beta 0.1, reference log-probs computed inside the timed step from a frozen reference head) and distillation (the
+mean over loss tokens of the divergence from a frozen teacher head, no hard term).
+
+Distillation's beta follows TRL: 0 the forward KL(teacher || student), 1 the reverse KL(student || teacher),
+between the generalized JSD beta KL(p_t || m) + (1 - beta) KL(p_s || m) with m = (1 - beta) p_s + beta p_t.
+fused-hybrid's `beta`, TRL's `beta` and both of Liger-Kernel's (`jsd_beta` of the Triton LigerFusedLinearJSD,
+`beta` of the chunked LigerFusedLinearJSDLoss, whose mixture is beta P + (1 - beta) Q with P the teacher's and Q
+the student's distribution) are that same number, so each is passed the problem's beta unchanged; every one divides
+both heads' logits by the temperature (no T^2 factor) and leaves ignore_index targets out of the loss and its mean.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import torch.nn.functional as F
 
 import fused_hybrid
 
-from .problems import Problem
+from .problems import IGNORE_INDEX, Problem
 
 LossFn = Callable[[Problem], torch.Tensor]
 # A provider's losses map objectives to a LossFn, or to the reason it cannot run that objective here.
@@ -27,7 +35,7 @@ LossFn = Callable[[Problem], torch.Tensor]
 GRADIENT_FILTER = 2.0**-12
 
 
-def fused_hybrid_losses(backend: str, **head_options) -> dict[str, LossFn]:
+def fused_hybrid_losses(backend: str, **head_options) -> dict[str, LossFn | str]:
     head = fused_hybrid.HeadSpec(backend=backend, **head_options)
 
     def logprobs_entropy(p: Problem) -> torch.Tensor:
@@ -42,6 +50,18 @@ def fused_hybrid_losses(backend: str, **head_options) -> dict[str, LossFn]:
         )
         return fused_hybrid.dpo_loss(
             p.hidden, p.weight, p.targets, ref_logp=ref, loss_mask=p.extras["loss_mask"], head=head
+        ).loss
+
+    def distill(p: Problem) -> torch.Tensor:
+        return fused_hybrid.distill_loss(
+            p.hidden,
+            p.weight,
+            p.targets,
+            teacher_hidden=p.extras["teacher_hidden"],
+            teacher_weight=p.extras["teacher_weight"],
+            beta=p.options["beta"],
+            temperature=p.options["temperature"],
+            head=head,
         ).loss
 
     return {
@@ -77,6 +97,11 @@ def fused_hybrid_losses(backend: str, **head_options) -> dict[str, LossFn]:
             ).loss
         ),
         "dpo": dpo,
+        "distill": (
+            distill
+            if backend != "triton"
+            else "the tile kernels have no two-head form (distillation runs on the chunked engine)"
+        ),
     }
 
 
@@ -115,7 +140,7 @@ def compiled_chunked_losses() -> dict[str, LossFn]:
 
 
 def liger_losses(device: torch.device) -> dict[str, LossFn | str]:
-    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss, LigerFusedLinearGRPOLoss
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss, LigerFusedLinearGRPOLoss, LigerFusedLinearJSDLoss
 
     compiled = device.type == "cuda"  # the chunked losses run eagerly on the CPU
     grpo = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo", compiled=compiled)
@@ -133,10 +158,19 @@ def liger_losses(device: torch.device) -> dict[str, LossFn | str]:
         "dpo": lambda p: dpo(
             p.weight,
             p.hidden,
-            p.targets.masked_fill(p.extras["loss_mask"] == 0, -100),
+            p.targets.masked_fill(p.extras["loss_mask"] == 0, IGNORE_INDEX),
             ref_input=p.extras["ref_hidden"],
             ref_weight=p.weight.detach(),
         )[0],
+        # the chunked fused linear JSD, soft loss only; its beta is TRL's (see the module's docstring)
+        "distill": lambda p: LigerFusedLinearJSDLoss(
+            weight_hard_loss=0.0,
+            weight_soft_loss=1.0,
+            beta=p.options["beta"],
+            ignore_index=IGNORE_INDEX,
+            temperature=p.options["temperature"],
+            compiled=compiled,
+        )(*_flat_heads(p)),
     }
     if device.type != "cuda":
         losses["cross_entropy"] = "needs CUDA (its fused linear cross-entropy is a Triton kernel)"
@@ -150,6 +184,29 @@ def liger_losses(device: torch.device) -> dict[str, LossFn | str]:
     return losses
 
 
+def liger_triton_losses() -> dict[str, LossFn]:
+    """Liger-Kernel's Triton fused linear JSD (gradient computed inside the forward); its jsd_beta is TRL's beta."""
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    return {
+        "distill": lambda p: LigerFusedLinearJSD(
+            jsd_beta=p.options["beta"], ignore_index=IGNORE_INDEX, temperature=p.options["temperature"]
+        )(*_flat_heads(p)),
+    }
+
+
+def _flat_heads(p: Problem) -> tuple[torch.Tensor, ...]:
+    """Student hidden [N, D], student weight, teacher hidden [N, D_t], teacher weight, targets [N]: Liger's order."""
+    teacher_hidden = p.extras["teacher_hidden"]
+    return (
+        p.hidden.reshape(-1, p.hidden.shape[-1]),
+        p.weight,
+        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+        p.extras["teacher_weight"],
+        p.targets.reshape(-1),
+    )
+
+
 def torch_linear_cross_entropy_losses() -> dict[str, LossFn]:
     """PyTorch's own F.linear_cross_entropy with its chunked implementation (LinearCrossEntropyOptions())."""
     options = torch.nn.LinearCrossEntropyOptions()
@@ -160,9 +217,10 @@ def torch_linear_cross_entropy_losses() -> dict[str, LossFn]:
     }
 
 
-def trl_losses() -> dict[str, LossFn]:
+def trl_losses() -> dict[str, LossFn | str]:
     """TRL's chunked log-prob function (what its trainers' fused LM head runs), with each loss written in PyTorch on
-    its per-token outputs, as TRL's trainers do."""
+    its per-token outputs, as TRL's trainers do; distillation through its chunked divergence function, called as
+    DistillationTrainer's `_chunked_divergence_loss` calls it."""
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
@@ -184,7 +242,45 @@ def trl_losses() -> dict[str, LossFn]:
         mask = p.extras["loss_mask"].bool()
         return torch.where(mask, per_token, 0.0).sum() / mask.sum()
 
-    return {"cross_entropy": lambda p: -logprobs(p)[0].mean(), "logprobs_entropy": logprobs_entropy, "grpo": grpo}
+    losses = {"cross_entropy": lambda p: -logprobs(p)[0].mean(), "logprobs_entropy": logprobs_entropy, "grpo": grpo}
+    losses["distill"] = (
+        trl_distill
+        if importlib.util.find_spec("trl.kernels.chunked_divergence") is not None
+        else "this trl has no trl.kernels.chunked_divergence (its fused distillation loss)"
+    )
+    return losses
+
+
+def trl_distill(p: Problem) -> torch.Tensor:
+    """What `trl.trainer.distillation_trainer._chunked_divergence_loss` computes with num_items_in_batch None: the
+    per-token divergence of the loss positions (only those projected on a Triton device, every position masked
+    afterwards elsewhere), summed, over their count."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+    from trl.kernels.chunked_logprob import _use_triton
+
+    valid = p.targets.reshape(-1) != IGNORE_INDEX
+    teacher_hidden = p.extras["teacher_hidden"]
+    student, teacher = p.hidden.reshape(-1, p.hidden.shape[-1]), teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    compact = _use_triton(student.device)
+    if compact:
+        student, teacher = student[valid], teacher[valid]
+    divergence, _ = ChunkedDivergenceFunction.apply(
+        student,
+        p.weight,
+        None,
+        teacher,
+        p.extras["teacher_weight"],
+        None,
+        p.options["beta"],
+        p.options["temperature"],
+        1.0,
+        None,
+        1.0,
+        None,
+    )
+    if not compact:
+        divergence = divergence.masked_fill(~valid, 0)
+    return divergence.sum() / valid.sum().clamp(min=1)
 
 
 def cce_losses(filter_eps) -> dict[str, LossFn]:
@@ -263,7 +359,8 @@ PROVIDERS = {
         ),
         Provider(
             "trl",
-            "TRL's chunked log-prob function (trl.kernels.ChunkedLogProbFunction), losses in PyTorch",
+            "TRL's chunked log-prob function (trl.kernels.ChunkedLogProbFunction), losses in PyTorch; its chunked "
+            "divergence function (trl.kernels.chunked_divergence.ChunkedDivergenceFunction) for distillation",
             lambda device: trl_losses(),
             needs=("trl",),
             available=lambda: importlib.util.find_spec("trl.kernels") is not None,
@@ -281,9 +378,16 @@ PROVIDERS = {
         ),
         Provider(
             "liger",
-            "Liger-Kernel: fused linear cross-entropy, chunked GRPO and DPO losses",
+            "Liger-Kernel: fused linear cross-entropy, chunked GRPO, DPO and JSD (distillation) losses",
             liger_losses,
             needs=("liger_kernel",),
+        ),
+        Provider(
+            "liger[triton]",
+            "Liger-Kernel's Triton fused linear JSD (liger_kernel.transformers.LigerFusedLinearJSD), distillation",
+            lambda device: liger_triton_losses(),
+            needs=("liger_kernel", "triton"),
+            needs_cuda=True,
         ),
         Provider(
             "cce",

@@ -32,13 +32,27 @@ def environment(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": sys.version.split()[0],
         "versions": versions,
-        "command": " ".join(sys.argv),
+        "command": _command(),
         "commit": _git_commit(),
     }
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
         info["driver"] = _nvidia_driver()
     return info
+
+
+def _command() -> str:
+    """The run's command as typed in a checkout, without where its results went (--out)."""
+    arguments, skip_next = [], False
+    for argument in sys.argv[1:]:
+        if skip_next or argument.startswith("--out="):
+            skip_next = False
+            continue
+        if argument == "--out":
+            skip_next = True
+            continue
+        arguments.append(argument)
+    return " ".join(["python -m benchmarks", *arguments])
 
 
 def _git_commit() -> str | None:
@@ -86,7 +100,8 @@ def markdown(env: dict, rows: list[dict], long_context: list[dict] | None = None
         "input sets. `x floor`: fwd+bwd over the three "
         "N x D x V cuBLAS matmuls of loss + gradients measured in the same run; `fwd x mm`: forward over one "
         "such matmul; `x fused`: over fused-hybrid's time; TFLOP/s: the three matmuls' 6 N D V FLOPs over the "
-        "fwd+bwd time. Memory: peak bytes beyond inputs and gradients (CUDA allocator on a GPU, peak resident "
+        "fwd+bwd time; for distill the floor and the FLOPs include the teacher's N x D_t x V logits GEMM "
+        "(2 N D_t V). Memory: peak bytes beyond inputs and gradients (CUDA allocator on a GPU, peak resident "
         "memory on a CPU). "
         "Errors: max |error| / max |fp32 reference| of loss, dhidden, dweight. Tiles kept: the fraction of "
         "the tile backward's tiles whose GEMM work gradient filtering kept.",
@@ -94,8 +109,16 @@ def markdown(env: dict, rows: list[dict], long_context: list[dict] | None = None
     ]
     for (preset, objective, inputs), group in _groups(rows).items():
         first = group[0]
+        teacher = ""
+        if first.get("teacher_dim") is not None:
+            options = first["options"]
+            teacher = (
+                f", teacher D_t {first['teacher_dim']}, beta {options['beta']:g}, "
+                f"temperature {options['temperature']:g}"
+            )
         lines += [
-            f"## {objective}, {preset} (D {first['dim']}, V {first['vocab']}, {first['dtype']}), {inputs} inputs",
+            f"## {objective}, {preset} (D {first['dim']}, V {first['vocab']}, {first['dtype']}), {inputs} inputs"
+            + teacher,
             "",
             "| N | provider | fwd ms | bwd ms | fwd+bwd ms | x floor | TFLOP/s | fwd x mm | x fused "
             "| peak MiB | err loss / dh / dw | tiles kept | status |",

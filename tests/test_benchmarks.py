@@ -10,8 +10,9 @@ import torch
 import fused_hybrid
 from benchmarks import cli, providers
 from benchmarks.long_context import run_long_context
-from benchmarks.problems import OBJECTIVES, make_problem
-from benchmarks.providers import Provider, fused_hybrid_losses
+from benchmarks.measure import max_errors
+from benchmarks.problems import IGNORE_INDEX, OBJECTIVES, make_problem
+from benchmarks.providers import PROVIDERS, Provider, fused_hybrid_losses, liger_triton_losses, trl_distill
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -66,6 +67,94 @@ def test_cli_writes_json_markdown_and_plots(tmp_path):
     assert (folder / "tiny-cross_entropy-random.png").stat().st_size > 0 and (folder / "tiny-grpo-random.png").exists()
 
 
+# every provider of the distill objective that runs on a CPU
+DISTILL_ON_CPU = ("fused-hybrid", "fused-hybrid[chunked]", "fused-hybrid[torch]", "trl", "liger", "naive")
+
+
+def small_distill_problem(beta: float) -> providers.Problem:
+    return make_problem(
+        "distill",
+        128,
+        32,
+        512,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        seq_len=64,
+        distill_beta=beta,
+        distill_temperature=2.0,
+    )
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.2, 1.0])
+def test_distill_providers_compute_one_quantity(beta):
+    """Every distill provider that runs on the CPU, and Liger's Triton fused linear JSD through the Triton
+    interpreter, gives the loss and the student's gradients of the float64 naive loss, at temperature 2 and at betas
+    where a mirrored convention (beta read as 1 - beta) would show: at 0.5 the JSD is symmetric and hides it."""
+    problem = small_distill_problem(beta)
+    assert problem.teacher_dim == 64 and (problem.targets == IGNORE_INDEX).any()
+    exact = problem.upcast(torch.float64)
+    loss = fused_hybrid_losses("reference")["distill"](exact)
+    loss.backward()
+    reference = {"loss": loss.detach(), "d_hidden": exact.hidden.grad, "d_weight": exact.weight.grad}
+    cpu = torch.device("cpu")
+    losses = {name: PROVIDERS[name].build(cpu)["distill"] for name in DISTILL_ON_CPU}
+    losses["liger[triton], interpreted"] = liger_triton_losses()["distill"]
+    for name, loss_fn in losses.items():
+        errors = max_errors(loss_fn, problem, reference)
+        assert max(errors.values()) < 1e-5, (name, errors)
+
+
+def test_trl_distill_is_the_trainers_own_loss():
+    """The trl provider calls TRL's chunked divergence function as DistillationTrainer's loss does."""
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    problem = small_distill_problem(0.2)
+    want, _, count = _chunked_divergence_loss(
+        problem.hidden,
+        problem.extras["teacher_hidden"],
+        problem.weight,
+        problem.extras["teacher_weight"],
+        problem.targets != IGNORE_INDEX,
+        0.2,
+        temperature=2.0,
+    )
+    assert count == (problem.targets != IGNORE_INDEX).sum()
+    torch.testing.assert_close(trl_distill(problem), want, rtol=0, atol=0)
+
+
+def test_cli_runs_distill_and_says_why_a_provider_did_not(tmp_path):
+    cli.main(
+        [
+            "--objectives",
+            "distill",
+            "--presets",
+            "tiny",
+            "--tokens",
+            "64",
+            "--seq-len",
+            "32",
+            "--distill-beta",
+            "0.2",
+            "--providers",
+            "fused-hybrid,fused-hybrid[tile],trl,liger,liger[triton],naive,compile-chunked",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    (folder,) = tmp_path.iterdir()
+    rows = {r["provider"]: r for r in json.loads((folder / "results.json").read_text())["rows"]}
+    for name in ("fused-hybrid", "trl", "liger", "naive"):
+        assert rows[name]["status"] == "ok" and max(rows[name]["errors"].values()) < 1e-5, rows[name]
+    assert rows["fused-hybrid"]["teacher_dim"] == 512 and rows["fused-hybrid"]["options"]["beta"] == 0.2
+    assert rows["liger[triton]"]["status"] == "needs CUDA" and rows["fused-hybrid[tile]"]["status"] == "needs CUDA"
+    assert rows["compile-chunked"]["status"] == "does not support distill"
+    assert "teacher D_t 512, beta 0.2, temperature 1" in (folder / "results.md").read_text()
+
+
 @pytest.mark.parametrize(
     "argument, words",
     [
@@ -73,6 +162,7 @@ def test_cli_writes_json_markdown_and_plots(tmp_path):
         (["--objectives", "kto"], "unknown objective 'kto'; valid: cross_entropy"),
         (["--presets", "llama2"], "unknown preset 'llama2'; valid: llama3-8b"),
         (["--tokens", "1k"], "--tokens must be a comma list of integers"),
+        (["--distill-beta", "1.5"], "argument --distill-beta: must be a number in [0, 1], got '1.5'"),
     ],
 )
 def test_cli_rejects_unknown_names(argument, words, capsys):
@@ -218,10 +308,12 @@ def test_gpu_suite_dry_run_checks_every_stage_against_the_benchmarks_own_checks(
 
     gpu_suite.main(["--dry-run", "--out", str(tmp_path), "--wheels", str(tmp_path)])
     printed = capsys.readouterr().out
-    for stage in ("install", "peers", "gpu-tests", "cross-entropy", "rl-objectives", "other-heads", "long-context"):
+    stages = "install peers gpu-tests cross-entropy rl-objectives distill other-heads long-context"
+    for stage in stages.split():
         assert f"[{stage}]" in printed
     assert "llama3-8b" in printed and "qwen2.5-7b,gemma2-2b" in printed and "65536" in printed
     assert "logprobs_entropy,grpo,chord,dpo" in printed and "random,trained" in printed
+    assert "--objectives distill" in printed
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
     with pytest.raises(SystemExit):
         gpu_suite.check_bench_arguments(["--presets", "llama3-8", "--out", str(tmp_path)])

@@ -30,44 +30,16 @@ import triton.language as tl
 from ..engine.core import SoftmaxNorm
 from ..engine.divergence_core import DivergenceRows
 from ..engine.head import HeadSpec
+from .logit_epilogue import BLOCK_V_GRADIENTS, BLOCK_V_STATISTICS, NUM_WARPS, block_v
 from .logit_tile import (
     chain_to_raw_logits,
-    in_interpreter,
-    raise_running_max,
-    rescale_running_sums,
+    merge_lanes,
+    online_log_sum_exp,
     transform_arguments,
     transform_tile,
 )
 
-BLOCK_V_STATISTICS = 2048
-BLOCK_V_GRADIENTS = 1024
-NUM_WARPS = 8
-# Small blocks keep the CPU interpreter quick while still exercising multi-block rows and masking.
-INTERPRETER_BLOCK_V = 32
-
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2  # the divergence kernels' MODE, from beta
-
-
-@triton.jit
-def _online_log_sum_exp(lane_max, lane_sum_exp, lane_sum_exp_shifted, z, mask_v):
-    """One block of the online log-sum-exp per lane: the running max raised, s and a rescaled, z added."""
-    new_max = tl.where(mask_v, tl.maximum(lane_max, z), lane_max)
-    max_shift, rescale = raise_running_max(lane_max, lane_sum_exp, new_max)
-    lane_sum_exp, lane_sum_exp_shifted = rescale_running_sums(lane_sum_exp, lane_sum_exp_shifted, max_shift, rescale)
-    shifted = tl.where(mask_v, z - new_max, 0.0)
-    e = tl.where(mask_v, tl.exp(shifted), 0.0)
-    return new_max, lane_sum_exp + e, lane_sum_exp_shifted + e * shifted
-
-
-@triton.jit
-def _merge_lanes(lane_max, lane_sum_exp, lane_sum_exp_shifted):
-    """The lanes' (m, s, a) shifted to the row's max and summed (lanes that saw no column hold s = 0, add 0)."""
-    row_max = tl.max(lane_max, axis=0)
-    lane_shift, lane_rescale = raise_running_max(lane_max, lane_sum_exp, row_max)
-    lane_sum_exp, lane_sum_exp_shifted = rescale_running_sums(
-        lane_sum_exp, lane_sum_exp_shifted, lane_shift, lane_rescale
-    )
-    return row_max, tl.sum(lane_sum_exp, axis=0), tl.sum(lane_sum_exp_shifted, axis=0)
 
 
 @triton.jit
@@ -77,6 +49,47 @@ def _log_mixture(log_ps, log_pt, log_one_minus_beta, log_beta):
     b = log_pt + log_beta
     top = tl.maximum(a, b)
     return top + tl.log(1.0 + tl.exp(tl.minimum(a, b) - top))
+
+
+@triton.jit
+def _transformed_rows(
+    student_row,
+    teacher_row,
+    offs_v,
+    mask_v,
+    student_bias_ptr,
+    student_inv_temperature,
+    student_softcap,
+    teacher_bias_ptr,
+    teacher_inv_temperature,
+    teacher_softcap,
+    STUDENT_HAS_BIAS: tl.constexpr,
+    STUDENT_HAS_SOFTCAP: tl.constexpr,
+    TEACHER_HAS_BIAS: tl.constexpr,
+    TEACHER_HAS_SOFTCAP: tl.constexpr,
+):
+    """(z_s, z_t): a block of both rows loaded in fp32 and transformed, each by its own head."""
+    zs = transform_tile(
+        tl.load(student_row + offs_v, mask=mask_v, other=0.0).to(tl.float32),
+        student_bias_ptr,
+        offs_v,
+        mask_v,
+        student_inv_temperature,
+        student_softcap,
+        STUDENT_HAS_BIAS,
+        STUDENT_HAS_SOFTCAP,
+    )
+    zt = transform_tile(
+        tl.load(teacher_row + offs_v, mask=mask_v, other=0.0).to(tl.float32),
+        teacher_bias_ptr,
+        offs_v,
+        mask_v,
+        teacher_inv_temperature,
+        teacher_softcap,
+        TEACHER_HAS_BIAS,
+        TEACHER_HAS_SOFTCAP,
+    )
+    return zs, zt
 
 
 @triton.jit
@@ -113,30 +126,26 @@ def two_row_statistics_kernel(
     for v_start in range(0, V, BLOCK_V):
         offs_v = v_start + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        zs = transform_tile(
-            tl.load(student_row + offs_v, mask=mask_v, other=0.0).to(tl.float32),
-            student_bias_ptr,
+        zs, zt = _transformed_rows(
+            student_row,
+            teacher_row,
             offs_v,
             mask_v,
+            student_bias_ptr,
             student_inv_temperature,
             student_softcap,
-            STUDENT_HAS_BIAS,
-            STUDENT_HAS_SOFTCAP,
-        )
-        zt = transform_tile(
-            tl.load(teacher_row + offs_v, mask=mask_v, other=0.0).to(tl.float32),
             teacher_bias_ptr,
-            offs_v,
-            mask_v,
             teacher_inv_temperature,
             teacher_softcap,
+            STUDENT_HAS_BIAS,
+            STUDENT_HAS_SOFTCAP,
             TEACHER_HAS_BIAS,
             TEACHER_HAS_SOFTCAP,
         )
-        s_max, s_sum_exp, s_sum_exp_shifted = _online_log_sum_exp(s_max, s_sum_exp, s_sum_exp_shifted, zs, mask_v)
-        t_max, t_sum_exp, t_unused = _online_log_sum_exp(t_max, t_sum_exp, t_unused, zt, mask_v)
-    s_row_max, s_row_sum_exp, s_row_sum_exp_shifted = _merge_lanes(s_max, s_sum_exp, s_sum_exp_shifted)
-    t_row_max, t_row_sum_exp, _ = _merge_lanes(t_max, t_sum_exp, t_unused)
+        s_max, s_sum_exp, s_sum_exp_shifted = online_log_sum_exp(s_max, s_sum_exp, s_sum_exp_shifted, zs, mask_v)
+        t_max, t_sum_exp, t_unused = online_log_sum_exp(t_max, t_sum_exp, t_unused, zt, mask_v)
+    s_row_max, s_row_sum_exp, s_row_sum_exp_shifted = merge_lanes(s_max, s_sum_exp, s_sum_exp_shifted)
+    t_row_max, t_row_sum_exp, _ = merge_lanes(t_max, t_sum_exp, t_unused)
 
     target = tl.load(targets_ptr + row)
     has_target = target >= 0
@@ -181,23 +190,19 @@ def _log_probs(
     TEACHER_HAS_SOFTCAP: tl.constexpr,
 ):
     """(z_s, log p_s, log p_t) of a block of both rows, log p = (z - m) - log s clamped to <= 0."""
-    zs = transform_tile(
-        tl.load(student_row + offs_v, mask=mask_v, other=0.0).to(tl.float32),
-        student_bias_ptr,
+    zs, zt = _transformed_rows(
+        student_row,
+        teacher_row,
         offs_v,
         mask_v,
+        student_bias_ptr,
         student_inv_temperature,
         student_softcap,
-        STUDENT_HAS_BIAS,
-        STUDENT_HAS_SOFTCAP,
-    )
-    zt = transform_tile(
-        tl.load(teacher_row + offs_v, mask=mask_v, other=0.0).to(tl.float32),
         teacher_bias_ptr,
-        offs_v,
-        mask_v,
         teacher_inv_temperature,
         teacher_softcap,
+        STUDENT_HAS_BIAS,
+        STUDENT_HAS_SOFTCAP,
         TEACHER_HAS_BIAS,
         TEACHER_HAS_SOFTCAP,
     )
@@ -366,10 +371,6 @@ def bytes_per_logit(student_dtype: torch.dtype, teacher_dtype: torch.dtype) -> i
     return 4 + 4 + dz
 
 
-def _block_v(logits: torch.Tensor, cuda_block: int) -> int:
-    return INTERPRETER_BLOCK_V if in_interpreter(logits.device) else cuda_block
-
-
 def _head_arguments(student_bias, student_head: HeadSpec, teacher_bias, teacher_head: HeadSpec) -> dict:
     """transform_tile's arguments of both heads, under the kernels' student_ / teacher_ names."""
     arguments = {}
@@ -392,11 +393,11 @@ def statistics(s_logits, t_logits, targets, s_bias, t_bias, s_head: HeadSpec, t_
     stats = torch.empty(6, num_rows, dtype=torch.float32, device=s_logits.device)
     sums = torch.zeros(2, num_rows, dtype=torch.float32, device=s_logits.device)
     heads = _head_arguments(s_bias, s_head, t_bias, t_head)
-    block_v = _block_v(s_logits, BLOCK_V_STATISTICS)
+    block = block_v(s_logits, BLOCK_V_STATISTICS)
     shape = dict(num_rows=num_rows, V=vocab_size, stride_student=s_logits.stride(0), stride_teacher=t_logits.stride(0))
     if num_rows > 0:
         two_row_statistics_kernel[(num_rows,)](
-            s_logits, t_logits, targets, stats, **shape, **heads, BLOCK_V=block_v, num_warps=NUM_WARPS
+            s_logits, t_logits, targets, stats, **shape, **heads, BLOCK_V=block, num_warps=NUM_WARPS
         )
     s_max, s_sum_exp, s_sum_exp_shifted, target_z, t_max, t_sum_exp = stats
     s_log_sum_exp, t_log_sum_exp = torch.log(s_sum_exp), torch.log(t_sum_exp)
@@ -412,7 +413,7 @@ def statistics(s_logits, t_logits, targets, s_bias, t_bias, s_head: HeadSpec, t_
             **shape,
             **_beta_arguments(beta),
             **heads,
-            BLOCK_V=block_v,
+            BLOCK_V=block,
             num_warps=NUM_WARPS,
         )
     logp = torch.where(targets >= 0, target_z - s_max - s_log_sum_exp, 0.0)
@@ -443,9 +444,9 @@ def gradient(
     buffer; from `rows`' norms and aux."""
     num_rows, vocab_size = s_logits.shape
     d_z = s_logits if s_logits.dtype == dz_dtype else torch.empty_like(s_logits, dtype=dz_dtype)
-    block_v = _block_v(s_logits, BLOCK_V_GRADIENTS)
+    block = block_v(s_logits, BLOCK_V_GRADIENTS)
     if num_rows > 0:
-        two_row_dz_kernel[(num_rows, triton.cdiv(vocab_size, block_v))](
+        two_row_dz_kernel[(num_rows, triton.cdiv(vocab_size, block))](
             s_logits,
             d_z,
             t_logits,
@@ -461,7 +462,7 @@ def gradient(
             stride_teacher=t_logits.stride(0),
             **_beta_arguments(beta),
             **_head_arguments(s_bias, s_head, t_bias, t_head),
-            BLOCK_V=block_v,
+            BLOCK_V=block,
             num_warps=NUM_WARPS,
         )
     return d_z

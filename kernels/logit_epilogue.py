@@ -29,8 +29,8 @@ from .logit_tile import (
     coefficient_arguments,
     dz_of_logits,
     in_interpreter,
-    raise_running_max,
-    rescale_running_sums,
+    merge_lanes,
+    online_log_sum_exp,
     transform_arguments,
     transform_tile,
 )
@@ -68,26 +68,11 @@ def row_statistics_kernel(
         mask_v = offs_v < V
         raw = tl.load(row_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
         z = transform_tile(raw, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
-        new_max = tl.where(mask_v, tl.maximum(lane_max, z), lane_max)
-        max_shift, rescale = raise_running_max(lane_max, lane_sum_exp, new_max)
-        lane_sum_exp, lane_sum_exp_shifted = rescale_running_sums(
-            lane_sum_exp, lane_sum_exp_shifted, max_shift, rescale
+        lane_max, lane_sum_exp, lane_sum_exp_shifted = online_log_sum_exp(
+            lane_max, lane_sum_exp, lane_sum_exp_shifted, z, mask_v
         )
-        shifted = tl.where(mask_v, z - new_max, 0.0)
-        e = tl.where(mask_v, tl.exp(shifted), 0.0)
-        lane_sum_exp_shifted += e * shifted
-        lane_sum_exp += e
         lane_sum_z += tl.where(mask_v, z, 0.0)
-        lane_max = new_max
-
-    # the lanes' sums, shifted to the row's max (lanes that saw no column hold s = 0 and add 0)
-    row_max = tl.max(lane_max, axis=0)
-    lane_shift, lane_rescale = raise_running_max(lane_max, lane_sum_exp, row_max)
-    lane_sum_exp, lane_sum_exp_shifted = rescale_running_sums(
-        lane_sum_exp, lane_sum_exp_shifted, lane_shift, lane_rescale
-    )
-    sum_exp = tl.sum(lane_sum_exp, axis=0)
-    sum_exp_shifted = tl.sum(lane_sum_exp_shifted, axis=0)
+    row_max, sum_exp, sum_exp_shifted = merge_lanes(lane_max, lane_sum_exp, lane_sum_exp_shifted)
 
     target = tl.load(targets_ptr + row)
     has_target = target >= 0
@@ -186,7 +171,8 @@ def bytes_per_logit(dtype: torch.dtype) -> int:
     return dtype.itemsize  # the logits buffer only: dz is written over it
 
 
-def _block_v(logits: torch.Tensor, cuda_block: int) -> int:
+def block_v(logits: torch.Tensor, cuda_block: int) -> int:
+    """The block of columns a row-wise epilogue kernel takes: `cuda_block` compiled, a small one interpreted."""
     return INTERPRETER_BLOCK_V if in_interpreter(logits.device) else cuda_block
 
 
@@ -204,7 +190,7 @@ def statistics(logits: torch.Tensor, targets: torch.Tensor, bias, head: HeadSpec
             V=vocab_size,
             stride_row=logits.stride(0),
             **transform_arguments(bias, head),
-            BLOCK_V=_block_v(logits, BLOCK_V_STATISTICS),
+            BLOCK_V=block_v(logits, BLOCK_V_STATISTICS),
             num_warps=NUM_WARPS,
         )
     return VocabPartials(*out), None
@@ -226,7 +212,7 @@ def extras(
             V=vocab_size,
             stride_row=logits.stride(0),
             **transform_arguments(bias, head),
-            BLOCK_V=_block_v(logits, BLOCK_V_STATISTICS),
+            BLOCK_V=block_v(logits, BLOCK_V_STATISTICS),
             num_warps=NUM_WARPS,
         )
     return RowExtras(*out)
@@ -235,16 +221,16 @@ def extras(
 def gradient(logits, state, targets, bias, norm: SoftmaxNorm, coefs: TokenGradCoefficients, head: HeadSpec):
     """dz over `logits` (the same tensor, overwritten; its dtype), log p from the rows' `norm` (max, log s)."""
     num_rows, vocab_size = logits.shape
-    block_v = _block_v(logits, BLOCK_V_GRADIENTS)
+    block = block_v(logits, BLOCK_V_GRADIENTS)
     if num_rows > 0:
-        row_dz_kernel[(num_rows, triton.cdiv(vocab_size, block_v))](
+        row_dz_kernel[(num_rows, triton.cdiv(vocab_size, block))](
             logits,
             targets_ptr=targets,
             V=vocab_size,
             stride_row=logits.stride(0),
             **coefficient_arguments(norm, coefs),
             **transform_arguments(bias, head),
-            BLOCK_V=block_v,
+            BLOCK_V=block,
             num_warps=NUM_WARPS,
         )
     return logits

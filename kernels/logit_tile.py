@@ -183,6 +183,28 @@ def rescale_running_sums(sum_exp, sum_exp_shifted, max_shift, rescale):
 
 
 @triton.jit
+def online_log_sum_exp(lane_max, lane_sum_exp, lane_sum_exp_shifted, z, mask_v):
+    """One block of the online log-sum-exp per lane: the running max raised, s and a rescaled, z added."""
+    new_max = tl.where(mask_v, tl.maximum(lane_max, z), lane_max)
+    max_shift, rescale = raise_running_max(lane_max, lane_sum_exp, new_max)
+    lane_sum_exp, lane_sum_exp_shifted = rescale_running_sums(lane_sum_exp, lane_sum_exp_shifted, max_shift, rescale)
+    shifted = tl.where(mask_v, z - new_max, 0.0)
+    e = tl.where(mask_v, tl.exp(shifted), 0.0)
+    return new_max, lane_sum_exp + e, lane_sum_exp_shifted + e * shifted
+
+
+@triton.jit
+def merge_lanes(lane_max, lane_sum_exp, lane_sum_exp_shifted):
+    """The lanes' (m, s, a) shifted to the row's max and summed (lanes that saw no column hold s = 0, add 0)."""
+    row_max = tl.max(lane_max, axis=0)
+    lane_shift, lane_rescale = raise_running_max(lane_max, lane_sum_exp, row_max)
+    lane_sum_exp, lane_sum_exp_shifted = rescale_running_sums(
+        lane_sum_exp, lane_sum_exp_shifted, lane_shift, lane_rescale
+    )
+    return row_max, tl.sum(lane_sum_exp, axis=0), tl.sum(lane_sum_exp_shifted, axis=0)
+
+
+@triton.jit
 def dz_of_logits(
     z,
     row_max,

@@ -183,6 +183,17 @@ def test_topk_of_the_whole_vocabulary_is_the_forward_kl_of_the_teacher_head():
         assert_close_scaled(got, want, 1e-4, "gradient")
 
 
+def _naive_and_our_errors(hidden, weight, bias, targets, inputs, want, run_options):
+    """Max |error| of (loss, d_hidden, d_weight) against `want`, naive PyTorch's and ours."""
+
+    def errors(out):
+        got = [out.loss, *grads(out.loss, [hidden, weight])]
+        return [(g.double() - w).abs().max().item() for g, w in zip(got, want)]
+
+    naive = errors(distill_loss(hidden, weight, targets, bias, **inputs, backend="reference"))
+    return naive, errors(distill_loss(hidden, weight, targets, bias, **inputs, **run_options))
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.5])
 @pytest.mark.parametrize("engine", ["torch", "triton-epilogue"])
 def test_as_accurate_as_naive_fp32(beta, engine, request):
@@ -195,13 +206,7 @@ def test_as_accurate_as_naive_fp32(beta, engine, request):
     zs = transformed64(hidden, weight, bias)
     expected = loss64(zs, divergence64(zs, transformed64(teacher_hidden, teacher_weight, None), beta), targets, 0)
     want = [expected, *grads(expected, [hidden, weight])]
-
-    def errors(out):
-        got = [out.loss, *grads(out.loss, [hidden, weight])]
-        return [(g.double() - w).abs().max().item() for g, w in zip(got, want)]
-
-    naive = errors(distill_loss(hidden, weight, targets, bias, **inputs, backend="reference"))
-    ours = errors(distill_loss(hidden, weight, targets, bias, **inputs, **_run_options(engine, request)))
+    naive, ours = _naive_and_our_errors(hidden, weight, bias, targets, inputs, want, _run_options(engine, request))
     for name, our_error, naive_error, exact in zip(("loss", "d_hidden", "d_weight"), ours, naive, want):
         # a few ulps of the result's scale: a single rounding of either side moves a scalar loss that much
         ulps = 4 * torch.finfo(torch.float32).eps * exact.abs().max().item()
@@ -348,13 +353,7 @@ def test_half_precision_heads_beat_naive_bf16(engine, request):
     zs = transformed64(hidden, weight, bias)
     expected = loss64(zs, divergence64(zs, transformed64(teacher_hidden, teacher_weight, None), 0.5), targets, 0)
     want = [expected, *grads(expected, [hidden, weight])]
-
-    def errors(out):
-        got = [out.loss, *grads(out.loss, [hidden, weight])]
-        return [(g.double() - w).abs().max().item() for g, w in zip(got, want)]
-
-    naive = errors(distill_loss(hidden, weight, targets, bias, **inputs, backend="reference"))
-    ours = errors(distill_loss(hidden, weight, targets, bias, **inputs, **_run_options(engine, request)))
+    naive, ours = _naive_and_our_errors(hidden, weight, bias, targets, inputs, want, _run_options(engine, request))
     assert ours[0] <= naive[0] / 10, f"loss: {ours[0]:.2e} vs naive {naive[0]:.2e}"
     for name, our_error, naive_error in zip(("d_hidden", "d_weight"), ours[1:], naive[1:]):
         assert our_error <= naive_error / 2, f"{name}: {our_error:.2e} vs naive {naive_error:.2e}"

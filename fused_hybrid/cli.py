@@ -6,6 +6,7 @@ import argparse
 import logging
 import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 
@@ -16,6 +17,25 @@ def _version() -> str:
         return version("fused-hybrid")
     except PackageNotFoundError:
         return "unknown (not installed)"
+
+
+HELP_WIDTH = 100
+
+
+def _wrapped(text: str, indent: str = "", first: str = "") -> str:
+    return textwrap.fill(
+        text, width=HELP_WIDTH, initial_indent=first or indent, subsequent_indent=indent, break_on_hyphens=False
+    )
+
+
+def _config_keys_help() -> str:
+    """The config's keys with their defaults, one paragraph per section (read from the config's dataclasses)."""
+    from .trainer.config import config_keys
+
+    lines = ["config keys (section.key=default; set with --set section.key=value):"]
+    for section, keys in config_keys().items():
+        lines.append(_wrapped(", ".join(keys), indent="    ", first=f"  {section or '(top level)'}: "))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
 
     demo = commands.add_parser(
         "demo",
-        help="a base model adapted to a new task by SFT, DFT, GRPO, CHORD, ...: "
+        help="a base model adapted to a new task by SFT, DFT, GRPO, CHORD, ..., and distilled from a teacher: "
         "accuracy on both tasks and entropy, with a report folder",
     )
     demo.add_argument("--out", default="demo-report", help="report folder (default: demo-report)")
@@ -45,10 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     train = commands.add_parser(
         "train",
         help="train with a YAML or TOML config",
-        description=f"Train with a YAML or TOML config. Modes (the `mode` key): {', '.join(registered_modes())}. "
-        "The config keys, their defaults and ranges are documented in fused_hybrid/trainer/config.py and in the "
-        "README's trainer section; examples/ has complete configs. A run resumes from the newest checkpoint in "
-        "its output_dir when the settings match (--set resume=false starts fresh there).",
+        description=_wrapped(
+            f"Train with a YAML or TOML config. Modes (the `mode` key): {', '.join(registered_modes())}. "
+            "The config keys, their defaults and ranges are documented in fused_hybrid/trainer/config.py and in the "
+            "README's trainer section; examples/ has complete configs. A run resumes from the newest checkpoint in "
+            "its output_dir when the settings match (--set resume=false starts fresh there)."
+        ),
+        epilog=_config_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("config", help="a .yaml, .yml or .toml file")
     train.add_argument(

@@ -5,7 +5,10 @@
 2. **New, related task.** 2-digit subtraction (`82-45=` -> `37`, never negative), from a small set of expert
    demonstrations and an exact-match reward: the setting CHORD and DFT were made for.
 3. **Methods**, each from the same base for the same number of optimizer steps, on the same demonstrations and
-   prompts: SFT, DFT, GRPO alone, SFT then GRPO (half the steps each), CHORD-mu, CHORD-phi and MinorSFT.
+   prompts: SFT, DFT, GRPO alone, SFT then GRPO (half the steps each), CHORD-mu, CHORD-phi and MinorSFT; and
+   on-policy distillation, which learns from more than those: a teacher that knows both tasks (the base after
+   more SFT on both, from rows of its own; saved in `<out>/teacher-model` and restored like the base), scoring the
+   student's own completions of the same prompts token by token, with no reward. Its label says so.
 4. **Measured** every few steps on held-out prompts: new-task accuracy, base-task accuracy (retention of what the
    base knew) and the policy's mean next-token entropy on the new task's demonstrations; over several seeds
    (data order, sampling) from the same base.
@@ -39,8 +42,17 @@ SEEDS = 2
 EVAL_EVERY = 20
 DEMONSTRATIONS = 256  # expert demonstrations of the new task
 HELD_OUT = 128  # prompts per task for the accuracies
-METHODS = ("sft", "dft", "grpo", "sft-then-grpo", "chord-mu", "chord-phi", "minor_sft")
+METHODS = ("sft", "dft", "grpo", "sft-then-grpo", "chord-mu", "chord-phi", "minor_sft", "distill")
+# How a method is named in the report: the distillation row learns from a teacher the other rows do not have.
+LABELS = {"distill": "distill (on-policy, from a teacher trained on both tasks)"}
+TEACHER_STEPS = 600  # SFT steps from the base on both tasks
+TEACHER_LEARNING_RATE = 2e-3
+TEACHER_ROWS = 4000  # rows of each task the teacher learns from
 LARGE_VOCAB = 128256
+
+
+def label(method: str) -> str:
+    return LABELS.get(method, method)
 
 
 def _row(prompt: str, result: int) -> dict:
@@ -66,8 +78,9 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 
 
 def task_files(out: Path) -> dict[str, Path]:
-    """The demo's data, generated from fixed seeds: base-task training rows, the new task's demonstrations, and
-    held-out prompts of both tasks (disjoint from the training rows)."""
+    """The demo's data, generated from fixed seeds: base-task training rows, the new task's demonstrations,
+    held-out prompts of both tasks (disjoint from the training rows), and the teacher's rows of both tasks (its
+    subtraction rows drawn afresh, disjoint from the held-out prompts too)."""
     folder = out / "data"
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(1234)
@@ -83,11 +96,18 @@ def task_files(out: Path) -> dict[str, Path]:
         row = subtraction(rng)
         if row["prompt"] not in seen:
             demos.append(row)
+    teacher = base[:TEACHER_ROWS]
+    while len(teacher) < 2 * TEACHER_ROWS:
+        row = subtraction(rng)
+        if row["prompt"] not in seen:
+            teacher.append(row)
+    rng.shuffle(teacher)
     return {
         "base": write_rows(folder / "base-addition.jsonl", base),
         "demos": write_rows(folder / "new-subtraction-demos.jsonl", demos),
         "held_out_new": write_rows(folder / "held-out-subtraction.jsonl", held_out_new),
         "held_out_base": write_rows(folder / "held-out-addition.jsonl", held_out_base),
+        "teacher": write_rows(folder / "teacher-both-tasks.jsonl", teacher),
     }
 
 
@@ -128,13 +148,19 @@ def method_overrides(method: str, steps: int) -> list[str]:
             "objective.use_phi=false",
         ],
         "chord-phi": ["mode=chord", "objective.mu=0.1", "objective.use_phi=true"],
+        # one completion for each of 32 prompts: as many sequences per step as the others, the most prompts
+        "distill": [
+            "mode=distill",
+            "objective.distill_policy=on",
+            "rollout.group_size=1",
+            "rollout.prompts_per_step=32",
+        ],
     }
     return shared + modes[method]
 
 
 def build_base(out: Path, files: dict, steps: int, progress: bool) -> Path:
     """The base model (SFT on addition), trained here or restored from `<out>/base-model`."""
-    folder = out / "base-model"
     settings = {
         "steps": steps,
         "model": TINY_MODEL,
@@ -142,22 +168,49 @@ def build_base(out: Path, files: dict, steps: int, progress: bool) -> Path:
         "data": files["base"].name,
         "learning_rate": BASE_LEARNING_RATE,
     }
-    stamp = folder / "demo_base.json"
+    overrides = [
+        "mode=sft",
+        f"data.path={files['base']}",
+        f"optim.learning_rate={BASE_LEARNING_RATE}",
+        f"optim.warmup_steps={steps // 20}",
+        f"optim.max_steps={steps}",
+    ]
+    what = f"base model: {steps} SFT steps of a tiny Llama on 2-digit addition"
+    return sft_model(out, "base", settings, overrides, steps, progress, what)
+
+
+def build_teacher(out: Path, files: dict, base: Path, steps: int, progress: bool) -> Path:
+    """The distillation teacher (the base, then SFT on both tasks), trained here or restored from
+    `<out>/teacher-model`."""
+    settings = {
+        "steps": steps,
+        "base": json.loads((base / "demo_base.json").read_text()),
+        "data": files["teacher"].name,
+        "rows": TEACHER_ROWS,
+        "learning_rate": TEACHER_LEARNING_RATE,
+    }
+    overrides = [
+        "mode=sft",
+        f"model.path={base}",
+        f"data.path={files['teacher']}",
+        f"optim.learning_rate={TEACHER_LEARNING_RATE}",
+        f"optim.warmup_steps={steps // 20}",
+        f"optim.max_steps={steps}",
+    ]
+    what = f"teacher: the base after {steps} SFT steps on both tasks ({TEACHER_ROWS} rows of each)"
+    return sft_model(out, "teacher", settings, overrides, steps, progress, what)
+
+
+def sft_model(out: Path, name: str, settings: dict, overrides: list[str], steps: int, progress: bool, what: str):
+    """`<out>/<name>-model`: restored when its stamp holds `settings`, else trained by `steps` SFT steps under
+    `overrides` and saved with that stamp."""
+    folder = out / f"{name}-model"
+    stamp = folder / f"demo_{name}.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == settings:
-        print(f"== base model restored from {folder}")
+        print(f"== {name} model restored from {folder}")
         return folder
-    print(f"== base model: {steps} SFT steps of a tiny Llama on 2-digit addition")
-    config = load_config(
-        None,
-        common_overrides(out / "runs" / "base", 0)
-        + [
-            "mode=sft",
-            f"data.path={files['base']}",
-            f"optim.learning_rate={BASE_LEARNING_RATE}",
-            f"optim.warmup_steps={steps // 20}",
-            f"optim.max_steps={steps}",
-        ],
-    )
+    print(f"== {what}")
+    config = load_config(None, common_overrides(out / "runs" / name, 0) + overrides)
     trainer = HybridTrainer(config, progress=progress)
     for _ in range(steps):
         trainer.train_step()
@@ -193,9 +246,18 @@ class Evaluation:
 
 
 def adapt(
-    method: str, base: Path, files: dict, steps: int, seed: int, evaluation: Evaluation, out: Path, progress: bool
+    method: str,
+    base: Path,
+    files: dict,
+    steps: int,
+    seed: int,
+    evaluation: Evaluation,
+    out: Path,
+    progress: bool,
+    teacher: Path | None = None,
 ) -> list[dict]:
-    """One method from the base for `steps` optimizer steps; the evaluations every EVAL_EVERY steps."""
+    """One method from the base for `steps` optimizer steps (distillation from `teacher`); the evaluations every
+    EVAL_EVERY steps."""
     run_dir = out / "runs" / f"{method}-seed{seed}"
     phases = [("sft", steps // 2), ("grpo", steps - steps // 2)] if method == "sft-then-grpo" else [(method, steps)]
     start, done, history = base, 0, []
@@ -204,7 +266,8 @@ def adapt(
             None,
             common_overrides(run_dir, seed)
             + method_overrides(phase, phase_steps)
-            + [f"model.path={start}", f"data.path={files['demos']}"],
+            + [f"model.path={start}", f"data.path={files['demos']}"]
+            + ([f"teacher.path={teacher}"] if phase == "distill" else []),
         )
         trainer = HybridTrainer(config, progress=False)
         if done == 0:
@@ -234,8 +297,10 @@ def run_demo(
     base_steps: int = BASE_STEPS,
     seeds: int = SEEDS,
     methods: tuple[str, ...] = METHODS,
+    teacher_steps: int = TEACHER_STEPS,
 ) -> Path:
-    """Train (or restore) the base model, adapt it with every method and seed, and write the report."""
+    """Train (or restore) the base model (and the teacher, for distillation), adapt the base with every method and
+    seed, and write the report."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # the demo's models load and save many times
@@ -245,13 +310,27 @@ def run_demo(
     files = task_files(out)
     base = build_base(out, files, base_steps, progress)
     evaluation = Evaluation(files)
+    teacher, teacher_summary = None, None
+    if "distill" in methods:
+        teacher = build_teacher(out, files, base, teacher_steps, progress)
+        scores = evaluate_model(teacher, files, evaluation, out)
+        teacher_summary = {"steps": teacher_steps, "rows_per_task": TEACHER_ROWS, **{k: scores[k] for k in METRICS}}
     print(f"== adapting to 2-digit subtraction: {steps} steps per method, {seeds} seed(s), from the same base")
     histories = {
-        m: [adapt(m, base, files, steps, seed, evaluation, out, progress) for seed in range(seeds)] for m in methods
+        m: [adapt(m, base, files, steps, seed, evaluation, out, progress, teacher) for seed in range(seeds)]
+        for m in methods
     }
-    report(out, histories, steps, base_steps, time.perf_counter() - begin)
+    report(out, histories, steps, base_steps, time.perf_counter() - begin, teacher_summary)
     print(f"report written to {out}")
     return out
+
+
+def evaluate_model(folder: Path, files: dict, evaluation: Evaluation, out: Path) -> dict:
+    """The Evaluation of the model saved in `folder`."""
+    config = load_config(
+        None, common_overrides(out / "runs" / "evaluation", 0) + [f"model.path={folder}", f"data.path={files['demos']}"]
+    )
+    return evaluation(HybridTrainer(config, progress=False), 0)
 
 
 METRICS = {
@@ -261,7 +340,9 @@ METRICS = {
 }
 
 
-def report(out: Path, histories: dict, steps: int, base_steps: int, seconds: float) -> None:
+def report(
+    out: Path, histories: dict, steps: int, base_steps: int, seconds: float, teacher: dict | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,7 +353,7 @@ def report(out: Path, histories: dict, steps: int, base_steps: int, seconds: flo
         for method, runs in histories.items():
             xs = [h["step"] for h in runs[0]]
             values = torch.tensor([[h[key] for h in run] for run in runs])
-            ax.plot(xs, values.mean(0), marker=".", label=method)
+            ax.plot(xs, values.mean(0), marker=".", label=label(method))
             if len(runs) > 1:
                 ax.fill_between(xs, values.min(0).values, values.max(0).values, alpha=0.15)
         ax.set_title(title)
@@ -293,6 +374,8 @@ def report(out: Path, histories: dict, steps: int, base_steps: int, seconds: flo
         "base": {k: first[0][0][k] for k in METRICS},
         "methods": {},
     }
+    if teacher is not None:
+        summary["teacher"] = teacher
     for method, runs in histories.items():
         finals = {k: [run[-1][k] for run in runs] for k in METRICS}
         summary["methods"][method] = {
@@ -335,13 +418,14 @@ def markdown(summary: dict) -> str:
         f"is adapted to 2-digit subtraction from {DEMONSTRATIONS} expert demonstrations and an exact-match "
         f"reward, {summary['steps']} optimizer steps per method, {summary['seeds']} seed(s) (data order and "
         f"sampling) from the same base; whole run {summary['seconds'] / 60:.1f} minutes.",
+        *teacher_paragraph(summary),
         "",
         "| method | new task accuracy | base task accuracy (retention) | entropy (nats) |",
         "|---|---:|---:|---:|",
     ]
     for method, finals in summary["methods"].items():
         cells = [f"{finals[k]['mean']:.3f} ({finals[k]['min']:.3f}-{finals[k]['max']:.3f})" for k in METRICS]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(method)} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Final values: the seeds' mean (their range). Curves: " + ", ".join(f"`{k}.png`" for k in METRICS) + ".",
@@ -373,11 +457,27 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def teacher_paragraph(summary: dict) -> list[str]:
+    """What the distillation row learns from that the others do not: its teacher, and how good it is."""
+    teacher = summary.get("teacher")
+    if teacher is None:
+        return []
+    return [
+        "",
+        f"The distillation row learns from a teacher the other rows do not have: the base after "
+        f"{teacher['steps']} more SFT steps on both tasks ({teacher['rows_per_task']} rows of each, the subtraction "
+        f"ones drawn for it, not the demonstrations; held-out subtraction accuracy "
+        f"{teacher['new_task_accuracy']:.3f}, addition {teacher['base_task_accuracy']:.3f}). The teacher scores "
+        "the student's own completions of the demonstrations' prompts token by token (the forward KL, one "
+        "completion per prompt): no reward, no demonstration.",
+    ]
+
+
 def findings(summary: dict) -> list[str]:
     """Plain statements of what the numbers say (the ranking, the retention, the spread), no interpretation."""
     methods = summary["methods"]
     ranked = sorted(methods, key=lambda m: -methods[m]["new_task_accuracy"]["mean"])
-    top = ", ".join(f"{m} {methods[m]['new_task_accuracy']['mean']:.3f}" for m in ranked[:3])
+    top = ", ".join(f"{label(m)} {methods[m]['new_task_accuracy']['mean']:.3f}" for m in ranked[:3])
     base = summary["base"]["base_task_accuracy"]
     kept = max(methods[m]["base_task_accuracy"]["mean"] for m in methods)
     lines = [f"- New task: the highest held-out accuracies are {top}."]
@@ -392,6 +492,7 @@ def findings(summary: dict) -> list[str]:
     if len(ranked) > 1 and summary["seeds"] > 1 and accuracy[ranked[0]]["min"] <= accuracy[ranked[1]]["max"]:
         first, second = ranked[:2]
         lines.append(
-            f"- {first} and {second} overlap across the {summary['seeds']} seeds: this run does not rank them."
+            f"- {label(first)} and {label(second)} overlap across the {summary['seeds']} seeds: this run does not "
+            "rank them."
         )
     return lines

@@ -87,6 +87,50 @@ def test_data_problems_are_named_in_one_line(tmp_path, capsys, content, words):
     assert not (tmp_path / "run").exists()
 
 
+TEACHER = (
+    "{hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1}"
+)
+
+
+def other_vocabulary_teacher(tmp_path):
+    from tests.test_trainer import saved_tiny_model
+
+    return saved_tiny_model(tmp_path / "teacher", "0123456789-=")
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        (None, "teacher: mode 'distill' learns from a teacher: set teacher.path"),
+        ("teacher.path=no/such/model", "teacher.path: 'no/such/model': no such folder"),
+        ("teacher.path={empty}", "teacher.path: '{empty}': not a Hugging Face causal-LM folder with a tokenizer"),
+        ("teacher.path={other}", "the teacher's tokenizer is not the student's"),
+        ("objective.distill_temperature=0", "objective.distill_temperature: 0.0 is out of range; allowed: > 0"),
+        ("objective.hard_weight=-1", "objective.hard_weight: -1.0 is out of range; allowed: >= 0"),
+    ],
+)
+def test_a_bad_teacher_is_named_in_one_line_before_training(tmp_path, capsys, override, words):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    folders = {"empty": empty, "other": other_vocabulary_teacher(tmp_path)}
+    capsys.readouterr()  # what saving the folder printed
+    overrides = [] if override is None else [override.format(**folders)]
+    if override is not None and override.startswith("objective."):
+        overrides.append(f"teacher.tiny={TEACHER}")
+    code, err, _ = run_cli(tmp_path, capsys, *overrides, mode="distill")
+    assert code == 2 and words.format(**folders) in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_with_another_teacher_stops(tmp_path, capsys):
+    code, _, out = run_cli(tmp_path, capsys, f"teacher.tiny={TEACHER}", mode="distill")
+    assert code == 0 and "done, step 3 of 3" in out
+    other = TEACHER.replace("hidden_size: 16", "hidden_size: 24")
+    code, err, _ = run_cli(tmp_path, capsys, f"teacher.tiny={other}", "optim.max_steps=4", mode="distill")
+    assert code == 2 and "teacher.tiny=" in err and "resume=false" in err
+
+
 def test_prompts_that_all_exceed_max_length_fail_at_the_start(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+{i}+{i}+{i}=", "response": "0"}) + "\n" for i in range(40)))
@@ -145,4 +189,8 @@ def test_version_and_help_say_what_there_is(capsys):
     with pytest.raises(SystemExit):
         cli_main(["train", "--help"])
     text = capsys.readouterr().out
-    assert "chord" in text and "grpo" in text and "fused_hybrid/trainer/config.py" in text
+    assert "chord" in text and "grpo" in text and "distill" in text and "fused_hybrid/trainer/config.py" in text
+    keys = " ".join(text.split())  # the key list as one line, however it is wrapped
+    assert "teacher: path=null, tiny=null" in keys
+    for key in ("distill_policy=on", "distill_beta=0.0", "distill_temperature=1.0", "hard_weight=0.0"):
+        assert key in keys

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import fused_hybrid
-from fused_hybrid.objectives import OBJECTIVES, LossOutput, Objective, objective_module, register
+from fused_hybrid.objectives import OBJECTIVES, LossOutput, Objective, distill_loss, objective_module, register
+from fused_hybrid.objectives.registry import TEACHER_INPUTS
 from fused_hybrid.trainer import ConfigError, HybridTrainer, load_config
 from tests.reference import assert_close_scaled, grads, leaf64, logprobs_entropy64
 
@@ -64,7 +65,7 @@ def test_a_registered_objective_is_a_trainer_mode(tmp_path, focal_sft):
 
 
 def test_every_objective_declares_what_it_needs():
-    assert set(OBJECTIVES) >= {"sft", "dft", "chord", "grpo", "cispo", "gmpo", "dpo", "minor_sft", "ift"}
+    assert set(OBJECTIVES) >= {"sft", "dft", "chord", "grpo", "cispo", "gmpo", "dpo", "minor_sft", "ift", "distill"}
     grouped = {
         name: objective.gradient for name, objective in OBJECTIVES.items() if objective.gradient in ("sequence", "pair")
     }
@@ -74,7 +75,9 @@ def test_every_objective_declares_what_it_needs():
     assert [dft.gradient_plan(reduction=r) for r in ("mean", "none")] == ["token", "two-pass"]
     with pytest.raises(ValueError, match="gradient must be one of"):
         Objective(name="x", loss=focal_sft_loss, data="demonstrations", gradient="sequences")
-    assert {n for n, o in OBJECTIVES.items() if o.uses_rollouts} == {"chord", "grpo", "cispo", "gmpo"}
+    defaults = load_config(None)
+    assert {n for n, o in OBJECTIVES.items() if o.rewarded(defaults)} == {"chord", "grpo", "cispo", "gmpo"}
+    assert {n for n, o in OBJECTIVES.items() if o.samples(defaults)} == {"chord", "grpo", "cispo", "gmpo", "distill"}
     with pytest.raises(ValueError, match="already registered"):
         register(Objective(name="sft", loss=focal_sft_loss, data="demonstrations"))
     with pytest.raises(ValueError, match="data must be one of"):
@@ -83,3 +86,66 @@ def test_every_objective_declares_what_it_needs():
         Objective(name="x", loss=focal_sft_loss, data="rollouts", batch_inputs=("rewards",))
     with pytest.raises(ConfigError, match="mode: 'focal_sft' is not one of"):
         load_config(None, ["mode=focal_sft"])  # not registered here
+
+
+TEACHER = (
+    "{hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1}"
+)
+
+
+def test_distillation_takes_its_data_from_the_config_and_its_inputs_from_a_teacher():
+    distill = OBJECTIVES["distill"]
+    on = load_config(None, ["mode=distill", f"teacher.tiny={TEACHER}"])
+    off = load_config(None, ["mode=distill", f"teacher.tiny={TEACHER}", "objective.distill_policy=off"])
+    assert distill.data_kind(on) == "completions" and distill.data_kind(off) == "demonstrations"
+    assert distill.samples(on) and not distill.rewarded(on) and not distill.samples(off)
+    assert distill.needs_teacher(on) and set(distill.batch_inputs) == set(TEACHER_INPUTS)
+    assert distill.normaliser_counts(on) == {"num_items": "tokens"} and not distill.needs_reference(on)
+    assert distill.options(on, 0) == {"beta": 0.0, "temperature": 1.0, "hard_weight": 0.0}
+    tuned = load_config(
+        None,
+        [
+            "mode=distill",
+            f"teacher.tiny={TEACHER}",
+            "objective.distill_beta=0.5",
+            "objective.distill_temperature=2.0",
+            "objective.hard_weight=0.1",
+            "objective.beta=0.3",  # GRPO's KL weight: not distillation's
+        ],
+    )
+    assert distill.options(tuned, 7) == {"beta": 0.5, "temperature": 2.0, "hard_weight": 0.1}
+    with pytest.raises(ValueError, match="come from a teacher model: declare needs_teacher"):
+        Objective(name="x", loss=distill_loss, data="demonstrations", batch_inputs=("teacher_hidden",))
+    with pytest.raises(ValueError, match="data must be one of"):
+        Objective(name="x", loss=focal_sft_loss, data=lambda config: "tokens").data_kind(on)
+
+
+@pytest.fixture
+def teacher_forced_ce():
+    """An objective of one's own on a teacher: the hard cross-entropy plus the divergence to the teacher's head."""
+    objective = register(
+        Objective(
+            name="teacher_forced_ce",
+            loss=distill_loss,
+            data="demonstrations",
+            normalisers={"num_items": "tokens"},
+            batch_inputs=("teacher_hidden", "teacher_weight"),
+            options=lambda config, step: {"hard_weight": 1.0},
+            needs_teacher=lambda config: True,
+        )
+    )
+    yield objective
+    del OBJECTIVES["teacher_forced_ce"]
+
+
+def test_a_registered_objective_gets_its_teacher_from_the_config(tmp_path, teacher_forced_ce):
+    from tests.test_trainer import config
+
+    with pytest.raises(ConfigError, match="mode 'teacher_forced_ce' learns from a teacher"):
+        config(tmp_path, "teacher_forced_ce")
+    trainer = HybridTrainer(
+        config(tmp_path, "teacher_forced_ce", f"teacher.tiny={TEACHER}", "optim.max_steps=2"), progress=False
+    )
+    assert trainer.teacher is not None and trainer.data_kind == "demonstrations"
+    history = trainer.train()
+    assert all(h["hard_loss"] > 0 and h["divergence"] > 0 for h in history if "loss" in h)

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
 from fused_hybrid.cli import main as cli_main  # noqa: E402
-from fused_hybrid.demo import run_demo  # noqa: E402
+from fused_hybrid.demo import run_demo, save_model  # noqa: E402
 from fused_hybrid.objectives.chord import trainer_mu  # noqa: E402
 from fused_hybrid.trainer import ConfigError, HybridTrainer, UserError, load_config  # noqa: E402
 from fused_hybrid.trainer.rewards import RewardError  # noqa: E402
@@ -101,6 +101,145 @@ def test_rollout_modes_raise_the_reward(tmp_path, mode):
         assert all(h["mu"] == pytest.approx(0.2) for h in history if "mu" in h)
 
 
+# A random teacher with large weights: peaked next-token distributions, far from a fresh student's near-uniform ones.
+PEAKED_TEACHER = (
+    "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, "
+    "initializer_range: 1.0}"
+)
+
+
+# on-policy with the reverse KL (mode-seeking, on the student's samples), off-policy with the forward KL (classic KD)
+@pytest.mark.parametrize("policy, beta", [("on", 1.0), ("off", 0.0)])
+def test_distill_brings_the_student_to_its_teacher(tmp_path, policy, beta):
+    history = HybridTrainer(
+        config(
+            tmp_path,
+            "distill",
+            f"teacher.tiny={PEAKED_TEACHER}",
+            f"objective.distill_policy={policy}",
+            f"objective.distill_beta={beta}",
+            "optim.grad_accum=2",
+            "optim.learning_rate=1e-2",
+            "optim.max_steps=40",
+        ),
+        progress=False,
+    ).train()
+    early, late = early_late(history, "divergence")
+    assert late < 0.6 * early, f"distill {policy}-policy: divergence went from {early:.3f} to {late:.3f}"
+    assert "reward" not in history[-1]  # on-policy distillation samples without a reward
+    assert (tmp_path / "distill" / "curves.png").is_file()
+
+
+def sevens_file(folder):
+    """Addition prompts all answered "7": a task a tiny model learns in a few SFT steps."""
+    rows = [{"prompt": f"{a}+{b}=", "response": "7", "answer": "7"} for a in range(20) for b in range(10)]
+    path = folder / "sevens.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sevens_teacher(tmp_path_factory):
+    """(a tiny model folder that answers sevens_file's prompts with "7", that data file)."""
+    folder = tmp_path_factory.mktemp("teacher")
+    data = sevens_file(folder)
+    trainer = HybridTrainer(
+        config(folder, "sft", f"data.path={data}", "optim.max_steps=15", "optim.learning_rate=1e-2"), progress=False
+    )
+    for _ in range(15):
+        trainer.train_step()
+    assert trainer.evaluate()["accuracy"] == 1.0
+    save_model(trainer, folder / "model")
+    return folder / "model", data
+
+
+@pytest.mark.parametrize("policy", ["on", "off"])
+def test_distill_from_a_saved_teacher_raises_the_accuracy(tmp_path, sevens_teacher, policy):
+    teacher, data = sevens_teacher
+    trainer = HybridTrainer(
+        config(
+            tmp_path,
+            "distill",
+            f"data.path={data}",
+            f"teacher.path={teacher}",
+            f"objective.distill_policy={policy}",
+            "optim.max_steps=20",
+            "optim.learning_rate=1e-2",
+            "eval_every=20",
+        ),
+        progress=False,
+    )
+    history = trainer.train()
+    before, after = history[0]["accuracy"], history[-1]["accuracy"]
+    assert after > before + 0.5, f"distill {policy}-policy: accuracy went from {before:.2f} to {after:.2f}"
+    early, late = early_late(history, "divergence")
+    assert late < early
+
+
+def saved_tiny_model(folder, characters, rows=None):
+    """A tiny Llama folder (random weights) with the character tokenizer of `characters` and a head of `rows` rows
+    (the tokenizer's size by default)."""
+    import transformers
+
+    from fused_hybrid.trainer.text import CharTokenizer
+
+    tokenizer = CharTokenizer(characters)
+    model_config = transformers.LlamaConfig(
+        vocab_size=rows or len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    folder.mkdir(parents=True)
+    transformers.AutoModelForCausalLM.from_config(model_config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "characters, rows, words",
+    [
+        (
+            "0123456789-=",
+            None,
+            "the teacher's tokenizer is not the student's (15 tokens there, 15 here; '+' is absent there, id 13 here",
+        ),
+        ("0123456789+=", 18, "the teacher's LM head has 18 vocabulary entries, the student's 15"),
+    ],
+)
+def test_a_teacher_with_another_vocabulary_is_refused_before_training(tmp_path, characters, rows, words):
+    teacher = saved_tiny_model(tmp_path / "teacher", characters, rows)
+    with pytest.raises(ConfigError, match="^teacher.path: ") as error:
+        HybridTrainer(config(tmp_path, "distill", f"teacher.path={teacher}"), progress=False)
+    assert words in str(error.value) and "the teacher needs the student's vocabulary" in str(error.value)
+    assert not (tmp_path / "distill").exists()
+
+
+def test_a_distill_config_names_its_teacher(tmp_path):
+    with pytest.raises(ConfigError, match="teacher: mode 'distill' learns from a teacher: set teacher.path"):
+        config(tmp_path, "distill")
+    with pytest.raises(ConfigError, match="give teacher.path or teacher.tiny, not both"):
+        config(tmp_path, "distill", f"teacher.tiny={TEACHER}", f"teacher.path={tmp_path}")
+    with pytest.raises(ConfigError, match="objective.distill_policy: 'both' is not one of the allowed values: on, off"):
+        config(tmp_path, "distill", f"teacher.tiny={TEACHER}", "objective.distill_policy=both")
+    with pytest.raises(ConfigError, match="objective.distill_beta: 1.5 is out of range; allowed: >= 0 and <= 1"):
+        config(tmp_path, "distill", f"teacher.tiny={TEACHER}", "objective.distill_beta=1.5")
+    # on-policy distillation needs prompts only; off-policy the demonstrations' responses too
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{i}+1="}) + "\n" for i in range(40)))
+    HybridTrainer(config(tmp_path, "distill", f"teacher.tiny={TEACHER}", f"data.path={path}"), progress=False)
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['response'\]"):
+        HybridTrainer(
+            config(tmp_path, "distill", f"teacher.tiny={TEACHER}", f"data.path={path}", "objective.distill_policy=off"),
+            progress=False,
+        )
+
+
 def preference_file(folder):
     """A JSONL of addition prompts with the right sum chosen and a wrong one rejected."""
     rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": f"99{a}"} for a in range(20) for b in range(5)]
@@ -120,16 +259,40 @@ def test_dpo_learns_preferences_from_jsonl(tmp_path):
 
 
 # The same two steps at grad_accum 1, 2 and 4. Rollouts of up to 8 tokens end at different lengths (so that the
-# token-mean policy loss is not 0); CHORD with 3 expert rows among 19, so that some micro-batches hold none.
+# token-mean policy loss is not 0); CHORD with 3 expert rows among 19, so that some micro-batches hold none;
+# distillation on- and off-policy, with a JSD, a temperature and a hard term.
 ROLLOUT_EXTRA = [
     "objective.reward=tests.test_trainer.starts_with_seven",
     "rollout.temperature=1.0",
     "rollout.max_new_tokens=8",
 ]
-ACCUMULATED_MODES = {
-    "grpo": ROLLOUT_EXTRA,
-    "chord": [*ROLLOUT_EXTRA, "objective.mu=0.3", "optim.batch_size=3"],
-    "dpo": ["objective.beta=0.5", "optim.batch_size=8"],
+TEACHER = (
+    "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1}"
+)
+ACCUMULATED_RUNS = {
+    "grpo": ("grpo", ROLLOUT_EXTRA),
+    "chord": ("chord", [*ROLLOUT_EXTRA, "objective.mu=0.3", "optim.batch_size=3"]),
+    "dpo": ("dpo", ["objective.beta=0.5", "optim.batch_size=8"]),
+    "distill-on": (
+        "distill",
+        [
+            "rollout.max_new_tokens=8",
+            f"teacher.tiny={TEACHER}",
+            "objective.distill_beta=1.0",
+            "objective.hard_weight=0.3",
+        ],
+    ),
+    "distill-off": (
+        "distill",
+        [
+            f"teacher.tiny={TEACHER}",
+            "objective.distill_policy=off",
+            "objective.distill_beta=0.5",
+            "objective.distill_temperature=2.0",
+            "objective.hard_weight=0.3",
+            "optim.batch_size=8",
+        ],
+    ),
 }
 
 
@@ -138,11 +301,12 @@ def comparable(metrics):
     return {k: v for k, v in metrics.items() if k != "tokens_per_s"}
 
 
-@pytest.mark.parametrize("mode", sorted(ACCUMULATED_MODES))
-def test_logged_metrics_do_not_depend_on_grad_accum(tmp_path, mode):
+@pytest.mark.parametrize("run", sorted(ACCUMULATED_RUNS))
+def test_logged_metrics_do_not_depend_on_grad_accum(tmp_path, run):
     """Micro-batches are one batch cut in parts: each step logs what the whole batch would (the loss parts already
     divided by the step's counts summed, the local means weighted by their counts), whatever grad_accum."""
-    extra = list(ACCUMULATED_MODES[mode])
+    mode, extra = ACCUMULATED_RUNS[run]
+    extra = list(extra)
     if mode == "dpo":
         extra.append(f"data.path={preference_file(tmp_path)}")
     runs = {}
@@ -153,13 +317,13 @@ def test_logged_metrics_do_not_depend_on_grad_accum(tmp_path, mode):
         runs[accum] = [comparable(trainer.train_step()) for _ in range(2)]
     whole = runs[1]
     logged = set(whole[0]) - {"step", "lr", "grad_norm", "loss", "reward"}
-    assert logged and logged <= set(whole[1]), f"{mode} logs no objective metric"
+    assert logged and logged <= set(whole[1]), f"{run} logs no objective metric"
     for accum in (2, 4):
         for step, (got, want) in enumerate(zip(runs[accum], whole), start=1):
             assert set(got) == set(want)
             for key in want:
                 assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (
-                    f"{mode} step {step} {key}: {got[key]} at grad_accum={accum}, {want[key]} at grad_accum=1"
+                    f"{run} step {step} {key}: {got[key]} at grad_accum={accum}, {want[key]} at grad_accum=1"
                 )
 
 
@@ -289,12 +453,13 @@ def test_example_configs_are_valid():
         load_config(path)
 
 
-def test_demo_runs_end_to_end_and_restores_its_base_model(tmp_path):
-    from fused_hybrid.demo import METHODS, METRICS
+def test_demo_runs_end_to_end_and_restores_its_base_and_teacher_models(tmp_path, capsys):
+    from fused_hybrid.demo import METHODS, METRICS, label
 
-    out = run_demo(tmp_path / "report", steps=4, progress=False, base_steps=6, seeds=1)
+    out = run_demo(tmp_path / "report", steps=4, progress=False, base_steps=6, seeds=1, teacher_steps=3)
     summary = json.loads((out / "metrics.json").read_text())
     assert set(summary["methods"]) == set(METHODS) and summary["base_steps"] == 6
+    assert summary["teacher"]["steps"] == 3 and 0.0 <= summary["teacher"]["new_task_accuracy"] <= 1.0
     for method in METHODS:
         for key in METRICS:
             value = summary["methods"][method][key]["mean"]
@@ -302,11 +467,16 @@ def test_demo_runs_end_to_end_and_restores_its_base_model(tmp_path):
     large = summary["memory"]["vocab_128256"]
     assert large["materialised_bytes"] == 2 * summary["memory"]["tokens"] * 128256 * 4
     text = (out / "metrics.md").read_text()
-    assert all(f"| {method} |" in text for method in METHODS) and "128,256" in text
+    assert all(f"| {label(method)} |" in text for method in METHODS) and "128,256" in text
+    assert "| distill (on-policy, from a teacher trained on both tasks) |" in text
+    assert "The distillation row learns from a teacher the other rows do not have" in text
     assert all((out / f"{key}.png").stat().st_size > 0 for key in METRICS)
-    stamp = (out / "base-model" / "demo_base.json").read_text()
-    run_demo(out, steps=2, progress=False, base_steps=6, seeds=1, methods=("sft",))  # restores the base
-    assert (out / "base-model" / "demo_base.json").read_text() == stamp
+    stamps = [(out / f"{name}-model" / f"demo_{name}.json").read_text() for name in ("base", "teacher")]
+    capsys.readouterr()
+    run_demo(out, steps=2, progress=False, base_steps=6, seeds=1, methods=("sft", "distill"), teacher_steps=3)
+    printed = capsys.readouterr().out
+    assert "base model restored" in printed and "teacher model restored" in printed
+    assert [(out / f"{name}-model" / f"demo_{name}.json").read_text() for name in ("base", "teacher")] == stamps
 
 
 def test_prompts_go_through_the_chat_template_when_the_tokenizer_has_one():

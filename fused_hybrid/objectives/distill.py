@@ -17,6 +17,7 @@ from ..engine.divergence_core import DivergenceRows, with_temperature
 from ..engine.entry import linear_divergence_loss
 from ..engine.head import HeadSpec
 from ..reduction import check_num_items, divide_by_count
+from .registry import Objective, register
 from .tokens import LossOutput, TokenLayout, objective_module
 
 # How far above 1 the sum of a top-k teacher's probabilities may round (log-probs stored in fp32 or bf16 and
@@ -255,3 +256,27 @@ def _topk_teacher(ids, logp, targets, layout: TokenLayout, vocab_size: int, hidd
 
 
 DistillLoss = objective_module("DistillLoss", distill_loss, check_distill_options)
+
+
+def _trainer_options(config, step: int) -> dict:
+    objective = config.objective
+    return {
+        "beta": objective.distill_beta,
+        "temperature": objective.distill_temperature,
+        "hard_weight": objective.hard_weight,
+    }
+
+
+DISTILL = register(
+    Objective(
+        name="distill",
+        loss=distill_loss,
+        # on-policy: the student's own samples, scored by the teacher; off-policy: the demonstrations, teacher-forced
+        data=lambda config: "completions" if config.objective.distill_policy == "on" else "demonstrations",
+        normalisers={"num_items": "tokens"},
+        batch_inputs=("teacher_hidden", "teacher_weight", "teacher_bias", "teacher_head"),
+        options=_trainer_options,
+        needs_teacher=lambda config: True,
+        metric_counts={"divergence": "tokens", "student_entropy": "tokens", "hard_loss": "tokens"},
+    )
+)

@@ -17,7 +17,11 @@ DATA_KINDS = (
     "preferences",  # prompt + chosen + rejected rows: the P chosen sequences, then their P rejected twins
     "rollouts",  # sampled completions of prompts, with rewards and group-normalised advantages
     "rollouts+demonstrations",  # both in one batch, told apart by `is_expert`
+    "completions",  # sampled completions of prompts with no reward: the loss scores them itself (against a teacher)
 )
+# The kinds for which the trainer samples completions of prompts, and those of them that carry rewards.
+SAMPLED_KINDS = ("rollouts", "rollouts+demonstrations", "completions")
+REWARDED_KINDS = ("rollouts", "rollouts+demonstrations")
 # The step's global counts a loss can take as normalisers (summed over micro-batches and ranks): loss tokens,
 # sequences with a loss token, preference pairs, loss tokens of the chosen responses, of rollouts, of experts.
 STEP_COUNTS = ("tokens", "sequences", "pairs", "chosen_tokens", "rollout_tokens", "expert_tokens")
@@ -34,9 +38,12 @@ DEFAULT_METRIC_COUNT = "tokens"
 #   i and i + P of 2P): the same, with every chunk holding whole groups;
 # - "two-pass": the tokens' gradients depend on each other: the statistics first, then autograd recomputes.
 GRADIENT_PLANS = ("token", "sequence", "pair", "two-pass")
-# Per-batch tensors the trainer can supply (advantages and old_logp come with rollouts; ref_logp from a frozen copy
-# of the starting model; is_expert with rollouts+demonstrations).
-BATCH_INPUTS = ("advantages", "old_logp", "ref_logp", "is_expert")
+# What a teacher model gives a loss for each micro-batch: its shifted last hidden states [B, T - 1, D_t] on the same
+# input ids, its LM head's weight [V, D_t] and bias, and its logit transform (a HeadSpec: logit scale, softcap).
+TEACHER_INPUTS = ("teacher_hidden", "teacher_weight", "teacher_bias", "teacher_head")
+# Per-batch inputs the trainer can supply (advantages and old_logp come with rollouts; ref_logp from a frozen copy
+# of the starting model; is_expert with rollouts+demonstrations; the TEACHER_INPUTS from the config's teacher).
+BATCH_INPUTS = ("advantages", "old_logp", "ref_logp", "is_expert", *TEACHER_INPUTS)
 
 
 def _no_options(config, step: int) -> dict:
@@ -47,17 +54,23 @@ def _no_reference(config) -> bool:
     return False
 
 
+def _no_teacher(config) -> bool:
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """A registered objective.
 
-    name: the trainer's mode. loss: the function form. data: one of DATA_KINDS. normalisers: loss argument ->
-    one of STEP_COUNTS (or a callable of the trainer's config that picks it). batch_inputs: loss arguments from
-    BATCH_INPUTS. options: the loss options under the trainer's config at a step. needs_reference: whether the
-    loss needs ref_logp under that config. gradient: how the gradient is computed, one of GRADIENT_PLANS, or a
-    callable of the loss's options (keywords) giving one; the loss function reads it (`gradient_plan`), so the
-    declaration is what runs. input_mixing: the trainer mixes predicted-token embeddings into the inputs (IFT's
-    temporal residual).
+    name: the trainer's mode. loss: the function form (the trainer passes the model's logit transform as
+    ``head=``). data: one of DATA_KINDS (or a callable of the trainer's config that picks it). normalisers: loss
+    argument -> one of STEP_COUNTS (or a callable of the trainer's config that picks it). batch_inputs: loss
+    arguments from BATCH_INPUTS. options: the loss options under the trainer's config at a step. needs_reference:
+    whether the loss needs ref_logp under that config. needs_teacher: whether it needs a teacher model under that
+    config (the trainer builds it from the config's `teacher` section; it gives the TEACHER_INPUTS). gradient:
+    how the gradient is computed, one of GRADIENT_PLANS, or a callable of the loss's options (keywords) giving one;
+    the loss function reads it (`gradient_plan`), so the declaration is what runs. input_mixing: the trainer mixes
+    predicted-token embeddings into the inputs (IFT's temporal residual).
 
     metric_counts: metric -> how its value on one micro-batch combines over a step's micro-batches and ranks into
     the value one batch holding them all would give (what the trainer logs, whatever grad_accum and world size):
@@ -74,21 +87,28 @@ class Objective:
 
     name: str
     loss: Callable[..., Any]
-    data: str
+    data: str | Callable[[Any], str]
     normalisers: Mapping[str, str | Callable[[Any], str]] = dataclasses.field(default_factory=dict)
     batch_inputs: tuple[str, ...] = ()
     options: Callable[[Any, int], dict] = _no_options
     needs_reference: Callable[[Any], bool] = _no_reference
+    needs_teacher: Callable[[Any], bool] = _no_teacher
     gradient: str | Callable[..., str] = "token"
     input_mixing: bool = False
     metric_counts: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.data not in DATA_KINDS:
-            raise ValueError(f"objective {self.name!r}: data must be one of {DATA_KINDS}, got {self.data!r}")
+        if not callable(self.data):
+            self._check_data_kind(self.data)
         unknown = set(self.batch_inputs) - set(BATCH_INPUTS)
         if unknown:
             raise ValueError(f"objective {self.name!r}: batch_inputs {sorted(unknown)} not among {BATCH_INPUTS}")
+        from_teacher = sorted(set(self.batch_inputs) & set(TEACHER_INPUTS))
+        if from_teacher and self.needs_teacher is _no_teacher:
+            raise ValueError(
+                f"objective {self.name!r}: batch_inputs {from_teacher} come from a teacher model: declare "
+                "needs_teacher (a callable of the trainer's config)"
+            )
         if not callable(self.gradient) and self.gradient not in GRADIENT_PLANS:
             raise ValueError(
                 f"objective {self.name!r}: gradient must be one of {GRADIENT_PLANS}, got {self.gradient!r}"
@@ -108,9 +128,22 @@ class Objective:
         """How `metric` combines over micro-batches and ranks: one of METRIC_COUNTS (see metric_counts)."""
         return self.metric_counts.get(metric, DEFAULT_METRIC_COUNT)
 
-    @property
-    def uses_rollouts(self) -> bool:
-        return self.data.startswith("rollouts")
+    def _check_data_kind(self, kind) -> str:
+        if kind not in DATA_KINDS:
+            raise ValueError(f"objective {self.name!r}: data must be one of {DATA_KINDS}, got {kind!r}")
+        return kind
+
+    def data_kind(self, config) -> str:
+        """What the trainer feeds the loss under the trainer's `config`: one of DATA_KINDS."""
+        return self._check_data_kind(self.data(config) if callable(self.data) else self.data)
+
+    def samples(self, config) -> bool:
+        """Whether the trainer samples completions of prompts for the loss under `config`."""
+        return self.data_kind(config) in SAMPLED_KINDS
+
+    def rewarded(self, config) -> bool:
+        """Whether those completions are rewarded (the config's reward function, group-normalised advantages)."""
+        return self.data_kind(config) in REWARDED_KINDS
 
     def normaliser_counts(self, config) -> dict[str, str]:
         """Loss argument -> the step count it takes, under the trainer's `config`."""

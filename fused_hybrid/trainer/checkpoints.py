@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..objectives import OBJECTIVES
 from .config import TrainConfig, UserError
 
 logger = logging.getLogger("fused_hybrid.trainer")
@@ -28,9 +29,12 @@ class ResumeError(UserError):
 
 
 def run_settings(config: TrainConfig) -> dict:
-    """What makes a run the same run: its mode, its objective's settings and its data (not its length: raising
-    optim.max_steps continues a finished run)."""
-    return {"mode": config.mode, "objective": dataclasses.asdict(config.objective), "data.path": config.data.path}
+    """What makes a run the same run: its mode, its objective's settings, its data and its teacher if it has one
+    (not its length: raising optim.max_steps continues a finished run)."""
+    settings = {"mode": config.mode, "objective": dataclasses.asdict(config.objective), "data.path": config.data.path}
+    if OBJECTIVES[config.mode].needs_teacher(config):
+        settings["teacher"] = dataclasses.asdict(config.teacher)
+    return settings
 
 
 def _flat(settings: dict) -> dict:

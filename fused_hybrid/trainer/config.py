@@ -59,6 +59,19 @@ class ModelConfig:
 
 
 @dataclasses.dataclass
+class TeacherConfig:
+    # The distill mode's teacher: frozen, in eval mode, on the student's device, fed the student's input ids; it must
+    # have the student's vocabulary (the same tokenizer), checked before training starts. Give one of:
+    # a local Hugging Face model folder with its tokenizer (loaded like model.path, in model.precision), ...
+    path: str | None = None
+    # ... or a Llama-style model built from this config (keys as model.tiny) over the student's vocabulary, with
+    # random weights (for tests: a random teacher still has a distribution to match).
+    tiny: dict | None = None
+
+    RANGES: typing.ClassVar[dict] = {}
+
+
+@dataclasses.dataclass
 class DataConfig:
     # A .jsonl or .parquet file, a folder written by datasets' save_to_disk, or "synthetic:addition".
     path: str = "synthetic:addition"
@@ -104,16 +117,14 @@ class OptimConfig:
 @dataclasses.dataclass
 class RolloutConfig:
     prompts_per_step: int = 8
-    # completions per prompt; advantages are normalised within a group, so one completion has nothing to compare to
+    # completions per prompt; rewarded modes normalise advantages within a group, so they need 2 or more (on-policy
+    # distillation, unrewarded, can take 1)
     group_size: int = 4
     temperature: float = 1.0  # sampling temperature (> 0; the logits of the loss use the same)
     max_new_tokens: int = 8
 
     RANGES: typing.ClassVar[dict] = {
         "prompts_per_step": _at_least(1),
-        "group_size": _at_least(
-            2, "a lone completion has no group to be compared with: every group-normalised advantage would be 0"
-        ),
         "temperature": _POSITIVE,
         "max_new_tokens": _at_least(1),
     }
@@ -137,6 +148,18 @@ class ObjectiveConfig:
     gamma: float = 0.95  # IFT
     ift_lambda: float = 0.2  # IFT input mixing
     reward: str = "exact_match"  # "exact_match", "numeric", or a dotted path to a callable
+    # Distillation (mode distill, the teacher in the teacher section). "on": the student's own sampled completions
+    # of the prompts (rollout.*), scored token by token by the teacher, no reward; "off": the demonstrations
+    # (prompt + response), teacher-forced.
+    distill_policy: str = "on"
+    # The divergence (distill_loss's beta, as TRL's GKD): 0 forward KL(teacher || student), 1 reverse
+    # KL(student || teacher), between the generalized JSD. Its own key: `beta` is GRPO's KL weight and DPO's beta.
+    distill_beta: float = 0.0
+    # Divides both heads' logits in the divergence; rollout.temperature is the sampling temperature, apart from it.
+    distill_temperature: float = 1.0
+    # Weight of the cross-entropy on the targets added to the divergence (off: the demonstrations' tokens; on: the
+    # student's own samples, seldom wanted).
+    hard_weight: float = 0.0
 
     RANGES: typing.ClassVar[dict] = {
         "mu": _FRACTION,
@@ -149,18 +172,25 @@ class ObjectiveConfig:
         "beta": _at_least(0),
         "gamma": (0, 1, False, True),
         "ift_lambda": _FRACTION,
+        "distill_beta": _FRACTION,
+        "distill_temperature": _POSITIVE,
+        "hard_weight": _at_least(0),
     }
     CHOICES = {
         "chord_preset": (None, "chord-mu", "chord-phi"),
         "aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
         "dpo_loss_type": ("sigmoid", "ipo", "simpo"),
+        "distill_policy": ("on", "off"),
     }
+    # YAML reads an unquoted on / off as true / false: taken back as the word written.
+    BOOLEAN_WORDS = {"distill_policy": ("off", "on")}
 
 
 @dataclasses.dataclass
 class TrainConfig:
     mode: str = "sft"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
@@ -269,6 +299,9 @@ def _build(cls, values: dict, prefix: str):
         if dataclasses.is_dataclass(annotation):
             kwargs[key] = _build(annotation, value, f"{full}.")
             continue
+        words = getattr(cls, "BOOLEAN_WORDS", {}).get(key)
+        if words is not None and isinstance(value, bool):
+            value = words[value]
         kwargs[key] = _coerce(value, annotation, full)
         choices = getattr(cls, "CHOICES", {}).get(key)
         if callable(choices):
@@ -289,9 +322,15 @@ def config_from_dict(values: dict) -> TrainConfig:
 
 
 def check_across_sections(config: TrainConfig) -> None:
-    """The rules that tie one setting to another, and the model folder."""
+    """The rules that tie one setting to another, and the model and teacher folders."""
+    objective = OBJECTIVES[config.mode]
+    if objective.rewarded(config):
+        why = "a lone completion has no group to be compared with: every group-normalised advantage would be 0"
+        _check_range(config.rollout.group_size, _at_least(2, why), "rollout.group_size")
+    else:
+        _check_range(config.rollout.group_size, _at_least(1), "rollout.group_size")
     rows_per_step = config.optim.batch_size
-    if OBJECTIVES[config.mode].uses_rollouts:
+    if objective.samples(config):
         rows_per_step = config.rollout.prompts_per_step * config.rollout.group_size
     if config.optim.grad_accum > rows_per_step:
         raise ConfigError(
@@ -303,6 +342,42 @@ def check_across_sections(config: TrainConfig) -> None:
             f"model.path: {config.model.path!r}: no such folder (a local Hugging Face model folder, "
             "or leave it out for a tiny model built from model.tiny)"
         )
+    teacher = config.teacher
+    if objective.needs_teacher(config) and teacher.path is None and teacher.tiny is None:
+        raise ConfigError(
+            f"teacher: mode {config.mode!r} learns from a teacher: set teacher.path (a local Hugging Face model "
+            "folder) or teacher.tiny (a model config like model.tiny, random weights)"
+        )
+    if teacher.path is not None and teacher.tiny is not None:
+        raise ConfigError("teacher: give teacher.path or teacher.tiny, not both")
+    if teacher.path is not None and not Path(teacher.path).is_dir():
+        raise ConfigError(
+            f"teacher.path: {teacher.path!r}: no such folder (a local Hugging Face model folder with its tokenizer)"
+        )
+
+
+def config_keys() -> dict[str, list[str]]:
+    """Every setting as `key=default`, by section ("" for the top level): what `fused-hybrid train --help` lists."""
+    defaults = TrainConfig()
+    sections: dict[str, list[str]] = {"": []}
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(defaults, field.name)
+        if dataclasses.is_dataclass(value):
+            sections[field.name] = [f"{f.name}={_shown(getattr(value, f.name))}" for f in dataclasses.fields(value)]
+        else:
+            sections[""].append(f"{field.name}={_shown(value)}")
+    return sections
+
+
+def _shown(value) -> str:
+    """A default as it is written in a config (YAML flow style)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_shown(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def _set_dotted(values: dict, dotted: str) -> None:

@@ -5,7 +5,8 @@ Columns (names configurable in the `data` section):
 - sft, dft, ift, minor_sft: `prompt`, `response`;
 - dpo: `prompt`, `chosen`, `rejected`;
 - grpo: `prompt`, plus whatever the reward function reads (`answer` for the built-in rewards);
-- chord: `prompt`, `response` (the expert demonstration) and the reward's columns.
+- chord: `prompt`, `response` (the expert demonstration) and the reward's columns;
+- distill: `prompt` on-policy (objective.distill_policy=on), `prompt` + `response` off-policy.
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ def required_columns(data_kind: str, config: DataConfig, reward_columns: tuple[s
         return [config.prompt_column, config.chosen_column, config.rejected_column]
     if data_kind == "rollouts":
         return [config.prompt_column, *reward_columns]
+    if data_kind == "completions":
+        return [config.prompt_column]
     if data_kind == "rollouts+demonstrations":
         return [config.prompt_column, config.response_column, *reward_columns]
     return [config.prompt_column, config.response_column]

@@ -1,5 +1,5 @@
-"""The thin hybrid trainer: SFT, DFT, CHORD, GRPO, DPO, MinorSFT and IFT on any Hugging Face causal LM, with
-every loss computed by fused-hybrid (the logits are never materialised)."""
+"""The thin hybrid trainer: every registered objective (SFT, DFT, CHORD, GRPO, DPO, MinorSFT, IFT, distillation, ...)
+on any Hugging Face causal LM, with every loss computed by fused-hybrid (the logits are never materialised)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ from .metrics import StepMetrics, batch_counts
 from .model import (
     PolicyHead,
     build_model,
+    build_teacher,
     frozen_copy,
     greedy_next_tokens,
     ift_inputs_embeds,
@@ -52,7 +53,7 @@ from .model import (
 )
 from .reporting import append_metrics, plot_history, progress_bar, read_metrics, tensorboard_writer
 from .rewards import BUILT_IN, BUILT_IN_COLUMNS, load_reward
-from .rollouts import greedy_accuracy, sample_rollouts
+from .rollouts import greedy_accuracy, sample_completions, sample_rollouts
 from .text import prompt_ids
 
 logger = logging.getLogger("fused_hybrid.trainer")
@@ -87,12 +88,13 @@ class HybridTrainer:
 
         torch.manual_seed(config.seed)
         self.objective = OBJECTIVES[config.mode]
-        self.reward_fn = load_reward(config.objective.reward) if self.objective.uses_rollouts else None
+        self.data_kind = self.objective.data_kind(config)
+        self.reward_fn = load_reward(config.objective.reward) if self.objective.rewarded(config) else None
         reward_columns = self._reward_columns()
-        self.dataset = load_dataset(config.data, config.seed, required_columns(self.objective.data, config.data, ()))
+        self.dataset = load_dataset(config.data, config.seed, required_columns(self.data_kind, config.data, ()))
         check_columns(
             self.dataset.column_names,
-            required_columns(self.objective.data, config.data, reward_columns),
+            required_columns(self.data_kind, config.data, reward_columns),
             config.data.path,
         )
         self.has_answers = all(c in self.dataset.column_names for c in reward_columns or BUILT_IN_COLUMNS)
@@ -124,6 +126,12 @@ class HybridTrainer:
         )
         policy_head = PolicyHead(self.model, self._autocast)
         self.logit_options = policy_head.transform.loss_options()  # the reference is a copy: the same transform
+        self.logit_head = policy_head.logit_head()
+        self.teacher = (
+            build_teacher(config, self.tokenizer, policy_head, self.device, self._autocast)
+            if self.objective.needs_teacher(config)
+            else None
+        )
         self.policy = wrap_policy(policy_head, config, self.world, self.device)
         self.reference_head = None if self.reference is None else PolicyHead(self.reference, self._autocast)
         self.optimizer = torch.optim.AdamW(
@@ -196,7 +204,7 @@ class HybridTrainer:
         return rows
 
     def _reward_columns(self) -> tuple[str, ...]:
-        if not self.objective.uses_rollouts:
+        if self.reward_fn is None:
             return ()
         if self.config.objective.reward in BUILT_IN:
             return (self.config.data.answer_column,)
@@ -257,11 +265,16 @@ class HybridTrainer:
         with self._autocast(), self._gathered():
             return sample_rollouts(self.model, self.tokenizer, rows, self.config, self.reward_fn, self.device)
 
+    def completions(self, rows) -> dict:
+        """Sample `group_size` completions per prompt, unrewarded; the padded sequences."""
+        with self._autocast(), self._gathered():
+            return sample_completions(self.model, self.tokenizer, rows, self.config, self.device)[0]
+
     def step_batches(self, generator: torch.Generator) -> tuple[list[dict], list[dict], dict, dict]:
         """(micro-batches, their counts (metrics.batch_counts), global normalisers, step metrics) for one optimizer
         step of the configured mode; the step metrics as (total, count) over this rank's rows (the reward: its sum
         and the number of rollouts)."""
-        config, data = self.config, self.objective.data
+        config, data = self.config, self.data_kind
         accum = config.optim.grad_accum
         metrics: dict = {}
         if data == "demonstrations":
@@ -276,6 +289,10 @@ class HybridTrainer:
                 pad_batch([c for c, _ in chunk] + [r for _, r in chunk], self.tokenizer.pad_token_id, self.device)
                 for chunk in pair_chunks
             ]
+        elif data == "completions":
+            rows = self.completions(self._sample_rows(config.rollout.prompts_per_step, generator))
+            order = torch.randperm(rows["input_ids"].shape[0], generator=generator).tolist()
+            micro = [{k: v[chunk] for k, v in rows.items()} for chunk in self._split(order, accum)]
         else:
             prompts = self._sample_rows(config.rollout.prompts_per_step, generator)
             rollout = self.rollouts(prompts)
@@ -300,7 +317,7 @@ class HybridTrainer:
 
     def _add_reference_inputs(self, batch: dict) -> None:
         """The rollout policy's log-probs (rollouts) and the reference's (a frozen copy of the start) per token."""
-        if self.objective.uses_rollouts:
+        if "old_logp" in self.objective.batch_inputs:
             batch["old_logp"] = self._token_logps(self.policy, batch)
         if self.reference is not None:
             batch["ref_logp"] = self._token_logps(self.reference_head, batch)
@@ -314,15 +331,17 @@ class HybridTrainer:
     # ------------------------------------------------------------------------------------------------ loss
     def micro_loss(self, batch: dict, totals: dict):
         """(loss, metrics) of one micro-batch, normalised by the step's global counts: the registered objective's
-        loss with the batch tensors, counts and options its declaration asks for."""
+        loss with the batch tensors, counts and options its declaration asks for (the teacher's inputs computed
+        here, one micro-batch at a time)."""
         objective = self.objective
+        available = batch if self.teacher is None else {**batch, **self.teacher(batch)}
         inputs_embeds = self._ift_inputs_embeds(batch) if objective.input_mixing else None
         hidden, weight, bias, targets = self._head_inputs(self.policy, batch, inputs_embeds)
         self.largest_micro_batch_tokens = max(self.largest_micro_batch_tokens, targets.numel())
         inputs = {arg: totals[count] for arg, count in objective.normaliser_counts(self.config).items()}
-        inputs.update({name: batch[name] for name in objective.batch_inputs if name in batch})
+        inputs.update({name: available[name] for name in objective.batch_inputs if name in available})
         inputs.update(self.objective_options())
-        output = objective.loss(hidden, weight, targets, bias, **inputs, **self.logit_options)
+        output = objective.loss(hidden, weight, targets, bias, **inputs, head=self.logit_head)
         return output.loss, output.metrics
 
     def objective_options(self) -> dict:

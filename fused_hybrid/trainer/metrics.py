@@ -50,7 +50,7 @@ class StepMetrics:
             else:
                 raise ValueError(
                     f"objective {self.objective.name!r}: metric {key!r} is declared a mean over {kind!r}, which "
-                    f"{self.objective.data!r} batches do not count"
+                    f"its batches do not count (they count {', '.join(counts)})"
                 )
             entry = self.parts.setdefault(key, [0.0, None if weight is None else 0])
             entry[0] = entry[0] + (value if weight is None else value * weight)

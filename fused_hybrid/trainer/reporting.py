@@ -46,10 +46,12 @@ def progress_bar(total: int, initial: int, enabled: bool):
 
 
 # The curves that say what a mode is doing: CHORD's two parts, not their mu-weighted sum (which falls as mu decays
-# whether or not anything is learnt); DPO's reward margin and accuracy, not only its loss.
+# whether or not anything is learnt); DPO's reward margin and accuracy, not only its loss; distillation's divergence
+# to its teacher apart from its hard cross-entropy.
 PANELS = {
     "chord": ("sft_loss", "grpo_loss", "mu", "reward", "accuracy"),
     "dpo": ("loss", "reward_margin", "reward_accuracy"),
+    "distill": ("divergence", "hard_loss", "student_entropy", "accuracy"),
 }
 DEFAULT_PANELS = ("loss", "reward", "accuracy", "entropy")
 

@@ -1,5 +1,5 @@
-"""Generation: the RL modes' rollouts (sampled completions of each prompt, their rewards and group-normalised
-advantages) and greedy evaluation."""
+"""Generation: sampled completions of prompts (on-policy distillation's), the RL modes' rollouts (those with their
+rewards and group-normalised advantages) and greedy evaluation."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from .text import prompt_ids
 
 
 @torch.no_grad()
-def sample_rollouts(model: nn.Module, tokenizer, rows, config: TrainConfig, reward_fn, device: torch.device) -> dict:
+def sample_completions(model: nn.Module, tokenizer, rows, config: TrainConfig, device: torch.device):
     """`rollout.group_size` completions per prompt of `rows` (left-padded prompts, sampling with the KV cache), cut
-    after the first eos; returns input_ids, attention_mask, labels (completion tokens only), rewards, advantages."""
+    after the first eos: (input_ids, attention_mask and labels (completion tokens only), the completions' texts)."""
     rollout, data = config.rollout, config.data
     prompts = [prompt_ids(tokenizer, r[data.prompt_column])[-(data.max_length - 1) :] for r in rows]
     repeated = [p for p in prompts for _ in range(rollout.group_size)]
@@ -42,11 +42,6 @@ def sample_rollouts(model: nn.Module, tokenizer, rows, config: TrainConfig, rewa
     completion_mask = (~after_eos).long()
     completion = completion.masked_fill(after_eos, tokenizer.pad_token_id)
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completion.tolist()]
-    columns = {
-        c: [r[c] for r in rows for _ in range(rollout.group_size)] for c in rows.column_names if c != data.prompt_column
-    }
-    prompt_texts = [r[data.prompt_column] for r in rows for _ in range(rollout.group_size)]
-    rewards = compute_rewards(reward_fn, prompt_texts, texts, columns).to(device)
     labels = torch.cat(
         [
             torch.full_like(inputs["input_ids"], IGNORE_INDEX),
@@ -54,13 +49,26 @@ def sample_rollouts(model: nn.Module, tokenizer, rows, config: TrainConfig, rewa
         ],
         dim=1,
     )
-    return {
+    sequences = {
         "input_ids": torch.cat([inputs["input_ids"], completion], dim=1),
         "attention_mask": torch.cat([inputs["attention_mask"], completion_mask], dim=1),
         "labels": labels,
-        "rewards": rewards,
-        "advantages": group_advantages(rewards, rollout.group_size),
     }
+    return sequences, texts
+
+
+@torch.no_grad()
+def sample_rollouts(model: nn.Module, tokenizer, rows, config: TrainConfig, reward_fn, device: torch.device) -> dict:
+    """The sampled completions of `rows` (sample_completions) with their rewards and group-normalised advantages:
+    input_ids, attention_mask, labels, rewards, advantages."""
+    rollout, data = config.rollout, config.data
+    sequences, texts = sample_completions(model, tokenizer, rows, config, device)
+    columns = {
+        c: [r[c] for r in rows for _ in range(rollout.group_size)] for c in rows.column_names if c != data.prompt_column
+    }
+    prompt_texts = [r[data.prompt_column] for r in rows for _ in range(rollout.group_size)]
+    rewards = compute_rewards(reward_fn, prompt_texts, texts, columns).to(device)
+    return {**sequences, "rewards": rewards, "advantages": group_advantages(rewards, rollout.group_size)}
 
 
 @torch.no_grad()

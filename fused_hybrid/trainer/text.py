@@ -26,6 +26,10 @@ class CharTokenizer:
     def __len__(self) -> int:
         return len(self.special_tokens) + len(self.characters)
 
+    def get_vocab(self) -> dict[str, int]:
+        """Token -> id, the special tokens included (as Hugging Face tokenizers give it)."""
+        return {**{t: i for i, t in enumerate(self.special_tokens)}, **self.vocab}
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         unknown = sorted(set(text) - set(self.vocab))
         if unknown:

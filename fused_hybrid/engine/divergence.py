@@ -193,20 +193,21 @@ def backward(
             logits = head_logits(hidden_rows, weight)
             teacher_logits = head_logits(teacher.hidden[rows], teacher.weight)
             chunk_stats = DivergenceRows(*(_index(field, rows) for field in stats))
-            d_z = epilogue.gradient(
+            d_z = _chunk_gradient(
+                epilogue,
                 logits,
                 teacher_logits,
                 None,
+                teacher,
+                rows,
                 column_targets[rows],
                 bias,
-                teacher.bias,
                 head,
-                teacher.head,
                 beta,
                 chunk_stats,
                 g_div[rows],
                 g_logp[rows],
-                dz_dtype=hidden.dtype,
+                hidden.dtype,
             )
             grads.add_chunk(d_z, logits, rows, hidden_rows, weight)
     return grads.result(weight, bias)

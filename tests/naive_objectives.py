@@ -76,16 +76,17 @@ def grpo(
     losses = []
     for i in range(batch):
         positions = [t for t in range(length) if mask[i, t]]
-        if importance_sampling == "sequence" and positions:
+        if importance_sampling == "sequence" and positions:  # differentiated through every token of the sequence
             old = [old_logp[i, t] if old_logp is not None else logp[i, t].detach() for t in positions]
-            seq_log_ratio = sum(logp[i, t].detach() - o for t, o in zip(positions, old)) / len(positions)
+            seq_log_ratio = sum(logp[i, t] - o for t, o in zip(positions, old)) / len(positions)
         seq = []
         for t in positions:
             adv = advantages[i] if advantages.dim() == 1 else advantages[i, t]
             old = old_logp[i, t] if old_logp is not None else logp[i, t].detach()
-            if importance_sampling == "sequence":  # value of the sequence ratio, gradient of this token
-                old = logp[i, t].detach() - seq_log_ratio
-            loss = ppo_token_loss(logp[i, t], old, adv, epsilon_low, epsilon_high, dual_clip)
+            if importance_sampling == "sequence":
+                loss = ppo_token_loss(seq_log_ratio, 0.0, adv, epsilon_low, epsilon_high, dual_clip)
+            else:
+                loss = ppo_token_loss(logp[i, t], old, adv, epsilon_low, epsilon_high, dual_clip)
             if beta > 0:
                 delta = torch.clamp(ref_logp[i, t] - logp[i, t], -20, 20)
                 loss = loss + beta * torch.clamp(torch.exp(delta) - delta - 1, -10, 10)

@@ -80,6 +80,7 @@ def test_grpo_aggregations(backend, aggregation):
         dict(dual_clip=None, epsilon_low=0.1, temperature=0.8),
         dict(importance_sampling="sequence", epsilon_low=3e-4, epsilon_high=4e-4, aggregation="seq-mean-token-mean"),
         dict(per_token_advantages=True, softcap=5.0),
+        dict(importance_sampling="sequence", per_token_advantages=True, epsilon_low=0.05, epsilon_high=0.05),
         dict(on_policy=True, entropy_coef=0.02),
     ],
 )

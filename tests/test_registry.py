@@ -72,6 +72,10 @@ def test_every_objective_declares_what_it_needs():
     assert grouped == {"gmpo": "sequence", "dpo": "pair", "minor_sft": "sequence"}
     grpo, dft = OBJECTIVES["grpo"], OBJECTIVES["dft"]
     assert [grpo.gradient_plan(importance_sampling=s) for s in ("token", "sequence")] == ["token", "sequence"]
+    assert grpo.gradient_plan(importance_sampling="token", loss_type="vespo") == "sequence"
+    assert grpo.gradient_plan(importance_sampling="token", off_policy_mask=True) == "sequence"
+    assert grpo.gradient_plan(importance_sampling="token", sequence_sampler_correction=True) == "sequence"
+    assert grpo.gradient_plan(importance_sampling="sequence", top_entropy_quantile=0.2) == "two-pass"
     assert [dft.gradient_plan(reduction=r) for r in ("mean", "none")] == ["token", "two-pass"]
     with pytest.raises(ValueError, match="gradient must be one of"):
         Objective(name="x", loss=focal_sft_loss, data="demonstrations", gradient="sequences")

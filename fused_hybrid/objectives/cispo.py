@@ -9,11 +9,12 @@ import torch
 from ..checks import check_non_negative
 from ..engine.head import HeadSpec
 from .policy_gradient import (
-    LOG_RATIO_LIMIT,
     POLICY_GRADIENT_DECLARATION,
+    importance_ratio,
     k3_kl,
     log_importance_ratio,
     policy_metrics,
+    truncated_weight_loss,
 )
 from .registry import Objective, register
 from .tokens import (
@@ -83,13 +84,11 @@ def cispo_loss(
     def loss_of_batch(batch: TokenBatch) -> LossOutput:
         token_advantages = batch.per_token(advantages, "advantages")
         old_token_logp = None if old_logp is None else batch.per_token(old_logp, "old_logp", per_sequence=False)
-        log_ratio = log_importance_ratio(batch, old_token_logp, "token").detach()
-        ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
-        clipped_weight = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
-        policy_loss = -clipped_weight * token_advantages * batch.logp
+        ratio = importance_ratio(log_importance_ratio(batch, old_token_logp, "token"))
+        policy_loss, clipped = truncated_weight_loss(
+            ratio, token_advantages, batch.logp, 1.0 - epsilon_low, 1.0 + epsilon_high
+        )
         per_token = policy_loss
-        # the weight's clip, whatever the advantage's sign (CISPO clips weights, not the surrogate)
-        clipped = {"ratio": ratio, "clip_low": ratio < 1.0 - epsilon_low, "clip_high": ratio > 1.0 + epsilon_high}
         metrics = policy_metrics(batch, clipped)
         if beta > 0:
             kl = k3_kl(batch.logp, batch.per_token(ref_logp, "ref_logp", per_sequence=False))

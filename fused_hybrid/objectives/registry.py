@@ -170,18 +170,21 @@ def clip_options(config) -> dict:
     return {k: v for k in ("epsilon_low", "epsilon_high") if (v := getattr(config.objective, k)) is not None}
 
 
-def aggregation_count(config) -> str:
-    """The count an aggregation divides by: tokens for token-mean, sequences otherwise."""
-    return "tokens" if config.objective.aggregation == "token-mean" else "sequences"
+def aggregation_count(config, default: str = "token-mean") -> str:
+    """The count the config's aggregation (`default` when it sets none) divides by: tokens for token-mean,
+    sequences otherwise."""
+    return "tokens" if (config.objective.aggregation or default) == "token-mean" else "sequences"
 
 
 def policy_gradient_options(config, step: int) -> dict:
-    """KL weight, aggregation (with the Dr. GRPO length) and clip bounds of the GRPO-style objectives."""
+    """KL weight, aggregation (when the config sets one; with the Dr. GRPO length) and clip bounds of the
+    GRPO-style objectives."""
     objective = config.objective
+    aggregation = {} if objective.aggregation is None else {"aggregation": objective.aggregation}
     return dict(
         beta=objective.beta,
-        aggregation=objective.aggregation,
         max_response_length=config.rollout.max_new_tokens,
+        **aggregation,
         **clip_options(config),
     )
 

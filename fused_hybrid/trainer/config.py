@@ -12,7 +12,8 @@ import types
 import typing
 from pathlib import Path
 
-from ..objectives import OBJECTIVES
+from ..objectives import AGGREGATIONS, OBJECTIVES
+from ..objectives.policy_gradient import IMPORTANCE_SAMPLING, LOSS_TYPES
 
 
 def registered_modes() -> tuple[str, ...]:
@@ -143,7 +144,23 @@ class ObjectiveConfig:
     epsilon_low: float | None = None
     epsilon_high: float | None = None
     beta: float = 0.0  # GRPO / CISPO KL coefficient; DPO / MinorSFT beta when those modes run (defaults 0.1 there)
-    aggregation: str = "token-mean"
+    # None: the loss type's normalisation (grpo mode), token-mean (cispo); a name overrides it.
+    aggregation: str | None = None
+    # The grpo mode's policy loss, TRL's names (grpo_loss; docs/objectives.md, "Loss types").
+    loss_type: str = "dapo"
+    importance_sampling: str | None = None  # "token" or "sequence" (GSPO); None: sequence for luspo, else token
+    dual_clip: float | None = 3.0
+    delta: float | None = None  # two-sided clip: the unclipped ratio capped at delta (INTELLECT-2)
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    # drop negative-advantage rollouts whose mean log-ratio to the rollout policy exceeds it (DeepSeek-V3.2)
+    off_policy_mask_threshold: float | None = None
+    use_bias_correction_kl: bool = False  # the k3 KL times the importance ratio
+    top_entropy_quantile: float = 1.0  # only this top fraction of tokens by entropy carries the policy loss
     dpo_loss_type: str = "sigmoid"
     gamma: float = 0.95  # IFT
     ift_lambda: float = 0.2  # IFT input mixing
@@ -175,10 +192,22 @@ class ObjectiveConfig:
         "distill_beta": _FRACTION,
         "distill_temperature": _POSITIVE,
         "hard_weight": _at_least(0),
+        "dual_clip": (1, None, False, True, "the dual-clip bound is a ratio > 1"),
+        "delta": (1, None, False, True, "the two-sided clip's cap is a ratio > 1"),
+        "sapo_temperature_pos": _POSITIVE,
+        "sapo_temperature_neg": _POSITIVE,
+        "vespo_k_pos": _at_least(0),
+        "vespo_lambda_pos": _POSITIVE,
+        "vespo_k_neg": _at_least(0),
+        "vespo_lambda_neg": _POSITIVE,
+        "off_policy_mask_threshold": _at_least(0),
+        "top_entropy_quantile": _FRACTION,
     }
     CHOICES = {
         "chord_preset": (None, "chord-mu", "chord-phi"),
-        "aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+        "aggregation": (None, *AGGREGATIONS),
+        "loss_type": LOSS_TYPES,
+        "importance_sampling": (None, *IMPORTANCE_SAMPLING),
         "dpo_loss_type": ("sigmoid", "ipo", "simpo"),
         "distill_policy": ("on", "off"),
     }

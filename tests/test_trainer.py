@@ -101,6 +101,50 @@ def test_rollout_modes_raise_the_reward(tmp_path, mode):
         assert all(h["mu"] == pytest.approx(0.2) for h in history if "mu" in h)
 
 
+# every loss type of the grpo mode, and its options on top (the sampler correction with the log-probs the sampler
+# recorded during generation)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ["objective.loss_type=grpo"],
+        ["objective.loss_type=bnpo"],
+        ["objective.loss_type=dr_grpo"],
+        ["objective.loss_type=cispo"],
+        ["objective.loss_type=sapo"],
+        ["objective.loss_type=luspo"],
+        ["objective.loss_type=vespo", "objective.sampler_correction=token_mask", "objective.sampler_clip_min=0.5"],
+        ["objective.delta=1.5", "objective.top_entropy_quantile=0.5", "objective.sampler_correction=token_truncate"],
+        [
+            "objective.importance_sampling=sequence",
+            "objective.off_policy_mask_threshold=0.5",
+            "objective.sampler_correction=sequence_mask",
+            "objective.beta=0.02",
+            "objective.use_bias_correction_kl=true",
+        ],
+    ],
+    ids=lambda settings: "+".join(s.split("=")[-1] for s in settings),
+)
+def test_grpo_loss_types_raise_the_reward(tmp_path, settings):
+    trainer = HybridTrainer(
+        config(
+            tmp_path,
+            "grpo",
+            "objective.reward=tests.test_trainer.starts_with_seven",
+            "optim.max_steps=30",
+            "optim.learning_rate=1e-2",
+            *settings,
+        ),
+        progress=False,
+    )
+    history = trainer.train()
+    early, late = early_late(history, "reward")
+    assert late > early + 0.2, f"{settings}: reward went from {early:.2f} to {late:.2f}"
+    if trainer.config.objective.sampler_correction is not None:
+        # the sampler is the policy itself here: the sampler's log-probs are the trainer's up to rounding
+        ratios = [h["sampler_ratio"] for h in history if "sampler_ratio" in h]
+        assert ratios and all(abs(r - 1) < 1e-3 for r in ratios), ratios
+
+
 # A random teacher with large weights: peaked next-token distributions, far from a fresh student's near-uniform ones.
 PEAKED_TEACHER = (
     "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, "

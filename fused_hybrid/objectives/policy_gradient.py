@@ -644,10 +644,15 @@ GRPO_CONFIG_KEYS = (
 
 
 def grpo_options(config, step: int) -> dict:
-    return {
-        **policy_gradient_options(config, step),
-        **{key: getattr(config.objective, key) for key in GRPO_CONFIG_KEYS},
-    }
+    objective = config.objective
+    options = {**policy_gradient_options(config, step), **{key: getattr(objective, key) for key in GRPO_CONFIG_KEYS}}
+    if objective.sampler_correction is not None:  # the trainer then records the sampler's log-probs
+        options.update(
+            sampler_correction=objective.sampler_correction,
+            sampler_clip_min=objective.sampler_clip_min,
+            sampler_clip_max=objective.sampler_clip_max,
+        )
+    return options
 
 
 def grpo_aggregation_count(config) -> str:
@@ -676,6 +681,8 @@ GRPO = register(
         **{
             **POLICY_GRADIENT_DECLARATION,
             "options": grpo_options,
+            "check_options": check_grpo_options,
+            "batch_inputs": (*POLICY_GRADIENT_DECLARATION["batch_inputs"], "sampler_logp"),
             "normalisers": {"num_items": grpo_aggregation_count},
         },
     )

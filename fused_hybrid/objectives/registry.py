@@ -8,6 +8,7 @@ trainer to offer it as a mode.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,9 +42,11 @@ GRADIENT_PLANS = ("token", "sequence", "pair", "two-pass")
 # What a teacher model gives a loss for each micro-batch: its shifted last hidden states [B, T - 1, D_t] on the same
 # input ids, its LM head's weight [V, D_t] and bias, and its logit transform (a HeadSpec: logit scale, softcap).
 TEACHER_INPUTS = ("teacher_hidden", "teacher_weight", "teacher_bias", "teacher_head")
-# Per-batch inputs the trainer can supply (advantages and old_logp come with rollouts; ref_logp from a frozen copy
-# of the starting model; is_expert with rollouts+demonstrations; the TEACHER_INPUTS from the config's teacher).
-BATCH_INPUTS = ("advantages", "old_logp", "ref_logp", "is_expert", *TEACHER_INPUTS)
+# Per-batch inputs the trainer can supply (advantages and old_logp come with rollouts, and sampler_logp, the
+# sampler's own log-probs of the drawn tokens, when the config asks for the sampler correction; ref_logp from a
+# frozen copy of the starting model; is_expert with rollouts+demonstrations; the TEACHER_INPUTS from the config's
+# teacher).
+BATCH_INPUTS = ("advantages", "old_logp", "ref_logp", "sampler_logp", "is_expert", *TEACHER_INPUTS)
 
 
 def _no_options(config, step: int) -> dict:
@@ -72,6 +75,9 @@ class Objective:
     the loss function reads it (`gradient_plan`), so the declaration is what runs. input_mixing: the trainer mixes
     predicted-token embeddings into the inputs (IFT's temporal residual).
 
+    check_options: the loss's option check (its keywords are loss options): the trainer runs it on the config's
+    options before training, so that a bad combination is a config error, not a failure at the first step.
+
     metric_counts: metric -> how its value on one micro-batch combines over a step's micro-batches and ranks into
     the value one batch holding them all would give (what the trainer logs, whatever grad_accum and world size):
 
@@ -96,6 +102,7 @@ class Objective:
     gradient: str | Callable[..., str] = "token"
     input_mixing: bool = False
     metric_counts: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    check_options: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.data):
@@ -123,6 +130,15 @@ class Objective:
         if plan not in GRADIENT_PLANS:
             raise ValueError(f"objective {self.name!r}: its gradient plan {plan!r} is not one of {GRADIENT_PLANS}")
         return plan
+
+    def check_config_options(self, config) -> None:
+        """Run `check_options` on the options the trainer's `config` gives (the loss's defaults for the others)."""
+        if self.check_options is None:
+            return
+        parameters = inspect.signature(self.loss).parameters
+        options = self.options(config, 0)
+        names = inspect.signature(self.check_options).parameters
+        self.check_options(**{name: options.get(name, parameters[name].default) for name in names})
 
     def metric_count(self, metric: str) -> str:
         """How `metric` combines over micro-batches and ranks: one of METRIC_COUNTS (see metric_counts)."""

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 
 from ..objectives import AGGREGATIONS, OBJECTIVES
-from ..objectives.policy_gradient import IMPORTANCE_SAMPLING, LOSS_TYPES
+from ..objectives.policy_gradient import IMPORTANCE_SAMPLING, LOSS_TYPES, SAMPLER_CORRECTIONS
 
 
 def registered_modes() -> tuple[str, ...]:
@@ -161,6 +161,12 @@ class ObjectiveConfig:
     off_policy_mask_threshold: float | None = None
     use_bias_correction_kl: bool = False  # the k3 KL times the importance ratio
     top_entropy_quantile: float = 1.0  # only this top fraction of tokens by entropy carries the policy loss
+    # The sampler correction (TRL's vllm_importance_sampling_mode): None off; a mode records the log-probs the
+    # sampler gave the drawn tokens during generation and weights each token by exp(old_logp - sampler_logp)
+    # (token_* per token, sequence_* its product over the completion), truncated to or masked outside the clips.
+    sampler_correction: str | None = None
+    sampler_clip_min: float | None = None
+    sampler_clip_max: float | None = 3.0
     dpo_loss_type: str = "sigmoid"
     gamma: float = 0.95  # IFT
     ift_lambda: float = 0.2  # IFT input mixing
@@ -202,12 +208,15 @@ class ObjectiveConfig:
         "vespo_lambda_neg": _POSITIVE,
         "off_policy_mask_threshold": _at_least(0),
         "top_entropy_quantile": _FRACTION,
+        "sampler_clip_min": _at_least(0),
+        "sampler_clip_max": _at_least(0),
     }
     CHOICES = {
         "chord_preset": (None, "chord-mu", "chord-phi"),
         "aggregation": (None, *AGGREGATIONS),
         "loss_type": LOSS_TYPES,
         "importance_sampling": (None, *IMPORTANCE_SAMPLING),
+        "sampler_correction": (None, *SAMPLER_CORRECTIONS),
         "dpo_loss_type": ("sigmoid", "ipo", "simpo"),
         "distill_policy": ("on", "off"),
     }
@@ -353,6 +362,10 @@ def config_from_dict(values: dict) -> TrainConfig:
 def check_across_sections(config: TrainConfig) -> None:
     """The rules that tie one setting to another, and the model and teacher folders."""
     objective = OBJECTIVES[config.mode]
+    try:
+        objective.check_config_options(config)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"objective: {error} (mode {config.mode!r})") from None
     if objective.rewarded(config):
         why = "a lone completion has no group to be compared with: every group-normalised advantage would be 0"
         _check_range(config.rollout.group_size, _at_least(2, why), "rollout.group_size")

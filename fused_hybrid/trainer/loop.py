@@ -263,7 +263,19 @@ class HybridTrainer:
     def rollouts(self, rows) -> dict:
         """Sample `group_size` completions per prompt; the padded sequences, rewards and advantages."""
         with self._autocast(), self._gathered():
-            return sample_rollouts(self.model, self.tokenizer, rows, self.config, self.reward_fn, self.device)
+            return sample_rollouts(
+                self.model,
+                self.tokenizer,
+                rows,
+                self.config,
+                self.reward_fn,
+                self.device,
+                sampler_logps=self._records_sampler_logps(),
+            )
+
+    def _records_sampler_logps(self) -> bool:
+        """The objective corrects for the sampler's log-probs and the config asks for it."""
+        return "sampler_logp" in self.objective.batch_inputs and self.config.objective.sampler_correction is not None
 
     def completions(self, rows) -> dict:
         """Sample `group_size` completions per prompt, unrewarded; the padded sequences."""
@@ -297,7 +309,8 @@ class HybridTrainer:
             prompts = self._sample_rows(config.rollout.prompts_per_step, generator)
             rollout = self.rollouts(prompts)
             metrics["reward"] = (rollout["rewards"].sum().item(), rollout["rewards"].numel())
-            rows = {k: rollout[k] for k in ("input_ids", "attention_mask", "labels", "advantages")}
+            kept = ("input_ids", "attention_mask", "labels", "advantages", "sampler_logp")
+            rows = {k: rollout[k] for k in kept if k in rollout}
             rows["is_expert"] = torch.zeros(len(rollout["advantages"]), dtype=torch.bool, device=self.device)
             if data == "rollouts+demonstrations":
                 experts = pad_batch(

@@ -12,14 +12,48 @@ from .rewards import BUILT_IN, compute_rewards, group_advantages
 from .text import prompt_ids
 
 
+class SampledTokenLogProbs:
+    """A logits processor that records, during generate(), the log-prob the sampler gave each token it drew:
+    log_softmax(scores / T) at the drawn token (it runs before generate()'s temperature warper, and top_k=0 leaves
+    no other). Only the last step's row is kept, until the next step shows which token it drew."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.last_step: torch.Tensor | None = None  # [B, V] log-probs of the step whose token is not yet known
+        self.token_logps: list[torch.Tensor] = []
+
+    def _take_last_step(self, drawn: torch.Tensor) -> None:
+        self.token_logps.append(self.last_step.gather(-1, drawn[:, None])[:, 0])
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.last_step is not None:
+            self._take_last_step(input_ids[:, -1])
+        self.last_step = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def completion_logps(self, completion: torch.Tensor) -> torch.Tensor:
+        """[B, L] log-probs of the L drawn completion tokens."""
+        if self.last_step is not None:
+            self._take_last_step(completion[:, len(self.token_logps)])
+            self.last_step = None
+        return torch.stack(self.token_logps, dim=1)
+
+
 @torch.no_grad()
-def sample_completions(model: nn.Module, tokenizer, rows, config: TrainConfig, device: torch.device):
+def sample_completions(
+    model: nn.Module, tokenizer, rows, config: TrainConfig, device: torch.device, *, sampler_logps: bool = False
+):
     """`rollout.group_size` completions per prompt of `rows` (left-padded prompts, sampling with the KV cache), cut
-    after the first eos: (input_ids, attention_mask and labels (completion tokens only), the completions' texts)."""
+    after the first eos: (input_ids, attention_mask and labels (completion tokens only), the completions' texts).
+    With `sampler_logps`, also `sampler_logp` [B, T - 1] aligned with the shifted labels: the log-prob the sampler
+    gave each completion token (NaN elsewhere), for the sampler correction of the policy losses."""
     rollout, data = config.rollout, config.data
     prompts = [prompt_ids(tokenizer, r[data.prompt_column])[-(data.max_length - 1) :] for r in rows]
     repeated = [p for p in prompts for _ in range(rollout.group_size)]
     inputs = pad_prompts_left(repeated, tokenizer.pad_token_id, device)
+    from transformers import LogitsProcessorList
+
+    recorder = SampledTokenLogProbs(rollout.temperature) if sampler_logps else None
     model.eval()
     model.config.use_cache = True
     try:
@@ -31,6 +65,7 @@ def sample_completions(model: nn.Module, tokenizer, rows, config: TrainConfig, d
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             top_k=0,
+            logits_processor=LogitsProcessorList([recorder] if recorder else []),
         )
     finally:
         model.config.use_cache = False
@@ -54,15 +89,21 @@ def sample_completions(model: nn.Module, tokenizer, rows, config: TrainConfig, d
         "attention_mask": torch.cat([inputs["attention_mask"], completion_mask], dim=1),
         "labels": labels,
     }
+    if recorder is not None:
+        drawn = recorder.completion_logps(completion).masked_fill(completion_mask == 0, float("nan"))
+        prompt_part = torch.full((len(drawn), prompt_length - 1), float("nan"), device=drawn.device)
+        sequences["sampler_logp"] = torch.cat([prompt_part, drawn], dim=1)  # target j is token j + 1
     return sequences, texts
 
 
 @torch.no_grad()
-def sample_rollouts(model: nn.Module, tokenizer, rows, config: TrainConfig, reward_fn, device: torch.device) -> dict:
+def sample_rollouts(
+    model: nn.Module, tokenizer, rows, config: TrainConfig, reward_fn, device: torch.device, *, sampler_logps=False
+) -> dict:
     """The sampled completions of `rows` (sample_completions) with their rewards and group-normalised advantages:
-    input_ids, attention_mask, labels, rewards, advantages."""
+    input_ids, attention_mask, labels, rewards, advantages (and sampler_logp with `sampler_logps`)."""
     rollout, data = config.rollout, config.data
-    sequences, texts = sample_completions(model, tokenizer, rows, config, device)
+    sequences, texts = sample_completions(model, tokenizer, rows, config, device, sampler_logps=sampler_logps)
     columns = {
         c: [r[c] for r in rows for _ in range(rollout.group_size)] for c in rows.column_names if c != data.prompt_column
     }

@@ -482,7 +482,7 @@ def test_cli_train_reads_yaml_and_toml_and_names_config_errors(tmp_path, capsys)
         cli_main(["train", str(yaml_path), "--set", "optim.lr=3"])
     assert exit_info.value.code == 2
     assert "unknown key 'optim.lr'; allowed keys here: learning_rate" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="mode: 'ppo' is not one of the allowed values: chord, cispo, dft"):
+    with pytest.raises(ConfigError, match="mode: 'ppo' is not one of the allowed values: chord, cispo, cpo, dft"):
         load_config(yaml_path, ["mode=ppo"])
     with pytest.raises(ConfigError, match="optim.max_steps: expected an integer"):
         load_config(yaml_path, ["optim.max_steps=many"])

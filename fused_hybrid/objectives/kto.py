@@ -14,12 +14,8 @@ from ..checks import check_non_negative, check_positive, fail_where
 from ..engine.head import HeadSpec
 from ..reduction import check_num_items, divide_by_count
 from .preference import policy_and_reference_sums
+from .registry import Objective, register
 from .tokens import LossOutput, TokenBatch, TokenLayout, evaluate_head, evaluate_objective, objective_module
-
-# A sum of terms each depending on one sequence's tokens (the KL reference point is a detached input). KTO takes
-# per-sequence labels, which are not among the trainer's batch inputs, so it is not registered: the plan is
-# declared here.
-KTO_GRADIENT_PLAN = "sequence"
 
 
 def check_kto_options(*, beta: float, desirable_weight: float, undesirable_weight: float) -> None:
@@ -97,8 +93,9 @@ def kto_loss(
     ``beta = 0.1``, both weights 1.0, as TRL's. A sequence with no loss token has ``r = 0`` and no gradient.
 
     Metrics: ``kl`` (the z used), ``reward_chosen`` and ``reward_rejected`` (means of ``beta * r_i`` over the
-    desirable and the undesirable sequences; 0 for a group with none), ``reward_margin`` (their difference, 0
-    unless the batch holds both), ``preference_loss`` (the loss).
+    desirable and the undesirable sequences; 0 for a group with none; TRL's margin is their difference),
+    ``reward_accuracy`` (the fraction of sequences with a loss token on their label's side of z: ``r_i > z`` for
+    a desirable one, ``r_i < z`` for an undesirable one), ``preference_loss`` (the loss).
     """
     check_kto_options(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
     check_num_items(num_items)
@@ -121,13 +118,14 @@ def kto_loss(
         desirable_count, undesirable_count = desirable.sum(), (~desirable).sum()
         chosen = divide_by_count(torch.where(desirable, rewards, 0.0).sum(), desirable_count)
         rejected = divide_by_count(torch.where(desirable, 0.0, rewards).sum(), undesirable_count)
-        both = (desirable_count > 0) & (undesirable_count > 0)
+        has_tokens = batch.seq_tokens() > 0
         metrics = {
             "preference_loss": loss.detach(),
             "kl": reference_point.detach(),
             "reward_chosen": chosen,
             "reward_rejected": rejected,
-            "reward_margin": torch.where(both, chosen - rejected, 0.0),
+            # the sequences on their label's side of the reference point, among those with a loss token
+            "reward_accuracy": divide_by_count(((margins.detach() > 0) & has_tokens).sum(), has_tokens.sum()),
         }
         return LossOutput(loss, metrics)
 
@@ -139,7 +137,7 @@ def kto_loss(
         raise ValueError("kto_loss needs sequences: pass targets of shape [B, T] or sequence_ids with num_sequences")
     check_desirable(desirable, layout, targets)
     return evaluate_objective(
-        loss_of_batch, hidden, weight, bias, layout, head=head, plan=KTO_GRADIENT_PLAN, inputs=(ref_logp,)
+        loss_of_batch, hidden, weight, bias, layout, head=head, plan=KTO.gradient_plan(), inputs=(ref_logp,)
     )
 
 
@@ -180,3 +178,29 @@ def kto_kl_estimate(
     batch = evaluate_head(hidden, weight, bias, layout, head=head)
     policy, reference = policy_and_reference_sums(batch, ref_logp)
     return (policy - reference).mean().clamp(min=0)
+
+
+# a sum of terms each depending on one sequence's tokens (the KL reference point is a detached input)
+KTO = register(
+    Objective(
+        name="kto",
+        loss=kto_loss,
+        data="unpaired",
+        batch_inputs=("desirable", "ref_logp", "kl"),
+        normalisers={"num_items": "sequences"},
+        options=lambda config, step: {
+            "beta": config.objective.beta or 0.1,
+            "desirable_weight": config.objective.desirable_weight,
+            "undesirable_weight": config.objective.undesirable_weight,
+        },
+        needs_reference=lambda config: True,
+        gradient="sequence",
+        metric_counts={
+            "preference_loss": "sum",
+            "kl": "constant",
+            "reward_chosen": "desirable_sequences",
+            "reward_rejected": "undesirable_sequences",
+            "reward_accuracy": "sequences",
+        },
+    )
+)

@@ -381,7 +381,11 @@ CPO = register(
         loss=cpo_loss,
         data="preferences",
         normalisers={"num_items": "pairs", "num_chosen_tokens": "chosen_tokens"},
-        options=lambda config, step: {"beta": config.objective.beta or 0.1},
+        options=lambda config, step: {
+            "beta": config.objective.beta or 0.1,
+            "nll_weight": config.objective.cpo_alpha,
+            "label_smoothing": config.objective.cpo_label_smoothing,
+        },
         gradient="pair",
         metric_counts=PAIR_METRIC_COUNTS,
     )

@@ -19,13 +19,24 @@ DATA_KINDS = (
     "rollouts",  # sampled completions of prompts, with rewards and group-normalised advantages
     "rollouts+demonstrations",  # both in one batch, told apart by `is_expert`
     "completions",  # sampled completions of prompts with no reward: the loss scores them itself (against a teacher)
+    "unpaired",  # prompt + response rows, each labelled desirable or not (KTO)
 )
 # The kinds for which the trainer samples completions of prompts, and those of them that carry rewards.
 SAMPLED_KINDS = ("rollouts", "rollouts+demonstrations", "completions")
 REWARDED_KINDS = ("rollouts", "rollouts+demonstrations")
 # The step's global counts a loss can take as normalisers (summed over micro-batches and ranks): loss tokens,
-# sequences with a loss token, preference pairs, loss tokens of the chosen responses, of rollouts, of experts.
-STEP_COUNTS = ("tokens", "sequences", "pairs", "chosen_tokens", "rollout_tokens", "expert_tokens")
+# sequences with a loss token, preference pairs, loss tokens of the chosen responses, of rollouts, of experts,
+# and the desirable and undesirable sequences of unpaired data.
+STEP_COUNTS = (
+    "tokens",
+    "sequences",
+    "pairs",
+    "chosen_tokens",
+    "rollout_tokens",
+    "expert_tokens",
+    "desirable_sequences",
+    "undesirable_sequences",
+)
 # How a metric of one micro-batch combines into the step's (see Objective.metric_counts): "sum", "constant", or
 # one of STEP_COUNTS (a mean over this micro-batch's own items of that kind).
 SUMMED = "sum"
@@ -44,9 +55,10 @@ GRADIENT_PLANS = ("token", "sequence", "pair", "two-pass")
 TEACHER_INPUTS = ("teacher_hidden", "teacher_weight", "teacher_bias", "teacher_head")
 # Per-batch inputs the trainer can supply (advantages and old_logp come with rollouts, and sampler_logp, the
 # sampler's own log-probs of the drawn tokens, when the config asks for the sampler correction; ref_logp from a
-# frozen copy of the starting model; is_expert with rollouts+demonstrations; the TEACHER_INPUTS from the config's
-# teacher).
-BATCH_INPUTS = ("advantages", "old_logp", "ref_logp", "sampler_logp", "is_expert", *TEACHER_INPUTS)
+# frozen copy of the starting model; is_expert with rollouts+demonstrations; desirable, each row's label, with
+# unpaired data, and kl, KTO's reference point, the policy's mean log-ratio to the reference on mismatched
+# prompt / response pairs; the TEACHER_INPUTS from the config's teacher).
+BATCH_INPUTS = ("advantages", "old_logp", "ref_logp", "sampler_logp", "is_expert", "desirable", "kl", *TEACHER_INPUTS)
 
 
 def _no_options(config, step: int) -> dict:

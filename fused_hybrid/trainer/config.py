@@ -80,6 +80,7 @@ class DataConfig:
     response_column: str = "response"
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
+    label_column: str = "label"  # kto: true for a desirable response, false for an undesirable one
     answer_column: str = "answer"
     max_length: int = 128
     eval_size: int = 64  # held-out prompts for accuracy (needs the answer column)
@@ -168,6 +169,12 @@ class ObjectiveConfig:
     sampler_clip_min: float | None = None
     sampler_clip_max: float | None = 3.0
     dpo_loss_type: str = "sigmoid"
+    # KTO's weights of the desirable and undesirable responses' losses (TRL's desirable_weight / undesirable_weight)
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    # CPO: the weight of the NLL on the chosen responses (TRL's cpo_alpha) and the label smoothing of its sigmoid
+    cpo_alpha: float = 1.0
+    cpo_label_smoothing: float = 0.0
     gamma: float = 0.95  # IFT
     ift_lambda: float = 0.2  # IFT input mixing
     reward: str = "exact_match"  # "exact_match", "numeric", or a dotted path to a callable
@@ -208,6 +215,10 @@ class ObjectiveConfig:
         "vespo_lambda_neg": _POSITIVE,
         "off_policy_mask_threshold": _at_least(0),
         "top_entropy_quantile": _FRACTION,
+        "desirable_weight": _at_least(0),
+        "undesirable_weight": _at_least(0),
+        "cpo_alpha": _at_least(0),
+        "cpo_label_smoothing": (0, 0.5, True, False),
         "sampler_clip_min": _at_least(0),
         "sampler_clip_max": _at_least(0),
     }

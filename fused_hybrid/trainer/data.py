@@ -6,7 +6,8 @@ Columns (names configurable in the `data` section):
 - dpo: `prompt`, `chosen`, `rejected`;
 - grpo: `prompt`, plus whatever the reward function reads (`answer` for the built-in rewards);
 - chord: `prompt`, `response` (the expert demonstration) and the reward's columns;
-- distill: `prompt` on-policy (objective.distill_policy=on), `prompt` + `response` off-policy.
+- distill: `prompt` on-policy (objective.distill_policy=on), `prompt` + `response` off-policy;
+- kto: `prompt`, `response` and `label` (true: a desirable response, false: an undesirable one).
 """
 
 from __future__ import annotations
@@ -117,6 +118,17 @@ def required_columns(data_kind: str, config: DataConfig, reward_columns: tuple[s
     if data_kind == "rollouts+demonstrations":
         return [config.prompt_column, config.response_column, *reward_columns]
     return [config.prompt_column, config.response_column]
+
+
+def check_labels(dataset, column: str, path: str) -> None:
+    """The label column of unpaired data is present and holds true / false in every row."""
+    check_columns(dataset.column_names, [column], path)
+    for number, value in enumerate(dataset[column], start=1):
+        if not isinstance(value, bool):
+            raise DataError(
+                f"data.path {path!r}, row {number}: column {column!r} holds {value!r}; expected true (a desirable "
+                "response) or false (an undesirable one)"
+            )
 
 
 def check_columns(present: list[str], columns: list[str], path: str) -> None:

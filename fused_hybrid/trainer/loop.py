@@ -34,6 +34,7 @@ from .data import (
     IGNORE_INDEX,
     DataError,
     check_columns,
+    check_labels,
     concat_rows,
     encode_pair,
     load_dataset,
@@ -97,6 +98,8 @@ class HybridTrainer:
             required_columns(self.data_kind, config.data, reward_columns),
             config.data.path,
         )
+        if self.data_kind == "unpaired":
+            check_labels(self.dataset, config.data.label_column, config.data.path)
         self.has_answers = all(c in self.dataset.column_names for c in reward_columns or BUILT_IN_COLUMNS)
         eval_size = min(config.data.eval_size, len(self.dataset) // 5) if self.has_answers else 0
         self.eval_rows = self.dataset.select(range(eval_size)) if eval_size else None
@@ -301,6 +304,8 @@ class HybridTrainer:
                 pad_batch([c for c, _ in chunk] + [r for _, r in chunk], self.tokenizer.pad_token_id, self.device)
                 for chunk in pair_chunks
             ]
+        elif data == "unpaired":
+            micro = self._unpaired_batches(self._sample_rows(config.optim.batch_size, generator), accum)
         elif data == "completions":
             rows = self.completions(self._sample_rows(config.rollout.prompts_per_step, generator))
             order = torch.randperm(rows["input_ids"].shape[0], generator=generator).tolist()
@@ -325,8 +330,38 @@ class HybridTrainer:
             micro = [{k: v[chunk] for k, v in rows.items()} for chunk in self._split(order, accum)]
         for batch in micro:
             self._add_reference_inputs(batch)
+        if data == "unpaired":  # one reference point for the step, as if its micro-batches were one batch
+            reference_point = self._kto_reference_point([batch.pop("mismatched") for batch in micro])
+            for batch in micro:
+                batch["kl"] = reference_point
         counts = [batch_counts(b) for b in micro]  # each read on the host once
         return micro, counts, self._global_normalisers(counts), metrics
+
+    def _unpaired_batches(self, rows, accum: int) -> list[dict]:
+        """Micro-batches of labelled prompt + response rows, each with its rows' `desirable` flags and, for KTO's
+        reference point, `mismatched`: each prompt with the previous row's response (TRL's mismatched pairs)."""
+        data = self.config.data
+        prompts, responses = rows[data.prompt_column], rows[data.response_column]
+        labels = rows[data.label_column]
+        pairs = [encode_pair(self.tokenizer, p, r, data.max_length) for p, r in zip(prompts, responses)]
+        mismatched = [encode_pair(self.tokenizer, p, responses[i - 1], data.max_length) for i, p in enumerate(prompts)]
+        micro = []
+        for chunk in self._split(list(range(len(pairs))), accum):
+            batch = pad_batch([pairs[i] for i in chunk], self.tokenizer.pad_token_id, self.device)
+            batch["desirable"] = torch.tensor([labels[i] for i in chunk], dtype=torch.bool, device=self.device)
+            batch["mismatched"] = pad_batch([mismatched[i] for i in chunk], self.tokenizer.pad_token_id, self.device)
+            micro.append(batch)
+        return micro
+
+    def _kto_reference_point(self, mismatched: list[dict]) -> torch.Tensor:
+        """KTO's z for the step: the mean over the step's mismatched pairs (every micro-batch's, every rank's) of
+        the policy's summed log-ratio to the reference, clamped at 0 (docs/objectives.md, "KTO, ORPO and CPO")."""
+        total, count = 0.0, 0
+        for pairs in mismatched:
+            log_ratio = self._token_logps(self.policy, pairs) - self._token_logps(self.reference_head, pairs)
+            total, count = total + log_ratio.sum().item(), count + pairs["labels"].shape[0]
+        total, count = self._all_reduce([total, float(count)])
+        return torch.tensor(max(total / count, 0.0), device=self.device)
 
     def _add_reference_inputs(self, batch: dict) -> None:
         """The rollout policy's log-probs (rollouts) and the reference's (a frozen copy of the start) per token."""

@@ -21,6 +21,9 @@ def batch_counts(batch: dict) -> dict[str, int]:
         "pairs": pairs,
         "chosen_tokens": int(tokens[:pairs].sum()),
     }
+    if "desirable" in batch:
+        counts["desirable_sequences"] = int(batch["desirable"].sum())
+        counts["undesirable_sequences"] = len(batch["desirable"]) - counts["desirable_sequences"]
     if "is_expert" in batch:
         counts["expert_tokens"] = int(tokens[batch["is_expert"]].sum())
         counts["rollout_tokens"] = counts["tokens"] - counts["expert_tokens"]

@@ -46,11 +46,14 @@ def progress_bar(total: int, initial: int, enabled: bool):
 
 
 # The curves that say what a mode is doing: CHORD's two parts, not their mu-weighted sum (which falls as mu decays
-# whether or not anything is learnt); DPO's reward margin and accuracy, not only its loss; distillation's divergence
-# to its teacher apart from its hard cross-entropy.
+# whether or not anything is learnt); the preference modes' rewards and accuracy, not only their loss;
+# distillation's divergence to its teacher apart from its hard cross-entropy.
 PANELS = {
     "chord": ("sft_loss", "grpo_loss", "mu", "reward", "accuracy"),
     "dpo": ("loss", "reward_margin", "reward_accuracy"),
+    "orpo": ("nll_loss", "log_odds_ratio", "reward_accuracy"),
+    "cpo": ("nll_loss", "reward_margin", "reward_accuracy"),
+    "kto": ("loss", "reward_chosen", "reward_rejected", "reward_accuracy", "kl"),
     "distill": ("divergence", "hard_loss", "student_entropy", "accuracy"),
 }
 DEFAULT_PANELS = ("loss", "reward", "accuracy", "entropy")

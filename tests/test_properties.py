@@ -133,10 +133,12 @@ def test_objectives_random_problems(name, data, pairs, length, vocab, backend, s
     loss_mask = (torch.rand(batch, length, generator=generator) > 0.3).long()
     extra = {}
     if name in ("grpo", "chord"):
-        extra = dict(
-            advantages=torch.randn(batch, generator=generator),
-            old_logp=-torch.rand(batch, length, generator=generator) * 5,
-        )
+        # rollout log-probs within +-1 nat of the policy's own, as in RL (ratios on both sides of every clip bound);
+        # independent draws put ratios up to e^5 on a token, which the fixed tolerances below do not scale with
+        with torch.no_grad():
+            policy_logp, _ = logprobs_entropy64(leaf64(hidden), leaf64(weight), targets)
+        spread = torch.rand(batch, length, generator=generator, dtype=torch.float64) * 2 - 1
+        extra = dict(advantages=torch.randn(batch, generator=generator), old_logp=(policy_logp + spread).float())
     if name == "chord":
         extra["is_expert"] = torch.rand(batch, generator=generator) < 0.5
     if name in ("dpo", "minor_sft") or options.get("beta"):

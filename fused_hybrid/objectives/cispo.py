@@ -105,6 +105,9 @@ def cispo_loss(
     layout = TokenLayout.read(
         targets, head, loss_mask=loss_mask, sequence_ids=sequence_ids, num_sequences=num_sequences
     )
+    layout.check_inputs(
+        per_token={"old_logp": old_logp, "ref_logp": ref_logp}, per_token_or_sequence={"advantages": advantages}
+    )
     plan = CISPO.gradient_plan()
     return evaluate_objective(
         loss_of_batch, hidden, weight, bias, layout, head=head, plan=plan, inputs=(advantages, old_logp, ref_logp)

@@ -587,6 +587,10 @@ def grpo_loss(
     layout = TokenLayout.read(
         targets, head, loss_mask=loss_mask, sequence_ids=sequence_ids, num_sequences=num_sequences
     )
+    layout.check_inputs(
+        per_token={"old_logp": old_logp, "ref_logp": ref_logp, "sampler_logp": sampler_logp},
+        per_token_or_sequence={"advantages": advantages},
+    )
     plan = GRPO.gradient_plan(
         loss_type=options.loss_type,
         importance_sampling=options.importance_sampling,

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -77,34 +78,15 @@ class TokenBatch:
 
     def per_token(self, value: torch.Tensor, name: str, *, per_sequence: bool = True) -> torch.Tensor:
         """`value` given per token (shape of targets) or, with `per_sequence`, per sequence ([num_sequences], each
-        sequence's value on all its tokens) -> float [N], 0 outside the loss. Log-probs (``old_logp``, ``ref_logp``)
-        are per token only: a rollout engine's per-sequence sum spread over the tokens would be silently wrong."""
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.device != self.logp.device:
-            raise ValueError(f"{name} is on {value.device}, the batch on {self.logp.device}")
+        sequence's value on all its tokens) -> float [N], 0 outside the loss (see check_token_input)."""
+        check_token_input(value, name, self.shape, self.num_sequences, self.logp.device, per_sequence=per_sequence)
         if value.shape == self.shape:
             return self.keep(value.reshape(-1).to(self.logp.dtype))
-        if per_sequence and self.num_sequences is not None and value.shape == (self.num_sequences,):
-            return self.keep(value.to(self.logp.dtype)[self.seq_index])
-        expected = f"{tuple(self.shape)} (per token)"
-        if per_sequence and self.num_sequences is not None:
-            expected += f" or ({self.num_sequences},) (per sequence)"
-        elif self.num_sequences is not None and value.shape == (self.num_sequences,):
-            expected += (
-                ", one log-prob per token: a per-sequence value (a sum of the sequence's log-probs) cannot "
-                "be spread over its tokens"
-            )
-        raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
+        return self.keep(value.to(self.logp.dtype)[self.seq_index])
 
     def per_sequence(self, value: torch.Tensor, name: str) -> torch.Tensor:
         """`value` given per sequence ([num_sequences]) -> [S], 0 (False) for a sequence with no loss token."""
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.shape != (self.num_sequences,):
-            raise ValueError(f"{name} must have shape ({self.num_sequences},) (per sequence), got {tuple(value.shape)}")
-        if value.device != self.logp.device:
-            raise ValueError(f"{name} is on {value.device}, the batch on {self.logp.device}")
+        check_sequence_input(value, name, self.num_sequences, self.logp.device)
         return torch.where(self.seq_tokens() > 0, value, torch.zeros((), dtype=value.dtype, device=value.device))
 
     def seq_sum(self, per_token: torch.Tensor) -> torch.Tensor:
@@ -137,6 +119,37 @@ class TokenBatch:
         return divide_by_count(self.keep(per_token.detach().to(self.logp.dtype)).sum(), self.num_tokens())
 
 
+def check_token_input(value, name: str, shape, num_sequences, device, *, per_sequence: bool = True) -> None:
+    """`value` is a tensor on `device` given per token (`shape`, that of targets) or, with `per_sequence`, per
+    sequence ([num_sequences]). Log-probs (``old_logp``, ``ref_logp``) are per token only: a rollout engine's
+    per-sequence sum spread over the tokens would be silently wrong."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device}, the batch on {device}")
+    if value.shape == shape or (per_sequence and num_sequences is not None and value.shape == (num_sequences,)):
+        return
+    expected = f"{tuple(shape)} (per token)"
+    if per_sequence and num_sequences is not None:
+        expected += f" or ({num_sequences},) (per sequence)"
+    elif num_sequences is not None and value.shape == (num_sequences,):
+        expected += (
+            ", one log-prob per token: a per-sequence value (a sum of the sequence's log-probs) cannot "
+            "be spread over its tokens"
+        )
+    raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
+
+
+def check_sequence_input(value, name: str, num_sequences, device) -> None:
+    """`value` is a tensor on `device` given per sequence ([num_sequences])."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.shape != (num_sequences,):
+        raise ValueError(f"{name} must have shape ({num_sequences},) (per sequence), got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device}, the batch on {device}")
+
+
 @dataclass(frozen=True)
 class TokenLayout:
     """How a batch's tokens are laid out (which are in the loss, which sequence each belongs to), read by `read`
@@ -148,6 +161,28 @@ class TokenLayout:
     num_sequences: int | None
     padded_length: int | None
     head_targets: torch.Tensor  # targets with the tokens outside the loss set to ignore_index
+
+    def check_inputs(
+        self,
+        *,
+        per_token: Mapping[str, torch.Tensor | None] = MappingProxyType({}),
+        per_token_or_sequence: Mapping[str, torch.Tensor | None] = MappingProxyType({}),
+        per_sequence: Mapping[str, torch.Tensor | None] = MappingProxyType({}),
+    ) -> None:
+        """Check the batch's other tensors (name -> value; None skipped) against this layout before any kernel
+        runs, with the rules TokenBatch.per_token and per_sequence apply when the loss reads them."""
+        device = self.mask.device
+        for inputs, rule in ((per_token, False), (per_token_or_sequence, True)):
+            for name, value in inputs.items():
+                if value is not None:
+                    check_token_input(value, name, self.shape, self.num_sequences, device, per_sequence=rule)
+        for name, value in per_sequence.items():
+            if value is not None:
+                if self.num_sequences is None:
+                    raise ValueError(
+                        f"{name} is given per sequence: pass targets of shape [B, T] or sequence_ids with num_sequences"
+                    )
+                check_sequence_input(value, name, self.num_sequences, device)
 
     def batch(self, stats) -> TokenBatch:
         return TokenBatch(

@@ -355,15 +355,21 @@ def test_kl_estimate_is_the_clamped_mean_log_ratio_of_the_mismatched_pairs():
 
 
 # ------------------------------------------------------------------------------------------------ trainer modes
-def test_orpo_and_cpo_are_pair_objectives_of_the_trainer():
+def test_the_preference_objectives_declare_what_the_trainer_gives_them():
     config = load_config(None)
     for name in ("orpo", "cpo"):
         objective = OBJECTIVES[name]
         assert objective.data_kind(config) == "preferences" and not objective.needs_reference(config)
         assert objective.gradient_plan() == "pair" and objective.batch_inputs == ()
         assert objective.normaliser_counts(config) == {"num_items": "pairs", "num_chosen_tokens": "chosen_tokens"}
-        assert objective.options(config, 0) == {"beta": 0.1}  # TRL's default where the config's beta is unset
-    assert "kto" not in OBJECTIVES  # its desirable labels and KL estimate are no batch inputs of the trainer
+    assert OBJECTIVES["orpo"].options(config, 0) == {"beta": 0.1}  # TRL's default where the config's beta is unset
+    tuned = load_config(None, ["mode=cpo", "objective.cpo_alpha=0.5", "objective.cpo_label_smoothing=0.1"])
+    assert OBJECTIVES["cpo"].options(tuned, 0) == {"beta": 0.1, "nll_weight": 0.5, "label_smoothing": 0.1}
+    kto = OBJECTIVES["kto"]
+    kto_config = load_config(None, ["mode=kto", "objective.undesirable_weight=1.5"])
+    assert kto.data_kind(kto_config) == "unpaired" and kto.needs_reference(kto_config)
+    assert kto.gradient_plan() == "sequence" and set(kto.batch_inputs) == {"desirable", "ref_logp", "kl"}
+    assert kto.options(kto_config, 0) == {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.5}
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -69,7 +69,14 @@ def test_every_objective_declares_what_it_needs():
     grouped = {
         name: objective.gradient for name, objective in OBJECTIVES.items() if objective.gradient in ("sequence", "pair")
     }
-    assert grouped == {"gmpo": "sequence", "dpo": "pair", "orpo": "pair", "cpo": "pair", "minor_sft": "sequence"}
+    assert grouped == {
+        "gmpo": "sequence",
+        "dpo": "pair",
+        "orpo": "pair",
+        "cpo": "pair",
+        "kto": "sequence",
+        "minor_sft": "sequence",
+    }
     grpo, dft = OBJECTIVES["grpo"], OBJECTIVES["dft"]
     assert [grpo.gradient_plan(importance_sampling=s) for s in ("token", "sequence")] == ["token", "sequence"]
     assert grpo.gradient_plan(importance_sampling="token", loss_type="vespo") == "sequence"

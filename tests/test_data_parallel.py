@@ -222,3 +222,59 @@ def test_logged_metrics_at_two_ranks_match_one_process(tmp_path):
                 assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (
                     f"step {step} {key}: {got[key]} on rank {rank} of {WORLD}, {want[key]} in one process"
                 )
+
+
+def entropy_problem():
+    """A GRPO batch of 4 sequences (2 per rank), with rollout log-probs and per-sequence advantages."""
+    generator = torch.Generator().manual_seed(11)
+    hidden = torch.randn(4, 6, 8, generator=generator)
+    weight = torch.randn(23, 8, generator=generator)
+    targets = torch.randint(0, 23, (4, 6), generator=generator)
+    targets[1, :2] = -100
+    old_logp = -torch.rand(4, 6, generator=generator)
+    advantages = torch.randn(4, generator=generator)
+    return hidden, weight, targets, old_logp, advantages
+
+
+def entropy_quantile_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    hidden, weight, targets, old_logp, advantages = entropy_problem()
+    rows = slice(rank * 2, rank * 2 + 2)
+    hidden = hidden[rows].requires_grad_()
+    weight = weight.requires_grad_()
+    output = fused_hybrid.grpo_loss(
+        hidden,
+        weight,
+        targets[rows],
+        advantages=advantages[rows],
+        old_logp=old_logp[rows],
+        top_entropy_quantile=0.3,
+        num_items=int((targets != -100).sum()),  # the global token count
+    )
+    output.loss.backward()
+    result = {"loss": output.loss.detach(), "d_hidden": hidden.grad, "d_weight": weight.grad}
+    result["entropy_kept"] = output.metrics["entropy_kept"]
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_the_entropy_quantile_pools_every_rank(tmp_path):
+    """top_entropy_quantile's threshold is taken over the loss tokens of every rank: two ranks holding half the
+    batch each give, summed, the loss and gradients of one process on the whole batch."""
+    mp.spawn(entropy_quantile_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    hidden, weight, targets, old_logp, advantages = entropy_problem()
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    output = fused_hybrid.grpo_loss(
+        hidden, weight, targets, advantages=advantages, old_logp=old_logp, top_entropy_quantile=0.3
+    )
+    output.loss.backward()
+    assert_close_scaled(sum(r["loss"] for r in ranks), output.loss, 1e-5)
+    assert_close_scaled(torch.cat([r["d_hidden"] for r in ranks]), hidden.grad, 1e-5)
+    assert_close_scaled(sum(r["d_weight"] for r in ranks), weight.grad, 1e-5)
+    # the ranks' kept fractions, weighted by their loss tokens, are the whole batch's
+    tokens = [(targets[rank * 2 : rank * 2 + 2] != -100).sum().item() for rank in range(WORLD)]
+    kept = sum(r["entropy_kept"].item() * n for r, n in zip(ranks, tokens)) / sum(tokens)
+    assert kept == pytest.approx(output.metrics["entropy_kept"].item(), abs=1e-6)

@@ -45,17 +45,11 @@ def check_kl(kl) -> None:
         check_non_negative("kl", float(kl))
 
 
-def check_desirable(desirable, layout: TokenLayout, targets: torch.Tensor) -> None:
-    if not isinstance(desirable, torch.Tensor):
-        raise TypeError(f"desirable must be a bool tensor (one flag per sequence), got {type(desirable).__name__}")
+def check_desirable(desirable, layout: TokenLayout) -> None:
+    """One bool flag per sequence (True: desirable, False: undesirable)."""
+    layout.check_inputs(per_sequence={"desirable": desirable})
     if desirable.dtype != torch.bool:
         raise TypeError(f"desirable must be a bool tensor (True: desirable, False: undesirable), got {desirable.dtype}")
-    if desirable.shape != (layout.num_sequences,):
-        raise ValueError(
-            f"desirable must have shape ({layout.num_sequences},) (one flag per sequence), got {tuple(desirable.shape)}"
-        )
-    if desirable.device != targets.device:
-        raise ValueError(f"desirable is on {desirable.device}, targets on {targets.device}")
 
 
 def kto_loss(
@@ -135,7 +129,7 @@ def kto_loss(
     )
     if layout.seq_index is None:
         raise ValueError("kto_loss needs sequences: pass targets of shape [B, T] or sequence_ids with num_sequences")
-    check_desirable(desirable, layout, targets)
+    check_desirable(desirable, layout)
     return evaluate_objective(
         loss_of_batch, hidden, weight, bias, layout, head=head, plan=KTO.gradient_plan(), inputs=(ref_logp,)
     )

@@ -362,8 +362,7 @@ def cpo_loss(
 CPOLoss = objective_module("CPOLoss", cpo_loss, check_cpo_options)
 
 
-# ORPO and CPO: sums of terms each depending on one pair's tokens, the NLL one token's; the trainer's config has no
-# keys for CPO's label_smoothing and nll_weight (cpo_alpha), which keep their defaults.
+# ORPO and CPO: sums of terms each depending on one pair's tokens, the NLL one token's.
 ORPO = register(
     Objective(
         name="orpo",

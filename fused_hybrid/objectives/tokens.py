@@ -172,10 +172,10 @@ class TokenLayout:
         """Check the batch's other tensors (name -> value; None skipped) against this layout before any kernel
         runs, with the rules TokenBatch.per_token and per_sequence apply when the loss reads them."""
         device = self.mask.device
-        for inputs, rule in ((per_token, False), (per_token_or_sequence, True)):
+        for inputs, spread_allowed in ((per_token, False), (per_token_or_sequence, True)):
             for name, value in inputs.items():
                 if value is not None:
-                    check_token_input(value, name, self.shape, self.num_sequences, device, per_sequence=rule)
+                    check_token_input(value, name, self.shape, self.num_sequences, device, per_sequence=spread_allowed)
         for name, value in per_sequence.items():
             if value is not None:
                 if self.num_sequences is None:

@@ -307,7 +307,15 @@ def test_dpo_learns_preferences_from_jsonl(tmp_path):
 def test_odds_ratio_and_contrastive_preferences_learn_from_jsonl(tmp_path, mode, extra):
     path = preference_file(tmp_path)
     history = HybridTrainer(
-        config(tmp_path, mode, f"data.path={path}", "optim.grad_accum=2", "objective.beta=0.5", *extra),
+        config(
+            tmp_path,
+            mode,
+            f"data.path={path}",
+            "optim.grad_accum=2",
+            "objective.beta=0.5",
+            "optim.max_steps=12",
+            *extra,
+        ),
         progress=False,
     ).train()
     early, late = early_late(history, "loss")
@@ -331,7 +339,8 @@ def unpaired_file(folder, *, labels=True):
 def test_kto_learns_from_unpaired_labels(tmp_path):
     path = unpaired_file(tmp_path)
     history = HybridTrainer(
-        config(tmp_path, "kto", f"data.path={path}", "optim.grad_accum=2", "objective.beta=0.5"), progress=False
+        config(tmp_path, "kto", f"data.path={path}", "optim.grad_accum=2", "objective.beta=0.5", "optim.max_steps=12"),
+        progress=False,
     ).train()
     early, late = early_late(history, "loss")
     assert late < early

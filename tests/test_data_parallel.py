@@ -17,6 +17,13 @@ transformers = pytest.importorskip("transformers")
 WORLD = 2
 
 
+def leave_process_group():
+    """Every rank past its last collective before any tears the group down (a rank that leaves while another is
+    still inside one aborts the other's gloo threads)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def tiny_llama():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
@@ -68,7 +75,7 @@ def patch_worker(rank, init_file, out_dir, wrapper):
     total = loss.detach().clone()
     dist.all_reduce(total)
     torch.save({"loss": total, "grads": full_gradients(model)}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
@@ -108,7 +115,7 @@ def trainer_worker(rank, init_file, out_dir, parallel):
     trainer = HybridTrainer(config, progress=False)
     history = trainer.train()
     torch.save({"loss": [h["loss"] for h in history]}, os.path.join(out_dir, f"history{rank}.pt"))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
@@ -151,7 +158,7 @@ def rollout_worker(rank, init_file, out_dir, parallel):
     )
     history = HybridTrainer(config, progress=False).train()
     torch.save(history, os.path.join(out_dir, f"rollout{rank}.pt"))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
@@ -198,7 +205,7 @@ def preference_worker(rank, init_file, out_dir, data_path):
     )
     trainer = HybridTrainer(config, progress=False)
     torch.save([trainer.train_step() for _ in range(2)], os.path.join(out_dir, f"steps{rank}.pt"))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_logged_metrics_at_two_ranks_match_one_process(tmp_path):
@@ -255,8 +262,7 @@ def entropy_quantile_worker(rank, init_file, out_dir):
     result = {"loss": output.loss.detach(), "d_hidden": hidden.grad, "d_weight": weight.grad}
     result["entropy_kept"] = output.metrics["entropy_kept"]
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_the_entropy_quantile_pools_every_rank(tmp_path):

@@ -4,6 +4,7 @@ suite's dry run (gpu_suite.py)."""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import torch
@@ -15,7 +16,8 @@ MAX_SWEEP_TOKENS = 1 << 20
 
 
 def parse_names(text: str, valid, what: str, parser: argparse.ArgumentParser) -> list[str]:
-    names = list(valid) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    # commas inside brackets belong to a name ("fused-hybrid[tile,filter]")
+    names = list(valid) if text == "all" else [n.strip() for n in re.split(r",(?![^\[]*\])", text) if n.strip()]
     unknown = [n for n in names if n not in valid]
     if unknown:
         parser.error(f"unknown {what} {', '.join(map(repr, unknown))}; valid: {', '.join(valid)} (or 'all')")

@@ -61,7 +61,9 @@ def measure_row(provider, losses, problems, reference, floors, args, device) -> 
     return row
 
 
-def sweep(args, device, providers, objectives, presets, token_counts, distributions) -> list[dict]:
+def sweep(args, device, providers, objectives, presets, token_counts, distributions, on_rows=None) -> list[dict]:
+    """The measured rows; `on_rows(rows)` is called with the rows so far after every measured group (the results
+    are written as they come, so a run stopped at a time limit keeps what it measured)."""
     dtype = DTYPES[args.dtype]
     built = {}
     for provider in providers:
@@ -147,6 +149,8 @@ def sweep(args, device, providers, objectives, presets, token_counts, distributi
                     if fused is not None and "fwd_bwd_ms" in row:
                         row["x_fused_hybrid"] = row["fwd_bwd_ms"] / fused["fwd_bwd_ms"]
                 rows += group
+                if on_rows is not None:
+                    on_rows(rows)
                 del problems, first, second, reference
                 free_memory(device)
                 runnable = {p.name for p in providers if p.name in built}
@@ -197,17 +201,26 @@ def main(argv=None) -> None:
     env = report.environment(device)
     print(f"fused-hybrid bench on {env['device']}", flush=True)
     distributions = parse_names(args.inputs, INPUT_DISTRIBUTIONS, "input distribution", parser)
+    folder = report.run_folder(args.out, device)
     rows = (
         []
         if args.long_context_only
-        else sweep(args, device, providers, objectives, presets, token_counts, distributions)
+        else sweep(
+            args,
+            device,
+            providers,
+            objectives,
+            presets,
+            token_counts,
+            distributions,
+            on_rows=lambda so_far: report.write(folder, env, so_far, plot=False),
+        )
     )
     long_context = None
     if args.long_context or args.long_context_only:
         from .long_context import run_long_context
 
         long_context = run_long_context(device)
-    folder = report.run_folder(args.out, device)
     report.write(folder, env, rows, long_context)
     print(f"results written to {folder}")
 

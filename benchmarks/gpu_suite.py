@@ -1,26 +1,26 @@
-"""One command for a GPU session: `fused-hybrid bench --gpu-suite` (or `python -m benchmarks.gpu_suite`).
+"""A GPU session in two calls: `fused-hybrid bench --gpu-suite --call 1` then `--call 2` (or `python -m
+benchmarks.gpu_suite`), each one command within one device call's limit, ordered by what is worth most.
 
-On a bare GPU machine with its own torch and Triton, in about 25 minutes, stage by stage (each a subprocess with
-its own time limit, so one that hangs or fails never costs the others):
+Each call runs stage by stage (each a subprocess with its own time limit, so one that hangs or fails never costs
+the others) within its minutes (8 and 4 by default):
 
-0. `install`: this checkout, editable, without dependencies or network (the machine has torch and Triton);
-1. `peers`: install the carried wheels of the pure-Python peers (PEER_PACKAGES) from `--wheels` without network,
-   into a folder the later stages put on their path (`--download-wheels DIR`, run where pip reaches the package
-   index, fetches them for the GPU machine's Python);
-2. `gpu-tests`: the GPU tests (compiled kernels against float64, sync-free and CUDA-graph capture, autotuning,
-   gradient filtering, deterministic mode) and the compile gate on the machine's Triton;
-3. `cross-entropy`: the Llama-3-8B head (D 4096, V 128256) at N 4096, 16384 and 65536, bf16, random and
-   trained-like inputs, every provider: the figures the targets are stated for;
-4. `rl-objectives`: log-probs + entropy, GRPO, CHORD and DPO at the same head, N 4096 and 16384;
-5. `distill`: distillation at the same student head against a teacher twice as wide (D_t 8192), the JSD (beta
-   0.5), N 4096 and 16384;
-6. `other-heads`: Qwen2.5-7B and Gemma-2-2B heads, cross-entropy and log-probs + entropy, N 4096 to 65536;
-7. `long-context`: the longest training step that fits;
+- both calls first: `install` (this checkout, editable, without dependencies or network: the machine has torch
+  and Triton) and `peers` (the carried wheels of the pure-Python peers, PEER_PACKAGES, installed offline from
+  `--wheels` into a folder the later stages put on their path; `--download-wheels DIR`, run where pip reaches the
+  package index, fetches them for the GPU machine's Python);
+- call 1: `gpu-tests` (compiled kernels against float64, sync-free and CUDA-graph capture, autocast, autotuning,
+  gradient filtering, deterministic mode, and the compile gate on the machine's Triton), then `cross-entropy`: the
+  Llama-3-8B head (D 4096, V 128256), bf16, N 4096 and 16384, random and trained-like inputs, every provider, the
+  three-GEMM floor measured in the same run: the figures the targets are stated for;
+- call 2: `rl-objectives` (log-probs + entropy, GRPO, CHORD and distillation at the same head, N 16384:
+  fused-hybrid, Liger, TRL, naive), `tile-filter` (the tile kernels with and without gradient filtering on
+  trained-like inputs) and `long-context` (the longest training step that fits).
 
-then `summary.md` (each stage's status and time), the tuned launch configs each benchmark stage chose, and one
-`<folder>.tar.gz` of everything (a single file to bring back). `--dry-run` checks every stage's command against
-the benchmark's own argument checks and prints the plan, running nothing: the tests do that on the CPU, so that
-GPU time is never spent on a typo.
+After every stage the call writes `summary.md` (each stage's status and time) and a `.tar.gz` of its folder (the
+logs, each benchmark's results, which the benchmark rewrites after every measurement, and the launch configs the
+autotuning chose) into `--archive` (on the device: $OUT), so a call cut off still brings back what it measured.
+`--dry-run` checks every stage's command against the benchmark's own argument checks and prints the plan, running
+nothing: the tests do that on the CPU, so that GPU time is never spent on a typo.
 """
 
 from __future__ import annotations
@@ -37,12 +37,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SUITE_MINUTES = 25.0
+CALL_MINUTES = {1: 8.0, 2: 4.0}  # each within one device command's 10 minutes, the machine's start apart
 # the peers the benchmark compares against and what they import that the GPU image lacks
 PEER_PACKAGES = ("liger-kernel", "cut-cross-entropy", "trl", "datasets", "dill", "multiprocess")
 GPU_PYTHON = "3.12"
 ROOT = Path(__file__).resolve().parents[1]
-HEAD_TOKENS = "4096,16384,65536"
 MIN_STAGE_SECONDS = 30.0
 
 
@@ -59,8 +58,8 @@ def _bench(name: str, share: float, folder: Path, *arguments: str) -> Stage:
     return Stage(name, [sys.executable, "-m", "benchmarks", *bench_arguments], share, bench_arguments)
 
 
-def plan(folder: Path, wheels: Path | None, site: Path) -> list[Stage]:
-    """The stages, in the order of what a GPU session most needs measured."""
+def plan(folder: Path, wheels: Path | None, site: Path, call: int) -> list[Stage]:
+    """The stages of `call` (1 or 2), in the order of what a GPU session most needs measured."""
     stages = [
         Stage(
             "install",
@@ -89,34 +88,38 @@ def plan(folder: Path, wheels: Path | None, site: Path) -> list[Stage]:
                 0.04,
             )
         )
-    stages.append(
-        Stage(
-            "gpu-tests",
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                "tests/test_gpu.py",
-                "tests/test_benchmarks.py::test_compile_gate_every_shipped_launch_config_is_spill_free",
-            ],
-            0.12,
+    # every head measurement: both input sets rotated, 5 timed steps after 2 of warm-up
+    timed = ("--repeats", "5", "--warmup", "2")
+    if call == 1:
+        stages.append(
+            Stage(
+                "gpu-tests",
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "tests/test_gpu.py",
+                    "tests/test_autocast.py",
+                    "tests/test_benchmarks.py::test_compile_gate_every_shipped_launch_config_is_spill_free",
+                ],
+                0.3,
+            )
         )
-    )
-    # every head measurement: all providers, both input sets rotated, 5 timed steps after 2 of warm-up
-    timed = ("--providers", "all", "--repeats", "5", "--warmup", "2")
-    head_runs = [
-        ("cross-entropy", 0.30, "llama3-8b", "cross_entropy", HEAD_TOKENS, "random,trained"),
-        ("rl-objectives", 0.25, "llama3-8b", "logprobs_entropy,grpo,chord,dpo", "4096,16384", "random,trained"),
-        ("distill", 0.10, "llama3-8b", "distill", "4096,16384", "random,trained"),
-        ("other-heads", 0.17, "qwen2.5-7b,gemma2-2b", "cross_entropy,logprobs_entropy", HEAD_TOKENS, "random"),
-    ]
-    for name, share, presets, objectives, tokens, inputs in head_runs:
-        selection = ("--presets", presets, "--objectives", objectives, "--tokens", tokens, "--inputs", inputs)
-        stages.append(_bench(name, share, folder, *selection, *timed))
-    stages.append(_bench("long-context", 0.12, folder, "--long-context-only"))
+        selection = ("--presets", "llama3-8b", "--objectives", "cross_entropy", "--tokens", "4096,16384")
+        everyone = ("--providers", "all", "--inputs", "random,trained")
+        stages.append(_bench("cross-entropy", 0.55, folder, *selection, *everyone, *timed))
+        return stages
+    peers = "fused-hybrid,liger,trl,naive"
+    objectives = "logprobs_entropy,grpo,chord,distill"
+    selection = ("--presets", "llama3-8b", "--objectives", objectives, "--tokens", "16384", "--providers", peers)
+    stages.append(_bench("rl-objectives", 0.45, folder, *selection, "--inputs", "random", *timed))
+    tiles = "fused-hybrid[tile],fused-hybrid[tile,filter]"
+    selection = ("--presets", "llama3-8b", "--objectives", "cross_entropy,logprobs_entropy", "--tokens", "16384")
+    stages.append(_bench("tile-filter", 0.2, folder, *selection, "--providers", tiles, "--inputs", "trained", *timed))
+    stages.append(_bench("long-context", 0.2, folder, "--long-context-only"))
     return stages
 
 
@@ -188,11 +191,32 @@ def download_wheels(folder: Path) -> None:
         )
 
 
+def write_summary(folder: Path, results: list[dict], archive_to: Path) -> None:
+    """suite.json and summary.md in the call's folder, and the folder's .tar.gz and summary.md in `archive_to`."""
+    (folder / "suite.json").write_text(json.dumps(results, indent=2))
+    lines = [f"# GPU suite: {folder.name}", "", "| stage | status | seconds |", "|---|---|---:|"]
+    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in results]
+    (folder / "summary.md").write_text("\n".join(lines) + "\n")
+    archive_to.mkdir(parents=True, exist_ok=True)
+    partial = archive_to / f".{folder.name}.tar.gz.partial"
+    with tarfile.open(partial, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    partial.replace(archive_to / f"{folder.name}.tar.gz")  # a cut-off write never leaves half an archive
+    if archive_to.resolve() != folder.resolve():
+        (archive_to / "summary.md").write_text((folder / "summary.md").read_text())
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="fused-hybrid bench --gpu-suite", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="where the results folder goes")
+    parser.add_argument("--call", type=int, choices=sorted(CALL_MINUTES), default=1, help="which of the two calls")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="where the call's folder goes")
+    parser.add_argument(
+        "--archive",
+        type=Path,
+        help="where the call's .tar.gz and summary.md are written after every stage (default: --out)",
+    )
     parser.add_argument("--wheels", type=Path, help="folder of carried wheels of the peers, installed offline")
-    parser.add_argument("--minutes", type=float, default=SUITE_MINUTES, help="the whole suite's time budget")
+    parser.add_argument("--minutes", type=float, help="the call's time budget (default: 8 for call 1, 4 for call 2)")
     parser.add_argument("--dry-run", action="store_true", help="check and print the plan, run nothing")
     parser.add_argument(
         "--download-wheels",
@@ -206,40 +230,33 @@ def main(argv: list[str] | None = None) -> Path:
         return args.download_wheels
     if args.wheels is not None and not args.wheels.is_dir():
         parser.error(f"--wheels {str(args.wheels)!r}: no such folder")
-    folder = args.out / gpu_folder_name()
+    minutes = CALL_MINUTES[args.call] if args.minutes is None else args.minutes
+    folder = args.out / f"{gpu_folder_name()}-call{args.call}"
     site = args.out / "peer-site"
-    stages = plan(folder, args.wheels, site)
+    stages = plan(folder, args.wheels, site, args.call)
     for stage in stages:
         if stage.bench_arguments is not None:
             check_bench_arguments(stage.bench_arguments)
     if args.dry_run:
         for stage in stages:
-            print(f"[{stage.name}] at most {stage.share * args.minutes:.1f} min: {' '.join(stage.command)}")
+            print(f"[{stage.name}] at most {stage.share * minutes:.1f} min: {' '.join(stage.command)}")
         return folder
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = [str(site.resolve()), str(ROOT), os.environ.get("PYTHONPATH")]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(p for p in paths if p))
-    deadline = time.perf_counter() + 60 * args.minutes
+    deadline = time.perf_counter() + 60 * minutes
     results = []
     for stage in stages:
         left = deadline - time.perf_counter()
         if left < MIN_STAGE_SECONDS:
-            results.append({"stage": stage.name, "status": "not run: the suite's time was spent", "seconds": 0})
+            results.append({"stage": stage.name, "status": "not run: the call's time was spent", "seconds": 0})
             continue
         print(f"[{stage.name}] ...", flush=True)
-        results.append(
-            run_stage(stage, min(left, stage.share * 60 * args.minutes * 1.5), env, folder / f"{stage.name}.log")
-        )
+        results.append(run_stage(stage, min(left, stage.share * 60 * minutes * 1.5), env, folder / f"{stage.name}.log"))
         print(f"[{stage.name}] {results[-1]['status']} in {results[-1]['seconds']} s", flush=True)
-    (folder / "suite.json").write_text(json.dumps(results, indent=2))
-    lines = [f"# GPU suite: {folder.name}", "", "| stage | status | seconds |", "|---|---|---:|"]
-    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in results]
-    (folder / "summary.md").write_text("\n".join(lines) + "\n")
-    archive = folder.with_suffix(".tar.gz")
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(folder, arcname=folder.name)
-    print(f"results in {folder} and {archive}")
+        write_summary(folder, results, args.archive or args.out)
+    print(f"results in {folder} and {(args.archive or args.out) / folder.name}.tar.gz")
     return folder
 
 

@@ -196,7 +196,11 @@ def plots(folder: Path, rows: list[dict]) -> list[Path]:
     return written
 
 
-def write(folder: Path, env: dict, rows: list[dict], long_context: list[dict] | None = None) -> None:
+def write(
+    folder: Path, env: dict, rows: list[dict], long_context: list[dict] | None = None, *, plot: bool = True
+) -> None:
+    """results.json, results.md, the tuned launch configs and (with `plot`) one PNG per objective, shape and input
+    distribution, in `folder`."""
     (folder / "results.json").write_text(
         json.dumps({"environment": env, "rows": rows, "long_context": long_context}, indent=2)
     )
@@ -206,5 +210,5 @@ def write(folder: Path, env: dict, rows: list[dict], long_context: list[dict] | 
 
         if tuned_configs():
             (folder / "tuned_configs.json").write_text(json.dumps(tuned_configs(), indent=2, default=str))
-    if rows:
+    if rows and plot:
         plots(folder, rows)

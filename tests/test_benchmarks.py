@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 
 import pytest
 import torch
@@ -65,6 +66,26 @@ def test_cli_writes_json_markdown_and_plots(tmp_path):
     assert rows[("grpo", 64, "liger")]["errors"]["loss"] < 1e-4  # same objective as ours
     assert "| 128 | fused-hybrid |" in (folder / "results.md").read_text()
     assert (folder / "tiny-cross_entropy-random.png").stat().st_size > 0 and (folder / "tiny-grpo-random.png").exists()
+
+
+def test_a_run_cut_off_keeps_what_it_measured(tmp_path, monkeypatch):
+    """The results are rewritten after every measured group: a run stopped at N 128 (a time limit, here an exit)
+    leaves N 64's rows in results.json."""
+    measure = cli.measure_row
+
+    def stops_at_128(provider, losses, problems, *args):
+        if problems[0].num_tokens > 64:
+            raise SystemExit("the stage's time limit")
+        return measure(provider, losses, problems, *args)
+
+    monkeypatch.setattr(cli, "measure_row", stops_at_128)
+    arguments = ["--objectives", "cross_entropy", "--presets", "tiny", "--tokens", "64,128", "--providers", "naive"]
+    with pytest.raises(SystemExit):
+        cli.main([*arguments, "--repeats", "1", "--warmup", "0", "--seq-len", "32", "--out", str(tmp_path)])
+    (folder,) = tmp_path.iterdir()
+    rows = json.loads((folder / "results.json").read_text())["rows"]
+    assert [(r["tokens"], r["provider"], r["status"]) for r in rows] == [(64, "naive", "ok")]
+    assert "| 64 | naive |" in (folder / "results.md").read_text()
 
 
 # every provider of the distill objective that runs on a CPU
@@ -302,21 +323,41 @@ def test_compile_gate_refuses_a_spilling_config():
 
 
 def test_gpu_suite_dry_run_checks_every_stage_against_the_benchmarks_own_checks(tmp_path, capsys):
-    """`fused-hybrid bench --gpu-suite --dry-run`: every stage's command passes the benchmark's argument checks, so
-    a GPU session never spends its minutes on a typo; a misspelt preset would be caught here."""
+    """`fused-hybrid bench --gpu-suite --call 1|2 --dry-run`: every stage's command passes the benchmark's argument
+    checks, so a GPU session never spends its minutes on a typo; a misspelt preset would be caught here."""
     from benchmarks import gpu_suite
 
-    gpu_suite.main(["--dry-run", "--out", str(tmp_path), "--wheels", str(tmp_path)])
-    printed = capsys.readouterr().out
-    stages = "install peers gpu-tests cross-entropy rl-objectives distill other-heads long-context"
-    for stage in stages.split():
-        assert f"[{stage}]" in printed
-    assert "llama3-8b" in printed and "qwen2.5-7b,gemma2-2b" in printed and "65536" in printed
-    assert "logprobs_entropy,grpo,chord,dpo" in printed and "random,trained" in printed
-    assert "--objectives distill" in printed
+    gpu_suite.main(["--dry-run", "--call", "1", "--out", str(tmp_path), "--wheels", str(tmp_path)])
+    first = capsys.readouterr().out
+    for stage in ("install", "peers", "gpu-tests", "cross-entropy"):
+        assert f"[{stage}]" in first
+    assert "--objectives cross_entropy --tokens 4096,16384 --providers all --inputs random,trained" in first
+    gpu_suite.main(["--dry-run", "--call", "2", "--out", str(tmp_path), "--wheels", str(tmp_path)])
+    second = capsys.readouterr().out
+    for stage in ("install", "peers", "rl-objectives", "tile-filter", "long-context"):
+        assert f"[{stage}]" in second
+    assert "[gpu-tests]" not in second and "[cross-entropy]" not in second
+    assert (
+        "--objectives logprobs_entropy,grpo,chord,distill --tokens 16384 --providers fused-hybrid,liger,trl" in second
+    )
+    assert "fused-hybrid[tile],fused-hybrid[tile,filter] --inputs trained" in second
+    # each call's stages fit its minutes, within one device command's 10
+    for call, minutes in gpu_suite.CALL_MINUTES.items():
+        stages = gpu_suite.plan(tmp_path, tmp_path, tmp_path, call)
+        assert sum(stage.share for stage in stages) <= 1.0 and minutes <= 8
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
     with pytest.raises(SystemExit):
         gpu_suite.check_bench_arguments(["--presets", "llama3-8", "--out", str(tmp_path)])
+
+
+def test_provider_names_with_a_comma_are_one_name():
+    from benchmarks.arguments import build_parser, parse_names
+    from benchmarks.providers import PROVIDERS
+
+    names = parse_names(
+        "fused-hybrid[tile],fused-hybrid[tile,filter], naive", list(PROVIDERS), "provider", build_parser()
+    )
+    assert names == ["fused-hybrid[tile]", "fused-hybrid[tile,filter]", "naive"]
 
 
 def test_gpu_suite_runs_its_stages_within_their_limits_and_archives_them(tmp_path, monkeypatch):
@@ -324,7 +365,7 @@ def test_gpu_suite_runs_its_stages_within_their_limits_and_archives_them(tmp_pat
 
     from benchmarks import gpu_suite
 
-    def plan(folder, wheels, site):
+    def plan(folder, wheels, site, call):
         return [
             gpu_suite.Stage("quick", [sys.executable, "-c", "print('measured')"], 0.5),
             gpu_suite.Stage("hangs", [sys.executable, "-c", "import time; time.sleep(60)"], 0.01),
@@ -333,10 +374,17 @@ def test_gpu_suite_runs_its_stages_within_their_limits_and_archives_them(tmp_pat
 
     monkeypatch.setattr(gpu_suite, "plan", plan)
     monkeypatch.setattr(gpu_suite, "MIN_STAGE_SECONDS", 1.0)
-    folder = gpu_suite.main(["--out", str(tmp_path), "--minutes", "1"])
+    archive = tmp_path / "returned"
+    folder = gpu_suite.main(
+        ["--call", "2", "--out", str(tmp_path / "work"), "--archive", str(archive), "--minutes", "1"]
+    )
+    assert folder.name.endswith("-call2")
     results = {r["stage"]: r for r in json.loads((folder / "suite.json").read_text())}
     assert results["quick"]["status"] == "ok" and "measured" in (folder / "quick.log").read_text()
     assert results["hangs"]["status"].startswith("stopped at its limit") and results["hangs"]["seconds"] < 10
     assert results["fails"]["status"] == "exit 3"
-    assert folder.with_suffix(".tar.gz").stat().st_size > 0
-    assert "| fails | exit 3 |" in (folder / "summary.md").read_text()
+    # what comes back: the summary and one archive of the whole folder, rewritten after every stage
+    assert sorted(p.name for p in archive.iterdir()) == sorted(["summary.md", f"{folder.name}.tar.gz"])
+    assert "| fails | exit 3 |" in (archive / "summary.md").read_text()
+    with tarfile.open(archive / f"{folder.name}.tar.gz") as tar:
+        assert f"{folder.name}/quick.log" in tar.getnames() and f"{folder.name}/summary.md" in tar.getnames()

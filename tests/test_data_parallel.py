@@ -189,7 +189,7 @@ PREFERENCE_OVERRIDES = [
 ]
 
 
-def preference_worker(rank, init_file, out_dir, data_path):
+def preference_worker(rank, init_file, out_dir, data_path, mode):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     from fused_hybrid.trainer import HybridTrainer, load_config
 
@@ -197,6 +197,7 @@ def preference_worker(rank, init_file, out_dir, data_path):
         None,
         [
             *PREFERENCE_OVERRIDES,
+            f"mode={mode}",
             f"data.path={data_path}",
             f"output_dir={out_dir}/ddp",
             "parallel=ddp",
@@ -204,24 +205,37 @@ def preference_worker(rank, init_file, out_dir, data_path):
         ],
     )
     trainer = HybridTrainer(config, progress=False)
+    sharpen_the_reference(trainer)
     torch.save([trainer.train_step() for _ in range(2)], os.path.join(out_dir, f"steps{rank}.pt"))
     leave_process_group()
 
 
-def test_logged_metrics_at_two_ranks_match_one_process(tmp_path):
-    """Each rank's metrics are its share of the step: the logged values (the loss parts summed over the ranks, the
-    means weighted by their counts) are those of one process on the whole batch in one micro-batch."""
-    from fused_hybrid.trainer import HybridTrainer, load_config
-    from tests.test_trainer import preference_file
+def sharpen_the_reference(trainer) -> None:
+    """A reference 10x sharper than the policy gives the responses it does not favour far lower log-probs: KTO's
+    reference point z = max(0, mean(S - R)) is then positive, not clamped to 0 as at a reference equal to the start."""
+    if trainer.config.mode == "kto":
+        with torch.no_grad():
+            trainer.reference.get_output_embeddings().weight.mul_(10.0)
 
-    data_path = preference_file(tmp_path)
-    mp.spawn(preference_worker, args=(str(tmp_path / "init"), str(tmp_path), str(data_path)), nprocs=WORLD)
-    single = HybridTrainer(
-        load_config(None, [*PREFERENCE_OVERRIDES, f"data.path={data_path}", f"output_dir={tmp_path}/single"]),
-        progress=False,
-    )
+
+@pytest.mark.parametrize("mode", ["dpo", "kto"])
+def test_logged_metrics_at_two_ranks_match_one_process(tmp_path, mode):
+    """Each rank's metrics are its share of the step: the logged values (the loss parts summed over the ranks, the
+    means weighted by their counts) are those of one process on the whole batch in one micro-batch; KTO's
+    reference point is the step's, pooled over the ranks."""
+    from fused_hybrid.trainer import HybridTrainer, load_config
+    from tests.test_trainer import preference_file, unpaired_file
+
+    data_path = preference_file(tmp_path) if mode == "dpo" else unpaired_file(tmp_path)
+    mp.spawn(preference_worker, args=(str(tmp_path / "init"), str(tmp_path), str(data_path), mode), nprocs=WORLD)
+    overrides = [*PREFERENCE_OVERRIDES, f"mode={mode}", f"data.path={data_path}", f"output_dir={tmp_path}/single"]
+    single = HybridTrainer(load_config(None, overrides), progress=False)
+    sharpen_the_reference(single)
     expected = [single.train_step() for _ in range(2)]
-    assert {"preference_loss", "nll_loss", "reward_margin", "reward_accuracy"} <= set(expected[0])
+    assert mode == "dpo" or all(step["kl"] > 0.1 for step in expected)
+    logged = {"preference_loss", "reward_accuracy"}
+    logged |= {"nll_loss", "reward_margin"} if mode == "dpo" else {"kl", "reward_chosen", "reward_rejected"}
+    assert logged <= set(expected[0])
     for rank in range(WORLD):
         for step, (got, want) in enumerate(zip(torch.load(tmp_path / f"steps{rank}.pt"), expected), start=1):
             assert set(got) == set(want)

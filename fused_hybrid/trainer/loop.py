@@ -249,10 +249,13 @@ class HybridTrainer:
         return ift_inputs_embeds(self.frozen_embeddings, batch, predicted, self.config.objective.ift_lambda)
 
     # --------------------------------------------------------------------------------------------- batches
+    def _step_indices(self, count: int, generator: torch.Generator) -> list[int]:
+        """The `count` training rows drawn for the step, the same on every rank."""
+        return torch.randint(0, len(self.train_rows), (count,), generator=generator).tolist()
+
     def _sample_rows(self, count: int, generator: torch.Generator):
         """This rank's share of `count` rows drawn for the step (every rank draws the same global rows)."""
-        indices = torch.randint(0, len(self.train_rows), (count,), generator=generator).tolist()
-        return self.train_rows.select(indices[self.rank :: self.world])
+        return self.train_rows.select(self._step_indices(count, generator)[self.rank :: self.world])
 
     def _sft_pairs(self, rows, response_column: str):
         data = self.config.data
@@ -305,7 +308,7 @@ class HybridTrainer:
                 for chunk in pair_chunks
             ]
         elif data == "unpaired":
-            micro = self._unpaired_batches(self._sample_rows(config.optim.batch_size, generator), accum)
+            micro = self._unpaired_batches(config.optim.batch_size, generator, accum)
         elif data == "completions":
             rows = self.completions(self._sample_rows(config.rollout.prompts_per_step, generator))
             order = torch.randperm(rows["input_ids"].shape[0], generator=generator).tolist()
@@ -337,14 +340,20 @@ class HybridTrainer:
         counts = [batch_counts(b) for b in micro]  # each read on the host once
         return micro, counts, self._global_normalisers(counts), metrics
 
-    def _unpaired_batches(self, rows, accum: int) -> list[dict]:
-        """Micro-batches of labelled prompt + response rows, each with its rows' `desirable` flags and, for KTO's
-        reference point, `mismatched`: each prompt with the previous row's response (TRL's mismatched pairs)."""
+    def _unpaired_batches(self, count: int, generator: torch.Generator, accum: int) -> list[dict]:
+        """Micro-batches of this rank's share of `count` labelled prompt + response rows, each with its rows'
+        `desirable` flags and, for KTO's reference point, `mismatched`: each prompt with the response of the row
+        drawn before it in the step's global draw (TRL's mismatched pairs; the same pairs whatever the world size)."""
         data = self.config.data
-        prompts, responses = rows[data.prompt_column], rows[data.response_column]
-        labels = rows[data.label_column]
+        step_rows = self.train_rows.select(self._step_indices(count, generator))
+        mine = range(self.rank, len(step_rows), self.world)
+        all_responses = step_rows[data.response_column]
+        rows = step_rows.select(mine)
+        prompts, responses, labels = rows[data.prompt_column], rows[data.response_column], rows[data.label_column]
         pairs = [encode_pair(self.tokenizer, p, r, data.max_length) for p, r in zip(prompts, responses)]
-        mismatched = [encode_pair(self.tokenizer, p, responses[i - 1], data.max_length) for i, p in enumerate(prompts)]
+        mismatched = [
+            encode_pair(self.tokenizer, p, all_responses[g - 1], data.max_length) for p, g in zip(prompts, mine)
+        ]
         micro = []
         for chunk in self._split(list(range(len(pairs))), accum):
             batch = pad_batch([pairs[i] for i in chunk], self.tokenizer.pad_token_id, self.device)

@@ -365,11 +365,9 @@ class HybridTrainer:
     def _kto_reference_point(self, mismatched: list[dict]) -> torch.Tensor:
         """KTO's z for the step: the mean over the step's mismatched pairs (every micro-batch's, every rank's) of
         the policy's summed log-ratio to the reference, clamped at 0 (docs/objectives.md, "KTO, ORPO and CPO")."""
-        total, count = 0.0, 0
-        for pairs in mismatched:
-            log_ratio = self._token_logps(self.policy, pairs) - self._token_logps(self.reference_head, pairs)
-            total, count = total + log_ratio.sum().item(), count + pairs["labels"].shape[0]
-        total, count = self._all_reduce([total, float(count)])
+        log_ratios = [self._token_logps(self.policy, p) - self._token_logps(self.reference_head, p) for p in mismatched]
+        rows = sum(pairs["labels"].shape[0] for pairs in mismatched)
+        total, count = self._all_reduce([sum(r.sum() for r in log_ratios).item(), float(rows)])  # one host read
         return torch.tensor(max(total / count, 0.0), device=self.device)
 
     def _add_reference_inputs(self, batch: dict) -> None:

@@ -273,9 +273,6 @@ class PolicyOptions:
     max_response_length: int | None
 
 
-POLICY_OPTION_NAMES = tuple(field.name for field in dataclasses.fields(PolicyOptions))
-
-
 def check_grpo_options(
     *,
     loss_type: str,
@@ -358,8 +355,30 @@ def check_grpo_options(
     check_aggregation(aggregation)
     if max_response_length is not None:
         check_non_negative("max_response_length", max_response_length)
-    resolved = locals()  # the arguments, with the defaults resolved above
-    return PolicyOptions(**{name: resolved[name] for name in POLICY_OPTION_NAMES})
+    return PolicyOptions(
+        loss_type=loss_type,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        dual_clip=dual_clip,
+        delta=delta,
+        sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
+        vespo_k_pos=vespo_k_pos,
+        vespo_lambda_pos=vespo_lambda_pos,
+        vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg,
+        sampler_correction=sampler_correction,
+        sampler_clip_min=sampler_clip_min,
+        sampler_clip_max=sampler_clip_max,
+        off_policy_mask_threshold=off_policy_mask_threshold,
+        use_bias_correction_kl=use_bias_correction_kl,
+        top_entropy_quantile=top_entropy_quantile,
+        beta=beta,
+        entropy_coef=entropy_coef,
+        importance_sampling=importance_sampling,
+        aggregation=aggregation,
+        max_response_length=max_response_length,
+    )
 
 
 def policy_token_loss(
@@ -476,8 +495,30 @@ def grpo_loss(
     ``approx_kl`` (k3 of the rollout policy vs the current one), ``entropy``, and when their options are on
     ``ref_kl``, ``sampler_ratio``, ``off_policy_masked``, ``entropy_kept``, ``vespo_weight``.
     """
-    given = locals()  # the arguments: the options are checked by name
-    options = check_grpo_options(**{name: given[name] for name in POLICY_OPTION_NAMES})
+    options = check_grpo_options(
+        loss_type=loss_type,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        dual_clip=dual_clip,
+        delta=delta,
+        sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
+        vespo_k_pos=vespo_k_pos,
+        vespo_lambda_pos=vespo_lambda_pos,
+        vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg,
+        sampler_correction=sampler_correction,
+        sampler_clip_min=sampler_clip_min,
+        sampler_clip_max=sampler_clip_max,
+        off_policy_mask_threshold=off_policy_mask_threshold,
+        use_bias_correction_kl=use_bias_correction_kl,
+        top_entropy_quantile=top_entropy_quantile,
+        beta=beta,
+        entropy_coef=entropy_coef,
+        importance_sampling=importance_sampling,
+        aggregation=aggregation,
+        max_response_length=max_response_length,
+    )
     if advantages is None:
         raise ValueError("advantages is required (per token or per sequence)")
     if options.beta > 0 and ref_logp is None:

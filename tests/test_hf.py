@@ -371,6 +371,41 @@ def test_a_head_with_a_forward_of_its_own_is_refused_naming_what_it_is():
     assert "LoRA" not in str(refused.value) and not fused_hybrid.hf.is_patched(model)
 
 
+class OperandDtypeHead(torch.nn.Linear):
+    """A head that only picks dtypes (as transformers' ErgoLinearWithFP32Output): both operands rounded to the
+    weight's (or the input's) dtype, multiplied with autocast off, fp32 logits."""
+
+    def __init__(self, *args, operands: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.operands = operands
+
+    def forward(self, hidden):
+        dtype = self.weight.dtype if self.operands == "weight" else hidden.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            return torch.nn.functional.linear(hidden.to(dtype).float(), self.weight.to(dtype).float())
+
+
+@pytest.mark.parametrize("operands", ["weight", "input"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_head_that_only_picks_its_dtypes_is_fused_in_them(operands, autocast):
+    """Under bf16 autocast an fp32 model's operand-dtype head computes in fp32 (or in the bf16 hidden states' dtype),
+    not in autocast's bf16: the fused loss follows it to fp32 rounding; outside autocast, the same."""
+    model = tiny_model("llama")
+    head = OperandDtypeHead(32, 97, bias=False, operands=operands)
+    head.weight = model.lm_head.weight
+    model.lm_head = head
+    input_ids, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        expected_loss, expected = loss_and_grads(model, input_ids, labels)
+        fused_hybrid.patch_model(model)
+        assert fused_hybrid.hf.head_transform(model).operands == operands
+        loss, got = loss_and_grads(model, input_ids, labels)
+    assert_close_scaled(loss, expected_loss, 1e-5, "loss")  # bf16 logits would be ~1e-3 off
+    # autocast's bf16 backward below the head rounds the two runs' fp32-close gradients apart
+    for name in expected:
+        assert_close_scaled(got[name], expected[name], 5e-2 if autocast else 1e-4, name, atol=1e-7)
+
+
 @pytest.mark.parametrize("chunk, axial", [(8, None), (4, (4, 4))])
 def test_the_probe_takes_a_length_the_model_accepts_in_training(chunk, axial):
     """Reformer trains only on sequences that are a multiple of its chunk lengths (and exactly as long as its

@@ -33,6 +33,7 @@ from .heads import (
     head_inputs,
     head_transform,
     kept_tokens,
+    operands_autocast,
     recorded_head_input,
     replacing_head,
     router_loss_coefficient,
@@ -150,14 +151,15 @@ class _FusedHead:
             targets = shift_labels
         else:
             targets = shifted_targets(labels) if (self.shift_labels if shift is None else shift) else labels
-        hidden, weight, bias = head_inputs(recorded[0], self.head(), self.transform.vocab_size)
+        hidden, weight, bias = head_inputs(recorded[0], self.head(), self.transform)
         if hidden.shape[:-1] != targets.shape:
             raise PatchMismatchError(
                 f"{name}: the head's input {tuple(hidden.shape)} does not line up with the "
                 f"labels {tuple(targets.shape)}"
             )
         hidden, targets = kept_tokens(hidden, targets.to(hidden.device))
-        loss = (loss_fn or self.loss_fn)(hidden, weight, targets, bias, num_items_in_batch, self.transform)
+        with operands_autocast(self.transform, hidden):
+            loss = (loss_fn or self.loss_fn)(hidden, weight, targets, bias, num_items_in_batch, self.transform)
         aux_loss = getattr(outputs, "aux_loss", None)
         if aux_loss is not None:  # the MoE load-balancing loss, added as the model's own loss adds it
             coefficient = router_loss_coefficient(model)

@@ -25,15 +25,23 @@ class UnsupportedHeadError(TypeError):
     weight (a LoRA adapter on the head, a head subclass with a forward of its own); the message names the class."""
 
 
+# The dtypes a head rounds its two operands to before its fp32-accumulated product (head_operands):
+# "linear": F.linear's (the autocast dtype under autocast, else the weight's: the hidden states are cast to it);
+# "weight" / "input": the weight's / the input's dtype whatever autocast says (a head that turns autocast off).
+OPERAND_DTYPES = ("linear", "weight", "input")
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadTransform:
     """How a causal LM turns its head's output into logits: ``softcap(F.linear(h, W[:vocab_size]) / temperature)``.
 
-    ``vocab_size`` is the number of real tokens when the head's rows are padded (``unpadded_vocab_size``)."""
+    ``vocab_size`` is the number of real tokens when the head's rows are padded (``unpadded_vocab_size``);
+    ``operands`` the dtype the head rounds its operands to (OPERAND_DTYPES)."""
 
     temperature: float = 1.0
     softcap: float | None = None
     vocab_size: int | None = None
+    operands: str = "linear"
 
     def loss_options(self) -> dict:
         return {"temperature": self.temperature, "softcap": self.softcap}
@@ -66,7 +74,12 @@ def head_transform(model: nn.Module) -> HeadTransform:
     if len(caps) > 1:
         raise PatchMismatchError(f"{type(model).__name__}: the config sets several different logit softcaps {caps}")
     unpadded = getattr(config, "unpadded_vocab_size", None)
-    return HeadTransform(temperature=temperature, softcap=caps.pop() if caps else None, vocab_size=unpadded)
+    return HeadTransform(
+        temperature=temperature,
+        softcap=caps.pop() if caps else None,
+        vocab_size=unpadded,
+        operands=head_operands(model),
+    )
 
 
 def is_column_scaled_head(head: nn.Module) -> bool:
@@ -82,24 +95,73 @@ def is_column_scaled_head(head: nn.Module) -> bool:
 
 
 def check_fusable_head(model: nn.Module) -> None:
-    """Raise UnsupportedHeadError unless the output embeddings are a plain nn.Linear or a column-scaled one."""
+    """Raise UnsupportedHeadError unless the output embeddings are a linear map the engine computes exactly: a plain
+    nn.Linear, a column-scaled one, or an nn.Linear subclass that only picks its operands' and output's dtypes
+    (head_operands)."""
+    head_operands(model)
+
+
+def head_operands(model: nn.Module) -> str:
+    """The dtypes the model's head rounds its operands to (OPERAND_DTYPES); UnsupportedHeadError for a head that
+    is not a linear map the engine computes exactly."""
     head = model.get_output_embeddings()
     if type(head) is nn.Linear or is_column_scaled_head(head):
-        return
+        return "linear"
     name, kind = type(model).__name__, type(head).__name__
     if type(head).__module__.startswith("peft"):
         reason = f"a PEFT adapter layer ({kind}): leave lm_head out of the adapter's target_modules"
     elif isinstance(head, nn.Linear):
+        operands = _probed_operands(head)
+        if operands is not None:
+            return operands
         reason = (
-            f"{kind}, a subclass of nn.Linear with a forward of its own, which the patch cannot read as a "
+            f"{kind}, a subclass of nn.Linear with a forward of its own that is not F.linear of its operands rounded "
+            "to the weight's or the input's dtype (with or without autocast), which the patch cannot read as a "
             "linear map of the hidden states"
         )
     else:
         reason = f"{kind}, not an nn.Linear"
     raise UnsupportedHeadError(
-        f"{name}: the output embeddings are {reason}; fused-hybrid fuses plain nn.Linear heads and heads that scale "
-        "each logit column by a learned logit_scale"
+        f"{name}: the output embeddings are {reason}; fused-hybrid fuses plain nn.Linear heads, heads that scale "
+        "each logit column by a learned logit_scale, and heads that only choose their compute or output dtype"
     )
+
+
+def _probed_operands(head: nn.Linear) -> str | None:
+    """"weight" or "input" when the head's forward, on a probe input in a dtype other than its weight's, with
+    autocast off and on, gives F.linear of its operands both rounded to the weight's (or both to the input's)
+    dtype, to the rounding of an fp32-accumulated product and of its output dtype; else None."""
+    weight, bias = head.weight, head.bias
+    if weight.device.type == "meta" or not weight.is_floating_point():
+        return None
+    other = torch.bfloat16 if weight.dtype == torch.float32 else torch.float32
+    probe = torch.randn(3, head.in_features, generator=torch.Generator().manual_seed(0)).to(weight.device, other)
+    candidates = {}
+    for operands, dtype in (("weight", weight.dtype), ("input", other)):
+        product = probe.to(dtype).double() @ weight.to(dtype).double().T
+        candidates[operands] = product if bias is None else product + bias.to(dtype).double()
+    # rounding of fp32 accumulation over the inputs' magnitudes, and of the output's dtype
+    magnitude = probe.double().abs() @ weight.double().abs().T
+    outputs = []
+    for enabled in (False, True):
+        try:
+            with torch.no_grad(), torch.autocast(weight.device.type, dtype=torch.bfloat16, enabled=enabled):
+                outputs.append(head(probe))
+        except (RuntimeError, TypeError, ValueError):  # a head that cannot take a probe in another dtype
+            return None
+    for operands, expected in candidates.items():
+        if all(
+            isinstance(output, torch.Tensor)
+            and output.shape == expected.shape
+            and output.is_floating_point()
+            and bool(
+                ((output.double() - expected).abs() <= 1e-5 * magnitude + torch.finfo(output.dtype).eps * expected.abs())
+                .all()
+            )
+            for output in outputs
+        ):
+            return operands
+    return None
 
 
 def effective_head(head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -115,19 +177,32 @@ def effective_head(head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def head_inputs(
-    hidden: torch.Tensor, head: nn.Linear, vocab_size: int | None = None
+    hidden: torch.Tensor, head: nn.Linear, transform: HeadTransform
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(hidden, weight, bias) of the head: the effective weight and bias of a column-scaled head (effective_head),
-    cut to `vocab_size` rows when the head is padded, and the hidden states on the head's device, in its dtype
-    outside autocast (under autocast the engine casts all three as F.linear would, engine.entry.in_compute_dtype,
-    and returns fp32 parameters their fp32 gradients). The casts and cuts are differentiable, so the gradients
-    reach the parameters."""
+    cut to `transform.vocab_size` rows when the head is padded, and the hidden states on the head's device. With
+    F.linear's operands, the hidden states in the head's dtype outside autocast (under autocast the engine casts all
+    three as F.linear would, engine.entry.in_compute_dtype, and returns fp32 parameters their fp32 gradients); with
+    a head that picks its own operand dtype, all three in it, to be computed with autocast off
+    (operands_autocast). The casts and cuts are differentiable, so the gradients reach the parameters."""
     weight, bias = effective_head(head)
+    vocab_size = transform.vocab_size
     if vocab_size is not None and vocab_size < weight.shape[0]:
         weight = weight[:vocab_size]
         bias = None if bias is None else bias[:vocab_size]
-    dtype = None if autocast_dtype(hidden) is not None else weight.dtype
-    return hidden.to(device=weight.device, dtype=dtype), weight, bias
+    if transform.operands == "linear":
+        dtype = None if autocast_dtype(hidden) is not None else weight.dtype
+        return hidden.to(device=weight.device, dtype=dtype), weight, bias
+    dtype = weight.dtype if transform.operands == "weight" else hidden.dtype
+    return hidden.to(device=weight.device, dtype=dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def operands_autocast(transform: HeadTransform, hidden: torch.Tensor):
+    """The context the fused loss of a head with `transform` runs in: as it is for F.linear's operands, autocast
+    off for a head that picks its own operand dtype (head_inputs has cast them)."""
+    if transform.operands == "linear" or autocast_dtype(hidden) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(hidden.device.type, enabled=False)
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ class PolicyHead(nn.Module):
                 position_ids=position_ids,
                 use_cache=False,
             )
-            hidden, weight, bias = head_inputs(hidden, self.model.get_output_embeddings(), self.transform.vocab_size)
+            hidden, weight, bias = head_inputs(hidden, self.model.get_output_embeddings(), self.transform)
         return hidden[:, :-1], weight, bias
 
     @property

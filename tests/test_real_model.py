@@ -9,6 +9,7 @@ training, not in a test of random weights.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import zipfile
@@ -102,30 +103,72 @@ def test_a_wrong_wheel_fails_and_leaves_no_cache(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- the HF patch
+@contextlib.contextmanager
+def head_input_gradient(model):
+    """Yields a dict that receives, under "d_hidden", the gradient of the head's input (the final norm's output)
+    after the backward of a forward run inside the block."""
+    captured = {}
+
+    def keep(module, inputs, output):
+        if output.requires_grad:
+            output.retain_grad()
+            captured["hidden"] = output
+
+    handle = model.model.norm.register_forward_hook(keep)
+    result = {}
+    try:
+        yield result
+    finally:
+        handle.remove()
+    result["d_hidden"] = captured["hidden"].grad
+
+
 def loss_and_grads(model, input_ids, attention_mask, labels):
+    """The loss, every parameter's gradient and the gradient of the head's input, "d_hidden"."""
     model.zero_grad()
-    loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    with head_input_gradient(model) as head_grad:
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+    return loss.detach(), {**{n: p.grad.clone() for n, p in model.named_parameters()}, **head_grad}
 
 
 def truth_loss_and_grads(model, input_ids, attention_mask, labels):
     """The float64 truth of the causal-LM loss: a float64 copy of the model, its full float64 logits, log_softmax,
-    the mean NLL of the labelled tokens with transformers' shift (position t predicts label t + 1)."""
+    the mean NLL of the labelled tokens with transformers' shift (position t predicts label t + 1). Also returns
+    `propagated(d_hidden_error)`: the parameters' gradient errors that a given error of the head's input gradient
+    causes by itself, through the float64 model's backward (no rounding of its own)."""
     truth = real_model.float64_copy(model)
+    params = dict(truth.named_parameters())
+    captured = {}
+    truth.model.norm.register_forward_hook(lambda module, inputs, output: captured.setdefault("hidden", output))
     logits = truth(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
     assert logits.dtype == torch.float64
     targets = labels[:, 1:]
     kept = targets != -100
     loss = -torch.log_softmax(logits[kept], dim=-1).gather(1, targets[kept][:, None]).mean()
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in truth.named_parameters()}
+    hidden = captured["hidden"]
+    d_hidden, *d_params = torch.autograd.grad(loss, [hidden, *params.values()], retain_graph=True)
+    results = {**dict(zip(params, d_params)), "d_hidden": d_hidden}
+
+    def propagated(error: torch.Tensor) -> dict:
+        through = torch.autograd.grad(hidden, list(params.values()), grad_outputs=error.double(), retain_graph=True)
+        return {**dict(zip(params, through)), "d_hidden": error.double()}
+
+    return loss.detach(), results, propagated
 
 
+@pytest.mark.production_chunks
 def test_patched_model_on_chat_is_as_accurate_as_its_own_fp32_loss(smollm2, chat):
-    """patch_model on three chat conversations (right-padded, the loss on the assistant's replies only): the loss
-    and every parameter's gradient (272 tensors, the tied embedding / head included) no further from the float64
-    truth than the model's own fp32 loss and gradients, and the loss equal to the model's own to fp32 rounding."""
+    """patch_model on three chat conversations (right-padded, the loss on the assistant's replies only).
+
+    At the head, where the patch computes: the loss and the gradient of the head's input no further from the float64
+    truth than the model's own fp32 loss and gradient, and the loss equal to the model's own to fp32 rounding.
+    Below it, every parameter's gradient (272 tensors, the tied embedding / head included) is the decoder's own fp32
+    backward of that head-input gradient, in both runs: its error is the model's own backward rounding plus what the
+    head-input gradient's error becomes through the backward. So each is no further from the truth than FACTOR x the
+    model's own error + the float64-propagated effect of our head-input error. (Which of two fp32 backwards through 30
+    layers is closer to the truth on a given tensor is decided by their rounding, and that moves with the CPU and the
+    BLAS: a per-parameter ratio alone is not a claim the mathematics makes.)"""
     model, tokenizer = smollm2
     config = model.config
     assert (type(model).__name__, config.vocab_size, config.hidden_size, config.tie_word_embeddings) == (
@@ -138,7 +181,7 @@ def test_patched_model_on_chat_is_as_accurate_as_its_own_fp32_loss(smollm2, chat
         assert tokenizer.decode(labels[labels != -100]) == conversation[-1]["content"] + "<|im_end|>\n"
     own_loss, own = loss_and_grads(model, *chat)
     assert own_loss < 3.0  # pretrained: a random model's loss is ln(49152) = 10.8
-    truth_loss, truth = truth_loss_and_grads(model, *chat)
+    truth_loss, truth, propagated = truth_loss_and_grads(model, *chat)
     fused_hybrid.patch_model(model)
     try:
         loss, got = loss_and_grads(model, *chat)
@@ -146,7 +189,21 @@ def test_patched_model_on_chat_is_as_accurate_as_its_own_fp32_loss(smollm2, chat
         fused_hybrid.unpatch_model(model)
         model.zero_grad()  # the session's model keeps no gradients (a copy of it would copy them)
     assert abs(loss - own_loss) <= 1e-5 * own_loss, (loss.item(), own_loss.item())
-    assert_no_worse_than({"loss": loss, **got}, {"loss": own_loss, **own}, {"loss": truth_loss, **truth})
+    head = ("loss", "d_hidden")
+    results = {"loss": loss, **got}, {"loss": own_loss, **own}, {"loss": truth_loss, **truth}
+    assert_no_worse_than(*({name: result[name] for name in head} for result in results))
+    carried = propagated(got["d_hidden"] - truth["d_hidden"])
+    beyond = {}
+    for name, want in truth.items():
+        error = real_model.relative_error(got[name], want)
+        bound = (
+            real_model.FACTOR * real_model.relative_error(own[name], want)
+            + (carried[name].norm() / want.norm()).item()
+            + real_model.FLOOR
+        )
+        if not error <= bound:
+            beyond[name] = f"{error:.3e} > {bound:.3e}"
+    assert not beyond, f"{len(beyond)} of {len(truth)} gradients beyond the bound: {beyond}"
 
 
 # ------------------------------------------------------------------------------------------- the core
@@ -241,10 +298,16 @@ def assert_same_update(ours: torch.Tensor, theirs: torch.Tensor, start: torch.Te
     assert 0 < update and difference <= 1e-3 * update, f"{name}: the updates differ by {difference / update:.2e}"
 
 
+@pytest.mark.production_chunks
 def test_trl_sft_trainer_trains_the_real_model_as_with_trls_own_head(smollm2, tmp_path, monkeypatch):
     """Three SGD steps of SFT on chat conversations (prompt-completion: the loss on the assistant's reply), once
     with TRL's own fused head, once through fused_hybrid.integrations.trl: the same logged losses, gradient norms
-    and metrics, the same updates of a few weights, TRL's kernel never called in the second run."""
+    and metrics, the same updates of a few weights, TRL's kernel never called in the second run.
+
+    The two runs share every operation but the head, whose head-input gradients are both within ~2e-6 of the float64
+    truth (the test above), so the logged values agree to 1e-5 (measured: 3e-7 at the first step, 2e-6 after two
+    updates). With the suite's few-row chunks they would not: a BLAS may sum a few-row GEMM less accurately than the
+    same GEMM over many rows, hence the engine's own chunk sizes here."""
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     from trl.kernels import ChunkedLogProbFunction

@@ -183,12 +183,18 @@ def test_topk_of_the_whole_vocabulary_is_the_forward_kl_of_the_teacher_head():
         assert_close_scaled(got, want, 1e-4, "gradient")
 
 
-def _naive_and_our_errors(hidden, weight, bias, targets, inputs, want, run_options):
-    """Max |error| of (loss, d_hidden, d_weight) against `want`, naive PyTorch's and ours."""
+def _naive_and_our_errors(hidden, weight, bias, targets, inputs, want, run_options, *, relative_norm=False):
+    """The errors of (loss, d_hidden, d_weight) against `want`, naive PyTorch's and ours: max |error|, or with
+    `relative_norm` ||error|| / ||want||."""
+
+    def error(got, expected):
+        if relative_norm:
+            return ((got.double() - expected).norm() / expected.norm()).item()
+        return (got.double() - expected).abs().max().item()
 
     def errors(out):
         got = [out.loss, *grads(out.loss, [hidden, weight])]
-        return [(g.double() - w).abs().max().item() for g, w in zip(got, want)]
+        return [error(g, w) for g, w in zip(got, want)]
 
     naive = errors(distill_loss(hidden, weight, targets, bias, **inputs, backend="reference"))
     return naive, errors(distill_loss(hidden, weight, targets, bias, **inputs, **run_options))
@@ -344,7 +350,9 @@ def test_default_epilogue_choice():
 @pytest.mark.parametrize("engine", ["torch", "triton-epilogue"])
 def test_half_precision_heads_beat_naive_bf16(engine, request):
     """bf16 heads: the GEMMs' fp32 sums feed the divergence (never bf16-rounded logits), so the loss is far more
-    accurate than naive bf16 PyTorch's and the gradients (one bf16 rounding of dz) several times more."""
+    accurate than naive bf16 PyTorch's and the gradients (one bf16 rounding of dz) several times more. The gradients
+    are judged by their relative error norms: both end in the bf16 rounding of the result, whose half-ulp alone can
+    make the largest single error of the two equal (over 30 seeds the norm ratio stays above 2.4)."""
     hidden, weight, bias, teacher_hidden, teacher_weight, _, targets = _problem(
         n=32, d=64, d_teacher=128, v=2048, dtype=torch.bfloat16
     )
@@ -353,7 +361,9 @@ def test_half_precision_heads_beat_naive_bf16(engine, request):
     zs = transformed64(hidden, weight, bias)
     expected = loss64(zs, divergence64(zs, transformed64(teacher_hidden, teacher_weight, None), 0.5), targets, 0)
     want = [expected, *grads(expected, [hidden, weight])]
-    naive, ours = _naive_and_our_errors(hidden, weight, bias, targets, inputs, want, _run_options(engine, request))
+    naive, ours = _naive_and_our_errors(
+        hidden, weight, bias, targets, inputs, want, _run_options(engine, request), relative_norm=True
+    )
     assert ours[0] <= naive[0] / 10, f"loss: {ours[0]:.2e} vs naive {naive[0]:.2e}"
     for name, our_error, naive_error in zip(("d_hidden", "d_weight"), ours[1:], naive[1:]):
         assert our_error <= naive_error / 2, f"{name}: {our_error:.2e} vs naive {naive_error:.2e}"

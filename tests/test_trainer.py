@@ -146,6 +146,43 @@ def test_grpo_loss_types_raise_the_reward(tmp_path, settings):
         assert ratios and all(abs(r - 1) < 1e-3 for r in ratios), ratios
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.3])
+@pytest.mark.parametrize("generation_config", [{}, {"top_p": 0.5, "top_k": 3, "repetition_penalty": 1.5}])
+def test_the_sampler_and_the_loss_see_the_same_distribution(tmp_path, temperature, generation_config):
+    """At a sampling temperature other than 1, and with a model whose generation_config would truncate or penalise
+    the sampler's distribution: the log-prob the sampler recorded for each drawn token is the one the loss's logits
+    give it (the rollout policy's old_logp, at the same temperature), so the sampler correction's ratio is 1."""
+    trainer = HybridTrainer(
+        config(
+            tmp_path,
+            "grpo",
+            f"rollout.temperature={temperature}",
+            "objective.sampler_correction=token_truncate",
+            "optim.max_steps=1",
+        ),
+        progress=False,
+    )
+    for name, value in generation_config.items():
+        setattr(trainer.model.generation_config, name, value)
+    micro, _, _, _ = trainer.step_batches(torch.Generator().manual_seed(0))
+    for batch in micro:
+        drawn = batch["labels"][:, 1:] != -100
+        assert drawn.any() and batch["sampler_logp"][drawn].isfinite().all()
+        gap = (batch["old_logp"][drawn] - batch["sampler_logp"][drawn]).abs().max().item()
+        assert gap < 1e-4, f"old_logp and the sampler's log-probs differ by {gap:.3g}"
+    assert trainer.train_step()["sampler_ratio"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_sampling_temperature_is_refused_for_a_soft_capped_model():
+    from fused_hybrid.trainer.model import sampled_logit_options
+    from fused_hybrid.hf import HeadTransform
+
+    assert sampled_logit_options(HeadTransform(temperature=2.0), 0.5) == {"temperature": 1.0, "softcap": None}
+    assert sampled_logit_options(HeadTransform(softcap=30.0), 1.0) == {"temperature": 1.0, "softcap": 30.0}
+    with pytest.raises(ConfigError, match=r"rollout.temperature: 0.7 .*soft-capped"):
+        sampled_logit_options(HeadTransform(softcap=30.0), 0.7)
+
+
 # A random teacher with large weights: peaked next-token distributions, far from a fresh student's near-uniform ones.
 PEAKED_TEACHER = (
     "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, "

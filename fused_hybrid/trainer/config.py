@@ -122,7 +122,9 @@ class RolloutConfig:
     # completions per prompt; rewarded modes normalise advantages within a group, so they need 2 or more (on-policy
     # distillation, unrewarded, can take 1)
     group_size: int = 4
-    temperature: float = 1.0  # sampling temperature (> 0; the logits of the loss use the same)
+    # The sampling temperature (> 0). In the rewarded modes the losses' logits (and the rollout policy's and the
+    # reference's log-probs) are divided by it too, as TRL does: those of the distribution the rollouts came from.
+    temperature: float = 1.0
     max_new_tokens: int = 8
 
     RANGES: typing.ClassVar[dict] = {

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..engine.head import HeadSpec
 from ..logprobs import linear_logprobs
 from ..objectives import (
     OBJECTIVES,
@@ -50,6 +51,7 @@ from .model import (
     greedy_next_tokens,
     ift_inputs_embeds,
     init_distributed,
+    sampled_logit_options,
     wrap_policy,
 )
 from .reporting import append_metrics, plot_history, progress_bar, read_metrics, tensorboard_writer
@@ -128,8 +130,13 @@ class HybridTrainer:
             else None
         )
         policy_head = PolicyHead(self.model, self._autocast)
-        self.logit_options = policy_head.transform.loss_options()  # the reference is a copy: the same transform
-        self.logit_head = policy_head.logit_head()
+        # The model's own logits (the policy's entropy); the losses' (and the rollout policy's and the reference's
+        # log-probs, the reference being a copy): in the rewarded modes those of the distribution the rollouts were
+        # sampled from, the logits divided by rollout.temperature, as TRL does.
+        self.model_logit_options = policy_head.transform.loss_options()
+        sampling = config.rollout.temperature if self.objective.rewarded(config) else 1.0
+        self.logit_options = sampled_logit_options(policy_head.transform, sampling)
+        self.logit_head = HeadSpec(**self.logit_options)
         self.teacher = (
             build_teacher(config, self.tokenizer, policy_head, self.device, self._autocast)
             if self.objective.needs_teacher(config)
@@ -452,7 +459,9 @@ class HybridTrainer:
         self.model.eval()
         try:
             hidden, weight, bias, targets = self._head_inputs(self.policy, batch)
-            _, entropy = linear_logprobs(hidden, weight, targets, bias, return_entropy=True, **self.logit_options)
+            _, entropy = linear_logprobs(
+                hidden, weight, targets, bias, return_entropy=True, **self.model_logit_options
+            )
         finally:
             self.model.train()
         return float(entropy.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1))

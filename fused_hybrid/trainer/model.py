@@ -55,6 +55,21 @@ class PolicyHead(nn.Module):
         return HeadSpec(**self.transform.loss_options())
 
 
+def sampled_logit_options(transform, temperature: float) -> dict:
+    """The logit options (temperature, softcap) of the distribution a model with logit transform `transform` samples
+    from at the sampling `temperature`: its logits divided by it. A soft-capped model's sampler divides the capped
+    logits, softcap(z) / T, which the engine's softcap(z / T) is not: refused unless T is 1."""
+    options = transform.loss_options()
+    if temperature == 1.0:
+        return options
+    if options["softcap"] is not None:
+        raise ConfigError(
+            f"rollout.temperature: {temperature} with a model whose logits are soft-capped (at {options['softcap']}): "
+            "the sampler divides the capped logits, which the fused losses cannot follow; allowed: 1.0 for this model"
+        )
+    return {**options, "temperature": options["temperature"] * temperature}
+
+
 def init_distributed() -> tuple[int, int]:
     """(world size, rank); under torchrun the process group is created here if nobody has yet."""
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:

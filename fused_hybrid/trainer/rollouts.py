@@ -14,8 +14,9 @@ from .text import prompt_ids
 
 class SampledTokenLogProbs:
     """A logits processor that records, during generate(), the log-prob the sampler gave each token it drew:
-    log_softmax(scores / T) at the drawn token (it runs before generate()'s temperature warper, and top_k=0 leaves
-    no other). Only the last step's row is kept, until the next step shows which token it drew."""
+    log_softmax(scores / T) at the drawn token. generate() runs it after its other logits processors (penalties,
+    forced or suppressed tokens: what they do is recorded) and before its warpers, of which `POLICY_SAMPLING` leaves
+    only the temperature. Only the last step's row is kept, until the next step shows which token it drew."""
 
     def __init__(self, temperature: float) -> None:
         self.temperature = temperature
@@ -37,6 +38,30 @@ class SampledTokenLogProbs:
             self._take_last_step(completion[:, len(self.token_logps)])
             self.last_step = None
         return torch.stack(self.token_logps, dim=1)
+
+
+# generate()'s settings that would make it sample from another distribution than the policy's at the temperature,
+# set to their neutral values whatever the model's generation_config says (a real model's often sets top_p / top_k).
+POLICY_SAMPLING = {
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": None,
+    "top_h": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "watermarking_config": None,
+}
+
+
+def policy_sampling() -> dict:
+    """POLICY_SAMPLING's settings that the installed transformers knows."""
+    from transformers import GenerationConfig
+
+    known = GenerationConfig()
+    return {name: value for name, value in POLICY_SAMPLING.items() if hasattr(known, name)}
 
 
 @torch.no_grad()
@@ -64,8 +89,8 @@ def sample_completions(
             max_new_tokens=rollout.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            top_k=0,
             logits_processor=LogitsProcessorList([recorder] if recorder else []),
+            **policy_sampling(),
         )
     finally:
         model.config.use_cache = False

@@ -5,6 +5,8 @@ accumulation, no teacher gradient, and bad input named before any kernel."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -137,12 +139,14 @@ def test_float64_inputs_on_the_pytorch_epilogue_are_exact(beta):
 
 
 def topk_loss64(zs, ids, teacher_logp, targets, hard_weight):
-    """Forward KL over the k ids plus the tail bucket, from the student's float64 probabilities."""
+    """Forward KL over the k ids plus the tail bucket, from the student's float64 probabilities; no bucket when the
+    ids cover the vocabulary (docs/objectives.md, "Distillation", top-k)."""
     ps = torch.softmax(zs, -1)
     pt_k, ps_k = teacher_logp.double().exp(), ps.gather(-1, ids)
-    teacher_tail, student_tail = 1 - pt_k.sum(-1), 1 - ps_k.sum(-1)
-    tail = torch.where(teacher_tail > 0, teacher_tail * (teacher_tail.log() - student_tail.log()), 0.0)
-    per_token = (pt_k * (pt_k.log() - ps_k.log())).sum(-1) + tail
+    per_token = (pt_k * (pt_k.log() - ps_k.log())).sum(-1)
+    if ids.shape[-1] < zs.shape[-1]:
+        teacher_tail, student_tail = 1 - pt_k.sum(-1), 1 - ps_k.sum(-1)
+        per_token = per_token + teacher_tail * (teacher_tail.log() - student_tail.log())
     return loss64(zs, per_token, targets, hard_weight)
 
 
@@ -170,6 +174,36 @@ def test_topk_teacher_matches_float64_formula(k, temperature, backend):
     assert_close_scaled(out.loss, expected, 2e-6, "loss")
     for got, want in zip(grads(out.loss, [hidden, weight, bias]), grads(expected, [hidden, weight, bias])):
         assert_close_scaled(got, want, 2e-5, "gradient")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("mass", [1.0, 0.99])
+def test_topk_of_every_id_is_differentiated_as_given(mass, backend):
+    """k = V: no tail bucket, the loss sum_v p_t (log p_t - log p_s) of the teacher's log-probs as given (a mass
+    below 1 too), and its gradient P_t p_s - p_t: finite on every backend, equal to float64 autograd's."""
+    hidden, weight, bias, _, _, _, targets = _problem()
+    v = weight.shape[0]
+    teacher_logp = torch.log_softmax(torch.randn(hidden.shape[0], v) * 2, -1) + math.log(mass)
+    ids = torch.argsort(torch.rand(hidden.shape[0], v), -1)  # every id, in a random order
+    out = distill_loss(
+        hidden,
+        weight,
+        targets,
+        bias,
+        teacher_topk_ids=ids,
+        teacher_topk_logp=teacher_logp.gather(-1, ids),
+        temperature=1.5,
+        backend=backend,
+    )
+    zs = transformed64(hidden, weight, bias, temperature=1.5)
+    expected = topk_loss64(zs, ids, teacher_logp.gather(-1, ids), targets, 0.0)
+    assert_close_scaled(out.loss, expected, 2e-6, "loss")
+    for name, got, want in zip(
+        ("d_hidden", "d_weight", "d_bias"),
+        grads(out.loss, [hidden, weight, bias]),
+        grads(expected, [hidden, weight, bias]),
+    ):
+        assert_close_scaled(got, want, 2e-5, name)
 
 
 def test_topk_of_the_whole_vocabulary_is_the_forward_kl_of_the_teacher_head():

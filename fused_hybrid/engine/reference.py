@@ -48,7 +48,11 @@ def divergence_rows(hidden, weight, targets, bias, head: HeadSpec, teacher, beta
         pt_k = teacher.logp.exp()
         teacher_tail = (1 - pt_k.sum(-1)).clamp(min=0) * (teacher.ids.shape[1] < weight.shape[0])
         student_tail = 1 - log_ps_k.exp().sum(-1)
-        tail = torch.where(teacher_tail > 0, teacher_tail * (teacher_tail.log() - student_tail.log()), 0.0)
+        # no bucket where the teacher leaves none: its logs are never formed there (k = V leaves the student's
+        # 1 - sum p_s at 0 or below, whose log's gradient would be 0 * inf in the branch torch.where drops)
+        has_tail = teacher_tail > 0
+        logs = (torch.where(has_tail, t, 1.0).log() for t in (teacher_tail, student_tail))
+        tail = torch.where(has_tail, teacher_tail * (next(logs) - next(logs)), 0.0)
         divergence = (pt_k * (teacher.logp - log_ps_k)).sum(-1) + tail
     else:
         teacher_logits = transform_logits(

@@ -137,14 +137,15 @@ def topk_statistics(s_logits, targets, bias, head: HeadSpec, topk_ids, topk_logp
 
 def topk_gradient(state, targets, head: HeadSpec, topk_ids, g_div, g_logp, *, dz_dtype):
     """dz of `g_div * divergence + g_logp * logp` against a top-k teacher ([rows, V] in `dz_dtype`), from
-    `topk_statistics`' buffers. With P_s, P_t the student's and the teacher's mass on the ids:
-    dz_v = g (p_s,v - p_t,v) on the ids, and g p_s,v (P_t - (1 - P_t) P_s / (1 - P_s)) off them."""
+    `topk_statistics`' buffers (docs/objectives.md, "Distillation", top-k). With P_t the teacher's mass on the ids,
+    T_t, T_s the teacher's and the student's tail buckets and M = P_t + T_t (1 unless the given mass leaves no
+    bucket: k = V, or P_t rounded above 1): dz_v = g (M p_s,v - p_t,v) on the ids, g p_s,v (M - T_t / T_s) off them."""
     z, ps, student_tail, teacher_tail, pt_k, ps_k = state
-    teacher_mass = 1.0 - teacher_tail
-    # (1 - P_t) P_s / (1 - P_s), 0 where the teacher leaves no tail (also when the student leaves none)
-    tail_ratio = torch.where(teacher_tail > 0, teacher_tail * (1.0 - student_tail) / student_tail, 0.0)
-    off_ids = g_div * (teacher_mass - tail_ratio)
-    on_ids = g_div[:, None] * (ps_k - pt_k)
+    total_mass = pt_k.sum(-1) + teacher_tail
+    # T_t / T_s, 0 where the teacher leaves no tail (also when the student leaves none)
+    tail_ratio = torch.where(teacher_tail > 0, teacher_tail / student_tail, 0.0)
+    off_ids = g_div * (total_mass - tail_ratio)
+    on_ids = g_div[:, None] * (total_mass[:, None] * ps_k - pt_k)
     d_z = ps.mul_((off_ids - g_logp)[:, None])
     d_z.scatter_(1, topk_ids, on_ids - g_logp[:, None] * ps_k)
     has_target = targets >= 0

@@ -59,6 +59,9 @@ def run_cli(tmp_path, capsys, *overrides, mode="sft", config_text=None):
         ("optim.grad_accum=9", "optim.grad_accum: 9 micro-batches for 8 sequences per step"),
         ("model.path=no/such/model", "model.path: 'no/such/model': no such folder"),
         ("objective.reward=nowhere.reward", "objective.reward 'nowhere.reward' cannot be imported"),
+        ("model.tiny.hidden_sise=32", "unknown key 'model.tiny.hidden_sise'; allowed keys here: hidden_size,"),
+        ("model.tiny.hidden_size=30", "model.tiny.hidden_size: 30 is not a multiple of num_attention_heads 4"),
+        ("model.tiny.num_hidden_layers=0", "model.tiny.num_hidden_layers: 0 is out of range; allowed: >= 1"),
     ],
 )
 def test_bad_values_are_named_in_one_line(tmp_path, capsys, override, words):
@@ -66,6 +69,42 @@ def test_bad_values_are_named_in_one_line(tmp_path, capsys, override, words):
     assert code == 2 and words in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists()  # no half-written run folder
+
+
+def test_a_partial_tiny_model_setting_keeps_the_other_defaults(tmp_path):
+    """--set model.tiny.hidden_size=32 changes that key only (not the whole model.tiny, which would leave the others
+    to LlamaConfig's 7B-sized defaults); teacher.tiny merges into the same defaults."""
+    from fused_hybrid.trainer import load_config
+    from fused_hybrid.trainer.config import TinyModelConfig
+    from fused_hybrid.trainer.model import tiny_llama
+    from fused_hybrid.trainer.text import CharTokenizer
+
+    config = load_config(None, [f"model.tiny={TINY}", "model.tiny.hidden_size=64", "teacher.tiny.num_hidden_layers=3"])
+    assert config.model.tiny == TinyModelConfig(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2
+    )
+    assert config.teacher.tiny == TinyModelConfig(num_hidden_layers=3)
+    tokenizer = CharTokenizer("0123456789")
+    model = tiny_llama(config, config.model.tiny, tokenizer, len(tokenizer))
+    built = model.config
+    assert (built.hidden_size, built.intermediate_size, built.num_hidden_layers) == (64, 64, 1)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (
+            "mode: sft\noptim:\n  max_steps: 3\n  max_steps: 5\n",
+            "line 4: not valid YAML: the key 'max_steps' is given twice",
+        ),
+        ("mode: sft\nmode: dpo\n", "line 2: not valid YAML: the key 'mode' is given twice"),
+        ("mode: sft\noptim: [1, 2\nseed: 1\n", "line 3: not valid YAML: expected ',' or ']'"),
+    ],
+)
+def test_a_malformed_or_ambiguous_yaml_file_is_named_in_one_line(tmp_path, capsys, text, words):
+    code, err, _ = run_cli(tmp_path, capsys, config_text=text)
+    assert code == 2 and f"run.yaml', {words}" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

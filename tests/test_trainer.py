@@ -174,8 +174,8 @@ def test_the_sampler_and_the_loss_see_the_same_distribution(tmp_path, temperatur
 
 
 def test_a_sampling_temperature_is_refused_for_a_soft_capped_model():
-    from fused_hybrid.trainer.model import sampled_logit_options
     from fused_hybrid.hf import HeadTransform
+    from fused_hybrid.trainer.model import sampled_logit_options
 
     assert sampled_logit_options(HeadTransform(temperature=2.0), 0.5) == {"temperature": 1.0, "softcap": None}
     assert sampled_logit_options(HeadTransform(softcap=30.0), 1.0) == {"temperature": 1.0, "softcap": 30.0}

@@ -128,7 +128,7 @@ def head_operands(model: nn.Module) -> str:
 
 
 def _probed_operands(head: nn.Linear) -> str | None:
-    """"weight" or "input" when the head's forward, on a probe input in a dtype other than its weight's, with
+    """ "weight" or "input" when the head's forward, on a probe input in a dtype other than its weight's, with
     autocast off and on, gives F.linear of its operands both rounded to the weight's (or both to the input's)
     dtype, to the rounding of an fp32-accumulated product and of its output dtype; else None."""
     weight, bias = head.weight, head.bias
@@ -149,17 +149,15 @@ def _probed_operands(head: nn.Linear) -> str | None:
                 outputs.append(head(probe))
         except (RuntimeError, TypeError, ValueError):  # a head that cannot take a probe in another dtype
             return None
+
+    def agrees(output, expected) -> bool:
+        if not (isinstance(output, torch.Tensor) and output.is_floating_point() and output.shape == expected.shape):
+            return False
+        tolerance = 1e-5 * magnitude + torch.finfo(output.dtype).eps * expected.abs()
+        return bool(((output.double() - expected).abs() <= tolerance).all())
+
     for operands, expected in candidates.items():
-        if all(
-            isinstance(output, torch.Tensor)
-            and output.shape == expected.shape
-            and output.is_floating_point()
-            and bool(
-                ((output.double() - expected).abs() <= 1e-5 * magnitude + torch.finfo(output.dtype).eps * expected.abs())
-                .all()
-            )
-            for output in outputs
-        ):
+        if all(agrees(output, expected) for output in outputs):
             return operands
     return None
 

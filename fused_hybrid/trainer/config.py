@@ -40,14 +40,53 @@ _FRACTION = (0, 1, True, True)
 
 
 @dataclasses.dataclass
+class TinyModelConfig:
+    # A Llama-style model built from a config, with random weights (transformers' LlamaConfig keys; a partial setting
+    # merges into these defaults, so model.tiny.hidden_size=64 keeps the rest). null: LlamaConfig's default.
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # null: hidden_size / num_attention_heads
+    hidden_act: str | None = None
+    initializer_range: float | None = None
+    rms_norm_eps: float | None = None
+
+    RANGES: typing.ClassVar[dict] = {
+        "hidden_size": _at_least(1),
+        "intermediate_size": _at_least(1),
+        "num_hidden_layers": _at_least(1),
+        "num_attention_heads": _at_least(1),
+        "num_key_value_heads": _at_least(1),
+        "head_dim": _at_least(1),
+        "initializer_range": _POSITIVE,
+        "rms_norm_eps": _POSITIVE,
+    }
+
+    def check(self, key: str) -> None:
+        """The rules between the sizes (`key`: model.tiny or teacher.tiny)."""
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"{key}.hidden_size: {self.hidden_size} is not a multiple of num_attention_heads "
+                f"{self.num_attention_heads} (or set {key}.head_dim)"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"{key}.num_attention_heads: {self.num_attention_heads} is not a multiple of num_key_value_heads "
+                f"{self.num_key_value_heads}"
+            )
+
+    def llama_options(self) -> dict:
+        """The set keys, for transformers.LlamaConfig."""
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+
+
+@dataclasses.dataclass
 class ModelConfig:
     # A local Hugging Face model folder, or None to build a Llama-style model from `tiny` (random weights).
     path: str | None = None
-    tiny: dict = dataclasses.field(
-        default_factory=lambda: dict(
-            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-        )
-    )
+    tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
     # Tiny models: the character tokenizer's alphabet (None: every character of the data), so that a model can
     # later read a task whose data it has not seen.
     characters: str | None = None
@@ -65,9 +104,9 @@ class TeacherConfig:
     # have the student's vocabulary (the same tokenizer), checked before training starts. Give one of:
     # a local Hugging Face model folder with its tokenizer (loaded like model.path, in model.precision), ...
     path: str | None = None
-    # ... or a Llama-style model built from this config (keys as model.tiny) over the student's vocabulary, with
-    # random weights (for tests: a random teacher still has a distribution to match).
-    tiny: dict | None = None
+    # ... or a Llama-style model built from this config (the keys and defaults of model.tiny) over the student's
+    # vocabulary, with random weights (for tests: a random teacher still has a distribution to match).
+    tiny: TinyModelConfig | None = None
 
     RANGES: typing.ClassVar[dict] = {}
 
@@ -337,6 +376,16 @@ def _coerce(value, annotation, key: str):
     raise ConfigError(f"{key}: unsupported setting type {annotation}")
 
 
+def _section_type(annotation):
+    """The dataclass of a section's annotation (`Section` or `Section | None`), else None."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        sections = [option for option in typing.get_args(annotation) if dataclasses.is_dataclass(option)]
+        return sections[0] if sections else None
+    return None
+
+
 def _build(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a table of settings, got {values!r}")
@@ -347,8 +396,9 @@ def _build(cls, values: dict, prefix: str):
         if key not in types_by_name:
             raise ConfigError(f"unknown key {full!r}; allowed keys here: {', '.join(types_by_name)}")
         annotation = types_by_name[key]
-        if dataclasses.is_dataclass(annotation):
-            kwargs[key] = _build(annotation, value, f"{full}.")
+        section = _section_type(annotation)
+        if section is not None and not (value is None and annotation is not section):
+            kwargs[key] = _build(section, value, f"{full}.")
             continue
         words = getattr(cls, "BOOLEAN_WORDS", {}).get(key)
         if words is not None and isinstance(value, bool):
@@ -403,6 +453,9 @@ def check_across_sections(config: TrainConfig) -> None:
             f"teacher: mode {config.mode!r} learns from a teacher: set teacher.path (a local Hugging Face model "
             "folder) or teacher.tiny (a model config like model.tiny, random weights)"
         )
+    config.model.tiny.check("model.tiny")
+    if teacher.tiny is not None:
+        teacher.tiny.check("teacher.tiny")
     if teacher.path is not None and teacher.tiny is not None:
         raise ConfigError("teacher: give teacher.path or teacher.tiny, not both")
     if teacher.path is not None and not Path(teacher.path).is_dir():
@@ -430,6 +483,8 @@ def _shown(value) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_shown(v)}" for k, v in value.items()) + "}"
     return str(value)
@@ -451,6 +506,35 @@ def _set_dotted(values: dict, dotted: str) -> None:
     node[parts[-1]] = value
 
 
+def _read_yaml(path: Path) -> dict:
+    """A YAML config's settings; malformed YAML or a key given twice in one mapping (which PyYAML would settle
+    silently, the last one winning) is a ConfigError naming the file and the line."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, typing.Hashable):
+                    break  # PyYAML's own check names it
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    try:
+        values = yaml.load(path.read_text(), Loader=StrictLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"config file {str(path)!r}{where}: not valid YAML: {problem}") from None
+    return values if values is not None else {}
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Read a YAML (.yaml/.yml) or TOML (.toml) config (or start from the defaults) and apply overrides."""
     values: dict = {}
@@ -459,15 +543,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(path.read_text()) or {}
+            values = _read_yaml(path)
         elif path.suffix == ".toml":
             try:
                 import tomllib
             except ImportError:  # Python 3.10
                 import tomli as tomllib
-            values = tomllib.loads(path.read_text())
+            try:
+                values = tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as error:  # its message ends in "(at line L, column C)"
+                raise ConfigError(f"config file {str(path)!r}: not valid TOML: {error}") from None
         else:
             raise ConfigError(f"config file {str(path)!r} must end in .yaml, .yml or .toml")
     for override in overrides:

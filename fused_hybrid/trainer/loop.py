@@ -459,9 +459,7 @@ class HybridTrainer:
         self.model.eval()
         try:
             hidden, weight, bias, targets = self._head_inputs(self.policy, batch)
-            _, entropy = linear_logprobs(
-                hidden, weight, targets, bias, return_entropy=True, **self.model_logit_options
-            )
+            _, entropy = linear_logprobs(hidden, weight, targets, bias, return_entropy=True, **self.model_logit_options)
         finally:
             self.model.train()
         return float(entropy.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1))

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..engine.head import HeadSpec
 from ..hf import enable_activation_checkpointing, head_inputs, recorded_head_input, verified_head_transform
-from .config import ConfigError, TrainConfig, UserError
+from .config import ConfigError, TinyModelConfig, TrainConfig, UserError
 from .data import IGNORE_INDEX
 from .text import CharTokenizer, load_tokenizer
 
@@ -152,7 +152,7 @@ def _reading(where: str):
         raise UserError(f"{where}: not a Hugging Face causal-LM folder with a tokenizer ({first_line})") from None
 
 
-def tiny_llama(config: TrainConfig, tiny: dict, tokenizer, vocab_size: int) -> nn.Module:
+def tiny_llama(config: TrainConfig, tiny: TinyModelConfig, tokenizer, vocab_size: int) -> nn.Module:
     """A Llama-style causal LM from the `tiny` settings (model.tiny, teacher.tiny), random weights, `vocab_size` rows
     with the tokenizer's special tokens."""
     import transformers
@@ -164,7 +164,7 @@ def tiny_llama(config: TrainConfig, tiny: dict, tokenizer, vocab_size: int) -> n
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
         max_position_embeddings=config.data.max_length + config.rollout.max_new_tokens + 8,
-        **tiny,
+        **tiny.llama_options(),
     )
     return transformers.AutoModelForCausalLM.from_config(model_config)
 

@@ -9,7 +9,7 @@ from .checks import check_non_negative
 from .engine.core import IGNORE_INDEX, HeadStats
 from .engine.entry import linear_head_loss
 from .engine.head import HeadSpec, VocabParallel
-from .reduction import check_num_items, check_reduction, reduce_per_token
+from .reduction import check_num_items, check_reduction, mean_count, reduce_per_token
 
 
 def check_cross_entropy_options(reduction: str, label_smoothing: float, z_loss: float) -> None:
@@ -89,6 +89,7 @@ def cross_entropy_of_head(
     parallel = head.vocab_parallel
     vocab_size = weight.shape[0] if parallel is None else parallel.layout(weight.shape[0], weight.device)[1]
     valid = targets != head.ignore_index
+    mean_count(valid.sum(), num_items)  # a global count of 0 with loss tokens, refused before the kernels
 
     def loss_of_stats(stats: HeadStats):
         per_token = -stats.logp

@@ -47,6 +47,36 @@ def check_num_items(num_items, reduction: str = "mean", *, name: str = "num_item
         raise ValueError(f"{name} is the denominator of reduction='mean'; got reduction={reduction!r}")
 
 
+def mean_count(local_count, num_items, *, name: str = "num_items"):
+    """The count a mean divides by: the caller's global `num_items` when given, else the batch's own `local_count`
+    (of tokens, sequences or pairs). A global count covers every micro-batch and rank, this batch's items among them:
+    0 while this batch has items would make the mean a sum, and is refused (an all-ignored batch's 0 stays valid).
+    Checked without a host sync on a device (fail_where)."""
+    if num_items is None:
+        return local_count
+    if not isinstance(num_items, torch.Tensor) and num_items != 0:
+        return num_items
+    if not isinstance(num_items, torch.Tensor):  # a Python 0
+        has_items = local_count > 0
+        if isinstance(has_items, torch.Tensor):
+            fail_where(has_items, f"{name} is 0 {_ZERO_COUNT}")
+        elif has_items:
+            raise ValueError(f"{name} is 0 {_ZERO_COUNT}")
+        return num_items
+    zero = num_items.detach().reshape(()) == 0
+    if isinstance(local_count, torch.Tensor):
+        fail_where(zero.to(local_count.device) & (local_count > 0), f"{name} is 0 {_ZERO_COUNT}")
+    elif local_count > 0:
+        fail_where(zero, f"{name} is 0 {_ZERO_COUNT}")
+    return num_items
+
+
+_ZERO_COUNT = (
+    "while this batch has items to count (a global count includes this batch's; pass the count over every "
+    "micro-batch and rank, or leave it out)"
+)
+
+
 def divide_by_count(total: torch.Tensor, count: int | float | torch.Tensor) -> torch.Tensor:
     """total / count, where an empty batch (count 0) gives 0 rather than NaN.
 
@@ -64,4 +94,4 @@ def reduce_per_token(per_token: torch.Tensor, mask: torch.Tensor, reduction: str
     total = per_token.sum()
     if reduction == "sum":
         return total
-    return divide_by_count(total, mask.sum() if num_items is None else num_items)
+    return divide_by_count(total, mean_count(mask.sum(), num_items))

@@ -139,6 +139,35 @@ def test_a_meaningless_count_is_refused_not_coerced(num_items, error, words):
             call()
 
 
+@pytest.mark.parametrize("zero", [0, torch.tensor(0)])
+def test_a_zero_count_with_loss_tokens_is_refused(zero, monkeypatch):
+    """num_items = 0 while the batch has loss tokens (or sequences, or pairs) would turn the mean into a sum: refused,
+    naming num_items (before any kernel for the cross-entropy: no_kernel_runs); an all-ignored batch keeps its
+    loss 0."""
+    hidden, weight, targets, _ = good()
+    with pytest.raises(ValueError, match="num_items is 0 while this batch has items to count"):
+        fused_hybrid.linear_cross_entropy(hidden, weight, targets, num_items=zero)
+    monkeypatch.undo()  # the objectives below refuse it where they count
+    sequences = targets.reshape(2, -1) if targets.dim() == 1 else targets
+    calls = {
+        "dft": lambda: fused_hybrid.dft_loss(hidden, weight, targets, num_items=zero),
+        "grpo": lambda: fused_hybrid.grpo_loss(
+            hidden.reshape(*sequences.shape, -1),
+            weight,
+            sequences,
+            advantages=torch.randn(sequences.shape[0]),
+            loss_type="grpo",
+            num_items=zero,
+        ),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match="num_items is 0 while this batch has items to count"):
+            call()
+    ignored = torch.full_like(targets, -100)
+    loss = fused_hybrid.linear_cross_entropy(hidden, weight, ignored, num_items=zero)
+    assert loss.item() == 0.0
+
+
 @pytest.mark.parametrize("mask_value", [0.5, -1, 2])
 def test_a_loss_mask_that_is_not_a_selection_is_refused(mask_value):
     hidden, weight, targets, _ = good()

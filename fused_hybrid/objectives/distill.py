@@ -16,7 +16,7 @@ from ..engine.divergence import TeacherHead, TopKTeacher
 from ..engine.divergence_core import DivergenceRows, with_temperature
 from ..engine.entry import linear_divergence_loss
 from ..engine.head import HeadSpec
-from ..reduction import check_num_items, divide_by_count
+from ..reduction import check_num_items, divide_by_count, mean_count
 from .registry import Objective, register
 from .tokens import LossOutput, TokenLayout, objective_module
 
@@ -100,7 +100,7 @@ def distill_loss(
 
         tokens = layout.mask.sum()
         divergence, cross_entropy = total(rows.divergence), -total(rows.logp)
-        loss = divide_by_count(divergence + hard_weight * cross_entropy, tokens if num_items is None else num_items)
+        loss = divide_by_count(divergence + hard_weight * cross_entropy, mean_count(tokens, num_items))
         metrics = {
             "divergence": divide_by_count(divergence.detach(), tokens),
             "student_entropy": divide_by_count(total(rows.entropy.detach()), tokens),

@@ -8,7 +8,7 @@ import torch
 
 from ..checks import check_non_negative
 from ..engine.head import HeadSpec
-from ..reduction import check_num_items, divide_by_count
+from ..reduction import check_num_items, divide_by_count, mean_count
 from .policy_gradient import LOG_RATIO_LIMIT, k3_kl
 from .registry import Objective, clip_options, register
 from .tokens import LossOutput, TokenBatch, TokenLayout, evaluate_objective, objective_module
@@ -64,7 +64,7 @@ def gmpo_loss(
         has_tokens = seq_tokens > 0
         geometric_ratio = torch.exp(batch.seq_sum(log_m) / seq_tokens.clamp(min=1))
         objective = torch.where(has_tokens, seq_advantages * geometric_ratio, 0.0)
-        loss = -divide_by_count(objective.sum(), has_tokens.sum() if num_items is None else num_items)
+        loss = -divide_by_count(objective.sum(), mean_count(has_tokens.sum(), num_items))
         metrics = {
             "clip_frac": batch.token_mean(log_m.detach() != log_ratio.detach()),
             "mean_ratio": divide_by_count(

@@ -14,7 +14,7 @@ import torch
 
 from ..checks import check_non_negative
 from ..engine.head import HeadSpec
-from ..reduction import check_num_items, divide_by_count
+from ..reduction import check_num_items, divide_by_count, mean_count
 from .registry import Objective, register
 from .tokens import LossOutput, TokenBatch, TokenLayout, evaluate_objective, objective_module
 
@@ -61,7 +61,7 @@ def ift_loss(
         weights = ift_token_weights(batch, gamma)
         tokens = batch.seq_tokens()
         per_sequence = batch.seq_sum(-weights * batch.logp) / tokens.clamp(min=1)
-        num_seqs = (tokens > 0).sum() if num_items is None else num_items
+        num_seqs = mean_count((tokens > 0).sum(), num_items)
         loss = divide_by_count(per_sequence.sum(), num_seqs)
         return LossOutput(loss, {"sft_loss": batch.token_mean(-batch.logp)})
 

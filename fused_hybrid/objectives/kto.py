@@ -12,7 +12,7 @@ import torch
 
 from ..checks import check_non_negative, check_positive, fail_where
 from ..engine.head import HeadSpec
-from ..reduction import check_num_items, divide_by_count
+from ..reduction import check_num_items, divide_by_count, mean_count
 from .preference import policy_and_reference_sums
 from .registry import Objective, register
 from .tokens import LossOutput, TokenBatch, TokenLayout, evaluate_head, evaluate_objective, objective_module
@@ -106,7 +106,7 @@ def kto_loss(
         margins = beta * torch.where(desirable, log_ratio - reference_point, reference_point - log_ratio)
         weights = torch.where(desirable, desirable_weight, undesirable_weight).to(log_ratio.dtype)
         losses = weights * torch.sigmoid(-margins)  # 1 - sigmoid(m)
-        loss = divide_by_count(losses.sum(), batch.num_sequences if num_items is None else num_items)
+        loss = divide_by_count(losses.sum(), mean_count(batch.num_sequences, num_items))
 
         rewards = beta * log_ratio.detach()
         desirable_count, undesirable_count = desirable.sum(), (~desirable).sum()

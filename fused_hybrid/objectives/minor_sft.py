@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..checks import check_positive
 from ..engine.head import HeadSpec
-from ..reduction import check_num_items, divide_by_count
+from ..reduction import check_num_items, divide_by_count, mean_count
 from .preference import policy_and_reference_sums
 from .registry import Objective, register
 from .tokens import LossOutput, TokenBatch, TokenLayout, evaluate_objective, objective_module
@@ -61,7 +61,7 @@ def minor_sft_loss(
             losses = -(2.0 / beta) * F.logsigmoid(beta * delta / lengths)
         else:
             losses = -(2.0 / (beta * lengths)) * F.logsigmoid(beta * delta)
-        num_seqs = has_tokens.sum() if num_items is None else num_items
+        num_seqs = mean_count(has_tokens.sum(), num_items)
         loss = divide_by_count(torch.where(has_tokens, losses, 0.0).sum(), num_seqs)
         metrics = {
             "m_theta": divide_by_count(torch.where(has_tokens, delta.detach() / lengths, 0.0).sum(), has_tokens.sum()),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..checks import check_non_negative, check_positive
 from ..engine.head import HeadSpec
-from ..reduction import check_num_items, divide_by_count
+from ..reduction import check_num_items, divide_by_count, mean_count
 from .registry import Objective, register
 from .tokens import LossOutput, TokenBatch, TokenLayout, evaluate_head, evaluate_objective, objective_module
 
@@ -49,14 +49,14 @@ def count_pairs(layout: TokenLayout, why: str) -> int:
 
 def mean_over_pairs(losses: torch.Tensor, pairs: int, num_items) -> torch.Tensor:
     """The per-pair losses [P] summed over P, or over the global ``num_items`` pairs."""
-    return divide_by_count(losses.sum(), pairs if num_items is None else num_items)
+    return divide_by_count(losses.sum(), mean_count(pairs, num_items))
 
 
 def chosen_nll(batch: TokenBatch, pairs: int, num_chosen_tokens) -> torch.Tensor:
     """Token-mean NLL of the chosen responses (sequences 0 .. P - 1), over their loss tokens or the global
     ``num_chosen_tokens``."""
     chosen = batch.restrict(batch.seq_index < pairs)
-    count = chosen.num_tokens() if num_chosen_tokens is None else num_chosen_tokens
+    count = mean_count(chosen.num_tokens(), num_chosen_tokens, name="num_chosen_tokens")
     return divide_by_count(chosen.keep(-batch.logp).sum(), count)
 
 

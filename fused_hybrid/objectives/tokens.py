@@ -31,7 +31,7 @@ from torch import nn
 from ..checks import check_non_negative, check_sequence_ids, fail_where
 from ..engine.entry import linear_head_loss, linear_head_stats
 from ..engine.head import HEAD_OPTIONS, HeadSpec
-from ..reduction import check_num_items, divide_by_count
+from ..reduction import check_num_items, divide_by_count, mean_count
 from .registry import GRADIENT_PLANS
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -316,11 +316,11 @@ def aggregate(
     check_num_items(num_items)
     masked = batch.keep(per_token)
     if aggregation == "token-mean":
-        return divide_by_count(masked.sum(), batch.num_tokens() if num_items is None else num_items)
+        return divide_by_count(masked.sum(), mean_count(batch.num_tokens(), num_items))
 
     batch.require_sequences(f"aggregation={aggregation!r}")
     seq_tokens = batch.seq_tokens()
-    num_seqs = (seq_tokens > 0).sum() if num_items is None else num_items
+    num_seqs = mean_count((seq_tokens > 0).sum(), num_items)
     if aggregation == "seq-mean-token-mean":
         return divide_by_count((batch.seq_sum(per_token) / seq_tokens.clamp(min=1)).sum(), num_seqs)
     if aggregation == "seq-mean-token-sum":

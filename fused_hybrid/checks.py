@@ -10,6 +10,21 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_tensor(name: str, value, *, optional: bool = False) -> None:
+    """TypeError unless `value` is a tensor (or None with `optional`), naming `name`; a module given where its
+    parameter is meant (``model.lm_head`` for ``model.lm_head.weight``) is told which attribute to pass."""
+    if isinstance(value, torch.Tensor) or (optional and value is None):
+        return
+    expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
+    hint = ""
+    if isinstance(value, torch.nn.Module):
+        has = [
+            attribute for attribute in ("weight", "bias") if isinstance(getattr(value, attribute, None), torch.Tensor)
+        ]
+        hint = f" (a module: pass its {' / '.join('.' + a for a in has)} tensor)" if has else " (a module)"
+    raise TypeError(f"{name} must be {expected}, got {type(value).__name__}{hint}")
+
+
 def check_head_inputs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -18,10 +33,8 @@ def check_head_inputs(
 ) -> None:
     """Validate `(hidden [..., D], weight [V, D], targets [...], bias [V])` (HeadSpec checks the transform)."""
     for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        check_tensor(name, value)
+    check_tensor("bias", bias, optional=True)
 
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape [..., D] (at least 1 dimension), got a 0-d tensor")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checks import check_non_negative
+from .checks import check_non_negative, check_tensor
 from .engine.core import IGNORE_INDEX, HeadStats
 from .engine.entry import linear_head_loss
 from .engine.head import HeadSpec, VocabParallel
@@ -85,6 +85,9 @@ def cross_entropy_of_head(
     """:func:`linear_cross_entropy` with the head given as a HeadSpec (what the SFT objective and the module use)."""
     check_cross_entropy_options(reduction, label_smoothing, z_loss)
     check_num_items(num_items, reduction)
+    for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        check_tensor(name, value)  # read below before the engine checks the rest
+    check_tensor("bias", bias, optional=True)
     # mean_v z_v is over the whole vocabulary, every slice of it under vocab parallelism
     parallel = head.vocab_parallel
     vocab_size = weight.shape[0] if parallel is None else parallel.layout(weight.shape[0], weight.device)[1]

@@ -190,3 +190,52 @@ def test_modules_check_their_options_when_built(build, words):
     with pytest.raises(ValueError) as info:
         build()
     assert words in str(info.value)
+
+
+def public_head_callables():
+    """Every public function and loss module whose first arguments are (hidden, weight, targets)."""
+    import inspect
+
+    found = {}
+    for name in fused_hybrid.__all__:
+        value = getattr(fused_hybrid, name)
+        if inspect.isclass(value) and issubclass(value, torch.nn.Module):
+            parameters = list(inspect.signature(value.forward).parameters)[1:4]
+        elif inspect.isfunction(value):
+            parameters = list(inspect.signature(value).parameters)[:3]
+        else:
+            continue
+        if parameters == ["hidden", "weight", "targets"]:
+            found[name] = value
+    return found
+
+
+def test_every_head_taking_function_names_a_module_given_for_its_weight():
+    """model.lm_head (the module) where model.lm_head.weight is meant: a TypeError naming weight and what to pass,
+    from every public function and module, before anything reads the module (not an AttributeError)."""
+    import inspect
+
+    head = torch.nn.Linear(8, 10, bias=True)
+    hidden, targets = torch.randn(2, 3, 8), torch.randint(0, 10, (2, 3))
+    by_name = dict(
+        advantages=torch.randn(2),
+        old_logp=torch.randn(2, 3),
+        ref_logp=torch.randn(2, 3),
+        desirable=torch.tensor([True, False]),
+        mu=0.5,
+        is_expert=torch.tensor([True, False]),
+        teacher_hidden=torch.randn(2, 3, 8),
+        teacher_weight=torch.randn(10, 8),
+    )
+    callables = public_head_callables()
+    assert {"linear_cross_entropy", "FusedLinearCrossEntropyLoss", "grpo_loss", "distill_loss"} <= set(callables)
+    for value in callables.values():
+        call = value().forward if inspect.isclass(value) else value
+        accepted = getattr(value, "batch_inputs", None) or inspect.signature(call).parameters
+        needed = {k: v for k, v in by_name.items() if k in accepted}
+        with pytest.raises(
+            TypeError, match=r"^weight must be a torch.Tensor, got Linear \(a module: pass its \.weight"
+        ):
+            call(hidden, head, targets, **needed)
+    with pytest.raises(TypeError, match=r"^teacher_weight must be a torch.Tensor, got Linear \(a module"):
+        fused_hybrid.distill_loss(hidden, torch.randn(10, 8), targets, teacher_hidden=hidden, teacher_weight=head)

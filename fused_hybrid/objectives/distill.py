@@ -10,7 +10,7 @@ import numbers
 
 import torch
 
-from ..checks import check_non_negative, check_positive, fail_where
+from ..checks import check_non_negative, check_positive, check_tensor, fail_where
 from ..engine.core import stats_dtype
 from ..engine.divergence import TeacherHead, TopKTeacher
 from ..engine.divergence_core import DivergenceRows, with_temperature
@@ -143,8 +143,8 @@ def _teacher(
             "give the teacher either as a head (teacher_hidden, teacher_weight, teacher_bias) or as its top-k "
             "log-probs (teacher_topk_ids, teacher_topk_logp), not " + ("both" if given_head else "neither")
         )
-    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError("hidden and weight must be torch.Tensors")
+    check_tensor("hidden", hidden)
+    check_tensor("weight", weight)
     if given_topk:
         if teacher_head is not None:
             raise ValueError("teacher_head transforms a teacher head's logits; a top-k teacher has none")
@@ -160,11 +160,9 @@ def _teacher(
 
 
 def _teacher_head(hidden, weight, targets, teacher_hidden, teacher_weight, teacher_bias, teacher_head, temperature):
-    for name, value in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor (the teacher head), got {type(value).__name__}")
-    if teacher_bias is not None and not isinstance(teacher_bias, torch.Tensor):
-        raise TypeError(f"teacher_bias must be a torch.Tensor or None, got {type(teacher_bias).__name__}")
+    check_tensor("teacher_hidden", teacher_hidden)
+    check_tensor("teacher_weight", teacher_weight)
+    check_tensor("teacher_bias", teacher_bias, optional=True)
     if teacher_weight.dim() != 2:
         raise ValueError(f"teacher_weight must have shape [V, D_t], got {tuple(teacher_weight.shape)}")
     if teacher_weight.shape[0] != weight.shape[0]:
@@ -204,8 +202,7 @@ def _teacher_head(hidden, weight, targets, teacher_hidden, teacher_weight, teach
 
 def _topk_teacher(ids, logp, targets, layout: TokenLayout, vocab_size: int, hidden) -> TopKTeacher:
     for name, value in (("teacher_topk_ids", ids), ("teacher_topk_logp", logp)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        check_tensor(name, value)
     if ids.dim() != targets.dim() + 1 or ids.shape[:-1] != targets.shape or not 1 <= ids.shape[-1] <= vocab_size:
         raise ValueError(
             f"teacher_topk_ids must have shape targets.shape + (k,) = {(*targets.shape, 'k')} with 1 <= k <= V "

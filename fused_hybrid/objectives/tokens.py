@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..checks import check_non_negative, check_sequence_ids, fail_where
+from ..checks import check_non_negative, check_sequence_ids, check_tensor, fail_where
 from ..engine.entry import linear_head_loss, linear_head_stats
 from ..engine.head import HEAD_OPTIONS, HeadSpec
 from ..reduction import check_num_items, divide_by_count, mean_count
@@ -123,8 +123,7 @@ def check_token_input(value, name: str, shape, num_sequences, device, *, per_seq
     """`value` is a tensor on `device` given per token (`shape`, that of targets) or, with `per_sequence`, per
     sequence ([num_sequences]). Log-probs (``old_logp``, ``ref_logp``) are per token only: a rollout engine's
     per-sequence sum spread over the tokens would be silently wrong."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    check_tensor(name, value)
     if value.device != device:
         raise ValueError(f"{name} is on {value.device}, the batch on {device}")
     if value.shape == shape or (per_sequence and num_sequences is not None and value.shape == (num_sequences,)):
@@ -142,8 +141,7 @@ def check_token_input(value, name: str, shape, num_sequences, device, *, per_seq
 
 def check_sequence_input(value, name: str, num_sequences, device) -> None:
     """`value` is a tensor on `device` given per sequence ([num_sequences])."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    check_tensor(name, value)
     if value.shape != (num_sequences,):
         raise ValueError(f"{name} must have shape ({num_sequences},) (per sequence), got {tuple(value.shape)}")
     if value.device != device:
@@ -200,8 +198,7 @@ class TokenLayout:
         """The layout of `targets` ([B, T], or [N] packed with `sequence_ids` and `num_sequences`, or tokens only),
         every argument checked; the tokens in the loss are those whose target is not `head.ignore_index` and, with
         `loss_mask`, where it is set."""
-        if not isinstance(targets, torch.Tensor):
-            raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+        check_tensor("targets", targets)
         seq_index, padded_length = None, None
         if sequence_ids is not None:
             if targets.dim() != 1:
@@ -382,5 +379,11 @@ def objective_module(name: str, loss: Callable[..., LossOutput], check_options: 
         f"(and the head's); ``loss_fn(hidden, weight, targets, bias=None, **inputs)`` with {list(per_batch)} "
         "returns the scalar loss, and ``loss_fn.metrics`` the last call's metrics."
     )
-    module = {"__init__": __init__, "forward": forward, "__doc__": doc, "__module__": loss.__module__}
+    module = {
+        "__init__": __init__,
+        "forward": forward,
+        "__doc__": doc,
+        "__module__": loss.__module__,
+        "batch_inputs": per_batch,  # the keyword arguments forward takes with each batch
+    }
     return type(name, (ObjectiveModule,), module)

@@ -239,3 +239,30 @@ def test_every_head_taking_function_names_a_module_given_for_its_weight():
             call(hidden, head, targets, **needed)
     with pytest.raises(TypeError, match=r"^teacher_weight must be a torch.Tensor, got Linear \(a module"):
         fused_hybrid.distill_loss(hidden, torch.randn(10, 8), targets, teacher_hidden=hidden, teacher_weight=head)
+
+
+def test_a_packed_input_that_could_be_per_token_or_per_sequence_is_refused():
+    """Packed targets [N] with N == num_sequences: an input of shape (N,) is per token and per sequence alike. With
+    one token per sequence both readings agree; with an empty sequence (another holding two) they do not, and the
+    input is refused rather than read per token."""
+    hidden, weight = torch.randn(3, 8), torch.randn(10, 8)
+    targets = torch.randint(0, 10, (3,))
+    advantages = torch.tensor([1.0, -2.0, 0.5])
+    old_logp = -torch.rand(3)
+
+    def loss(sequence_ids):
+        return fused_hybrid.grpo_loss(
+            hidden,
+            weight,
+            targets,
+            advantages=advantages,
+            old_logp=old_logp,
+            sequence_ids=torch.tensor(sequence_ids),
+            num_sequences=3,
+        ).loss
+
+    one_each = loss([0, 1, 2])
+    per_token = fused_hybrid.grpo_loss(hidden, weight, targets, advantages=advantages, old_logp=old_logp).loss
+    assert torch.allclose(one_each, per_token)
+    with pytest.raises(ValueError, match=r"advantages has shape \(3,\), both per token and per sequence"):
+        loss([0, 0, 2])

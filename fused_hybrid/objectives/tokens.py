@@ -79,7 +79,15 @@ class TokenBatch:
     def per_token(self, value: torch.Tensor, name: str, *, per_sequence: bool = True) -> torch.Tensor:
         """`value` given per token (shape of targets) or, with `per_sequence`, per sequence ([num_sequences], each
         sequence's value on all its tokens) -> float [N], 0 outside the loss (see check_token_input)."""
-        check_token_input(value, name, self.shape, self.num_sequences, self.logp.device, per_sequence=per_sequence)
+        check_token_input(
+            value,
+            name,
+            self.shape,
+            self.num_sequences,
+            self.logp.device,
+            per_sequence=per_sequence,
+            seq_index=self.seq_index,
+        )
         if value.shape == self.shape:
             return self.keep(value.reshape(-1).to(self.logp.dtype))
         return self.keep(value.to(self.logp.dtype)[self.seq_index])
@@ -119,13 +127,25 @@ class TokenBatch:
         return divide_by_count(self.keep(per_token.detach().to(self.logp.dtype)).sum(), self.num_tokens())
 
 
-def check_token_input(value, name: str, shape, num_sequences, device, *, per_sequence: bool = True) -> None:
+def check_token_input(
+    value, name: str, shape, num_sequences, device, *, per_sequence: bool = True, seq_index=None
+) -> None:
     """`value` is a tensor on `device` given per token (`shape`, that of targets) or, with `per_sequence`, per
     sequence ([num_sequences]). Log-probs (``old_logp``, ``ref_logp``) are per token only: a rollout engine's
-    per-sequence sum spread over the tokens would be silently wrong."""
+    per-sequence sum spread over the tokens would be silently wrong. Packed tokens as many as the sequences
+    (`seq_index`, each token's sequence) make the two shapes one: read per token, which is only the same as per
+    sequence when each sequence holds one token; otherwise the input is refused as ambiguous."""
     check_tensor(name, value)
     if value.device != device:
         raise ValueError(f"{name} is on {value.device}, the batch on {device}")
+    if per_sequence and seq_index is not None and value.shape == shape == (num_sequences,):
+        fail_where(
+            seq_index != torch.arange(num_sequences, device=seq_index.device),
+            f"{name} has shape ({num_sequences},), both per token and per sequence: the packed batch has as many "
+            "tokens as sequences, but not one token per sequence, so which is meant cannot be told; append a token "
+            "with target ignore_index (or drop the empty sequences) so that the two counts differ",
+        )
+        return
     if value.shape == shape or (per_sequence and num_sequences is not None and value.shape == (num_sequences,)):
         return
     expected = f"{tuple(shape)} (per token)"
@@ -173,7 +193,15 @@ class TokenLayout:
         for inputs, spread_allowed in ((per_token, False), (per_token_or_sequence, True)):
             for name, value in inputs.items():
                 if value is not None:
-                    check_token_input(value, name, self.shape, self.num_sequences, device, per_sequence=spread_allowed)
+                    check_token_input(
+                        value,
+                        name,
+                        self.shape,
+                        self.num_sequences,
+                        device,
+                        per_sequence=spread_allowed,
+                        seq_index=self.seq_index,
+                    )
         for name, value in per_sequence.items():
             if value is not None:
                 if self.num_sequences is None:

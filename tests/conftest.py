@@ -25,16 +25,18 @@ SMALL_CHUNK_ROWS = 5
 def _several_chunks(request, monkeypatch):
     """The test shapes are tiny next to the engine's 1 GiB workspace: cap the chunked engine's chunks at a few rows
     so that every test runs multi-chunk sweeps with a ragged last chunk (tests of the sizing itself call
-    `chunk_rows` directly and see its real result). Tests marked `production_chunks` (accuracy claims about what
-    users run) keep the engine's own sizes: a BLAS may sum a GEMM of a few rows in another order, less accurately
-    than the same GEMM over many rows (one of 2 threads of a 5-row GEMM, 4x here)."""
+    `chunk_rows` directly and see its real result). A test marked `chunk_rows(rows)` gets that cap instead, or the
+    engine's own sizes with None: the accuracy claims against naive PyTorch, whose GEMMs run over all the rows,
+    since a BLAS may sum a GEMM of fewer than 8 rows in another, less accurate order (a 5-row one 4x, a 1-row one
+    7x on one CPU at 2 threads): that is the BLAS's rounding, not the engine's."""
     from fused_hybrid.engine import chunked
 
-    if request.node.get_closest_marker("production_chunks"):
+    marker = request.node.get_closest_marker("chunk_rows")
+    cap = marker.args[0] if marker is not None else SMALL_CHUNK_ROWS
+    if cap is None:
         return
-
     real = chunked.chunk_rows
-    monkeypatch.setattr(chunked, "chunk_rows", lambda *args: min(real(*args), SMALL_CHUNK_ROWS))
+    monkeypatch.setattr(chunked, "chunk_rows", lambda *args: min(real(*args), cap))
 
 
 def pytest_runtest_makereport(item, call):

@@ -398,6 +398,8 @@ def test_half_precision_heads_beat_naive_bf16(engine, request):
     naive, ours = _naive_and_our_errors(
         hidden, weight, bias, targets, inputs, want, _run_options(engine, request), relative_norm=True
     )
-    assert ours[0] <= naive[0] / 10, f"loss: {ours[0]:.2e} vs naive {naive[0]:.2e}"
+    # our loss is an fp32 number: a few fp32 ulps (relative) is as close as it can be, whatever naive's luck
+    fp32_floor = 4 * torch.finfo(torch.float32).eps
+    assert ours[0] <= naive[0] / 10 + fp32_floor, f"loss: {ours[0]:.2e} vs naive {naive[0]:.2e}"
     for name, our_error, naive_error in zip(("d_hidden", "d_weight"), ours[1:], naive[1:]):
         assert our_error <= naive_error / 2, f"{name}: {our_error:.2e} vs naive {naive_error:.2e}"

@@ -157,7 +157,7 @@ def truth_loss_and_grads(model, input_ids, attention_mask, labels):
     return loss.detach(), results, propagated
 
 
-@pytest.mark.production_chunks
+@pytest.mark.chunk_rows(None)
 def test_patched_model_on_chat_is_as_accurate_as_its_own_fp32_loss(smollm2, chat):
     """patch_model on three chat conversations (right-padded, the loss on the assistant's replies only).
 
@@ -298,7 +298,7 @@ def assert_same_update(ours: torch.Tensor, theirs: torch.Tensor, start: torch.Te
     assert 0 < update and difference <= 1e-3 * update, f"{name}: the updates differ by {difference / update:.2e}"
 
 
-@pytest.mark.production_chunks
+@pytest.mark.chunk_rows(None)
 def test_trl_sft_trainer_trains_the_real_model_as_with_trls_own_head(smollm2, tmp_path, monkeypatch):
     """Three SGD steps of SFT on chat conversations (prompt-completion: the loss on the assistant's reply), once
     with TRL's own fused head, once through fused_hybrid.integrations.trl: the same logged losses, gradient norms

@@ -163,6 +163,16 @@ def test_a_zero_count_with_loss_tokens_is_refused(zero, monkeypatch):
     for call in calls.values():
         with pytest.raises(ValueError, match="num_items is 0 while this batch has items to count"):
             call()
+    with pytest.raises(ValueError, match="num_rollout_tokens is 0 while this batch has items to count"):
+        fused_hybrid.chord_loss(
+            hidden.reshape(*sequences.shape, -1),
+            weight,
+            sequences,
+            advantages=torch.randn(sequences.shape[0]),
+            is_expert=torch.tensor([False, True]),
+            mu=0.5,
+            num_rollout_tokens=zero,
+        )
     ignored = torch.full_like(targets, -100)
     loss = fused_hybrid.linear_cross_entropy(hidden, weight, ignored, num_items=zero)
     assert loss.item() == 0.0

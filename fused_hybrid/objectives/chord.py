@@ -131,14 +131,18 @@ def chord_loss(
             epsilon_high=epsilon_high,
             dual_clip=dual_clip,
         )
-        grpo_part = aggregate(policy_loss, rollouts, "token-mean", num_items=num_rollout_tokens)
+        grpo_part = aggregate(
+            policy_loss, rollouts, "token-mean", num_items=num_rollout_tokens, count_name="num_rollout_tokens"
+        )
 
         if use_phi:
             prob = batch.logp.detach().clamp(max=math.log(cutoff_prob)).exp()
             phi = prob * (1.0 - prob)
         else:
             phi = torch.ones_like(batch.logp)
-        sft_part = aggregate(-phi * batch.logp, experts, "token-mean", num_items=num_expert_tokens)
+        sft_part = aggregate(
+            -phi * batch.logp, experts, "token-mean", num_items=num_expert_tokens, count_name="num_expert_tokens"
+        )
 
         metrics = policy_metrics(rollouts, active)
         metrics.update(

@@ -324,6 +324,7 @@ def aggregate(
     aggregation: str,
     *,
     num_items=None,
+    count_name: str = "num_items",
     max_response_length: int | None = None,
 ) -> torch.Tensor:
     """Reduce per-token losses to a scalar (docs/objectives.md, "Aggregation").
@@ -335,17 +336,17 @@ def aggregate(
 
     The sequence means count the sequences that hold at least one loss token. ``num_items`` replaces the count
     (tokens for ``token-mean``, sequences otherwise) with a caller-given global one, so that micro-batches and
-    ranks accumulate to the full-batch gradient.
+    ranks accumulate to the full-batch gradient (``count_name``: the argument that gave it, for errors).
     """
     check_aggregation(aggregation)
-    check_num_items(num_items)
+    check_num_items(num_items, name=count_name)
     masked = batch.keep(per_token)
     if aggregation == "token-mean":
-        return divide_by_count(masked.sum(), mean_count(batch.num_tokens(), num_items))
+        return divide_by_count(masked.sum(), mean_count(batch.num_tokens(), num_items, name=count_name))
 
     batch.require_sequences(f"aggregation={aggregation!r}")
     seq_tokens = batch.seq_tokens()
-    num_seqs = mean_count((seq_tokens > 0).sum(), num_items)
+    num_seqs = mean_count((seq_tokens > 0).sum(), num_items, name=count_name)
     if aggregation == "seq-mean-token-mean":
         return divide_by_count((batch.seq_sum(per_token) / seq_tokens.clamp(min=1)).sum(), num_seqs)
     if aggregation == "seq-mean-token-sum":

@@ -669,9 +669,13 @@ def test_micro_batches_with_num_items_sum_to_the_batch(backend, case):
         losses.append(output.loss)
         d_hidden.append(got[0])
         d_weight, d_bias = d_weight + got[1], d_bias + got[2]
-    assert_close_scaled(sum(losses), full.loss, 1e-6, "loss", atol=1e-7)
+    # Two fp32 computations of the same sums (the micro-batches' chunks hold other rows, so every GEMM and sum rounds
+    # in another order) on terms that largely cancel: the loss is a normalised sum of O(1) terms +-A r (|loss| ~
+    # 0.05), each gradient entry a sum over V whose terms exceed it: their rounding is the terms' (here up to ~12
+    # ulps of the result's scale), not the net value's. A wrong normaliser is off by ~1 / N of the result (~5%).
+    assert_close_scaled(sum(losses), full.loss, 1e-6, "loss", atol=16 * torch.finfo(torch.float32).eps)
     for name, got, expected in zip(("d_hidden", "d_weight", "d_bias"), (torch.cat(d_hidden), d_weight, d_bias), want):
-        assert_close_scaled(got, expected, 1e-6, name, atol=1e-8)
+        assert_close_scaled(got, expected, 1e-5, name, atol=1e-8)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

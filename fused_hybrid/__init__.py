@@ -82,4 +82,16 @@ __all__ = [
     "sequence_logps",
     "unpatch_model",
 ]
-__version__ = "0.1.0"
+
+
+def _installed_version() -> str:
+    """The version of the installed distribution (pyproject.toml's, the one source of it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fused-hybrid")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _installed_version()

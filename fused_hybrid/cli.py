@@ -9,15 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fused-hybrid")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
-
+from . import __version__
 
 HELP_WIDTH = 100
 
@@ -48,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     from .trainer import registered_modes
 
     parser = argparse.ArgumentParser(prog="fused-hybrid", description="Logits-free fused LM-head losses.")
-    parser.add_argument("--version", action="version", version=f"fused-hybrid {_version()}")
+    parser.add_argument("--version", action="version", version=f"fused-hybrid {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     from .demo import ADAPT_STEPS, SEEDS
 

@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         description=_wrapped(
             f"Train with a YAML or TOML config. Modes (the `mode` key): {', '.join(registered_modes())}. "
             "The config keys, their defaults and ranges are documented in fused_hybrid/trainer/config.py and in the "
-            "README's trainer section; examples/ has complete configs. A run resumes from the newest checkpoint in "
-            "its output_dir when the settings match (--set resume=false starts fresh there)."
+            "README's trainer section; `fused-hybrid examples` writes out complete configs. A run resumes from the "
+            "newest checkpoint in its output_dir when the settings match (--set resume=false starts fresh there)."
         ),
         epilog=_config_keys_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a setting, e.g. --set optim.max_steps=100 (repeatable)",
+    )
+    examples = commands.add_parser(
+        "examples", help="write the example scripts and trainer configs into a folder, to read, run and edit"
+    )
+    examples.add_argument(
+        "folder", nargs="?", default="fused-hybrid-examples", help="where (default: fused-hybrid-examples)"
     )
     commands.add_parser("bench", help="the speed and memory benchmark suite (fused-hybrid bench --help)")
     args = parser.parse_args(argv)
@@ -88,6 +94,30 @@ def main(argv: list[str] | None = None) -> None:
         run_demo(args.out, steps=args.steps, seeds=args.seeds)
     elif args.command == "train":
         train_command(parser, args.config, args.overrides)
+    elif args.command == "examples":
+        examples_command(parser, Path(args.folder))
+
+
+def examples_command(parser: argparse.ArgumentParser, folder: Path) -> None:
+    """Write the shipped examples (fused_hybrid.examples: scripts and configs) into `folder`; an existing file of
+    the same name is left as it is and named (exit 2), before anything is written."""
+    from importlib.resources import files
+
+    shipped = sorted(
+        (
+            item
+            for item in files("fused_hybrid.examples").iterdir()
+            if item.name.endswith((".py", ".yaml")) and item.name != "__init__.py"
+        ),
+        key=lambda item: item.name,
+    )
+    taken = [item.name for item in shipped if (folder / item.name).exists()]
+    if taken:
+        parser.exit(2, f"fused-hybrid examples: error: {folder} already holds {', '.join(taken)}; nothing written\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in shipped:
+        (folder / item.name).write_bytes(item.read_bytes())
+    print(f"fused-hybrid examples: wrote {', '.join(item.name for item in shipped)} into {folder}")
 
 
 def train_command(parser: argparse.ArgumentParser, config_path: str, overrides: list[str]) -> None:

@@ -233,3 +233,20 @@ def test_version_and_help_say_what_there_is(capsys):
     assert "teacher: path=null, tiny=null" in keys
     for key in ("distill_policy=on", "distill_beta=0.0", "distill_temperature=1.0", "hard_weight=0.0"):
         assert key in keys
+
+
+def test_the_examples_command_writes_the_shipped_examples_and_never_overwrites(tmp_path, capsys):
+    from pathlib import Path
+
+    source = Path(__file__).parents[1] / "examples"
+    expected = sorted(p.name for p in source.iterdir() if p.suffix in (".py", ".yaml") and p.name != "__init__.py")
+    assert {"plain_pytorch_loop.py", "chord.yaml", "distill.yaml"} <= set(expected)
+    cli_main(["examples", str(tmp_path / "mine")])
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == expected
+    for name in expected:
+        assert (tmp_path / "mine" / name).read_bytes() == (source / name).read_bytes()
+    (tmp_path / "mine" / "chord.yaml").write_text("edited")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["examples", str(tmp_path / "mine")])
+    assert exit_info.value.code == 2 and "already holds chord.yaml" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "chord.yaml").read_text() == "edited"

@@ -34,10 +34,24 @@ def distill_beta(text: str) -> float:
     return beta
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description and epilog as written, every option with its default."""
+
+
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    from .gpu_suite import build_suite_parser
+
     on_gpu = torch.cuda.is_available()
+    suite_help = build_suite_parser().format_help()
     parser = argparse.ArgumentParser(
-        prog="fused-hybrid bench", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="fused-hybrid bench",
+        description=description,
+        formatter_class=_HelpFormatter,
+        epilog="A GPU session in two calls, `fused-hybrid bench --gpu-suite ...`, takes these options instead:\n\n"
+        + suite_help,
+    )
+    parser.add_argument(
+        "--gpu-suite", action="store_true", help="run a GPU session's call (its options are listed below)"
     )
     parser.add_argument("--objectives", default="all", help=f"comma list of {', '.join(OBJECTIVES)}, or all")
     shapes = ", ".join(f"{name} (D {dim}, V {vocab})" for name, (dim, vocab) in PRESETS.items())
@@ -56,7 +70,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         default="random,trained" if on_gpu else "random",
         help=f"comma list of input distributions: {', '.join(INPUT_DISTRIBUTIONS)}",
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if on_gpu else "float32")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="bfloat16" if on_gpu else "float32", help="the head's dtype"
+    )
     parser.add_argument(
         "--seq-len",
         type=int,
@@ -68,11 +84,11 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         type=distill_beta,
         default=0.5,
         help="the distill objective's beta, TRL's convention: 0 forward KL(teacher || student), 1 reverse KL, "
-        "between the generalized JSD with mixture (1 - beta) p_student + beta p_teacher (default 0.5, the JSD)",
+        "between the generalized JSD with mixture (1 - beta) p_student + beta p_teacher (0.5: the JSD)",
     )
-    parser.add_argument("--repeats", type=int, default=10 if on_gpu else 3)
-    parser.add_argument("--warmup", type=int, default=3 if on_gpu else 1)
-    parser.add_argument("--device", default="cuda" if on_gpu else "cpu")
+    parser.add_argument("--repeats", type=int, default=10 if on_gpu else 3, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=3 if on_gpu else 1, help="untimed steps before them")
+    parser.add_argument("--device", default="cuda" if on_gpu else "cpu", help="where to run")
     parser.add_argument(
         "--out",
         type=Path,

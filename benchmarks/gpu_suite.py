@@ -1,14 +1,15 @@
 """A GPU session in two calls: `fused-hybrid bench --gpu-suite --call 1` then `--call 2` (or `python -m
-benchmarks.gpu_suite`), each one command within one device call's limit, ordered by what is worth most.
+fused_hybrid.benchmarks.gpu_suite`), each one command within one device call's limit, ordered by what is worth most.
 
 Each call runs stage by stage (each a subprocess with its own time limit, so one that hangs or fails never costs
 the others) within its minutes (8 and 4 by default):
 
 - both calls first: `install` (this checkout, editable, without dependencies or network: the machine has torch
-  and Triton) and `peers` (the carried wheels of the pure-Python peers, PEER_PACKAGES, installed offline from
-  `--wheels` into a folder the later stages put on their path; `--download-wheels DIR`, run where pip reaches the
-  package index, fetches them for the GPU machine's Python);
-- call 1: `gpu-tests` (compiled kernels against float64, sync-free and CUDA-graph capture, autocast, autotuning,
+  and Triton; left out when the package runs installed, with no checkout) and `peers` (the carried wheels of the
+  pure-Python peers, PEER_PACKAGES, installed offline from `--wheels` into a folder the later stages put on their
+  path; `--download-wheels DIR`, run where pip reaches the package index, fetches them for the GPU machine's Python);
+- call 1: `gpu-tests` (a checkout's only: compiled kernels against float64, sync-free and CUDA-graph capture,
+  autocast, autotuning,
   gradient filtering, deterministic mode, and the compile gate on the machine's Triton), then `cross-entropy`: the
   Llama-3-8B head (D 4096, V 128256), bf16, N 4096 and 16384, random and trained-like inputs, every provider, the
   three-GEMM floor measured in the same run: the figures the targets are stated for;
@@ -42,6 +43,9 @@ CALL_MINUTES = {1: 8.0, 2: 4.0}  # each within one device command's 10 minutes, 
 PEER_PACKAGES = ("liger-kernel", "cut-cross-entropy", "trl", "datasets", "dill", "multiprocess")
 GPU_PYTHON = "3.12"
 ROOT = Path(__file__).resolve().parents[1]
+# a checkout of the project (its tests and sources), or None when the package runs installed from a wheel: then the
+# package is already installed and the GPU tests, which live in the checkout, are left out
+CHECKOUT = ROOT if (ROOT / "pyproject.toml").is_file() and (ROOT / "tests" / "test_gpu.py").is_file() else None
 MIN_STAGE_SECONDS = 30.0
 
 
@@ -55,18 +59,16 @@ class Stage:
 
 def _bench(name: str, share: float, folder: Path, *arguments: str) -> Stage:
     bench_arguments = [*arguments, "--out", str(folder / name)]
-    return Stage(name, [sys.executable, "-m", "benchmarks", *bench_arguments], share, bench_arguments)
+    return Stage(name, [sys.executable, "-m", "fused_hybrid.benchmarks", *bench_arguments], share, bench_arguments)
 
 
 def plan(folder: Path, wheels: Path | None, site: Path, call: int) -> list[Stage]:
-    """The stages of `call` (1 or 2), in the order of what a GPU session most needs measured."""
-    stages = [
-        Stage(
-            "install",
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", str(ROOT)],
-            0.04,
-        )
-    ]
+    """The stages of `call` (1 or 2), in the order of what a GPU session most needs measured; from an installed
+    package (no CHECKOUT) without the checkout's install and GPU tests."""
+    stages = []
+    if CHECKOUT is not None:
+        install = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+        stages.append(Stage("install", [*install, "-e", str(CHECKOUT)], 0.04))
     if wheels is not None:
         stages.append(
             Stage(
@@ -90,7 +92,7 @@ def plan(folder: Path, wheels: Path | None, site: Path, call: int) -> list[Stage
         )
     # every head measurement: both input sets rotated, 5 timed steps after 2 of warm-up
     timed = ("--repeats", "5", "--warmup", "2")
-    if call == 1:
+    if call == 1 and CHECKOUT is not None:
         stages.append(
             Stage(
                 "gpu-tests",
@@ -108,6 +110,7 @@ def plan(folder: Path, wheels: Path | None, site: Path, call: int) -> list[Stage
                 0.3,
             )
         )
+    if call == 1:
         selection = ("--presets", "llama3-8b", "--objectives", "cross_entropy", "--tokens", "4096,16384")
         everyone = ("--providers", "all", "--inputs", "random,trained")
         stages.append(_bench("cross-entropy", 0.55, folder, *selection, *everyone, *timed))
@@ -155,7 +158,7 @@ def run_stage(stage: Stage, seconds: float, env: dict, log: Path) -> dict:
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 env=env,
-                cwd=ROOT,
+                cwd=CHECKOUT or Path.cwd(),
                 timeout=max(MIN_STAGE_SECONDS, seconds),
             ).returncode
             status = "ok" if code == 0 else f"exit {code}"
@@ -206,17 +209,22 @@ def write_summary(folder: Path, results: list[dict], archive_to: Path) -> None:
         (archive_to / "summary.md").write_text((folder / "summary.md").read_text())
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="fused-hybrid bench --gpu-suite", description=__doc__.splitlines()[0])
+def build_suite_parser() -> argparse.ArgumentParser:
+    """The GPU suite's options (`fused-hybrid bench --help` lists them too)."""
+    parser = argparse.ArgumentParser(
+        prog="fused-hybrid bench --gpu-suite",
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--call", type=int, choices=sorted(CALL_MINUTES), default=1, help="which of the two calls")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="where the call's folder goes")
     parser.add_argument(
         "--archive",
         type=Path,
-        help="where the call's .tar.gz and summary.md are written after every stage (default: --out)",
+        help="where the call's .tar.gz and summary.md are written after every stage (None: --out)",
     )
     parser.add_argument("--wheels", type=Path, help="folder of carried wheels of the peers, installed offline")
-    parser.add_argument("--minutes", type=float, help="the call's time budget (default: 8 for call 1, 4 for call 2)")
+    parser.add_argument("--minutes", type=float, help="the call's time budget (None: 8 for call 1, 4 for call 2)")
     parser.add_argument("--dry-run", action="store_true", help="check and print the plan, run nothing")
     parser.add_argument(
         "--download-wheels",
@@ -224,6 +232,11 @@ def main(argv: list[str] | None = None) -> Path:
         metavar="DIR",
         help=f"fetch the peers' wheels for the GPU machine (Python {GPU_PYTHON}) into DIR and stop",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = build_suite_parser()
     args = parser.parse_args(argv)
     if args.download_wheels is not None:
         download_wheels(args.download_wheels)
@@ -238,12 +251,14 @@ def main(argv: list[str] | None = None) -> Path:
         if stage.bench_arguments is not None:
             check_bench_arguments(stage.bench_arguments)
     if args.dry_run:
+        if CHECKOUT is None:
+            print("installed package, no checkout: the install and gpu-tests stages (they need one) are left out")
         for stage in stages:
             print(f"[{stage.name}] at most {stage.share * minutes:.1f} min: {' '.join(stage.command)}")
         return folder
 
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [str(site.resolve()), str(ROOT), os.environ.get("PYTHONPATH")]
+    paths = [str(site.resolve()), os.environ.get("PYTHONPATH")]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(p for p in paths if p))
     deadline = time.perf_counter() + 60 * minutes
     results = []

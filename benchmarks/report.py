@@ -33,7 +33,7 @@ def environment(device: torch.device) -> dict:
         "python": sys.version.split()[0],
         "versions": versions,
         "command": _command(),
-        "commit": _git_commit(),
+        "commit": _git_commit() or f"none: the installed fused-hybrid {versions['fused-hybrid']}",
     }
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
@@ -52,16 +52,22 @@ def _command() -> str:
             skip_next = True
             continue
         arguments.append(argument)
-    return " ".join(["python -m benchmarks", *arguments])
+    return " ".join(["fused-hybrid bench", *arguments])
 
 
 def _git_commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+    """The commit of the checkout this file is in; None when it runs from an installed package (whose folder may
+    sit inside somebody else's repository: only a checkout of this project counts)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file() or not (root / "fused_hybrid").is_dir():
         return None
+    try:
+        top, commit = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True, check=True, cwd=root
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return None
+    return commit if Path(top).resolve() == root else None
 
 
 def _nvidia_driver() -> str | None:

@@ -678,6 +678,30 @@ def test_micro_batches_with_num_items_sum_to_the_batch(backend, case):
         assert_close_scaled(got, expected, 1e-5, name, atol=1e-8)
 
 
+def test_trls_option_names_mean_what_they_mean_in_trl():
+    """TRL's GRPOConfig names: `epsilon` is the lower clip and, unless epsilon_high is given, the upper one;
+    `importance_sampling_level` is importance_sampling; giving a name and its alias together is refused."""
+    batch, inputs, _ = setup({"loss_type": "grpo"})
+
+    def loss(**options):
+        return fused(batch, inputs, {"loss_type": "grpo", **options}).loss
+
+    assert torch.equal(loss(epsilon=0.1), loss(epsilon_low=0.1, epsilon_high=0.1))
+    assert torch.equal(loss(epsilon=0.1, epsilon_high=0.28), loss(epsilon_low=0.1, epsilon_high=0.28))
+    assert not torch.equal(loss(epsilon=0.05), loss())  # the clip moved
+    assert torch.equal(loss(importance_sampling_level="sequence"), loss(importance_sampling="sequence"))
+    module = fused_hybrid.GRPOLoss(loss_type="grpo", epsilon=0.1, importance_sampling_level="sequence")
+    hidden, weight, bias, targets, loss_mask = batch
+    got = module(hidden, weight, targets, bias, loss_mask=loss_mask, **inputs)
+    assert torch.equal(got, loss(epsilon_low=0.1, epsilon_high=0.1, importance_sampling="sequence"))
+    for both in (
+        dict(epsilon=0.1, epsilon_low=0.2),
+        dict(importance_sampling="token", importance_sampling_level="token"),
+    ):
+        with pytest.raises(ValueError, match=r"give \w+ or \w+ \(TRL's name for it\), not both"):
+            loss(**both)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 3. grpo_loss against Liger
 

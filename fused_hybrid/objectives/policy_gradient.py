@@ -40,7 +40,7 @@ LOSS_TYPE_AGGREGATIONS = {
 }
 LOSS_TYPES = tuple(LOSS_TYPE_AGGREGATIONS)
 CLIPPED_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo", "luspo")  # the PPO clipped surrogate
-DEFAULT_EPSILON_HIGH = 0.2
+DEFAULT_EPSILON_LOW = DEFAULT_EPSILON_HIGH = 0.2
 DEFAULT_CISPO_CAP = 5.0  # cispo's epsilon_high is the weight's cap itself (ScaleRL's recommended value)
 # TRL's vllm_importance_sampling_mode: the sampler ratio per token or per sequence, truncated or masked.
 SAMPLER_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -276,8 +276,10 @@ class PolicyOptions:
 def check_grpo_options(
     *,
     loss_type: str,
-    epsilon_low: float,
+    epsilon_low: float | None,
     epsilon_high: float | None,
+    epsilon: float | None = None,
+    importance_sampling_level: str | None = None,
     dual_clip: float | None,
     delta: float | None,
     sapo_temperature_pos: float,
@@ -298,11 +300,27 @@ def check_grpo_options(
     aggregation: str | None,
     max_response_length: int | None,
 ) -> PolicyOptions:
-    """Check every option of :func:`grpo_loss`, naming the one at fault; returns them with the defaults resolved."""
+    """Check every option of :func:`grpo_loss`, naming the one at fault; returns them with the defaults resolved.
+    TRL's GRPOConfig names are accepted for the same settings: ``epsilon`` (the lower clip and, unless
+    ``epsilon_high`` is given, the upper one, as TRL's) and ``importance_sampling_level``."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    aliases = (
+        ("epsilon_low", epsilon_low, "epsilon", epsilon),
+        ("importance_sampling", importance_sampling, "importance_sampling_level", importance_sampling_level),
+    )
+    for ours, our_value, trls, trl_value in aliases:
+        if our_value is not None and trl_value is not None:
+            raise ValueError(f"give {ours} or {trls} (TRL's name for it), not both")
+    if epsilon_low is None:
+        epsilon_low = DEFAULT_EPSILON_LOW if epsilon is None else epsilon
+    if importance_sampling is None:
+        importance_sampling = importance_sampling_level
     if epsilon_high is None:
-        epsilon_high = DEFAULT_CISPO_CAP if loss_type == "cispo" else DEFAULT_EPSILON_HIGH
+        if loss_type == "cispo":
+            epsilon_high = DEFAULT_CISPO_CAP
+        else:
+            epsilon_high = DEFAULT_EPSILON_HIGH if epsilon is None else epsilon
     if loss_type == "cispo":
         check_positive("epsilon_high", epsilon_high)
         if epsilon_high <= 1:
@@ -434,8 +452,10 @@ def grpo_loss(
     sequence_ids: torch.Tensor | None = None,
     num_sequences: int | None = None,
     loss_type: str = "dapo",
-    epsilon_low: float = 0.2,
+    epsilon_low: float | None = None,
     epsilon_high: float | None = None,
+    epsilon: float | None = None,
+    importance_sampling_level: str | None = None,
     dual_clip: float | None = 3.0,
     delta: float | None = None,
     sapo_temperature_pos: float = 1.0,
@@ -482,6 +502,9 @@ def grpo_loss(
             the sequence), truncated to ``[sampler_clip_min, sampler_clip_max]`` or 0 outside it, by
             ``sampler_correction`` (TRL's ``vllm_importance_sampling_mode``); vespo folds it into its weight.
         loss_mask: 0/1 per token (response tokens); tokens whose target is ``ignore_index`` are excluded too.
+        epsilon_low, epsilon_high: the clip range (default 0.2 both; cispo's epsilon_high 5.0). TRL's ``epsilon``
+            sets the lower bound and, unless ``epsilon_high`` is given, the upper one.
+        importance_sampling_level: TRL's name for ``importance_sampling`` (``"token"`` or GSPO's ``"sequence"``).
         dual_clip: the dual-clip bound of the clipped loss types (None: off).
         delta: the two-sided clip of the clipped loss types: the unclipped branch takes ``min(r_t, delta)``.
         off_policy_mask_threshold: drop the sequences with a negative advantage whose mean
@@ -499,6 +522,8 @@ def grpo_loss(
         loss_type=loss_type,
         epsilon_low=epsilon_low,
         epsilon_high=epsilon_high,
+        epsilon=epsilon,
+        importance_sampling_level=importance_sampling_level,
         dual_clip=dual_clip,
         delta=delta,
         sapo_temperature_pos=sapo_temperature_pos,

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
-import platform
 import re
 import subprocess
 import sys
@@ -13,27 +11,21 @@ from pathlib import Path
 
 import torch
 
+from fused_hybrid import provenance
+
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return provenance.machine(device)
 
 
 def environment(device: torch.device) -> dict:
-    versions = {}
-    for package in ("torch", "triton", "liger-kernel", "cut-cross-entropy", "transformers", "fused-hybrid"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
     info = {
         "device": device_name(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": sys.version.split()[0],
-        "versions": versions,
+        "versions": provenance.versions(),
         "command": _command(),
-        "commit": _git_commit() or f"none: the installed fused-hybrid {versions['fused-hybrid']}",
+        "commit": provenance.source(),
     }
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
@@ -53,21 +45,6 @@ def _command() -> str:
             continue
         arguments.append(argument)
     return " ".join(["fused-hybrid bench", *arguments])
-
-
-def _git_commit() -> str | None:
-    """The commit of the checkout this file is in; None when it runs from an installed package (whose folder may
-    sit inside somebody else's repository: only a checkout of this project counts)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file() or not (root / "fused_hybrid").is_dir():
-        return None
-    try:
-        top, commit = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True, check=True, cwd=root
-        ).stdout.split()
-    except (OSError, subprocess.CalledProcessError, ValueError):
-        return None
-    return commit if Path(top).resolve() == root else None
 
 
 def _nvidia_driver() -> str | None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from . import provenance
 from .trainer import HybridTrainer, load_config
 
 TINY_MODEL = (
@@ -159,6 +160,31 @@ def method_overrides(method: str, steps: int) -> list[str]:
     return shared + modes[method]
 
 
+class Countdown:
+    """Progress of a stage of `total` steps: a line at most every PERIOD seconds with the time left, estimated from
+    the pace so far (silent with `enabled` false)."""
+
+    PERIOD = 10.0
+
+    def __init__(self, what: str, total: int, enabled: bool) -> None:
+        self.what, self.total, self.enabled = what, total, enabled
+        self.done = 0
+        self.begin = self.last = time.perf_counter()
+
+    def step(self, count: int = 1) -> None:
+        self.done += count
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < self.PERIOD and self.done < self.total):
+            return
+        self.last = now
+        elapsed = now - self.begin
+        left = elapsed / self.done * (self.total - self.done)
+        print(
+            f"   {self.what}: step {self.done} of {self.total}, {elapsed:.0f} s so far, about {left:.0f} s left",
+            flush=True,
+        )
+
+
 def build_base(out: Path, files: dict, steps: int, progress: bool) -> Path:
     """The base model (SFT on addition), trained here or restored from `<out>/base-model`."""
     settings = {
@@ -211,9 +237,11 @@ def sft_model(out: Path, name: str, settings: dict, overrides: list[str], steps:
         return folder
     print(f"== {what}")
     config = load_config(None, common_overrides(out / "runs" / name, 0) + overrides)
-    trainer = HybridTrainer(config, progress=progress)
+    trainer = HybridTrainer(config, progress=False)
+    countdown = Countdown(name, steps, progress)
     for _ in range(steps):
         trainer.train_step()
+        countdown.step()
     shutil.rmtree(folder, ignore_errors=True)
     save_model(trainer, folder)
     stamp.write_text(json.dumps(settings))
@@ -255,6 +283,7 @@ def adapt(
     out: Path,
     progress: bool,
     teacher: Path | None = None,
+    countdown: Countdown | None = None,
 ) -> list[dict]:
     """One method from the base for `steps` optimizer steps (distillation from `teacher`); the evaluations every
     EVAL_EVERY steps."""
@@ -275,6 +304,8 @@ def adapt(
         for _ in range(phase_steps):
             trainer.train_step()
             done += 1
+            if countdown is not None:
+                countdown.step()
             if done % EVAL_EVERY == 0 or done == steps:
                 history.append(evaluation(trainer, done))
         if phase_steps < steps:  # the next phase starts from this one's model
@@ -316,8 +347,9 @@ def run_demo(
         scores = evaluate_model(teacher, files, evaluation, out)
         teacher_summary = {"steps": teacher_steps, "rows_per_task": TEACHER_ROWS, **{k: scores[k] for k in METRICS}}
     print(f"== adapting to 2-digit subtraction: {steps} steps per method, {seeds} seed(s), from the same base")
+    countdown = Countdown("adaptation", len(methods) * seeds * steps, progress)
     histories = {
-        m: [adapt(m, base, files, steps, seed, evaluation, out, progress, teacher) for seed in range(seeds)]
+        m: [adapt(m, base, files, steps, seed, evaluation, out, progress, teacher, countdown) for seed in range(seeds)]
         for m in methods
     }
     report(out, histories, steps, base_steps, time.perf_counter() - begin, teacher_summary)
@@ -371,6 +403,7 @@ def report(
         "base_steps": base_steps,
         "seeds": len(first),
         "seconds": seconds,
+        "measured_on": provenance.label("cpu"),
         "base": {k: first[0][0][k] for k in METRICS},
         "methods": {},
     }
@@ -417,7 +450,11 @@ def markdown(summary: dict) -> str:
         f"addition accuracy {base['base_task_accuracy']:.3f}, subtraction {base['new_task_accuracy']:.3f}) "
         f"is adapted to 2-digit subtraction from {DEMONSTRATIONS} expert demonstrations and an exact-match "
         f"reward, {summary['steps']} optimizer steps per method, {summary['seeds']} seed(s) (data order and "
-        f"sampling) from the same base; whole run {summary['seconds'] / 60:.1f} minutes.",
+        f"sampling) from the same base; whole run {summary['seconds'] / 60:.1f} minutes on "
+        f"{summary['measured_on']}.",
+        "",
+        "A tiny model trained from scratch is chaotic: another CPU, thread count or BLAS sums in another order, and "
+        "that is another run. The figures below are this run's; a conclusion holds only where it holds across runs.",
         *teacher_paragraph(summary),
         "",
         "| method | new task accuracy | base task accuracy (retention) | entropy (nats) |",

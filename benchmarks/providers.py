@@ -245,10 +245,18 @@ def trl_losses() -> dict[str, LossFn | str]:
     losses = {"cross_entropy": lambda p: -logprobs(p)[0].mean(), "logprobs_entropy": logprobs_entropy, "grpo": grpo}
     losses["distill"] = (
         trl_distill
-        if importlib.util.find_spec("trl.kernels.chunked_divergence") is not None
-        else "this trl has no trl.kernels.chunked_divergence (its fused distillation loss)"
+        if importlib.util.find_spec("trl.kernels.chunked_divergence") is not None and _trl_knows_triton_devices()
+        else "this trl has no trl.kernels.chunked_divergence with the device rule of 1.16 (its fused distillation)"
     )
     return losses
+
+
+def _trl_knows_triton_devices() -> bool:
+    """TRL >= 1.16 says where its kernels compact the loss positions (chunked_logprob._use_triton), which
+    trl_distill follows; older TRL does not."""
+    import trl.kernels.chunked_logprob as chunked_logprob
+
+    return hasattr(chunked_logprob, "_use_triton")
 
 
 def trl_distill(p: Problem) -> torch.Tensor:

@@ -120,13 +120,24 @@ def test_distill_providers_compute_one_quantity(beta):
     cpu = torch.device("cpu")
     losses = {name: PROVIDERS[name].build(cpu)["distill"] for name in DISTILL_ON_CPU}
     losses["liger[triton], interpreted"] = liger_triton_losses()["distill"]
+    if trl_before_distillation_trainer():  # TRL < 1.16: no distillation loss of its own to compare with
+        assert isinstance(losses.pop("trl"), str)
     for name, loss_fn in losses.items():
         errors = max_errors(loss_fn, problem, reference)
         assert max(errors.values()) < 1e-5, (name, errors)
 
 
+def trl_before_distillation_trainer() -> bool:
+    import trl
+    from packaging.version import Version
+
+    return Version(trl.__version__) < Version("1.16")
+
+
 def test_trl_distill_is_the_trainers_own_loss():
     """The trl provider calls TRL's chunked divergence function as DistillationTrainer's loss does."""
+    if trl_before_distillation_trainer():
+        pytest.skip("TRL < 1.16 has no DistillationTrainer loss")
     from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
     problem = small_distill_problem(0.2)
@@ -168,7 +179,8 @@ def test_cli_runs_distill_and_says_why_a_provider_did_not(tmp_path):
     )
     (folder,) = tmp_path.iterdir()
     rows = {r["provider"]: r for r in json.loads((folder / "results.json").read_text())["rows"]}
-    for name in ("fused-hybrid", "trl", "liger", "naive"):
+    running = ("fused-hybrid", "liger", "naive") + (() if trl_before_distillation_trainer() else ("trl",))
+    for name in running:
         assert rows[name]["status"] == "ok" and max(rows[name]["errors"].values()) < 1e-5, rows[name]
     assert rows["fused-hybrid"]["teacher_dim"] == 512 and rows["fused-hybrid"]["options"]["beta"] == 0.2
     assert rows["liger[triton]"]["status"] == "needs CUDA" and rows["fused-hybrid[tile]"]["status"] == "needs CUDA"

@@ -242,7 +242,7 @@ FLAGS = ("per_token_advantages", "on_policy", "sampler", "near", "empty_row")
 HEAD = ("temperature", "softcap")
 
 
-def setup(case, garbage=True):
+def case_inputs(case, garbage=True):
     """The batch (hidden, weight, bias, targets, loss_mask), its rollout inputs and grpo_loss's options."""
     options = {k: v for k, v in case.items() if k not in FLAGS}
     flags = {k: case.get(k, False) for k in FLAGS}
@@ -512,7 +512,7 @@ def assert_same(loss, leaves, expected, expected_leaves, rel=3e-5, loss_atol=1e-
 
 @pytest.mark.parametrize("case", cases(trl_has))
 def test_reference_is_trl(case):
-    batch, inputs, options = setup(case, garbage=False)
+    batch, inputs, options = case_inputs(case, garbage=False)
     expected, leaves = reference_of(batch, inputs, dict(options, dual_clip=None))
     head = {k: options.pop(k) for k in HEAD if k in options}
     targets, loss_mask = batch[3:]
@@ -527,7 +527,7 @@ def test_reference_is_trl(case):
 
 @pytest.mark.parametrize("case", cases(liger_has))
 def test_reference_is_liger(case):
-    batch, inputs, options = setup(case, garbage=False)
+    batch, inputs, options = case_inputs(case, garbage=False)
     expected, leaves = reference_of(batch, inputs, dict(options, dual_clip=None))
     assert_same(liger_loss(batch, inputs, options), list(batch[:3]), expected, leaves)
 
@@ -570,7 +570,7 @@ BITES = [
 @pytest.mark.parametrize("on, off", [pytest.param(on, off, id=name) for name, on, off in BITES])
 def test_the_rollouts_make_every_option_bite(on, off):
     """Each option changes the reference's loss or gradients on the rollouts the other tests use."""
-    batch, inputs, _ = setup(dict(sampler=True, beta=0.1), garbage=False)
+    batch, inputs, _ = case_inputs(dict(sampler=True, beta=0.1), garbage=False)
     results = []
     for case in (on, off):
         given = inputs if case.get("sampler") else dict(inputs, sampler_logp=None)
@@ -592,7 +592,7 @@ def fused(batch, inputs, options, **extra):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", cases(None))
 def test_grpo_loss_matches_the_reference(backend, case):
-    batch, inputs, options = setup(case)
+    batch, inputs, options = case_inputs(case)
     output = fused(batch, inputs, options, backend=backend)
     for name, value in output.metrics.items():
         assert isinstance(value, torch.Tensor) and not value.requires_grad and value.dim() == 0, name
@@ -612,7 +612,7 @@ PACKED = [
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", PACKED, ids=lambda case: case["loss_type"])
 def test_packed_layout_equals_padded_layout(backend, case):
-    batch, inputs, options = setup(case)
+    batch, inputs, options = case_inputs(case)
     hidden, weight, bias, targets, loss_mask = batch
     lengths = torch.randint(2, T + 1, (B,))
     lengths[0] = T
@@ -652,7 +652,7 @@ ACCUMULATION = [
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ACCUMULATION, ids=lambda case: case["loss_type"])
 def test_micro_batches_with_num_items_sum_to_the_batch(backend, case):
-    batch, inputs, options = setup(case)
+    batch, inputs, options = case_inputs(case)
     hidden, weight, bias, targets, loss_mask = batch
     full = fused(batch, inputs, options, backend=backend)
     want = grads(full.loss, [hidden, weight, bias])
@@ -681,7 +681,7 @@ def test_micro_batches_with_num_items_sum_to_the_batch(backend, case):
 def test_trls_option_names_mean_what_they_mean_in_trl():
     """TRL's GRPOConfig names: `epsilon` is the lower clip and, unless epsilon_high is given, the upper one;
     `importance_sampling_level` is importance_sampling; giving a name and its alias together is refused."""
-    batch, inputs, _ = setup({"loss_type": "grpo"})
+    batch, inputs, _ = case_inputs({"loss_type": "grpo"})
 
     def loss(**options):
         return fused(batch, inputs, {"loss_type": "grpo", **options}).loss
@@ -708,7 +708,7 @@ def test_trls_option_names_mean_what_they_mean_in_trl():
 
 @pytest.mark.parametrize("case", cases(liger_has))
 def test_grpo_loss_matches_liger(case):
-    batch, inputs, options = setup(case, garbage=False)
+    batch, inputs, options = case_inputs(case, garbage=False)
     ours = fused(batch, inputs, options, dual_clip=None)
     theirs = liger_loss(batch, inputs, options)
     assert_same(ours.loss, list(batch[:3]), theirs, list(batch[:3]))
@@ -729,7 +729,7 @@ def no_kernel_runs(monkeypatch):
 
 
 def good_call(**change):
-    batch, inputs, _ = setup(dict(sampler=True))
+    batch, inputs, _ = case_inputs(dict(sampler=True))
     hidden, weight, bias, targets, loss_mask = batch
     kwargs = dict(loss_mask=loss_mask, backend="torch", **inputs)
     kwargs.update(change)

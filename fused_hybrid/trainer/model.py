@@ -147,7 +147,8 @@ def load_causal_lm(source: Path, key: str = "", tokenizer=None):
 def _reading(where: str):
     try:
         yield
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError) as error:  # transformers 4 reading a folder without a tokenizer may
+        # reach for an optional converter's dependency (protobuf, tiktoken)
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{where}: not a Hugging Face causal-LM folder with a tokenizer ({first_line})") from None
 

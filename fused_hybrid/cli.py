@@ -22,7 +22,7 @@ def _wrapped(text: str, indent: str = "", first: str = "") -> str:
 
 def _config_keys_help() -> str:
     """The config's keys with their defaults, one paragraph per section (read from the config's dataclasses)."""
-    from .trainer.config import config_keys
+    from .trainer.config_reading import config_keys
 
     lines = ["config keys (section.key=default; set with --set section.key=value):"]
     for section, keys in config_keys().items():

@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from fused_hybrid.progress import Countdown
+
 from . import report
 from .arguments import MAX_SWEEP_TOKENS, build_parser, parse_names
 from .measure import fp32_reference, kept_tile_fraction, matmul_floor_ms, max_errors, peak_workspace_bytes, time_loss
@@ -70,6 +72,10 @@ def sweep(args, device, providers, objectives, presets, token_counts, distributi
         if provider.unavailable_reason(device) is None:
             built[provider.name] = provider.build(device)
     rows = []
+    # a measurement's time grows with its N: the time left is estimated per token measured
+    countdown = Countdown(
+        "benchmark", len(presets) * len(distributions) * len(objectives) * sum(token_counts), unit="token"
+    )
     for preset, inputs in ((p, d) for p in presets for d in distributions):
         dim, vocab = PRESETS[preset]
         for objective in objectives:
@@ -107,6 +113,7 @@ def sweep(args, device, providers, objectives, presets, token_counts, distributi
                         )
                         for p in providers
                     ]
+                    countdown.grow(-sum(counts[index - 1 :]))  # the larger N are not tried
                     break
                 floors = None
                 try:
@@ -149,6 +156,7 @@ def sweep(args, device, providers, objectives, presets, token_counts, distributi
                     if fused is not None and "fwd_bwd_ms" in row:
                         row["x_fused_hybrid"] = row["fwd_bwd_ms"] / fused["fwd_bwd_ms"]
                 rows += group
+                countdown.step(tokens)
                 if on_rows is not None:
                     on_rows(rows)
                 del problems, first, second, reference
@@ -156,6 +164,7 @@ def sweep(args, device, providers, objectives, presets, token_counts, distributi
                 runnable = {p.name for p in providers if p.name in built}
                 if args.until_oom and index == len(counts) and runnable - out_of_memory and tokens < MAX_SWEEP_TOKENS:
                     counts.append(tokens * 2)
+                    countdown.grow(tokens * 2)
     return rows
 
 

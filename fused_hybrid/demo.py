@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from . import provenance
+from .progress import Countdown
 from .trainer import HybridTrainer, load_config
 
 TINY_MODEL = (
@@ -158,31 +159,6 @@ def method_overrides(method: str, steps: int) -> list[str]:
         ],
     }
     return shared + modes[method]
-
-
-class Countdown:
-    """Progress of a stage of `total` steps: a line at most every PERIOD seconds with the time left, estimated from
-    the pace so far (silent with `enabled` false)."""
-
-    PERIOD = 10.0
-
-    def __init__(self, what: str, total: int, enabled: bool) -> None:
-        self.what, self.total, self.enabled = what, total, enabled
-        self.done = 0
-        self.begin = self.last = time.perf_counter()
-
-    def step(self, count: int = 1) -> None:
-        self.done += count
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last < self.PERIOD and self.done < self.total):
-            return
-        self.last = now
-        elapsed = now - self.begin
-        left = elapsed / self.done * (self.total - self.done)
-        print(
-            f"   {self.what}: step {self.done} of {self.total}, {elapsed:.0f} s so far, about {left:.0f} s left",
-            flush=True,
-        )
 
 
 def build_base(out: Path, files: dict, steps: int, progress: bool) -> Path:

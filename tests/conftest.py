@@ -12,8 +12,10 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _fresh_seed():
-    """Fresh random inputs on every run, with the seed printed on failure for reproduction."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """Fresh random inputs on every run, with the seed printed on failure; `FUSED_HYBRID_TEST_SEED=<seed>` replays
+    a failure with that seed."""
+    replay = os.environ.get("FUSED_HYBRID_TEST_SEED")
+    seed = int(replay) if replay else int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     yield seed
 
@@ -41,7 +43,7 @@ def _several_chunks(request, monkeypatch):
 
 def pytest_runtest_makereport(item, call):
     if call.when == "call" and call.excinfo is not None and "_fresh_seed" in item.funcargs:
-        item.add_report_section("call", "seed", f"torch.manual_seed({item.funcargs['_fresh_seed']})")
+        item.add_report_section("call", "seed", f"FUSED_HYBRID_TEST_SEED={item.funcargs['_fresh_seed']}")
 
 
 def pytest_collection_modifyitems(config, items):

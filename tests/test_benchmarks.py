@@ -32,7 +32,7 @@ def test_micro_benchmark_fused_torch_backend(benchmark, objective):
     assert torch.isfinite(problem.hidden.grad).all() and problem.hidden.grad.abs().sum() > 0
 
 
-def test_cli_writes_json_markdown_and_plots(tmp_path):
+def test_cli_writes_json_markdown_and_plots(tmp_path, capsys):
     cli.main(
         [
             "--objectives",
@@ -53,6 +53,8 @@ def test_cli_writes_json_markdown_and_plots(tmp_path):
             str(tmp_path),
         ]
     )
+    # progress with the time left, per token measured: 2 objectives x (64 + 128) tokens
+    assert "benchmark: token 384 of 384," in capsys.readouterr().out
     (folder,) = tmp_path.iterdir()
     results = json.loads((folder / "results.json").read_text())
     assert results["environment"]["versions"]["torch"] == torch.__version__

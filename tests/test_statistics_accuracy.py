@@ -114,16 +114,49 @@ def one_sweep(hidden, weight, targets, g_logp, g_entropy):
     return stats.logp, stats.entropy, stats.lse, d_hidden, d_weight
 
 
+def cancelling_entries(num_tokens: int, dim: int) -> dict[str, torch.Tensor]:
+    """The gradient entries a confident token's 1 - p reaches through its own hidden dimension (trained_like):
+    d_weight's columns of those dimensions and d_hidden's confident rows there. 1 - p ~ 1e-4 is set by the fp32
+    sum s = 1 + (1 - p) of the softmax, whose rounding (an ulp of 1) every fp32 implementation, naive included,
+    makes: there the bound adds one such rounding (CANCELLATION_FLOOR); everywhere else it is C * naive + TINY.
+    A max over all entries would otherwise be decided by which implementation happened to round s up (1 seed in 40
+    for the tile kernels: 3.7x naive at one such entry, 0.6x at the median)."""
+    confident = torch.arange(0, num_tokens, 2)
+    free = dim - len(confident)
+    d_weight = torch.zeros(1, dim, dtype=torch.bool)
+    d_weight[:, free:] = True
+    d_hidden = torch.zeros(num_tokens, dim, dtype=torch.bool)
+    d_hidden[confident[:, None], torch.arange(free, dim)] = True
+    return {"d_weight": d_weight, "d_hidden": d_hidden}
+
+
+def masked_error(got: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> float:
+    """max |got - truth| over the entries of `mask` (broadcast), relative to max |truth| over all of them."""
+    mask = mask.expand_as(truth)
+    return (got.double() - truth).abs()[mask].max().item() / truth.abs().max().item()
+
+
 def check(run, num_tokens, dim, vocab):
     hidden, weight, targets = trained_like(num_tokens, dim, vocab)
     g_logp, g_entropy = torch.randn(num_tokens), torch.randn(num_tokens)
     reference = truth_and_naive(hidden, weight, targets, g_logp, g_entropy)
+    cancelling = cancelling_entries(num_tokens, dim)
+    # one ulp of s, through a confident row's gradient scale and its lifted hidden value (25-40)
+    floor = torch.finfo(torch.float32).eps * (g_logp.abs() + g_entropy.abs()).max().item() * 40
     failures = []
     for name, got in zip(QUANTITIES, run(hidden, weight, targets, g_logp, g_entropy)):
         truth, naive = reference[name]
-        err, naive_err = relative_error(got, truth, name), relative_error(naive, truth, name)
-        if err > C * naive_err + TINY:
-            failures.append(f"{name}: {err:.2e} > {C} * naive {naive_err:.2e} + {TINY:.1e}")
+        parts = [(relative_error(got, truth, name), relative_error(naive, truth, name), TINY, "")]
+        if name in cancelling:
+            mask = cancelling[name]
+            scale = truth.abs().max().item()
+            parts = [
+                (masked_error(got, truth, ~mask), masked_error(naive, truth, ~mask), TINY, " (bulk)"),
+                (masked_error(got, truth, mask), masked_error(naive, truth, mask), TINY + floor / scale, " (1 - p)"),
+            ]
+        for err, naive_err, tiny, where in parts:
+            if err > C * naive_err + tiny:
+                failures.append(f"{name}{where}: {err:.2e} > {C} * naive {naive_err:.2e} + {tiny:.1e}")
     assert not failures, "; ".join(failures)
 
 

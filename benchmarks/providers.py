@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import fused_hybrid
 
 from .problems import IGNORE_INDEX, Problem
+from .verl_losses import verl_losses
 
 LossFn = Callable[[Problem], torch.Tensor]
 # A provider's losses map objectives to a LossFn, or to the reason it cannot run that objective here.
@@ -234,21 +235,27 @@ def trl_losses() -> dict[str, LossFn | str]:
         logp, entropy, *_ = logprobs(p, ("entropy",))
         return logp.sum() + entropy.sum()
 
-    def grpo(p: Problem) -> torch.Tensor:
-        logp = logprobs(p)[0].view(p.targets.shape)
-        ratio = torch.exp(logp - p.extras["old_logp"])
-        advantages = p.extras["advantages"][:, None]
-        per_token = -torch.minimum(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages)
-        mask = p.extras["loss_mask"].bool()
-        return torch.where(mask, per_token, 0.0).sum() / mask.sum()
-
-    losses = {"cross_entropy": lambda p: -logprobs(p)[0].mean(), "logprobs_entropy": logprobs_entropy, "grpo": grpo}
+    losses = {
+        "cross_entropy": lambda p: -logprobs(p)[0].mean(),
+        "logprobs_entropy": logprobs_entropy,
+        "grpo": lambda p: clipped_surrogate(p, logprobs(p)[0]),
+    }
     losses["distill"] = (
         trl_distill
         if importlib.util.find_spec("trl.kernels.chunked_divergence") is not None and _trl_knows_triton_devices()
         else "this trl has no trl.kernels.chunked_divergence with the device rule of 1.16 (its fused distillation)"
     )
     return losses
+
+
+def clipped_surrogate(p: Problem, logp: torch.Tensor) -> torch.Tensor:
+    """The GRPO objective (token-mean clipped surrogate, epsilon 0.2) written in PyTorch on a peer's per-token
+    log-probs, as the trainers of the peers that return only log-probs compute it."""
+    ratio = torch.exp(logp.view(p.targets.shape) - p.extras["old_logp"])
+    advantages = p.extras["advantages"][:, None]
+    per_token = -torch.minimum(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages)
+    mask = p.extras["loss_mask"].bool()
+    return torch.where(mask, per_token, 0.0).sum() / mask.sum()
 
 
 def _trl_knows_triton_devices() -> bool:
@@ -373,6 +380,19 @@ PROVIDERS = {
             needs=("trl",),
             available=lambda: importlib.util.find_spec("trl.kernels") is not None,
             missing="needs trl >= 1.15 (trl.kernels)",
+        ),
+        Provider(
+            "verl",
+            "verl's FusedLinearForPPO, torch backend (512-token chunks), losses in PyTorch",
+            lambda device: verl_losses("torch"),
+            needs=("verl",),
+        ),
+        Provider(
+            "verl[triton]",
+            "verl's Triton linear_cross_entropy (impl_backend triton, Megatron-Core's fused path)",
+            lambda device: verl_losses("triton"),
+            needs=("verl", "triton"),
+            needs_cuda=True,
         ),
         Provider(
             "naive",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import re
 import subprocess
@@ -31,6 +32,11 @@ def environment(device: torch.device) -> dict:
         info["cuda"] = torch.version.cuda
         info["driver"] = _nvidia_driver()
     return info
+
+
+def installed_versions(env: dict) -> str:
+    """ "torch 2.13.0, triton 3.9.0, ...": the versions of the packages the run found (provenance.PACKAGES)."""
+    return ", ".join(f"{name} {version}" for name, version in env["versions"].items() if version is not None)
 
 
 def _command() -> str:
@@ -75,9 +81,7 @@ def markdown(env: dict, rows: list[dict], long_context: list[dict] | None = None
     lines = [
         f"# fused-hybrid benchmark on {env['device']}",
         "",
-        f"{env['date']}; torch {env['versions']['torch']}, triton {env['versions']['triton']}, "
-        f"liger-kernel {env['versions']['liger-kernel']}, "
-        f"cut-cross-entropy {env['versions']['cut-cross-entropy']}; commit {env['commit']}",
+        f"{env['date']}; {installed_versions(env)}; commit {env['commit']}",
         "",
         "Times are medians over steps (CUDA events on a GPU, the host clock on a CPU) after warm-up, rotating two "
         "input sets. `x floor`: fwd+bwd over the three "
@@ -194,4 +198,7 @@ def write(
         if tuned_configs():
             (folder / "tuned_configs.json").write_text(json.dumps(tuned_configs(), indent=2, default=str))
     if rows and plot:
-        plots(folder, rows)
+        if importlib.util.find_spec("matplotlib") is None:  # e.g. the verl environment
+            print("no plots: matplotlib is not installed (pip install matplotlib)", flush=True)
+        else:
+            plots(folder, rows)

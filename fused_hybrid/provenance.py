@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-PACKAGES = ("fused-hybrid", "torch", "triton", "transformers", "trl", "liger-kernel", "cut-cross-entropy")
+PACKAGES = ("fused-hybrid", "torch", "triton", "transformers", "trl", "liger-kernel", "cut-cross-entropy", "verl")
 
 
 def cpu_model() -> str:

@@ -491,3 +491,25 @@ def test_tensor_parallel_contract_with_two_gloo_ranks():
         partial_hidden.append(got["d_hidden"].double())
     assert_close_scaled(partial_hidden[0] + partial_hidden[1], hidden64.grad, 1e-5, "summed hidden gradient")
     assert relative_error(partial_hidden[0], hidden64.grad) > 1e-2  # partial, not already all-reduced
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# verl's kernels as benchmark peers compute what fused-hybrid's providers compute.
+
+
+@pytest.mark.chunk_rows(None)
+@pytest.mark.parametrize("objective", ["logprobs_entropy", "grpo"])
+def test_benchmark_peer_verl_computes_the_same_objective(objective):
+    from fused_hybrid.benchmarks.problems import make_problem
+    from fused_hybrid.benchmarks.providers import PROVIDERS
+
+    problem = make_problem(objective, 256, 32, 512, dtype=torch.float32, device=torch.device("cpu"), seq_len=64)
+    results = {}
+    for name in ("fused-hybrid", "verl"):
+        assert PROVIDERS[name].unavailable_reason(torch.device("cpu")) is None
+        loss = PROVIDERS[name].build(torch.device("cpu"))[objective](problem)
+        loss.backward()
+        results[name] = loss.detach(), problem.hidden.grad.clone(), problem.weight.grad.clone()
+        problem.zero_grad()
+    for ours, theirs, what in zip(results["fused-hybrid"], results["verl"], ("loss", "d_hidden", "d_weight")):
+        assert_close_scaled(ours, theirs, 1e-5, what)

@@ -399,17 +399,16 @@ def report(
 def head_memory(tokens: int, dim: int, vocab: int) -> dict:
     """Bytes of the LM-head loss beyond its inputs for a micro-batch of `tokens` positions, fp32: the materialised
     logits with their gradient against the fused path's per-token statistics (four fp32 numbers per token) plus
-    one chunk of logits and epilogue buffers (the CPU's 256 MiB workspace bounds it), at the run's vocabulary and
+    one chunk of logits and epilogue buffers (512 rows on a CPU, at most 256 MiB), at the run's vocabulary and
     at a 128k one."""
     from .engine import torch_epilogue
     from .engine.chunked import chunk_rows
-    from .engine.core import default_workspace_bytes
+    from .engine.core import default_chunk_bytes
 
     per_logit = torch_epilogue.bytes_per_logit(torch.float32)
-    workspace = default_workspace_bytes(torch.device("cpu"))
     sizes = {}
     for v in (vocab, LARGE_VOCAB):
-        rows = chunk_rows(tokens, v, per_logit, workspace)
+        rows = chunk_rows(tokens, v, per_logit, default_chunk_bytes(torch.device("cpu"), v, per_logit))
         sizes[f"vocab_{v}"] = {
             "materialised_bytes": 2 * tokens * v * 4,
             "fused_bytes": 4 * tokens * 4 + rows * v * per_logit,
@@ -463,7 +462,7 @@ def markdown(summary: dict) -> str:
         "",
         "At the demo's own vocabulary the logits are tiny and the fused path's buffers cost more than they "
         "save; the same micro-batch at a 128k vocabulary would materialise the logits and their gradient, "
-        "the fused path one chunk of at most the workspace (256 MiB on a CPU, 1 GiB on a GPU) and four "
+        "the fused path one chunk (512 rows, at most 256 MiB, on a CPU; at most 1 GiB on a GPU) and four "
         "numbers per token.",
         "",
     ]

@@ -42,8 +42,8 @@ def linear_logprobs(
             GEMM, a fused epilogue, the gradient GEMMs; Triton epilogue on CUDA), ``"triton"`` (tile kernels, O(N)
             memory), ``"torch"`` (the chunked engine in PyTorch operations only) or ``"reference"`` (full logits;
             for tests and baselines).
-        workspace_bytes: the most the chunked engine holds per chunk (logits and epilogue temporaries); None: 1 GiB
-            on CUDA, 256 MiB elsewhere.
+        workspace_bytes: the most the chunked engine holds per chunk (logits and epilogue temporaries); None: at
+            most 1 GiB on CUDA, chunks of 512 tokens (at most 256 MiB) on a CPU.
         gradient_filter: tile kernels only: skip the backward work of a tile whose every |dz| is below this
             fraction of its token's gradient scale (e.g. ``2**-12``); None computes every tile.
         vocab_parallel: a :class:`fused_hybrid.VocabParallel` when ``weight`` (and ``bias``) are this rank's slice

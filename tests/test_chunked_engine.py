@@ -237,13 +237,17 @@ def test_a_chunk_never_exceeds_the_workspace(monkeypatch):
     assert max(sizes) * torch_epilogue.bytes_per_logit(torch.float32) <= budget and len(sizes) >= 128 // 7
 
 
-def test_default_workspace_is_the_devices(monkeypatch):
-    """256 MiB per chunk on the CPU (as fast as 1 GiB there, a quarter of the memory), 1 GiB on CUDA; an explicit
-    budget wins."""
-    from fused_hybrid.engine.core import default_workspace_bytes
+def test_default_chunk_is_the_devices(monkeypatch):
+    """On the CPU 512-row chunks, at most 256 MiB (a 128k vocabulary); on CUDA at most 1 GiB; an explicit budget
+    wins."""
+    from fused_hybrid.engine.core import default_chunk_bytes, default_workspace_bytes
 
-    assert default_workspace_bytes(torch.device("cpu")) == 256 << 20
-    assert default_workspace_bytes(torch.device("cuda")) == 1 << 30
+    per_logit = torch_epilogue.bytes_per_logit(torch.float32)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_workspace_bytes(cpu) == 256 << 20 and default_workspace_bytes(cuda) == 1 << 30
+    assert default_chunk_bytes(cpu, 8192, per_logit) == 512 * 8192 * per_logit
+    assert default_chunk_bytes(cpu, 128256, per_logit) == 256 << 20
+    assert default_chunk_bytes(cuda, 8192, per_logit) == 1 << 30
     budgets = []
     real = chunked.plan_chunks
     monkeypatch.setattr(
@@ -254,7 +258,7 @@ def test_default_workspace_is_the_devices(monkeypatch):
     hidden, weight, targets = batch()
     fused_hybrid.linear_cross_entropy(hidden, weight, targets, backend="chunked").backward()
     fused_hybrid.linear_cross_entropy(hidden, weight, targets, backend="chunked", workspace_bytes=12345).backward()
-    assert budgets == [256 << 20, 12345]
+    assert budgets == [512 * weight.shape[0] * per_logit, 12345]
 
 
 def test_inputs_that_require_grad_keep_the_two_pass_path():

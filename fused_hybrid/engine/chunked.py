@@ -2,10 +2,10 @@
 to its fp32 statistics and, where a gradient is due, turns the logits into dz, then ``dhidden = dz @ W`` and
 ``dweight += dz^T @ hidden`` (dweight accumulated in fp32 across chunks).
 
-A chunk holds at most `HeadSpec.workspace_bytes` of logits and epilogue temporaries (default 1 GiB on CUDA, see
-core.default_workspace_bytes), whatever
-N is. Tokens whose target is ignored are compacted away before any GEMM: that reads the number of loss tokens on
-the host once per call (one sync on CUDA); while a CUDA graph is being captured every token goes through instead.
+A chunk holds at most `HeadSpec.workspace_bytes` of logits and epilogue temporaries (default: at most 1 GiB on
+CUDA; 512 rows, at most 256 MiB, on a CPU: core.default_chunk_bytes), whatever N is. Tokens whose target is
+ignored are compacted away before any GEMM: that reads the number of loss tokens on the host once per call (one
+sync on CUDA); while a CUDA graph is being captured every token goes through instead.
 
 Two ways to run it:
 - two passes (`partials`, then `backward`), for arbitrary downstream use of the statistics: the backward recomputes
@@ -32,7 +32,7 @@ from .core import (
     SoftmaxNorm,
     TokenGradCoefficients,
     VocabPartials,
-    default_workspace_bytes,
+    default_chunk_bytes,
     finalize_partials,
     softmax_norm,
     stats_dtype,
@@ -117,9 +117,10 @@ def _sweep(hidden, weight, targets, head: HeadSpec, epilogue, groups=None) -> _S
     """What every pass over the chunks needs: the epilogue, the targets in this weight's columns, the chunks (None
     when `groups` cannot be kept whole)."""
     epilogue = epilogue or default_epilogue(hidden)
-    workspace_bytes = head.workspace_bytes or default_workspace_bytes(hidden.device)
+    per_logit = epilogue.bytes_per_logit(hidden.dtype)
+    workspace_bytes = head.workspace_bytes or default_chunk_bytes(hidden.device, weight.shape[0], per_logit)
     valid = targets != head.ignore_index
-    plan = plan_chunks(valid, weight.shape[0], epilogue.bytes_per_logit(hidden.dtype), workspace_bytes, groups)
+    plan = plan_chunks(valid, weight.shape[0], per_logit, workspace_bytes, groups)
     return _Sweep(epilogue, local_targets(targets, weight.shape[0]), plan)
 
 

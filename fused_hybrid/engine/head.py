@@ -53,8 +53,8 @@ class VocabParallel:
 class HeadSpec:
     """The logits ``softcap(F.linear(hidden, weight, bias) / temperature)`` (``softcap(u) = s * tanh(u / s)``),
     the target value ``ignore_index`` whose positions are ignored, the ``backend`` that computes them, the most
-    memory ``workspace_bytes`` the chunked engine may hold per chunk (logits and epilogue temporaries; None: 1 GiB
-    on CUDA, 256 MiB elsewhere), the
+    memory ``workspace_bytes`` the chunked engine may hold per chunk (logits and epilogue temporaries; None: at
+    most 1 GiB on CUDA, 512 tokens and at most 256 MiB on a CPU), the
     ``gradient_filter`` threshold of the tile kernels' backward (None: exact; e.g. ``2**-12``: a tile whose every
     |dz| is below it times its token's gradient scale skips its GEMM work) and, when the head is split over a
     process group, its ``vocab_parallel`` layout. Checked when built."""

@@ -164,6 +164,7 @@ def test_trl_sft_trainer_trains_a_patched_model(tmp_path):
         report_to=[],
         save_strategy="no",
         use_cpu=True,
+        bf16=False,  # TRL < 1.16 defaults to bf16, which accelerate < 1.5 then keeps for every later trainer
     )
     trainer = trl.SFTTrainer(
         model=model,

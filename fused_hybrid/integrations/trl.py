@@ -38,6 +38,7 @@ from ..engine.core import SoftmaxNorm, finalize_partials, softmax_norm, token_gr
 from ..engine.divergence_core import DivergenceRows
 from ..engine.entry import autocast_dtype
 from ..engine.head import HeadSpec
+from .versions import supported_version
 
 SUPPORTED_VERSIONS = ("1.15", "2.0")  # [lowest, first unsupported)
 EXPECTED_ARGUMENTS = (
@@ -77,22 +78,7 @@ class TRLIntegrationError(RuntimeError):
 
 def _trl_version():
     """The installed TRL's version, after checking that it is a supported one."""
-    try:
-        import trl
-    except ImportError as error:
-        raise TRLIntegrationError(
-            f"TRL is not installed ({error}); pip install 'trl>={SUPPORTED_VERSIONS[0]}'"
-        ) from None
-    from packaging.version import Version
-
-    version = Version(trl.__version__)
-    lowest, beyond = (Version(v) for v in SUPPORTED_VERSIONS)
-    if not lowest <= version < beyond:
-        raise TRLIntegrationError(
-            f"TRL {trl.__version__} is not supported: fused-hybrid stands in for the fused LM "
-            f"head of TRL >= {lowest}, < {beyond}"
-        )
-    return version
+    return supported_version("trl", "TRL", SUPPORTED_VERSIONS, TRLIntegrationError)
 
 
 def _trl_function(version, module, name: str):

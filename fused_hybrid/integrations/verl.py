@@ -39,6 +39,7 @@ import torch.distributed as dist
 from ..engine.head import VocabParallel
 from ..hf.heads import head_inputs, head_transform, operands_autocast
 from ..logprobs import linear_logprobs
+from .versions import supported_version
 
 BACKEND = "fused_hybrid"
 SUPPORTED_VERSIONS = ("0.9", "1.0")  # [lowest, first unsupported)
@@ -97,22 +98,7 @@ class VerlIntegrationError(RuntimeError):
 
 
 def _verl_version():
-    try:
-        import verl
-    except ImportError as error:
-        raise VerlIntegrationError(
-            f"verl is not installed ({error}); pip install 'verl>={SUPPORTED_VERSIONS[0]}'"
-        ) from None
-    from packaging.version import Version
-
-    version = Version(verl.__version__)
-    lowest, beyond = (Version(v) for v in SUPPORTED_VERSIONS)
-    if not lowest <= version < beyond:
-        raise VerlIntegrationError(
-            f"verl {verl.__version__} is not supported: fused-hybrid stands in for the fused LM head of verl "
-            f">= {lowest}, < {beyond}"
-        )
-    return version
+    return supported_version("verl", "verl", SUPPORTED_VERSIONS, VerlIntegrationError)
 
 
 def _verl_own(module_name: str, path: str):

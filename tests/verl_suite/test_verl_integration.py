@@ -29,17 +29,9 @@ from verl.workers.utils.padding import left_right_2_no_padding
 
 import fused_hybrid.integrations.verl as integration
 from tests.reference import assert_close_scaled
+from tests.test_hf import COMMON
 
-VOCAB = 97
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+VOCAB = COMMON["vocab_size"]
 FAMILIES = {
     "llama": (transformers.LlamaConfig, dict(tie_word_embeddings=False)),
     "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),

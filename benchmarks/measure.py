@@ -3,6 +3,7 @@ the inputs and required gradients, the cuBLAS matmul floor, and errors against a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import statistics
@@ -48,11 +49,10 @@ class Timing:
 
 
 def time_loss(loss_fn, problems: list[Problem], *, repeats: int, warmup: int, device: torch.device) -> Timing:
-    """Median forward, backward and fwd+bwd over `repeats` steps, cycling through `problems`; on a CPU under the
-    allocator settings the memory measurement makes (peak_workspace_bytes), so that every provider, the first
-    included, is timed under the same ones."""
-    if device.type == "cpu":
-        _cpu_peak_memory_readable()
+    """Median forward, backward and fwd+bwd over `repeats` steps, cycling through `problems`; on a CPU with glibc's
+    thresholds at their dynamic ceilings (_allocator_as_in_training), the first provider as every other."""
+    if device.type == "cpu" and _cpu_peak_memory_readable():
+        _allocator_as_in_training()
     timer = Timer(device)
     for step in range(warmup):
         problem = problems[step % len(problems)]
@@ -80,7 +80,7 @@ def time_loss(loss_fn, problems: list[Problem], *, repeats: int, warmup: int, de
 def peak_workspace_bytes(loss_fn, problem: Problem, device: torch.device) -> int | None:
     """Peak bytes a fwd+bwd allocates beyond its inputs and the gradients it must return: the CUDA allocator's
     peak on a GPU; on a Linux CPU the process's peak resident memory (reset through /proc/self/clear_refs, with
-    glibc returning every large block to the system at once), None where neither can be read."""
+    glibc returning every large block to the system at once while it is measured), None where neither can be read."""
     problem.zero_grad()
     gradient_bytes = sum(t.numel() * t.element_size() for t in (problem.hidden, problem.weight))
     if device.type == "cuda":
@@ -94,26 +94,53 @@ def peak_workspace_bytes(loss_fn, problem: Problem, device: torch.device) -> int
     else:
         if not _cpu_peak_memory_readable():
             return None
-        baseline = _resident_bytes("VmRSS")
-        _reset_peak_resident()
-        loss_fn(problem).backward()
-        peak = _resident_bytes("VmHWM")
+        with _large_blocks_returned_at_once():
+            baseline = _resident_bytes("VmRSS")
+            _reset_peak_resident()
+            loss_fn(problem).backward()
+            peak = _resident_bytes("VmHWM")
     problem.zero_grad()
     return max(0, peak - baseline - gradient_bytes)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+# glibc's own dynamic thresholds grow with the blocks a process frees, up to these (64-bit): the timings run under
+# them, as a training process would, not under the measurement's (every block of 1 MiB or more mapped afresh, its
+# pages faulted in again on every call: that slowed every provider's CPU timing, more the more it allocates)
+_DYNAMIC_MMAP_CEILING, _DYNAMIC_TRIM_CEILING = 32 << 20, 64 << 20
+
+
+def _mallopt(parameter: int, value: int) -> bool:
+    return bool(ctypes.CDLL("libc.so.6").mallopt(parameter, value))
+
+
+@contextlib.contextmanager
+def _large_blocks_returned_at_once():
+    """While measuring, a freed block of 1 MiB or more leaves the process at once (the defaults keep freed blocks,
+    hiding frees from the resident size), and the heap starts with no free block that an allocation could reuse
+    unseen; afterwards the thresholds go back to the dynamic regime's ceilings."""
+    _mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    _mallopt(_M_TRIM_THRESHOLD, 1 << 20)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # the free blocks the timed steps left in the heap go back first
+    try:
+        yield
+    finally:
+        _allocator_as_in_training()
+
+
+def _allocator_as_in_training() -> None:
+    """glibc's thresholds where a long-running training process's dynamic ones end up."""
+    _mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_MMAP_CEILING)
+    _mallopt(_M_TRIM_THRESHOLD, _DYNAMIC_TRIM_CEILING)
 
 
 @functools.cache
 def _cpu_peak_memory_readable() -> bool:
-    """Whether the peak resident memory can be reset and read here (Linux), after fixing glibc's thresholds so
-    that a freed large block leaves the process at once (the default adapts them, hiding frees from the RSS)."""
+    """Whether the peak resident memory can be reset and read here (Linux, glibc)."""
     try:
         _reset_peak_resident()
         _resident_bytes("VmHWM")
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 20))
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallopt")
     except (OSError, ValueError):
         return False
 

@@ -40,10 +40,10 @@ class HeadStats(NamedTuple):
 
 # What the chunked engine may hold per chunk (logits and epilogue temporaries) unless told: at most 1 GiB on a
 # GPU, 256 MiB elsewhere; and within that, on a CPU, chunks of CPU_CHUNK_ROWS tokens. Measured on 2 CPU threads
-# (fp32 log-probs + entropy, fwd+bwd, docs/verl.md): at V 8192, D 256, N 4096, 512-row chunks took 815 ms and
-# 86 MiB, 2048-row ones 780 ms and 380 MiB, 256-row ones 900 ms; at V 32768, D 1024, N 2048, 512-row chunks
-# (the 256 MiB cap) 3.9 s, 256-row ones 4.1 s, 128-row ones 4.6 s. Past 512 rows a chunk buys a few percent of
-# time for its memory. On a GPU the 1 GiB cap stays until a GPU has measured where its GEMMs stop gaining.
+# (fp32 log-probs + entropy, fwd+bwd, docs/verl.md): at V 8192, D 256, N 4096, 512-row chunks took 551 ms and
+# 86 MiB, the fastest (256 rows) 518 ms, 2048 rows 721 ms and 380 MiB; at V 32768, D 1024, N 2048, 512 rows 3.88 s
+# and 260 MiB, 2048 rows 3.76 s and 664 MiB, 256 rows 4.21 s. 512 rows is within 6% of the fastest at both. On a
+# GPU the 1 GiB cap stays until a GPU has measured where its GEMMs stop gaining.
 DEFAULT_WORKSPACE_BYTES = {"cuda": 1 << 30}
 DEFAULT_WORKSPACE_BYTES_ELSEWHERE = 256 << 20
 CPU_CHUNK_ROWS = 512

@@ -110,8 +110,13 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 _DYNAMIC_MMAP_CEILING, _DYNAMIC_TRIM_CEILING = 32 << 20, 64 << 20
 
 
+@functools.cache
+def _libc():
+    return ctypes.CDLL("libc.so.6")
+
+
 def _mallopt(parameter: int, value: int) -> bool:
-    return bool(ctypes.CDLL("libc.so.6").mallopt(parameter, value))
+    return bool(_libc().mallopt(parameter, value))
 
 
 @contextlib.contextmanager
@@ -121,7 +126,7 @@ def _large_blocks_returned_at_once():
     unseen; afterwards the thresholds go back to the dynamic regime's ceilings."""
     _mallopt(_M_MMAP_THRESHOLD, 1 << 20)
     _mallopt(_M_TRIM_THRESHOLD, 1 << 20)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # the free blocks the timed steps left in the heap go back first
+    _libc().malloc_trim(0)  # the free blocks the timed steps left in the heap go back first
     try:
         yield
     finally:
@@ -140,7 +145,7 @@ def _cpu_peak_memory_readable() -> bool:
     try:
         _reset_peak_resident()
         _resident_bytes("VmHWM")
-        return hasattr(ctypes.CDLL("libc.so.6"), "mallopt")
+        return hasattr(_libc(), "mallopt")
     except (OSError, ValueError):
         return False
 

@@ -167,7 +167,8 @@ class FusedLinearForPPO(torch.nn.Module):
 
 def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
     """Stands in for `verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`: the log-prob of each label
-    and the entropy of each token's distribution over softmax(hidden @ weight.T / temperature), float32, flat (the
+    and the entropy of each token's distribution over softmax of the logits hidden @ weight.T / temperature (formed
+    chunk by chunk by linear_logprobs, never as an N x V tensor), float32, flat (the
     token order of `hidden.reshape(-1, D)` and `labels.reshape(-1)`), summed or averaged over the tokens with
     `reduction` "sum" / "mean". With a `dist_process_group` of more than one rank, verl's tensor-parallel
     contract: `weight` is this rank's contiguous slice of the vocabulary (in rank order), the statistics cover the
@@ -257,7 +258,10 @@ def forward_with_fused_hybrid(
         rolled = torch.roll(input_ids, shifts=-1, dims=-1)
     else:
         raise ValueError("verl's fused forward needs shift_labels, labels or input_ids to read the targets from")
-    transform = getattr(self, _HEAD, None) or head_transform(self)
+    transform = getattr(self, _HEAD, None)
+    if transform is None:  # another instance of a class select() patched: read its transform once
+        transform = head_transform(self)
+        setattr(self, _HEAD, transform)
     hidden = outputs[0]
     # z = softcap_c(u / t) / T is softcap_{c/T}(u / (t T)): verl's temperature joins the model's own (docs/verl.md)
     softcap = None if transform.softcap is None else transform.softcap / _temperature(temperature)
